@@ -119,17 +119,11 @@ class Field:
             if self.max_len is not None and len(value) > self.max_len:
                 raise MalformedMessage(f"{label}: length {len(value)} over {self.max_len}", peer=peer)
             if self.exact_len is not None and len(value) != self.exact_len:
-                raise MalformedMessage(
-                    f"{label}: length {len(value)}, expected {self.exact_len}", peer=peer
-                )
+                raise MalformedMessage(f"{label}: length {len(value)}, expected {self.exact_len}", peer=peer)
         if self.item is not None and isinstance(value, list):
             for i, element in enumerate(value):
-                if not isinstance(element, self.item) or (
-                    self.item is int and isinstance(element, bool)
-                ):
-                    raise MalformedMessage(
-                        f"{label}[{i}]: expected {self.item.__name__}", peer=peer
-                    )
+                if not isinstance(element, self.item) or (self.item is int and isinstance(element, bool)):
+                    raise MalformedMessage(f"{label}[{i}]: expected {self.item.__name__}", peer=peer)
         return value
 
 

@@ -59,9 +59,7 @@ def _signed_payload(kind: str, body: bytes) -> bytes:
 def verify_signature(public_key: bytes, signature: bytes, kind: str, body: bytes) -> bool:
     """True when ``signature`` is ``public_key``'s signature of ``body`` as ``kind``."""
     try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(
-            signature, _signed_payload(kind, body)
-        )
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, _signed_payload(kind, body))
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -1,0 +1,3 @@
+from p2pcompute.cli import run
+
+run()
