@@ -1,0 +1,402 @@
+"""Tensor streaming suite: raw TCP vs a plain py-libp2p stream vs the p2pcompute data lane.
+
+Moves one float32 tensor (256 MiB and 1 GiB by default) between two processes on
+loopback, in the same invocation over:
+
+* ``raw_tcp``: trio sockets, 1 MiB ``send`` slices of the tensor, ``recv_into`` the
+  destination tensor (the ceiling; the baseline ``raw_tcp``);
+* ``libp2p``: one py-libp2p stream (Noise + yamux), 1 MiB writes, reads copied into the
+  destination tensor (the baseline ``libp2p``);
+* ``lane/<codec>``: :class:`p2pcompute.tensors.TensorLane` (AES-256-GCM records over a direct
+  TCP connection) with each codec, received ``into`` a preallocated tensor.
+
+Figures per configuration: ``mb_per_s`` (tensor MB / sender wall time until the receiver's
+acknowledgement; the primary metric), ``cpu_s_per_gb_send`` / ``cpu_s_per_gb_recv``,
+``peak_rss_mib_send`` / ``peak_rss_mib_recv`` and ``rss_over_tensor_mib_*`` (peak RSS minus
+the RSS once the tensor was allocated and touched: what the transfer itself cost).
+
+Each worker is a fresh process (``python -m benchmarks.stream --worker ...``). Imports
+:mod:`benchmarks.harness`, :mod:`p2pcompute` and the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from benchmarks.harness import SuiteResult, peak_rss_mib, print_table, write_results
+
+CHUNK = 1 << 20
+PROTO = "/p2pcompute/bench-stream/1.0.0"
+CODECS = ("none", "fp16", "bf16", "int8")
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+def _tensor(size: int, fill: bool) -> Any:
+    import libp2p  # noqa: F401  (imported before the base RSS is taken, in every worker alike)
+    import torch
+
+    t = torch.empty(size // 4, dtype=torch.float32)
+    if fill:
+        t.normal_()
+    else:
+        t.zero_()  # touch every page so RSS counts the tensor before the transfer
+    return t
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+# --- workers ------------------------------------------------------------------------------------------
+
+
+async def _raw_recv(size: int, reps: int) -> dict[str, Any]:
+    import socket as stdsocket
+
+    import trio
+
+    from p2pcompute.tensors.codecs import byte_memoryview
+
+    dst = _tensor(size, fill=False)
+    view = byte_memoryview(dst)
+    base = _current_rss_mib()
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    _emit({"ready": True, "port": listener.getsockname()[1]})
+    sock, _ = await listener.accept()
+    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+    cpu0 = time.process_time()
+    for _ in range(reps):
+        got = 0
+        while got < size:
+            got += await sock.recv_into(view[got : min(size, got + CHUNK)])
+        await sock.send(b"k")
+    cpu = time.process_time() - cpu0
+    sock.close()
+    listener.close()
+    return {"cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib()}
+
+
+async def _raw_send(size: int, reps: int, port: int) -> dict[str, Any]:
+    import socket as stdsocket
+
+    import trio
+
+    from p2pcompute.tensors.codecs import byte_memoryview
+
+    src = _tensor(size, fill=True)
+    view = byte_memoryview(src)
+    base = _current_rss_mib()
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+    times = []
+    cpu0 = time.process_time()
+    ack = bytearray(1)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < size:
+            sent += await sock.send(view[sent : min(size, sent + CHUNK)])
+        await sock.recv_into(ack)
+        times.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu0
+    sock.close()
+    return {"times": times, "cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib()}
+
+
+def _new_host(seed_hex: str | None = None) -> tuple[Any, Any]:
+    from libp2p import new_host
+    from libp2p.network.config import ConnectionConfig
+
+    from p2pcompute.identity import Identity
+
+    ident = Identity.from_seed(bytes.fromhex(seed_hex)) if seed_hex else Identity.generate()
+    host = new_host(
+        key_pair=ident.libp2p_key_pair(), connection_config=ConnectionConfig(max_connections_per_peer=1)
+    )
+    return host, ident
+
+
+async def _libp2p_recv(size: int, reps: int) -> dict[str, Any]:
+    import multiaddr
+    import trio
+    from libp2p.network.stream.exceptions import StreamEOF
+
+    from p2pcompute.tensors.codecs import byte_memoryview
+
+    dst = _tensor(size, fill=False)
+    view = byte_memoryview(dst)
+    base = _current_rss_mib()
+    host, _ = _new_host()
+    done = trio.Semaphore(0)
+
+    async def handler(stream: Any) -> None:
+        got = 0
+        try:
+            while got < size:
+                data = await stream.read(min(CHUNK, size - got))
+                view[got : got + len(data)] = data
+                got += len(data)
+            await stream.write(b"k")
+        except StreamEOF:
+            pass
+        finally:
+            await stream.close()
+            done.release()
+
+    async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        host.set_stream_handler(PROTO, handler)
+        _emit({"ready": True, "addr": str(host.get_addrs()[0])})
+        cpu0 = time.process_time()
+        for _ in range(reps):
+            await done.acquire()
+        cpu = time.process_time() - cpu0
+        await trio.sleep(0.2)
+    return {"cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib()}
+
+
+async def _libp2p_send(size: int, reps: int, addr: str) -> dict[str, Any]:
+    import multiaddr
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    from p2pcompute.tensors.codecs import byte_memoryview
+
+    src = _tensor(size, fill=True)
+    view = byte_memoryview(src)
+    base = _current_rss_mib()
+    host, _ = _new_host()
+    times = []
+    async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        await host.connect(info)
+        cpu0 = time.process_time()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            stream = await host.new_stream(info.peer_id, [PROTO])
+            for off in range(0, size, CHUNK):
+                await stream.write(bytes(view[off : off + CHUNK]))
+            await stream.read(1)
+            times.append(time.perf_counter() - t0)
+            await stream.close()
+        cpu = time.process_time() - cpu0
+    return {"times": times, "cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib()}
+
+
+async def _lane_recv(size: int, reps: int, sender: str) -> dict[str, Any]:
+    import multiaddr
+
+    from p2pcompute.tensors import open_lane
+
+    dst = _tensor(size, fill=False)
+    base = _current_rss_mib()
+    host, ident = _new_host()
+    listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with host.run(listen_addrs=listen), open_lane(host, ident) as lane:
+        _emit({"ready": True, "addr": str(host.get_addrs()[0])})
+        await lane.receive(sender, "warm-up")
+        cpu0 = time.process_time()
+        for i in range(reps):
+            await lane.receive(sender, f"t{i}", into={"x": dst})
+        cpu = time.process_time() - cpu0
+    return {"cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib()}
+
+
+async def _lane_send(size: int, reps: int, addr: str, seed: str, codec: str) -> dict[str, Any]:
+    import multiaddr
+    import torch
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    from p2pcompute.tensors import open_lane
+
+    src = _tensor(size, fill=True)
+    base = _current_rss_mib()
+    host, ident = _new_host(seed)
+    times = []
+    wire = 0
+    async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        await host.connect(info)
+        async with open_lane(host, ident) as lane:
+            peer = str(info.peer_id)
+            await lane.send(peer, "warm-up", {"w": torch.zeros(16)})
+            cpu0 = time.process_time()
+            for i in range(reps):
+                t0 = time.perf_counter()
+                report = await lane.send(peer, f"t{i}", {"x": src}, codec=codec)
+                times.append(time.perf_counter() - t0)
+                wire = report.bytes
+            cpu = time.process_time() - cpu0
+    return {"times": times, "cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib(), "wire": wire}
+
+
+def _worker(spec: dict[str, Any]) -> int:
+    import trio
+
+    kind, role, size, reps = spec["kind"], spec["role"], spec["size"], spec["reps"]
+    if kind == "raw" and role == "recv":
+        out = trio.run(_raw_recv, size, reps)
+    elif kind == "raw":
+        out = trio.run(_raw_send, size, reps, spec["port"])
+    elif kind == "libp2p" and role == "recv":
+        out = trio.run(_libp2p_recv, size, reps)
+    elif kind == "libp2p":
+        out = trio.run(_libp2p_send, size, reps, spec["addr"])
+    elif role == "recv":
+        out = trio.run(_lane_recv, size, reps, spec["sender"])
+    else:
+        out = trio.run(_lane_send, size, reps, spec["addr"], spec["seed"], spec["codec"])
+    _emit({"result": out})
+    return 0
+
+
+# --- orchestration ------------------------------------------------------------------------------------
+
+
+def _spawn(spec: dict[str, Any]) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.stream", "--worker", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _read_json(proc: subprocess.Popen[str], key: str) -> dict[str, Any]:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.strip()
+        if line.startswith("{"):
+            obj = json.loads(line)
+            if key in obj:
+                return obj  # type: ignore[no-any-return]
+    raise RuntimeError(f"worker exited without {key!r} (rc={proc.wait()})")
+
+
+def _pair(kind: str, size: int, reps: int, codec: str = "none", timeout: float = 900) -> dict[str, Any]:
+    from p2pcompute.identity import Identity
+
+    seed = os.urandom(32).hex()
+    sender_id = Identity.from_seed(bytes.fromhex(seed)).peer_id
+    recv = _spawn({"kind": kind, "role": "recv", "size": size, "reps": reps, "sender": sender_id})
+    send: subprocess.Popen[str] | None = None
+    try:
+        ready = _read_json(recv, "ready")
+        send = _spawn(
+            {
+                "kind": kind,
+                "role": "send",
+                "size": size,
+                "reps": reps,
+                "port": ready.get("port"),
+                "addr": ready.get("addr"),
+                "seed": seed,
+                "codec": codec,
+            }
+        )
+        s = _read_json(send, "result")["result"]
+        r = _read_json(recv, "result")["result"]
+        send.wait(timeout)
+        recv.wait(timeout)
+        return {"send": s, "recv": r}
+    finally:
+        for p in (send, recv):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+                if p.stdout is not None:
+                    p.stdout.close()
+
+
+def run(
+    quick: bool = False,
+    sizes: tuple[int, ...] | None = None,
+    reps: int = 3,
+    libp2p_reps: int = 1,
+    codecs: tuple[str, ...] = CODECS,
+    **_: Any,
+) -> SuiteResult:
+    """Measure every configuration at every size; returns the suite with ratios filled in."""
+    sizes = sizes or ((8 << 20,) if quick else (256 << 20, 1 << 30))
+    reps = 1 if quick else reps
+    suite = SuiteResult(
+        "stream",
+        "mb_per_s",
+        options={"sizes": list(sizes), "reps": reps, "libp2p_reps": libp2p_reps, "codecs": list(codecs)},
+    )
+    for size in sizes:
+        label = f"{size >> 20}MiB"
+        plan: list[tuple[str, str, str, int, str | None]] = [
+            (f"raw_tcp {label}", "raw", "none", reps, "raw_tcp"),
+            (f"libp2p {label}", "libp2p", "none", max(1, libp2p_reps), "libp2p"),
+            *((f"lane/{c} {label}", "lane", c, reps, None) for c in codecs),
+        ]
+        for name, kind, codec, n, baseline in plan:
+            out = _pair(kind, size, n, codec)
+            row = suite.config(name, size=size, kind=kind, codec=codec)
+            row.baseline = baseline
+            gb = size * n / 1e9
+            for seconds in out["send"]["times"]:
+                row.add("mb_per_s", size / 1e6 / seconds)
+            row.add("cpu_s_per_gb_send", out["send"]["cpu"] / gb)
+            row.add("cpu_s_per_gb_recv", out["recv"]["cpu"] / gb)
+            for side in ("send", "recv"):
+                row.add(f"peak_rss_mib_{side}", out[side]["peak_rss"])
+                row.add(f"rss_over_tensor_mib_{side}", out[side]["peak_rss"] - out[side]["base_rss"])
+            if "wire" in out["send"]:
+                row.params["wire_bytes"] = out["send"]["wire"]
+            print(f"  {name}: {row.median('mb_per_s'):.0f} MB/s", flush=True)
+    suite.add_ratios()
+    return suite
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.stream [--quick] [--out PATH]``; prints a table and writes JSON."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stream", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one tiny run of each configuration")
+    parser.add_argument("--out", default="bench-results/stream.json", help="JSON file (or folder) to write")
+    parser.add_argument("--sizes", default=None, help="comma-separated sizes in MiB (default 256,1024)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--libp2p-reps", type=int, default=1)
+    parser.add_argument("--codecs", default=",".join(CODECS))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _worker(json.loads(args.worker))
+    sizes = tuple(int(s) << 20 for s in args.sizes.split(",")) if args.sizes else None
+    codecs = tuple(c for c in args.codecs.split(",") if c)
+    print(f"load before: {os.getloadavg()}", flush=True)
+    result = run(args.quick, sizes=sizes, reps=args.reps, libp2p_reps=args.libp2p_reps, codecs=codecs)
+    print(f"load after: {os.getloadavg()}", flush=True)
+    print_table(
+        result,
+        [
+            "mb_per_s",
+            "cpu_s_per_gb_send",
+            "cpu_s_per_gb_recv",
+            "rss_over_tensor_mib_send",
+            "rss_over_tensor_mib_recv",
+            "peak_rss_mib_recv",
+        ],
+    )
+    path = write_results(result, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""The tensor lane end to end: real py-libp2p hosts and real TCP on 127.0.0.1, no mocks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from typing import Any
+
+import multiaddr
+import pytest
+import torch
+import trio
+from libp2p import new_host
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from p2pcompute.errors import (
+    IntegrityError,
+    MalformedMessage,
+    PeerGone,
+    PeerTimeout,
+    RemoteProtocolError,
+)
+from p2pcompute.identity import Identity
+from p2pcompute.tensors import TensorLane, open_lane
+from p2pcompute.tensors.codecs import TORCH_DTYPES, empty
+
+GUARD = 60  # absolute guard against hangs (not a speed bound)
+LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+
+
+@contextlib.asynccontextmanager
+async def lanes(n: int = 2, options: list[dict[str, Any]] | None = None) -> AsyncIterator[list[TensorLane]]:
+    """``n`` hosts, all connected to each other, each running a lane."""
+    opts = options or [{} for _ in range(n)]
+    idents = [Identity.generate() for _ in range(n)]
+    hosts = [
+        new_host(key_pair=i.libp2p_key_pair(), connection_config=ConnectionConfig(max_connections_per_peer=1))
+        for i in idents
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        for h in hosts:
+            await stack.enter_async_context(h.run(listen_addrs=LISTEN))
+        for i, a in enumerate(hosts):
+            for b in hosts[i + 1 :]:
+                await a.connect(info_from_p2p_addr(b.get_addrs()[0]))
+        result = []
+        for h, ident, o in zip(hosts, idents, opts, strict=True):
+            result.append(await stack.enter_async_context(open_lane(h, ident, **o)))
+        yield result
+
+
+async def transfer(
+    a: TensorLane, b: TensorLane, tensors: dict[str, torch.Tensor], tag: str = "t", **kw: Any
+) -> dict[str, torch.Tensor]:
+    codec = kw.pop("codec", "none")
+    digest = kw.pop("digest", "none")
+    out: dict[str, torch.Tensor] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: a.send(b.peer_id, tag, tensors, codec=codec, digest=digest))
+        out = await b.receive(a.peer_id, tag, **kw)
+    return out
+
+
+def sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8)
+    t = empty(shape, dtype)
+    t.reshape(-1).view(torch.uint8).copy_(raw)
+    return t
+
+
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.shape == y.shape and x.dtype == y.dtype and torch.equal(
+        x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8)
+    )
+
+
+async def test_every_dtype_and_odd_shapes_round_trip_bit_exact() -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, dtype in TORCH_DTYPES.items():
+        tensors[f"{name}/scalar"] = sample(dtype, ())
+        tensors[f"{name}/empty"] = sample(dtype, (0, 3))
+        tensors[f"{name}/odd"] = sample(dtype, (3, 5, 7))
+    base = torch.randn(40, 30)
+    tensors["noncontig/transposed"] = base.t()
+    tensors["noncontig/strided"] = base[::3, 1::2]
+    tensors["big"] = torch.randn(700_000)  # several records
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            got = await transfer(a, b, tensors)
+    assert set(got) == set(tensors)
+    for name, t in tensors.items():
+        assert same_bits(t, got[name]), name
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "int8"])
+async def test_lossy_codecs_apply_to_floats_only(codec: str) -> None:
+    x = torch.randn(100_000, dtype=torch.float32)
+    ints = torch.arange(1000, dtype=torch.int64)
+    d = torch.randn(33, dtype=torch.float64)
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            got = await transfer(a, b, {"x": x, "i": ints, "d": d}, codec=codec)
+    assert torch.equal(got["i"], ints)
+    assert got["x"].dtype == torch.float32
+    assert got["d"].dtype == torch.float64
+    tol = {"fp16": 2**-10, "bf16": 2**-7, "int8": 1 / 120}[codec]
+    assert float((got["x"] - x).abs().max()) <= tol * float(x.abs().max())
+
+
+async def test_receive_into_preallocated_including_non_contiguous() -> None:
+    w = torch.randn(300, 500)
+    b_ = torch.randn(17)
+    dst_w = torch.zeros(500, 300).t()  # non-contiguous destination
+    dst_b = torch.zeros(17)
+    ptr = dst_b.data_ptr()
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            got = await transfer(a, b, {"w": w, "b": b_}, into={"w": dst_w, "b": dst_b})
+    assert got["w"] is dst_w
+    assert got["b"] is dst_b
+    assert dst_b.data_ptr() == ptr
+    assert torch.equal(dst_w, w)
+    assert torch.equal(dst_b, b_)
+
+
+async def test_into_mismatch_is_refused_and_sender_told() -> None:
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            results: dict[str, BaseException] = {}
+
+            async def send() -> None:
+                try:
+                    await a.send(b.peer_id, "t", {"w": torch.zeros(4)})
+                except RemoteProtocolError as exc:
+                    results["send"] = exc
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                with pytest.raises(MalformedMessage, match=r"receiver expects|sender has"):
+                    await b.receive(a.peer_id, "t", into={"w": torch.zeros(5)})
+            assert "refused" in str(results["send"])
+
+
+@pytest.mark.parametrize("force_staging", [False, True])
+async def test_sha256_digest_and_staging_path(force_staging: bool) -> None:
+    tensors = {"a": torch.randn(300_000), "b": torch.arange(10), "c": torch.randn(5, 5).t()}
+    opts = [{"force_staging": force_staging}] * 2
+    with trio.fail_after(GUARD):
+        async with lanes(2, opts) as (a, b):
+            got = await transfer(a, b, tensors, digest="sha256")
+            got2 = await transfer(a, b, tensors, tag="u", codec="bf16")
+    for k, t in tensors.items():
+        assert same_bits(t, got[k])
+        assert got2[k].dtype == t.dtype
+    assert torch.allclose(got2["a"], tensors["a"], rtol=2**-7, atol=0)
+
+
+async def test_sender_may_start_first_and_receiver_chunks_in_order() -> None:
+    x = torch.randn(600_000)
+    y = torch.arange(50, dtype=torch.int32)
+    seen: list[tuple[str, int, int]] = []
+    acc = torch.zeros_like(x)
+
+    def on_chunk(name: str, start: int, values: torch.Tensor) -> None:
+        seen.append((name, start, values.numel()))
+        if name == "x":
+            acc[start : start + values.numel()] = values
+
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b), trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: a.send(b.peer_id, "g", {"x": x, "y": y}))
+            while b.statistics().parked == 0:  # the sender got ahead: parked unread, not buffered
+                await trio.sleep(0.01)
+            assert b.statistics().parked == 1
+            report = await b.receive_chunks(a.peer_id, "g", on_chunk)
+    assert torch.equal(acc, x)
+    assert next(s for s in seen if s[0] == "x")[1] == 0
+    starts = [s[1] for s in seen if s[0] == "x"]
+    assert starts == sorted(starts)
+    assert report.bytes == x.numel() * 4 + y.numel() * 4
+
+
+async def test_relay_fallback_when_no_direct_path() -> None:
+    x = {"x": torch.randn(50_000)}
+    # b listens for no direct connections at all; c advertises a port where nothing listens.
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    opts: list[dict[str, Any]] = [{}, {"direct": False}, {"advertise": [("127.0.0.1", dead_port)]}]
+    with trio.fail_after(GUARD):
+        async with lanes(3, opts) as (a, b, c):
+            got_b = await transfer(a, b, x)
+            got_c = await transfer(a, c, x)
+            assert a.statistics().relay_transfers == 2
+    assert torch.equal(got_b["x"], x["x"])
+    assert torch.equal(got_c["x"], x["x"])
+
+
+async def test_fan_out_and_fan_in_at_once() -> None:
+    with trio.fail_after(GUARD):
+        async with lanes(4) as ls:
+            data = {lane.peer_id: torch.full((200_000,), float(i)) for i, lane in enumerate(ls)}
+            hub, others = ls[0], ls[1:]
+            got: dict[str, torch.Tensor] = {}
+
+            async def recv_at_hub(src: TensorLane) -> None:
+                got[src.peer_id] = (await hub.receive(src.peer_id, "in"))["v"]
+
+            async def recv_at_leaf(leaf: TensorLane) -> None:
+                got["out/" + leaf.peer_id] = (await leaf.receive(hub.peer_id, "out"))["v"]
+
+            async with trio.open_nursery() as nursery:
+                for o in others:
+                    nursery.start_soon(lambda o=o: o.send(hub.peer_id, "in", {"v": data[o.peer_id]}))
+                    nursery.start_soon(lambda o=o: hub.send(o.peer_id, "out", {"v": data[hub.peer_id]}))
+                    nursery.start_soon(recv_at_hub, o)
+                    nursery.start_soon(recv_at_leaf, o)
+    for o in others:
+        assert torch.equal(got[o.peer_id], data[o.peer_id])
+        assert torch.equal(got["out/" + o.peer_id], data[hub.peer_id])
+
+
+async def test_receive_times_out_with_typed_error() -> None:
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            with pytest.raises(PeerTimeout):
+                await b.receive(a.peer_id, "never", timeout=0.3)
+
+
+async def test_unclaimed_transfer_expires_and_sender_learns() -> None:
+    opts: list[dict[str, Any]] = [{}, {"hold_timeout": 0.3}]
+    with trio.fail_after(GUARD):
+        async with lanes(2, opts) as (a, b):
+            with pytest.raises(PeerGone):
+                await a.send(b.peer_id, "nobody-asks", {"x": torch.zeros(10)})
+            assert b.statistics().expired_unclaimed == 1
+
+
+async def test_cancelled_receiver_ends_sender_cleanly() -> None:
+    x = {"x": torch.randn(4_000_000)}
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            cancelled = trio.Event()
+
+            def on_chunk(name: str, start: int, values: torch.Tensor) -> None:
+                if start > 0:
+                    cancelled.set()
+
+            async def receiver() -> None:
+                with trio.CancelScope() as scope:
+                    async def stop() -> None:
+                        await cancelled.wait()
+                        scope.cancel()
+
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(stop)
+                        await b.receive_chunks(a.peer_id, "x", on_chunk)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receiver)
+                with pytest.raises((PeerGone, PeerTimeout)):
+                    await a.send(b.peer_id, "x", x)
+            # both lanes still work afterwards
+            got = await transfer(a, b, {"y": torch.ones(3)}, tag="after")
+            assert torch.equal(got["y"], torch.ones(3))
+
+
+async def test_cancelled_sender_gives_receiver_typed_error() -> None:
+    x = {"x": torch.randn(4_000_000)}
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            first = trio.Event()
+
+            def on_chunk(name: str, start: int, values: torch.Tensor) -> None:
+                first.set()
+
+            async with trio.open_nursery() as nursery:
+
+                async def sender() -> None:
+                    with trio.CancelScope() as scope:
+                        nursery.start_soon(lambda: _cancel_when(first, scope))
+                        await a.send(b.peer_id, "x", x)
+
+                nursery.start_soon(sender)
+                with pytest.raises(PeerGone):
+                    await b.receive_chunks(a.peer_id, "x", on_chunk)
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def _proxy(listener: trio.SocketListener, target: int, flip_at: int | None) -> None:
+    """A TCP relay to 127.0.0.1:target that flips one byte of the client's stream at ``flip_at``."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            client = await listener.accept()
+            server = await trio.open_tcp_stream("127.0.0.1", target)
+
+            async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, flip: int | None) -> None:
+                seen = 0
+                try:
+                    while data := await src.receive_some(1 << 16):
+                        if flip is not None and seen <= flip < seen + len(data):
+                            buf = bytearray(data)
+                            buf[flip - seen] ^= 0x01
+                            data = bytes(buf)
+                        seen += len(data)
+                        await dst.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                finally:
+                    await dst.aclose()
+
+            nursery.start_soon(pump, client, server, flip_at)
+            nursery.start_soon(pump, server, client, None)
+
+
+async def test_corrupted_record_is_rejected_and_nothing_handed_out() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    x = {"x": torch.randn(1_000_000)}
+    with trio.fail_after(GUARD):
+        async with lanes(2, [{}, {"advertise": [("127.0.0.1", port)]}]) as (a, b):
+            real = b._listener.getsockname()[1]  # type: ignore[union-attr]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_proxy, listeners[0], real, 3 << 20)  # deep inside a DATA record
+                async with trio.open_nursery() as inner:
+
+                    async def send() -> None:
+                        with pytest.raises((PeerGone, RemoteProtocolError)):
+                            await a.send(b.peer_id, "x", x)
+
+                    inner.start_soon(send)
+                    with pytest.raises(IntegrityError) as err:
+                        await b.receive(a.peer_id, "x")
+                    assert err.value.peer == a.peer_id
+                nursery.cancel_scope.cancel()
+
+
+async def test_stranger_on_data_port_learns_nothing_and_cannot_disturb() -> None:
+    x = {"x": torch.randn(3_000_000)}
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            await transfer(a, b, {"warm": torch.zeros(1)}, tag="warm-up")  # establishes the session
+            addr = b.data_addrs[0]
+            session_id = next(iter(b._by_id))  # even a stranger who sniffed the session id
+            replies: list[bytes] = []
+
+            async def stranger(preamble: bytes) -> None:
+                s = await trio.open_tcp_stream(*addr)
+                await s.send_all(preamble + os.urandom(4096))
+                with trio.move_on_after(2):
+                    try:
+                        while data := await s.receive_some(4096):
+                            replies.append(data)
+                    except trio.BrokenResourceError:
+                        pass
+                await s.aclose()
+
+            got: dict[str, torch.Tensor] = {}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: a.send(b.peer_id, "x", x))
+                nursery.start_soon(stranger, b"")
+                nursery.start_soon(stranger, b"P2PCLN01" + session_id)
+                got = await b.receive(a.peer_id, "x")
+    assert torch.equal(got["x"], x["x"])
+    # the only bytes a stranger ever sees are one fresh random challenge (32 bytes)
+    assert sum(len(r) for r in replies) <= 32
+    assert b.statistics().rejected_connections >= 2
+
+
+KILLED_SENDER = textwrap.dedent(
+    """
+    import sys, trio, torch, multiaddr
+    from libp2p import new_host
+    from libp2p.network.config import ConnectionConfig
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from p2pcompute.identity import Identity
+    from p2pcompute.tensors import open_lane
+
+    async def main():
+        ident = Identity.from_seed(bytes.fromhex(sys.argv[1]))
+        host = new_host(key_pair=ident.libp2p_key_pair(),
+                        connection_config=ConnectionConfig(max_connections_per_peer=1))
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            info = info_from_p2p_addr(multiaddr.Multiaddr(sys.argv[2]))
+            await host.connect(info)
+            async with open_lane(host, ident) as lane:
+                print("ready", flush=True)
+                await lane.send(str(info.peer_id), "x", {"x": torch.randn(50_000_000)})
+    trio.run(main)
+    """
+)
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+async def test_peer_killed_or_frozen_mid_transfer_gives_typed_error_quickly(fault: str) -> None:
+    seed = os.urandom(32)
+    sender_id = Identity.from_seed(seed).peer_id
+    with trio.fail_after(GUARD):
+        async with lanes(1, [{"stall_timeout": 2.0 if fault == "stop" else 30.0}]) as (b,):
+            addr = f"{b.host.get_addrs()[0]}"
+            env = {**os.environ, "PYTHONPATH": os.getcwd()}
+            proc = subprocess.Popen(
+                [sys.executable, "-c", KILLED_SENDER, seed.hex(), addr], env=env, stdout=subprocess.PIPE
+            )
+            try:
+                progress = trio.Event()
+
+                def on_chunk(name: str, start: int, values: torch.Tensor) -> None:
+                    if start > 5_000_000:
+                        progress.set()
+
+                async def fault_injector() -> None:
+                    await progress.wait()
+                    if fault == "kill":
+                        proc.kill()
+                    else:
+                        proc.send_signal(signal.SIGSTOP)
+
+                expected = PeerGone if fault == "kill" else PeerTimeout
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(fault_injector)
+                    with trio.fail_after(30), pytest.raises(expected):
+                        await b.receive_chunks(sender_id, "x", on_chunk)
+            finally:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+                assert proc.stdout is not None
+                proc.stdout.close()
+
+
+async def test_lane_requires_the_hosts_identity() -> None:
+    ident = Identity.generate()
+    host = new_host(key_pair=Identity.generate().libp2p_key_pair())
+    with trio.fail_after(GUARD):
+        async with host.run(listen_addrs=LISTEN):
+            with pytest.raises(Exception, match="identity"):
+                async with open_lane(host, ident):
+                    pass
+
+
+async def test_sender_recovers_when_the_receiver_lane_restarted() -> None:
+    ia, ib = Identity.generate(), Identity.generate()
+    cfg = ConnectionConfig(max_connections_per_peer=1)
+    ha = new_host(key_pair=ia.libp2p_key_pair(), connection_config=cfg)
+    hb = new_host(key_pair=ib.libp2p_key_pair(), connection_config=cfg)
+    with trio.fail_after(GUARD):
+        async with ha.run(listen_addrs=LISTEN), hb.run(listen_addrs=LISTEN), open_lane(ha, ia) as a:
+            await ha.connect(info_from_p2p_addr(hb.get_addrs()[0]))
+            for round_ in range(2):  # the second lane on b knows nothing of a's cached session
+                async with open_lane(hb, ib) as b:
+                    got = await transfer(a, b, {"x": torch.full((5,), float(round_))}, tag=f"r{round_}")
+                    assert torch.equal(got["x"], torch.full((5,), float(round_)))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("codec", ["none", "bf16", "int8"])
+async def test_cuda_tensors_are_staged_and_land_on_the_requested_device(codec: str) -> None:
+    x = torch.randn(3_000_000, device="cuda")
+    small = torch.arange(10, device="cuda")
+    host_side = torch.randn(1000)
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            got = await transfer(a, b, {"x": x, "s": small, "h": host_side}, codec=codec, device="cuda")
+            dst = torch.empty(3_000_000, device="cuda")
+            got2 = await transfer(a, b, {"x": x}, tag="into", codec=codec, into={"x": dst})
+    assert got["x"].is_cuda
+    assert got2["x"] is dst
+    assert torch.equal(got["s"], small)
+    tol = {"none": 0.0, "bf16": 2**-7, "int8": 1 / 120}[codec]
+    assert float((got["x"] - x).abs().max()) <= tol * float(x.abs().max())
+    assert float((dst - x).abs().max()) <= tol * float(x.abs().max())

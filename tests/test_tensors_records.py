@@ -1,0 +1,162 @@
+"""Lane keys and records without I/O: key agreement, AEAD records, and an in-memory transfer
+through the same Stager -> seal -> open -> Lander path the lane runs (hypothesis over dtypes,
+shapes and codecs)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pcompute.errors import IntegrityError, MalformedMessage
+from p2pcompute.tensors import codecs
+from p2pcompute.tensors.staging import Lander, Stager
+from p2pcompute.wire.lanekeys import HELLO, Handshake, RecordOpener, RecordSealer, transfer_keys
+from p2pcompute.wire.shards import (
+    CODECS,
+    HEADER_SIZE,
+    KIND_DATA,
+    MIN_RECORD_SIZE,
+    ShardSpec,
+    effective_codec,
+    plan_records,
+)
+
+
+def _pair(a: str = "A", b: str = "B") -> tuple[Handshake, Handshake]:
+    return (
+        Handshake(initiator=True, local_id=a, remote_id=b, addrs=[("127.0.0.1", 4000)]),
+        Handshake(initiator=False, local_id=b, remote_id=a, addrs=[]),
+    )
+
+
+def test_handshake_agrees_on_directional_keys() -> None:
+    ha, hb = _pair()
+    ka, kb = ha.finish(hb.hello), hb.finish(ha.hello)
+    assert ka.session_id == kb.session_id
+    assert ka.send_base == kb.recv_base
+    assert ka.recv_base == kb.send_base
+    assert ka.send_base != ka.recv_base
+    assert kb.peer_addrs == (("127.0.0.1", 4000),)
+    assert ka.peer_addrs == ()
+
+
+def test_keys_are_bound_to_peer_ids_and_fresh() -> None:
+    ha, _hb = _pair()
+    hb_wrong = Handshake(initiator=False, local_id="B", remote_id="MALLORY", addrs=[])
+    ka = ha.finish(hb_wrong.hello)
+    kb = hb_wrong.finish(ha.hello)
+    assert ka.send_base != kb.recv_base  # B thinks it talks to someone else: no common keys
+    ha2, hb2 = _pair()
+    assert ha2.finish(hb2.hello).send_base != _pair()[0].finish(hb2.hello).send_base
+
+
+def test_bad_hello_is_rejected() -> None:
+    ha, _ = _pair()
+    with pytest.raises(MalformedMessage):
+        ha.finish(HELLO.build(nonce=os.urandom(32), kx=bytes(32), addrs=[]))  # low-order point
+    with pytest.raises(MalformedMessage):
+        ha.finish(HELLO.build(nonce=os.urandom(32), kx=os.urandom(32), addrs=[["h", 70000]]))
+
+
+def test_records_reject_corruption_reordering_replay_and_wrong_keys() -> None:
+    key = os.urandom(32)
+    sealer = RecordSealer(key)
+    wire = [sealer.seal(KIND_DATA, bytes([i]) * 100) for i in range(3)]
+
+    def open_seq(records: list[bytes], k: bytes = key) -> list[bytes]:
+        opener = RecordOpener(k, peer="S")
+        return [opener.open(r[:HEADER_SIZE], bytearray(r[HEADER_SIZE:])) for r in records]
+
+    assert open_seq(wire) == [bytes([i]) * 100 for i in range(3)]
+    flipped = bytearray(wire[1])
+    flipped[50] ^= 1
+    for bad in ([wire[0], bytes(flipped)], [wire[1], wire[0]], [wire[0], wire[0]]):
+        with pytest.raises(IntegrityError) as err:
+            open_seq(bad)
+        assert err.value.peer == "S"
+    with pytest.raises(IntegrityError):
+        open_seq(wire, os.urandom(32))
+    header_changed = bytearray(wire[0])
+    header_changed[0] = 3  # same bytes, claimed as another record kind
+    with pytest.raises(IntegrityError):
+        open_seq([bytes(header_changed)])
+
+
+def test_transfer_keys_differ_per_challenge_and_direction() -> None:
+    base = os.urandom(32)
+    s2r, r2s = transfer_keys(base, os.urandom(32))
+    s2r2, _ = transfer_keys(base, os.urandom(32))
+    assert len({s2r, r2s, s2r2}) == 3
+
+
+def _sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    if dtype.is_floating_point and dtype.itemsize >= 2:
+        return torch.randn(shape, generator=gen).to(dtype)
+    t = codecs.empty(shape, dtype)
+    raw = torch.randint(0, 256, (n * dtype.itemsize,), generator=gen, dtype=torch.uint8)
+    t.reshape(-1).view(torch.uint8).copy_(raw)
+    return t
+
+
+def _memory_transfer(
+    tensors: dict[str, torch.Tensor], codec: str, record_size: int, force_staging: bool
+) -> dict[str, torch.Tensor]:
+    names = {n: codecs.dtype_name(t.dtype) for n, t in tensors.items()}
+    specs = tuple(
+        ShardSpec(n, names[n], tuple(t.shape), effective_codec(codec, names[n])) for n, t in tensors.items()
+    )
+    sources = [t.contiguous().reshape(-1) for t in tensors.values()]
+    key = os.urandom(32)
+    sealer, opener = RecordSealer(key), RecordOpener(key, peer="S")
+    stager = Stager(sources, specs, record_size, force_staging=force_staging)
+    lander = Lander(specs, None, None, peer="S", force_staging=force_staging)
+    plains = lander.buffers(record_size)
+    out = memoryview(bytearray(HEADER_SIZE + record_size + 16))
+    for i, plan in enumerate(plan_records(specs, record_size)):
+        n = sealer.seal_into(KIND_DATA, stager.payload(plan, i % 2), out)
+        header, body = bytes(out[:HEADER_SIZE]), out[HEADER_SIZE:n]
+        target = lander.direct_target(plan)
+        if target is not None:
+            opener.open_into(header, body, target)
+        else:
+            opener.open_into(header, body, codecs.byte_memoryview(plains[i % 2])[: plan.nbytes])
+            lander.scatter(plan, plains[i % 2])
+    return lander.finish()
+
+
+dtypes = st.sampled_from(sorted(codecs.TORCH_DTYPES))
+shapes = st.lists(st.integers(0, 9), max_size=3).map(tuple)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(dtypes, shapes), min_size=1, max_size=5),
+    st.sampled_from(CODECS),
+    st.integers(MIN_RECORD_SIZE, 2 * MIN_RECORD_SIZE),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_in_memory_transfer_round_trips(
+    items: list[tuple[str, tuple[int, ...]]], codec: str, record_size: int, staging: bool, seed: int
+) -> None:
+    tensors = {f"t{i}": _sample(codecs.TORCH_DTYPES[d], s, seed + i) for i, (d, s) in enumerate(items)}
+    tensors["big"] = torch.randn(3000)  # spans several records
+    got = _memory_transfer(tensors, codec, record_size, staging)
+    for name, x in tensors.items():
+        y = got[name]
+        assert y.dtype == x.dtype
+        assert y.shape == x.shape
+        if effective_codec(codec, codecs.dtype_name(x.dtype)) == "none":
+            assert torch.equal(y.reshape(-1).view(torch.uint8), x.reshape(-1).view(torch.uint8))
+        else:
+            tol = {"fp16": 2**-10, "bf16": 2**-7, "int8": 1 / 100}[codec]
+            if x.numel():
+                scale = float(x.float().abs().max())
+                assert float((y.float() - x.float()).abs().max()) <= tol * scale + 1e-6
