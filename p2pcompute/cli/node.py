@@ -1,0 +1,209 @@
+"""``p2pcompute bootstrap``, ``peer`` and ``status``: run a node from the command line.
+
+* ``bootstrap --listen MULTIADDR --key FILE``: prints its full multiaddr (ending in
+  ``/p2p/<peer id>``) as the first line of output, then serves until SIGINT/SIGTERM.
+* ``peer --bootstrap ADDR [--key FILE]``: joins, advertises its capacity, serves.
+* ``status --bootstrap ADDR [--json]``: joins briefly without advertising and prints
+  the live peers and their GPUs (a table, or a JSON list).
+
+Errors are one line on stderr with the exit codes of :mod:`p2pcompute.cli`
+(3: bad multiaddr / key file, 4: bootstrap unreachable). Imports the overlay,
+capacity and identity layers; nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from p2pcompute.capacity.model import Capacity
+from p2pcompute.cli import EXIT_OK
+from p2pcompute.errors import PeerTimeout
+from p2pcompute.identity import Identity
+from p2pcompute.overlay.node import Node, open_node, single_leaf
+from p2pcompute.overlay.table import PeerRecord
+
+
+def _identity(path: str | None) -> Identity:
+    return Identity.load_or_create(path) if path else Identity.generate()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f}"
+
+
+def peer_json(rec: PeerRecord) -> dict[str, Any]:
+    """The JSON form of a peer: id, role, addresses, last seen, capacity."""
+    return {
+        "peer_id": rec.peer_id,
+        "role": rec.role,
+        "addrs": list(rec.addrs),
+        "last_seen": rec.last_seen,
+        "capacity": rec.capacity.to_wire(),
+    }
+
+
+def _gpu_summary(cap: Capacity) -> str:
+    if not cap.gpus:
+        return "cpu only"
+    parts = [f"{g.name} {_gib(g.memory_free)}/{_gib(g.memory_total)} GiB free" for g in cap.gpus]
+    return "; ".join(parts)
+
+
+def format_table(records: list[PeerRecord]) -> str:
+    """A fixed-width table of peers: id, role, CPU cores, RAM, GPUs."""
+    header = f"{'PEER':<54} {'ROLE':<9} {'CPUS':>4} {'RAM GiB':>8}  GPUS"
+    lines = [header]
+    for r in sorted(records, key=lambda r: (r.role != "bootstrap", r.peer_id)):
+        cap = r.capacity
+        lines.append(
+            f"{r.peer_id:<54} {r.role:<9} {cap.cpu_cores:>4} {_gib(cap.ram_total):>8}  {_gpu_summary(cap)}"
+        )
+    return "\n".join(lines)
+
+
+def _run(body: Callable[[], Awaitable[None]]) -> None:
+    """Run ``body`` under trio until it returns or SIGINT/SIGTERM arrives (a clean stop)."""
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                await body()
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        leaf = single_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from None
+
+
+async def _show_view(node: Node, n: int, timeout: float) -> None:
+    try:
+        found = await node.wait_for_peers(n, timeout=timeout)
+    except PeerTimeout as exc:
+        print(f"p2pcompute: warning: {exc}", file=sys.stderr, flush=True)
+        found = node.peers.alive()
+    print(f"view of {node.peer_id}:", flush=True)
+    print(format_table(found), flush=True)
+
+
+def _node_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {"swarm": args.swarm, "dial_timeout": args.timeout}
+    if getattr(args, "announce", None):
+        opts["announce"] = tuple(args.announce)
+    return opts
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    """Run a bootstrap node until SIGINT/SIGTERM."""
+    _setup_logging(args.verbose)
+    ident = _identity(args.key)
+
+    async def main() -> None:
+        async with open_node(ident, listen=[args.listen], role="bootstrap", **_node_options(args)) as node:
+            for addr in node.addrs:
+                print(addr, flush=True)
+            await trio.sleep_forever()
+
+    _run(main)
+    return EXIT_OK
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    """Join a swarm, advertise this machine's capacity and serve until SIGINT/SIGTERM."""
+    _setup_logging(args.verbose)
+    ident = _identity(args.key)
+
+    async def main() -> None:
+        async with open_node(
+            ident, listen=[args.listen], bootstrap=args.bootstrap, **_node_options(args)
+        ) as node:
+            print(node.addrs[0] if node.addrs else node.peer_id, flush=True)
+            print(f"joined swarm {args.swarm!r} as {node.peer_id}", file=sys.stderr, flush=True)
+            if args.show_peers is not None:
+                await _show_view(node, args.show_peers, args.wait)
+            await trio.sleep_forever()
+
+    _run(main)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Join briefly without advertising; print the live peers as a table or JSON."""
+    _setup_logging(args.verbose)
+    ident = _identity(args.key)
+    records: list[PeerRecord] = []
+
+    async def main() -> None:
+        async with open_node(
+            ident, listen=[args.listen], bootstrap=args.bootstrap, advertise=False, **_node_options(args)
+        ) as node:
+            # Peer exchange has already pulled the bootstrap node's view; give gossip a moment more.
+            await trio.sleep(args.wait)
+            records.extend(node.peers.alive())
+
+    _run(main)
+    if args.json:
+        print(json.dumps([peer_json(r) for r in records], indent=2, sort_keys=True), flush=True)
+    else:
+        print(format_table(records), flush=True)
+    return EXIT_OK
+
+
+def _common(p: argparse.ArgumentParser, *, listen: str) -> None:
+    p.add_argument("--listen", default=listen, help=f"multiaddr to listen on (default {listen})")
+    p.add_argument("--key", help="Ed25519 key file (created with mode 0600 if missing; default: a fresh key)")
+    p.add_argument("--swarm", default="default", help="swarm name (default: default)")
+    p.add_argument("--timeout", type=float, default=5.0, help="dial timeout in seconds (default 5)")
+    p.add_argument(
+        "--announce",
+        action="append",
+        help="multiaddr to advertise instead of the listen address (repeatable)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``bootstrap``, ``peer`` and ``status`` on the ``p2pcompute`` parser."""
+    p = sub.add_parser("bootstrap", help="run a bootstrap node (introduces peers to each other)")
+    _common(p, listen="/ip4/0.0.0.0/tcp/4001")
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("peer", help="join a swarm, advertise this machine's capacity and serve")
+    _common(p, listen="/ip4/0.0.0.0/tcp/0")
+    p.add_argument("--bootstrap", action="append", required=True, help="bootstrap multiaddr (repeatable)")
+    p.add_argument("--show-peers", type=int, metavar="N", help="print this peer's view once it knows N peers")
+    p.add_argument("--wait", type=float, default=30.0, help="how long --show-peers waits (default 30 s)")
+    p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("status", help="print the live peers of a swarm and their GPUs")
+    _common(p, listen="/ip4/127.0.0.1/tcp/0")
+    p.add_argument("--bootstrap", action="append", required=True, help="bootstrap multiaddr (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON (a list of peers)")
+    p.add_argument("--wait", type=float, default=2.0, help="seconds to listen for adverts (default 2)")
+    p.set_defaults(func=cmd_status)
