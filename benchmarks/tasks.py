@@ -1,0 +1,206 @@
+"""Task negotiation: request-to-lease latency, small tasks per second, recovery from a killed provider.
+
+Setup: one bootstrap node, four providers (capacity 2 each, built-in kinds) and one
+requester, all real py-libp2p hosts on 127.0.0.1 in this process (one core's worth
+of Python for everything, so the figures are CPU-bound and pessimistic).
+
+Rows:
+
+* ``libp2p_rtt`` (baseline): open a stream to a provider and do one framed round
+  trip -- the floor under any negotiation, which needs a gossip hop plus two streams;
+* ``request_to_lease``: sequential ``run_task("matmul")`` on 2x2 inputs; ``lease_ms``
+  is from the request being published to the grant (p50 and p99 over the samples);
+* ``small_tasks``: ``map_tasks`` of many 2x2 matmuls spread over the four providers;
+  ``tasks_per_s`` end to end, including signing and countersigning every receipt;
+* ``recover_killed``: the cheapest provider takes the lease and is killed while the
+  task runs; ``recover_s`` is from the kill to the result arriving from another provider.
+
+Run: ``python -m benchmarks.tasks [--quick] [--out PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+import trio
+
+from benchmarks.harness import SuiteResult, peak_rss_mib, print_table, write_results
+from p2pcompute.capacity.model import Capacity
+from p2pcompute.overlay import FramedStream, Node, open_node
+from p2pcompute.tasks import TaskRegistry
+from p2pcompute.tasks.driver import TaskService, open_tasks, serve_tasks
+
+CAP = Capacity(cpu_cores=2, ram_total=8 << 30, ram_available=4 << 30, platform="bench")
+OPTS: dict[str, Any] = {"capacity": CAP}
+ECHO = "/p2pcompute/bench-echo/1"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+@contextlib.asynccontextmanager
+async def _provider(
+    boot: Node, registry: TaskRegistry | None = None
+) -> AsyncIterator[tuple[Node, TaskService]]:
+    async with (
+        open_node(bootstrap=boot.addrs, **OPTS) as node,
+        serve_tasks(node, registry, capacity=2) as svc,
+    ):
+
+        async def echo(stream: FramedStream) -> None:
+            await stream.send_frame(await stream.recv_frame(64))
+
+        node.set_stream_handler(ECHO, echo)
+        yield node, svc
+
+
+async def _one_recovery(boot: Node, tasks: TaskService) -> float | None:
+    """The cheap provider takes the lease and dies mid-run; seconds from the kill to the result."""
+    started = trio.Event()
+    killed_at: list[float] = []
+    slow, good = TaskRegistry(), TaskRegistry()
+
+    @slow.task("spin", price=0.0)
+    async def spin(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
+        started.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    @good.task("spin", price=1.0)
+    def quick_spin(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"y": tensors["x"] + 1}
+
+    victim_scope = trio.CancelScope()
+
+    async def victim(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with victim_scope:
+            async with _provider(boot, slow):
+                task_status.started()
+                await trio.sleep_forever()
+
+    async def killer() -> None:
+        await started.wait()
+        killed_at.append(trio.current_time())
+        victim_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(victim)
+        async with _provider(boot, good):
+            await tasks.wait_for_providers(6, timeout=60)
+            nursery.start_soon(killer)
+            x = torch.ones(2, 2)
+            await tasks.run_task(
+                "spin", {"x": x}, {}, enough_offers=2, offer_window=15.0, lease_ttl=4.0, deadline=120
+            )
+            done = trio.current_time()
+        nursery.cancel_scope.cancel()
+    # None: the victim's offer did not arrive in time, so the healthy provider ran it at once
+    return done - killed_at[0] if killed_at else None
+
+
+async def _measure(quick: bool) -> dict[str, Any]:
+    lease_samples = 10 if quick else 60
+    map_items = 16 if quick else 96
+    map_reps = 1 if quick else 3
+    kills = 1 if quick else 3
+    out: dict[str, Any] = {"rtt_ms": [], "lease_ms": [], "tasks_per_s": [], "recover_s": []}
+    a = torch.ones(2, 2)
+    async with open_node(role="bootstrap", **OPTS) as boot, contextlib.AsyncExitStack() as stack:
+        providers = [await stack.enter_async_context(_provider(boot)) for _ in range(4)]
+        rnode = await stack.enter_async_context(open_node(bootstrap=boot.addrs, **OPTS))
+        tasks = await stack.enter_async_context(open_tasks(rnode))
+        await tasks.wait_for_providers(4, timeout=60)
+        await tasks.run_task("matmul", {"a": a, "b": a}, {})  # warm-up: connections, mesh
+
+        for i in range(lease_samples):
+            target = providers[i % 4][0].peer_id
+            t0 = trio.current_time()
+            s = await rnode.open_stream(target, ECHO)
+            await s.send_frame(b"x")
+            await s.recv_frame(64)
+            out["rtt_ms"].append((trio.current_time() - t0) * 1000)
+            await s.close()
+
+        for _ in range(lease_samples):
+            r = await tasks.run_task("matmul", {"a": a, "b": a}, {})
+            out["lease_ms"].append(r.lease_seconds * 1000)
+
+        items = [({"a": a, "b": a}, {}) for _ in range(map_items)]
+        for _ in range(map_reps):
+            t0 = trio.current_time()
+            results = await tasks.map_tasks("matmul", items, parallel=8, offer_window=0.3, enough_offers=4)
+            out["tasks_per_s"].append(len(results) / (trio.current_time() - t0))
+            out["providers_used"] = len({r.provider for r in results})  # type: ignore[union-attr]
+
+        out["recover_misses"] = 0
+        for _ in range(3 * kills):
+            if len(out["recover_s"]) == kills:
+                break
+            seconds = await _one_recovery(boot, tasks)
+            if seconds is None:
+                out["recover_misses"] += 1
+            else:
+                out["recover_s"].append(seconds)
+    out["rss_mib"] = peak_rss_mib()
+    return out
+
+
+def run(quick: bool = False, **options: Any) -> SuiteResult:
+    """Run the suite and return its result (see the module docstring)."""
+    figures = trio.run(_measure, quick)
+    result = SuiteResult(
+        "tasks",
+        primary_metric="lease_ms",
+        higher_is_better=False,
+        options={"quick": quick, "providers": 4, "capacity_each": 2, "processes": 1},
+    )
+    base = result.config("libp2p_rtt", size="tiny", what="open stream + one framed round trip")
+    base.baseline = "libp2p_rtt"
+    for v in figures["rtt_ms"]:
+        base.add("lease_ms", v)
+    lease = result.config("request_to_lease", size="tiny", kind="matmul 2x2")
+    for v in figures["lease_ms"]:
+        lease.add("lease_ms", v)
+    lease.add("lease_ms_p50", statistics.median(figures["lease_ms"]))
+    lease.add("lease_ms_p99", percentile(figures["lease_ms"], 99))
+    small = result.config("small_tasks", size="map", kind="matmul 2x2", parallel=8)
+    for v in figures["tasks_per_s"]:
+        small.add("tasks_per_s", v)
+    small.notes.append(f"providers used: {figures.get('providers_used')}")
+    rec = result.config("recover_killed", size="kill", lease_ttl_s=4.0)
+    for v in figures["recover_s"]:
+        rec.add("recover_s", v)
+    rec.notes.append("kill = the provider's node exits mid-run; seen as a stream reset or after lease_ttl")
+    if figures["recover_misses"]:
+        rec.notes.append(
+            f"{figures['recover_misses']} tries where the victim's offer came too late (not counted)"
+        )
+    for row in result.configs:
+        row.add("rss_mib", figures["rss_mib"])
+    result.add_ratios()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m benchmarks.tasks [--quick] [--out PATH]``."""
+    parser = argparse.ArgumentParser(prog="benchmarks.tasks", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few samples: a smoke run")
+    parser.add_argument("--out", default="bench-results", help="JSON file or folder")
+    args = parser.parse_args(argv)
+    result = run(args.quick)
+    print_table(result, ["lease_ms", "lease_ms_p50", "lease_ms_p99", "tasks_per_s", "recover_s", "rss_mib"])
+    path = write_results(result, args.out)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
