@@ -1,0 +1,305 @@
+"""All-reduce benchmark: p2pcompute's encrypted, fault-tolerant averaging vs torch.distributed gloo.
+
+Every configuration runs as separate processes (one per peer) on this machine:
+
+* ``gloo``: ``torch.distributed.all_reduce`` (SUM, then divide) of the same float32 tensor with
+  the same process count: the same-run baseline (C++, unencrypted).
+* ``p2pc-<codec>``: each process runs a py-libp2p node, a tensor lane (AES-256-GCM) and a
+  :class:`~p2pcompute.collective.Collective`; per round the peers form a group (timed apart)
+  and ``all_reduce`` the tensor in place. Seconds per round are the all-reduce alone;
+  ``bus_GBps`` is the data each peer sends and receives, ``2 (n-1)/n * bytes``, per second.
+* ``death``: 4 peers average; one dies while sending (``os._exit``) or hangs (``SIGSTOP``
+  itself); the figure is wall time from its death to the last survivor's result.
+
+``python -m benchmarks.allreduce [--quick] [--out PATH] [--sizes 16M,64M] [--peers 2,4]
+[--codecs none,fp16,bf16,int8] [--rounds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import SuiteResult, print_table, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {"1M": 1 << 20, "4M": 4 << 20, "16M": 16 << 20, "64M": 64 << 20}
+
+
+def _parse_size(text: str) -> int:
+    return SIZES[text] if text in SIZES else int(text)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.allreduce", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+    )
+
+
+def _collect(
+    procs: list[subprocess.Popen[str]], timeout: float, *, kill_after: int | None = None
+) -> list[dict[str, Any] | None]:
+    """Results of ``procs``; with ``kill_after=k``, the rest are killed once the first k are done."""
+    out: list[dict[str, Any] | None] = []
+    deadline = time.monotonic() + timeout
+    for i, p in enumerate(procs):
+        if kill_after is not None and i >= kill_after:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+        try:
+            stdout, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+            stdout, _ = p.communicate()
+        result = None
+        for line in stdout.splitlines():
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT ") :])
+        out.append(result)
+    return out
+
+
+# ----------------------------------------------------------------------------- gloo worker
+
+
+def gloo_worker(rank: int, world: int, size: int, rounds: int, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    t = torch.randn(size) * (rank + 1)
+    times = []
+    for _ in range(rounds + 1):  # the first round warms up
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(t)
+        t.div_(world)
+        times.append(time.perf_counter() - start)
+    dist.destroy_process_group()
+    print("RESULT " + json.dumps({"rank": rank, "seconds": times[1:]}), flush=True)
+
+
+# ----------------------------------------------------------------------------- p2pcompute worker
+
+
+def p2pc_worker(index: int, n: int, size: int, codecs: list[str], rounds: int, rendezvous: str,
+                fault: str) -> None:
+    import torch
+    import trio
+
+    torch.set_num_threads(1)
+    trio.run(_p2pc_main, index, n, size, codecs, rounds, Path(rendezvous), fault)
+
+
+async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: int, rendezvous: Path,
+                     fault: str) -> None:
+    import torch
+    import trio
+
+    from p2pcompute.capacity.model import Capacity
+    from p2pcompute.collective import Formed, Timeouts, open_collective
+    from p2pcompute.overlay import open_node
+    from p2pcompute.tensors import open_lane
+
+    cap = Capacity(cpu_cores=2, ram_total=8 << 30, ram_available=4 << 30, platform="bench")
+    timeouts = Timeouts(sender_timeout=5.0, reducer_timeout=10.0, status_timeout=15.0, suspect_grace=0.5)
+    async with contextlib.AsyncExitStack() as stack:
+        boot_file = rendezvous / "boot"
+        if index == 0:
+            boot = await stack.enter_async_context(open_node(role="bootstrap", capacity=cap))
+            boot_file.with_suffix(".tmp").write_text(boot.addrs[0])
+            boot_file.with_suffix(".tmp").rename(boot_file)
+        else:
+            with trio.fail_after(60):
+                while not boot_file.exists():
+                    await trio.sleep(0.05)
+        node = await stack.enter_async_context(open_node(bootstrap=[boot_file.read_text()], capacity=cap))
+        lane = await stack.enter_async_context(open_lane(node.host, node.identity))
+        coll = await stack.enter_async_context(open_collective(node, lane, timeouts=timeouts))
+        (rendezvous / f"peer{index}").write_text(node.addrs[0])
+        with trio.fail_after(60):
+            while len(list(rendezvous.glob("peer*"))) < n:
+                await trio.sleep(0.05)
+        for other in sorted(rendezvous.glob("peer*")):
+            addr = other.read_text()
+            if not addr.endswith(node.peer_id):
+                with contextlib.suppress(Exception):
+                    await node.connect(addr)
+        await node.wait_for_peers(n - 1, timeout=60)
+        gen = torch.Generator().manual_seed(index)
+        base = torch.randn(size, generator=gen)
+        t = base.clone()
+        report: dict[str, Any] = {"index": index, "codecs": {}}
+        death: dict[str, float] = {}
+        if fault and index == n - 1:
+            async def die() -> None:
+                report["died_at"] = time.time()
+                print("RESULT " + json.dumps(report), flush=True)
+                if fault == "crash":
+                    os._exit(1)
+                os.kill(os.getpid(), signal.SIGSTOP)
+            coll._faults["contribution_sent"] = die
+        for codec in codecs:
+            rows: dict[str, list[float]] = {"seconds": [], "match_seconds": []}
+            for r in range(rounds + (0 if fault else 1)):  # one warm-up round unless measuring a death
+                t.copy_(base)
+                m0 = time.perf_counter()
+                group = await coll.form_group("bench", f"{codec}-{r}", layout=_layout(t), target=n,
+                                              min_size=2, timeout=120)
+                if not isinstance(group, Formed):
+                    report["error"] = f"no group: {group}"
+                    break
+                a0 = time.perf_counter()
+                res = await coll.all_reduce(group, "bench", f"{codec}-{r}", [t], codec=codec)
+                a1 = time.perf_counter()
+                if fault:
+                    death = {"result_at": time.time(), "ok": float(res.ok),
+                             "participants": float(len(res.participants))}
+                    continue
+                if not res.ok:
+                    report["error"] = res.reason
+                    break
+                if r > 0 or rounds == 0:
+                    rows["seconds"].append(a1 - a0)
+                    rows["match_seconds"].append(a0 - m0)
+            report["codecs"][codec] = rows
+        report.update(death)
+        print("RESULT " + json.dumps(report), flush=True)
+        await trio.sleep(1.0)  # let the others finish talking to us
+
+
+def _layout(t: Any) -> bytes:
+    from p2pcompute.collective import tensors_layout
+
+    return tensors_layout([t])
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+def run(quick: bool = False, **options: Any) -> SuiteResult:
+    """Measure gloo and p2pcompute all-reduce (and a peer's death) as separate processes."""
+    sizes = [_parse_size(s) for s in options.get("sizes") or (["1M"] if quick else ["16M", "64M"])]
+    peers = [int(p) for p in options.get("peers") or ([2] if quick else [2, 4])]
+    codecs = list(options.get("codecs") or (["none"] if quick else ["none", "fp16", "bf16", "int8"]))
+    rounds = int(options.get("rounds") or (1 if quick else 3))
+    deaths = not quick and not options.get("no_deaths")
+    suite = SuiteResult("allreduce", primary_metric="seconds", higher_is_better=False,
+                        options={"sizes": sizes, "peers": peers, "codecs": codecs, "rounds": rounds})
+    for n in peers:
+        for size in sizes:
+            label = f"{size >> 20}M"
+            gloo = suite.config(f"gloo n={n} {label}", peers=n, size=size, codec="gloo")
+            gloo.baseline = "gloo"
+            port = _free_port()
+            procs = [_spawn(["--gloo-worker", str(r), str(n), str(size), str(rounds), str(port)])
+                     for r in range(n)]
+            results = _collect(procs, timeout=600)
+            if results[0] is None:
+                gloo.notes.append("gloo run failed")
+            else:
+                for s in results[0]["seconds"]:
+                    gloo.add("seconds", s)
+                    gloo.add("bus_GBps", 2 * (n - 1) / n * size * 4 / s / 1e9)
+            rows = {c: suite.config(f"p2pc-{c} n={n} {label}", peers=n, size=size, codec=c) for c in codecs}
+            with tempfile.TemporaryDirectory() as tmp:
+                procs = [_spawn(["--p2pc-worker", str(i), str(n), str(size), ",".join(codecs), str(rounds),
+                                 tmp, ""]) for i in range(n)]
+                results = _collect(procs, timeout=1800)
+            for res in results:
+                if res is None or "error" in res:
+                    for row in rows.values():
+                        row.notes.append(f"a peer failed: {res and res.get('error')}")
+                    break
+            first = results[0]
+            if first is not None:
+                for c, row in rows.items():
+                    for s in first["codecs"].get(c, {}).get("seconds", []):
+                        row.add("seconds", s)
+                        row.add("bus_GBps", 2 * (n - 1) / n * size * 4 / s / 1e9)
+                    for s in first["codecs"].get(c, {}).get("match_seconds", []):
+                        row.add("match_seconds", s)
+    if deaths:
+        n, size = 4, sizes[0]
+        for fault in ("crash", "hang"):
+            row = suite.config(f"death-{fault} n={n} {size >> 20}M", peers=n, size=size, codec="none",
+                               fault=fault)
+            with tempfile.TemporaryDirectory() as tmp:
+                procs = [_spawn(["--p2pc-worker", str(i), str(n), str(size), "none", "1", tmp, fault])
+                         for i in range(n)]
+                results = _collect(procs, timeout=300, kill_after=n - 1)
+            died = results[-1]
+            survivors = [r for r in results[:-1] if r is not None and "result_at" in r]
+            if died is None or "died_at" not in died or len(survivors) < n - 1:
+                row.notes.append("death run incomplete")
+                continue
+            row.add("death_to_result_s", max(r["result_at"] for r in survivors) - died["died_at"])
+            row.add("survivors_ok", min(r["ok"] for r in survivors))
+            row.notes.append(f"participants reported: {sorted({int(r['participants']) for r in survivors})}")
+    suite.add_ratios(lambda a, b: a.params.get("size") == b.params.get("size")
+                     and a.params.get("peers") == b.params.get("peers"))
+    return suite
+
+
+def main(argv: list[str] | None = None) -> int:
+    doc = (__doc__ or "").split("\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.allreduce", description=doc)
+    parser.add_argument("--quick", action="store_true", help="1M elements, 2 peers, codec none, 1 round")
+    parser.add_argument("--out", default="bench-results", help="JSON file or folder")
+    parser.add_argument("--sizes", help="comma-separated element counts (16M, 64M or integers)")
+    parser.add_argument("--peers", help="comma-separated peer counts (default 2,4)")
+    parser.add_argument("--codecs", help="comma-separated codecs (default none,fp16,bf16,int8)")
+    parser.add_argument("--rounds", type=int, help="measured rounds per configuration (default 3)")
+    parser.add_argument("--no-deaths", action="store_true", help="skip the peer-death measurement")
+    parser.add_argument("--gloo-worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--p2pc-worker", nargs=7, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.gloo_worker:
+        rank, world, size, rounds, port = (int(x) for x in args.gloo_worker)
+        gloo_worker(rank, world, size, rounds, port)
+        return 0
+    if args.p2pc_worker:
+        i, n, size, codecs, rounds, tmp, fault = args.p2pc_worker
+        p2pc_worker(int(i), int(n), int(size), codecs.split(","), int(rounds), tmp, fault)
+        return 0
+    def split(text: str | None) -> list[str] | None:
+        return text.split(",") if text else None
+
+    result = run(args.quick, sizes=split(args.sizes), peers=split(args.peers), codecs=split(args.codecs),
+                 rounds=args.rounds, no_deaths=args.no_deaths)
+    print(f"load average at the end: {os.getloadavg()}", flush=True)
+    print_table(result, ["seconds", "bus_GBps", "match_seconds", "death_to_result_s"])
+    write_results(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

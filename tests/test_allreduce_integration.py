@@ -1,0 +1,299 @@
+"""All-reduce end to end: real py-libp2p nodes, real tensor lanes on 127.0.0.1, in one process.
+
+Exactness for 2-6 peers with odd sizes, weights and every codec (within its documented bound);
+each fault kind as a parameter, with a numeric check of every survivor's result and a bound on
+the round's time. A "crash" tears the peer's node and lane down without a word; a "hang" leaves
+them up but the peer's averaging stops answering; a "cancel" cancels one peer's call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+import trio
+
+from p2pcompute.collective import (
+    Collective,
+    Formed,
+    RoundOutcome,
+    RoundStatus,
+    Timeouts,
+    open_collective,
+    tensors_layout,
+)
+from p2pcompute.errors import P2PComputeError
+from p2pcompute.overlay import Node, open_node
+from p2pcompute.tensors import open_lane
+from tests.conftest import TEST_CAPACITY
+
+GUARD = 240  # absolute guard against hangs (not a speed bound; this machine is shared and loaded)
+FAST = Timeouts(sender_timeout=3.0, reducer_timeout=6.0, status_timeout=10.0, suspect_grace=0.5)
+NODE_OPTS: dict[str, Any] = {"capacity": TEST_CAPACITY}
+
+
+@dataclass
+class Peer:
+    index: int
+    node: Node | None = None
+    coll: Collective | None = None
+    life: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled = the peer crashed
+    call: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled = its call cancelled
+    result: RoundOutcome | None = None
+    round_started_at: float | None = None  # the group formed; the all-reduce begins
+    finished_at: float | None = None
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def swarm(n: int, *, bandwidths: list[float] | None = None) -> AsyncIterator[tuple[Node, list[Peer]]]:
+    """A bootstrap node; peers are started by :func:`run_peers`."""
+    async with open_node(role="bootstrap", **NODE_OPTS) as boot:
+        yield boot, [Peer(i) for i in range(n)]
+
+
+async def run_peers(
+    boot: Node,
+    peers: list[Peer],
+    body: Callable[[Peer], Awaitable[RoundOutcome]],
+    *,
+    bandwidths: list[float] | None = None,
+    timeouts: Timeouts = FAST,
+) -> float:
+    """Start every peer (node, lane, collective), run ``body`` on all at once; returns the start time."""
+    up = trio.Semaphore(0)
+    go = trio.Event()
+    done = trio.Event()
+    remaining = [len(peers)]
+    started = [0.0]
+
+    async def one(p: Peer) -> None:
+        with p.life:
+            async with open_node(bootstrap=boot.addrs, **NODE_OPTS) as node, open_lane(
+                node.host, node.identity
+            ) as lane, open_collective(
+                node, lane, timeouts=timeouts, settle=0.3,
+                bandwidth=bandwidths[p.index] if bandwidths else 1.0,
+            ) as coll:
+                p.node, p.coll = node, coll
+                up.release()
+                await go.wait()
+                with p.call:
+                    p.result = await body(p)
+                p.finished_at = trio.current_time()
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+                await done.wait()  # keep serving until every peer is through
+        if p.result is None:  # crashed or cancelled
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done.set()
+
+    async with trio.open_nursery() as nursery:
+        for p in peers:
+            nursery.start_soon(one, p)
+        for _ in peers:
+            await up.acquire()
+        for p in peers:  # everyone knows everyone (the bootstrap introduces; we speed it up)
+            assert p.node is not None
+            await p.node.wait_for_peers(len(peers), timeout=30)
+        for i, p in enumerate(peers):  # and is connected to everyone, as discovery would do in time
+            for q in peers[i + 1 :]:
+                assert p.node is not None
+                assert q.node is not None
+                if q.node.peer_id not in p.node.connected_peers():
+                    with contextlib.suppress(P2PComputeError):  # best effort: a dial may time out
+                        await p.node.connect(q.node.addrs[0])
+        started[0] = trio.current_time()
+        go.set()
+    return started[0]
+
+
+def expected_average(
+    xs: list[list[torch.Tensor]], weights: list[float], idx: list[int]
+) -> list[torch.Tensor]:
+    w = torch.tensor([weights[i] for i in idx], dtype=torch.float64)
+    out = []
+    for k in range(len(xs[0])):
+        stack = torch.stack([xs[i][k].double() for i in idx])
+        out.append((stack * w.view(-1, *([1] * (stack.dim() - 1)))).sum(0) / w.sum())
+    return out
+
+
+def bound(codec: str, xs: list[list[torch.Tensor]], weights: list[float], idx: list[int],
+          exp: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Elementwise error allowed by the codec's documented bound (contributions and result)."""
+    wsum = sum(weights[i] for i in idx)
+    out = []
+    for k, e in enumerate(exp):
+        mean_abs = sum(weights[i] * xs[i][k].double().abs() for i in idx) / wsum
+        if codec == "none":
+            out.append(1e-5 * (mean_abs + e.abs()) + 1e-7)
+        elif codec == "fp16":
+            out.append(2.0**-11 * (mean_abs + e.abs()) * 1.01 + 2.0**-24)
+        elif codec == "bf16":
+            out.append(2.0**-8 * (mean_abs + e.abs()) * 1.01 + 2.0**-126)
+        else:  # int8: 1/254 of the block's largest magnitude; the whole tensor's max bounds it
+            peak = sum(weights[i] * float(xs[i][k].abs().max()) for i in idx) / wsum
+            out.append(torch.full_like(e, (peak + float(e.abs().max())) / 254 * 1.01 + 1e-7))
+    return out
+
+
+def check(peers: list[Peer], xs: list[list[torch.Tensor]], weights: list[float], codec: str,
+          survivors: list[int], *, excluded: list[int]) -> None:
+    ids = {p.node.peer_id: p.index for p in peers if p.node is not None}
+    first: list[torch.Tensor] | None = None
+    for i in survivors:
+        p = peers[i]
+        assert p.result is not None, f"peer {i} got no result"
+        assert p.result.status is RoundStatus.AVERAGED, p.result
+        idx = sorted(ids[q] for q in p.result.participants)
+        assert idx == sorted(survivors)
+        assert sorted(ids[q] for q in p.result.excluded) == sorted(excluded)
+        exp = expected_average(xs, weights, idx)
+        for got, e, b in zip(p.tensors, exp, bound(codec, xs, weights, idx, exp), strict=True):
+            err = (got.double() - e).abs()
+            assert bool((err <= b).all()), f"peer {i}: max error {float(err.max())} over the bound"
+        if first is None:
+            first = p.tensors
+        else:  # every part was reduced once and round-tripped through the codec: identical bits
+            assert all(torch.equal(a, b) for a, b in zip(first, p.tensors, strict=True))
+
+
+def make_inputs(n: int, shapes: list[tuple[int, ...]], seed: int) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen) * (1 + i) for s in shapes] for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("n", "codec", "shapes", "weights", "bandwidths"),
+    [
+        (2, "none", [(1,), (7, 3)], [1.0, 3.0], None),
+        (3, "fp16", [(1001,), (5,)], [2.0, 0.0, 1.0], [1.0, 2.0, 0.0]),
+        (4, "int8", [(2, 517)], [1.0, 1.0, 2.0, 0.5], None),
+        (4, "bf16", [(333,), (1,), (64, 3)], [1.0, 2.0, 3.0, 4.0], [1.0, 0.0, 1.0, 3.0]),
+        pytest.param(6, "none", [(12_345,)], [1.0, 1.0, 1.0, 1.0, 1.0, 5.0], None, marks=pytest.mark.slow),
+    ],
+)
+async def test_exact_weighted_average(
+    n: int, codec: str, shapes: list[tuple[int, ...]], weights: list[float], bandwidths: list[float] | None
+) -> None:
+    xs = make_inputs(n, shapes, seed=n)
+    with trio.fail_after(GUARD):
+        async with swarm(n) as (boot, peers):
+            async def body(p: Peer) -> RoundOutcome:
+                p.tensors = [t.clone() for t in xs[p.index]]
+                assert p.coll is not None
+                return await p.coll.average(
+                    "exact", "round-1", p.tensors, weight=weights[p.index], target=n, min_size=2,
+                    matchmaking_timeout=60, codec=codec,
+                )
+            await run_peers(boot, peers, body, bandwidths=bandwidths)
+    check(peers, xs, weights, codec, list(range(n)), excluded=[])
+    assert all(p.result is not None and p.result.attempts == 1 for p in peers)
+
+
+FAULTS = ["crash_before", "crash_sending", "hang_sending", "crash_reducing", "cancel"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_fault_survivors_finish_exactly(fault: str) -> None:
+    n, bad = 4, 2
+    weights = [1.0, 2.0, 3.0, 4.0]
+    xs = make_inputs(n, [(300_001,), (3,)], seed=11)
+    with trio.fail_after(GUARD):
+        async with swarm(n) as (boot, peers):
+            async def crash(p: Peer) -> None:
+                assert p.coll is not None
+                p.coll._silent_exit = True
+                p.life.cancel()
+                await trio.sleep_forever()
+
+            sent = [0]
+
+            async def hang(p: Peer) -> None:
+                # the first contribution goes out, then the peer's averaging freezes: no more
+                # sends, no reduction, no answers (its node and lane stay up)
+                sent[0] += 1
+                if sent[0] > 1:
+                    assert p.coll is not None
+                    p.coll._muted = True
+                    await trio.sleep_forever()
+
+            async def frozen(p: Peer) -> None:
+                assert p.coll is not None
+                if p.coll._muted:
+                    await trio.sleep_forever()
+
+            async def cancel(p: Peer) -> None:
+                p.call.cancel()
+                await trio.sleep_forever()
+
+            async def body(p: Peer) -> RoundOutcome:
+                p.tensors = [t.clone() for t in xs[p.index]]
+                assert p.coll is not None
+                if p.index == bad:
+                    hooks: dict[str, Callable[[], Awaitable[None]]] = {
+                        "crash_before": {"round_start": lambda: crash(p)},
+                        "crash_sending": {"contribution_sent": lambda: crash(p)},
+                        "hang_sending": {"contribution_start": lambda: hang(p), "reduce": lambda: frozen(p)},
+                        "crash_reducing": {"reduce": lambda: crash(p)},
+                        "cancel": {"contribution_sent": lambda: cancel(p)},
+                    }[fault]
+                    p.coll._faults.update(hooks)
+                group = await p.coll.form_group(
+                    "faults", "round-1", layout=tensors_layout(p.tensors), weight=weights[p.index],
+                    target=n, min_size=2, timeout=60,
+                )
+                assert isinstance(group, Formed), group
+                p.round_started_at = trio.current_time()
+                return await p.coll.all_reduce(group, "faults", "round-1", p.tensors)
+            await run_peers(boot, peers, body)
+    survivors = [i for i in range(n) if i != bad]
+    check(peers, xs, weights, "none", survivors, excluded=[bad])
+    for i in survivors:
+        took = peers[i].finished_at - peers[i].round_started_at  # type: ignore[operator]
+        # one failed attempt (detection within the timeouts) + statuses + one clean attempt
+        bound_s = 2 * (FAST.reducer_timeout + FAST.status_timeout) + 20
+        assert took < bound_s, f"survivor {i} took {took:.1f} s"
+    if fault == "cancel":
+        # the cancelled peer's tensors are back to its own values
+        assert all(torch.equal(a, b) for a, b in zip(peers[bad].tensors, xs[bad], strict=True))
+
+
+async def test_concurrent_joiners_end_as_one_swarm_and_no_group_is_clear() -> None:
+    """Four peers join one run at once: one group of four (Hivemind formed two groups of two)."""
+    n = 4
+    xs = make_inputs(n, [(10,)], seed=5)
+    lonely: dict[str, Any] = {}
+    with trio.fail_after(GUARD):
+        async with swarm(n) as (boot, peers):
+            async def body(p: Peer) -> RoundOutcome:
+                p.tensors = [t.clone() for t in xs[p.index]]
+                assert p.coll is not None
+                result = await p.coll.average("one-swarm", "r", p.tensors, target=4, min_size=2,
+                                              matchmaking_timeout=60)
+                if p.index == 0:
+                    # alone under a run nobody else joins: a clear NO_GROUP at the deadline
+                    t = torch.ones(3)
+                    start = trio.current_time()
+                    lonely["result"] = await p.coll.average("nobody-else", "r", [t], min_size=2,
+                                                            matchmaking_timeout=2.0)
+                    lonely["took"] = trio.current_time() - start
+                    lonely["tensor"] = t
+                return result
+            await run_peers(boot, peers, body)
+    check(peers, xs, [1.0] * n, "none", list(range(n)), excluded=[])
+    groups = {p.result.group for p in peers if p.result is not None}
+    assert len(groups) == 1
+    assert math.isclose(peers[0].result.weight_total, 4.0)  # type: ignore[union-attr]
+    assert lonely["result"].status is RoundStatus.NO_GROUP
+    assert "deadline" in lonely["result"].reason
+    assert lonely["took"] < 2.0 + 5.0  # the deadline, plus a loaded machine
+    assert torch.equal(lonely["tensor"], torch.ones(3))
