@@ -1,0 +1,244 @@
+"""DiLoCo against per-step gradient averaging at equal samples; compute utilization under churn.
+
+Part 1 (``bytes`` rows), in one process: ``--peers`` simulated peers train the toy
+teacher-student model (:mod:`p2pcompute.training.toy`) on their own batches through an
+in-memory :class:`~p2pcompute.training.averager.LocalGroup` (real arithmetic, the codecs'
+real rounding). Every configuration sees the same number of samples. Bytes are what one
+peer sends in a butterfly all-reduce of the averaged tensors (``2 (n-1)/n`` of the payload
+per round), summed over the run; the per-step row is the baseline. Final loss is on the
+held-out set.
+
+Part 2 (``utilization`` rows), real processes on 127.0.0.1: a bootstrap node and
+``--peers`` processes run ``examples/train.py``; utilization is a surviving peer's time in
+local steps divided by its training-loop wall time, without faults and with one peer killed
+(SIGKILL) and replaced every ``--kill-every`` outer steps. Skipped with ``--no-processes``.
+
+    python -m benchmarks.training [--quick] [--out results/]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+
+from benchmarks.harness import SuiteResult, print_table, write_results
+from p2pcompute.training.averager import LocalGroup
+from p2pcompute.training.diloco import DiLoCo
+from p2pcompute.training.toy import TeacherTask, evaluate, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def _simulate(
+    peers: int, steps: int, batch: int, *, mode: str, inner_steps: int, compression: str, lr: float
+) -> tuple[float, int]:
+    task = TeacherTask(0)
+    group = LocalGroup()
+    models = [make_model(0) for _ in range(peers)]
+    opts = [
+        DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=lr), group.join(f"p{i}"), inner_steps=inner_steps,
+               mode=mode, compression=compression)  # type: ignore[arg-type]
+        for i, m in enumerate(models)
+    ]
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(peers)]
+
+    async def run(i: int) -> None:
+        for _ in range(steps):
+            x, y = task.batch(batch, gens[i])
+            torch.nn.functional.mse_loss(models[i](x), y).backward()
+            await opts[i].astep(samples=batch)
+            opts[i].zero_grad()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(peers):
+            nursery.start_soon(run, i)
+    return evaluate(models[0], task.eval_set()), opts[0].bytes_sent
+
+
+def _bytes_part(result: SuiteResult, *, peers: int, steps: int, batch: int, h: int, repeats: int) -> None:
+    configs = [
+        ("per-step averaging", "per_step", 1, "none", True),
+        (f"diloco H={h}", "diloco", h, "none", False),
+        (f"diloco H={h} fp16", "diloco", h, "fp16", False),
+        (f"diloco H={h} int8", "diloco", h, "int8", False),
+    ]
+    for name, mode, inner, codec, is_base in configs:
+        row = result.config(name, part="bytes", peers=peers, steps=steps, batch=batch, inner_steps=inner,
+                            compression=codec, samples=peers * steps * batch)
+        if is_base:
+            row.baseline = "per_step"
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            loss, sent = trio.run(
+                lambda mode=mode, inner=inner, codec=codec: _simulate(
+                    peers, steps, batch, mode=mode, inner_steps=inner, compression=codec, lr=3e-3
+                )
+            )
+            row.add("final_loss", loss)
+            row.add("bytes_sent_per_peer", sent)
+            row.add("seconds", time.perf_counter() - t0)
+
+
+def _processes_part(
+    result: SuiteResult, *, peers: int, outer: int, inner: int, kill_every: int, timeout: float
+) -> None:
+    for kills in (False, True):
+        name = f"utilization, kill every {kill_every}" if kills else "utilization, no faults"
+        row = result.config(name, part="utilization", peers=peers, outer_steps=outer, inner_steps=inner,
+                            kill_every=kill_every if kills else 0)
+        if not kills:
+            row.baseline = "no_faults"
+        try:
+            done = _run_processes(peers, outer, inner, kill_every if kills else 0, timeout)
+        except Exception as exc:  # a failed run is reported, not hidden
+            row.notes.append(f"run failed: {type(exc).__name__}: {exc}")
+            continue
+        row.add("utilization", done["compute_seconds"] / done["loop_seconds"])
+        row.add("loop_seconds", done["loop_seconds"])
+        row.add("sync_seconds", done["sync_seconds"])
+        row.notes.append(f"peer killed {done['kills']} time(s)")
+
+
+def _env() -> dict[str, str]:
+    paths = (str(ROOT), os.environ.get("PYTHONPATH"))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def _run_processes(peers: int, outer: int, inner: int, kill_every: int, timeout: float) -> dict[str, Any]:
+    boot = subprocess.Popen(
+        [sys.executable, "-m", "p2pcompute.training.demo", "--bootstrap-only"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+    )
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        assert boot.stdout is not None
+        addr = json.loads(boot.stdout.readline())["addrs"][0]
+
+        def spawn(seed: int, steps: int) -> subprocess.Popen[str]:
+            p = subprocess.Popen(
+                [sys.executable, str(ROOT / "examples" / "train.py"), "--json", "--bootstrap", addr,
+                 "--outer-steps", str(steps), "--inner-steps", str(inner), "--group-size", str(peers),
+                 "--data-seed", str(seed)],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+            )
+            procs.append(p)
+            return p
+
+        watched = spawn(1, outer)
+        for i in range(2, peers):
+            spawn(i, outer)
+        victim = spawn(peers, outer) if peers > 1 else None
+        kills = 0
+        done: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(watched.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        last_kill = 0
+        while watched.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            steps = [json.loads(x)["step"] for x in list(lines) if '"outer"' in x]
+            step = max(steps, default=0)
+            if kill_every and victim is not None and step - last_kill >= kill_every and step < outer - 1:
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+                kills += 1
+                last_kill = step
+                victim = spawn(100 + kills, outer)
+        if watched.poll() is None:
+            raise TimeoutError(f"peer did not finish within {timeout} s")
+        reader.join(5)
+        for x in lines:
+            msg = json.loads(x)
+            if msg.get("event") == "done":
+                done = msg
+        done["kills"] = kills
+        return done
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        boot.send_signal(signal.SIGINT)
+        try:
+            boot.wait(10)
+        except subprocess.TimeoutExpired:
+            boot.kill()
+            boot.wait()
+
+
+def run(quick: bool = False, **options: Any) -> SuiteResult:
+    """Run the suite; ``quick`` is a tiny smoke run."""
+    torch.set_num_threads(1)  # simulated peers share one thread; keeps the figures steady under load
+    peers = int(options.get("peers", 4))
+    h = int(options.get("inner_steps", 50 if quick else 500))
+    steps = int(options.get("steps", 2 * h if quick else 4 * h))
+    batch = int(options.get("batch", 32))
+    repeats = int(options.get("repeats", 1))
+    result = SuiteResult("training", primary_metric="bytes_sent_per_peer", higher_is_better=False,
+                         options={"quick": quick, "peers": peers, "inner_steps": h, "steps": steps,
+                                  "batch": batch, "loadavg_start": list(os.getloadavg())})
+    if options.get("bytes", True):
+        _bytes_part(result, peers=peers, steps=steps, batch=batch, h=h, repeats=repeats)
+    result.add_ratios(match=lambda a, b: a.params.get("part") == b.params.get("part") == "bytes")
+    if options.get("processes", True):
+        _processes_part(
+            result, peers=3, outer=int(options.get("outer_steps", 4 if quick else 12)),
+            inner=int(options.get("proc_inner_steps", 50)), kill_every=int(options.get("kill_every", 3)),
+            timeout=float(options.get("timeout", 600)),
+        )
+    base = next((c for c in result.configs if c.baseline == "per_step" and c.samples), None)
+    if base is not None:
+        for c in result.configs:
+            if c.params.get("part") == "bytes" and c is not base:
+                gap = (c.median("final_loss") - base.median("final_loss")) / base.median("final_loss")
+                c.notes.append(f"final-loss gap vs per-step: {100 * gap:+.2f}%")
+    result.options["loadavg_end"] = list(os.getloadavg())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--out", default=None, help="JSON file or folder")
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--inner-steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="inner steps per peer")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--kill-every", type=int, default=3)
+    parser.add_argument("--no-processes", action="store_true", help="skip the utilization part")
+    parser.add_argument("--no-bytes", action="store_true", help="skip the bytes/loss part")
+    parser.add_argument("--outer-steps", type=int, default=None, help="outer steps of the utilization runs")
+    args = parser.parse_args(argv)
+    opts: dict[str, Any] = {"peers": args.peers, "repeats": args.repeats, "kill_every": args.kill_every,
+                            "processes": not args.no_processes, "bytes": not args.no_bytes}
+    if args.outer_steps:
+        opts["outer_steps"] = args.outer_steps
+    if args.inner_steps:
+        opts["inner_steps"] = args.inner_steps
+    if args.steps:
+        opts["steps"] = args.steps
+    result = run(args.quick, **opts)
+    print_table(result)
+    for c in result.configs:
+        for note in c.notes:
+            print(f"  {c.name}: {note}")
+    if args.out:
+        print(f"wrote {write_results(result, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

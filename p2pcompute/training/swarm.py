@@ -1,0 +1,489 @@
+"""The synchronous facade: a training script stays synchronous, trio runs in a background thread.
+
+:class:`Swarm` starts one thread that runs ``trio.run``; inside it a node
+(:func:`~p2pcompute.overlay.open_node`), a tensor lane, the collective and a state server
+live in one nursery. The user's thread never runs an event loop: it hands coroutines over
+with :meth:`Swarm.call` (``trio.from_thread.run`` with a timeout) and blocks until they end.
+Closing the swarm (end of ``with``, an exception in the training loop, Ctrl-C, or
+interpreter exit) cancels that nursery, waits for ``trio.run`` to return and joins the
+thread, so nothing is left behind. No fork, no second loop in the user's thread.
+
+:meth:`Swarm.diloco` builds a :class:`~p2pcompute.training.diloco.DiLoCo` wired to the
+swarm: averaging through :class:`CollectiveAverager`, the shared state published after every
+outer step for joiners, elastic join (download from peers at their next outer step, or
+resume from our own checkpoint, whichever is newer) and a re-sync when a round left us alone
+while others went on.
+
+Uses :mod:`p2pcompute.overlay`, :mod:`p2pcompute.tensors`, :mod:`p2pcompute.collective`,
+:mod:`p2pcompute.identity` and the rest of :mod:`p2pcompute.training`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import torch
+import trio
+
+from p2pcompute.errors import (
+    ConfigError,
+    LocalProtocolError,
+    P2PComputeError,
+    PeerTimeout,
+    PeerUnreachable,
+    TaskFailed,
+)
+from p2pcompute.identity import Identity
+from p2pcompute.training.averager import Averager, AveragingOutcome, SoloAverager, check_codec
+from p2pcompute.training.diloco import DiLoCo, StepReport
+from p2pcompute.training.state import TrainingState, load_checkpoint
+from p2pcompute.training.statesync import StateServer, download_state, fetch_manifest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class CollectiveAverager:
+    """An :class:`~p2pcompute.training.averager.Averager` over :class:`p2pcompute.collective.Collective`.
+
+    Each round is matched under ``run`` with the key ``outer-<round_id>``; bytes are the
+    lane's bytes sent during the round. A round that finds no group or fails leaves the
+    tensors untouched and raises :class:`TaskFailed` with the collective's reason (DiLoCo then
+    steps on its own pseudo-gradient and the swarm re-syncs it from peers).
+
+    Example::
+
+        avg = CollectiveAverager(coll, lane, "my-run", target=8, min_size=2)
+        outcome = await avg.average([delta], weight=64.0, round_id=3)
+    """
+
+    def __init__(
+        self,
+        collective: Any,
+        lane: Any,
+        run: str,
+        *,
+        target: int = 8,
+        min_size: int = 2,
+        matchmaking_timeout: float = 30.0,
+        patience: float | None = 3.0,
+        max_attempts: int = 3,
+        others: Callable[[], int] | None = None,
+    ) -> None:
+        self.collective = collective
+        self.others = others
+        self.lane = lane
+        self.run = run
+        self.target = target
+        self.min_size = min_size
+        self.matchmaking_timeout = matchmaking_timeout
+        self.patience = patience
+        self.max_attempts = max_attempts
+        self.last_reason = ""
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.collective.peer_id)
+
+    async def average(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        weight: float,
+        round_id: int,
+        compression: str = "none",
+        timeout: float | None = None,
+    ) -> AveragingOutcome:
+        check_codec(compression)
+        if self.others is not None and self.others() == 0:
+            # Nobody to average with: do not sit through matchmaking.
+            await trio.lowlevel.checkpoint()
+            self.last_reason = "no other peer known"
+            return AveragingOutcome((self.peer_id,), total_weight=weight)
+        start = time.perf_counter()
+        before = self.lane.statistics()
+        result = await self.collective.average(
+            self.run,
+            f"outer-{round_id}",
+            list(tensors),
+            weight=weight,
+            target=self.target,
+            min_size=self.min_size,
+            matchmaking_timeout=timeout or self.matchmaking_timeout,
+            patience=self.patience,
+            codec=compression,
+            max_attempts=self.max_attempts,
+        )
+        after = self.lane.statistics()
+        sent = after.bytes_sent - before.bytes_sent
+        received = after.bytes_received - before.bytes_received
+        seconds = time.perf_counter() - start
+        if not result.ok:
+            # Tensors are untouched; DiLoCo steps on its own pseudo-gradient and reports why.
+            self.last_reason = f"{result.status.name}: {result.reason}"
+            raise TaskFailed(f"averaging round {round_id} ended {self.last_reason} after {seconds:.1f} s")
+        self.last_reason = ""
+        return AveragingOutcome(
+            tuple(result.participants), sent, received, seconds, result.weight_total, tuple(result.excluded)
+        )
+
+
+class SwarmDiLoCo(DiLoCo):
+    """DiLoCo bound to a :class:`Swarm`: publishes its state and re-syncs when left behind."""
+
+    def __init__(self, swarm: Swarm, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.swarm = swarm
+        self.resyncs = 0
+
+    async def astep(self, samples: float = 1.0) -> StepReport | None:
+        report = await super().astep(samples)
+        if report is not None and self.mode == "diloco":
+            self.swarm._publish(self)
+            if report.participants == (self.averager.peer_id,) and self.swarm._network:
+                await self.swarm._resync(self)
+        return report
+
+
+class Swarm:
+    """A p2pcompute peer for synchronous training scripts.
+
+    ``bootstrap``: multiaddrs of nodes to join through (none: the first peer of a swarm, or a
+    swarm of one with ``network=False``). ``key``: path of the identity key file (created on
+    first use) or an :class:`Identity`. ``run`` names the training run: peers average only
+    with peers of the same run. ``group_size``/``min_group``/``patience``: matchmaking.
+
+    Example::
+
+        with Swarm(bootstrap=["/ip4/10.0.0.1/tcp/4001/p2p/12D3KooW..."], key="peer.key") as swarm:
+            opt = swarm.diloco(model, torch.optim.AdamW(model.parameters()), inner_steps=50)
+            for x, y in batches:
+                loss_fn(model(x), y).backward()
+                opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        bootstrap: Sequence[str] = (),
+        *,
+        key: str | os.PathLike[str] | Identity | None = None,
+        listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        run: str = "default",
+        swarm: str = "default",
+        network: bool = True,
+        group_size: int = 8,
+        min_group: int = 2,
+        patience: float = 3.0,
+        matchmaking_timeout: float = 30.0,
+        start_timeout: float = 60.0,
+        collective_options: dict[str, Any] | None = None,
+        **node_options: Any,
+    ) -> None:
+        if not 2 <= min_group <= group_size:
+            raise ConfigError("need 2 <= min_group <= group_size")
+        if isinstance(key, Identity):
+            self.identity = key
+        elif key is not None:
+            self.identity = Identity.load_or_create(Path(key).expanduser())
+        else:
+            self.identity = Identity.generate()
+        self.peer_id = self.identity.peer_id
+        self.bootstrap = list(bootstrap)
+        self.listen = list(listen)
+        self.run_name = run
+        self.swarm_name = swarm
+        self._network = network
+        self.group_size = group_size
+        self.min_group = min_group
+        self.patience = patience
+        self.matchmaking_timeout = matchmaking_timeout
+        self.start_timeout = start_timeout
+        self.collective_options = dict(collective_options or {})
+        self.node_options = node_options
+        self.node: Any = None
+        self.lane: Any = None
+        self.collective: Any = None
+        self.server: StateServer | None = None
+        self.averager: Averager = SoloAverager(self.peer_id)
+        self.addrs: list[str] = []
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> Swarm:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def start(self) -> Swarm:
+        """Start the background thread and wait until the peer is up (or raise why it is not)."""
+        if self._closed:
+            raise LocalProtocolError("this Swarm was closed; make a new one")
+        if self._thread is not None:
+            return self
+        name = f"p2pcompute-swarm-{self.peer_id[-6:]}"
+        self._thread = threading.Thread(target=self._thread_main, name=name)
+        self._thread.daemon = True  # interpreter exit must not hang on it; atexit closes it first
+        self._thread.start()
+        _live.add(self)
+        if not self._ready.wait(self.start_timeout) or self._token is None:
+            self.close()
+            if self._error is not None:
+                raise self._error
+            raise PeerTimeout(f"the swarm did not start within {self.start_timeout} s")
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop everything (idempotent): cancels the trio side and joins its thread."""
+        self._closed = True
+        _live.discard(self)
+        thread = self._thread
+        if thread is None:
+            return
+        token, stop = self._token, self._stop
+        if token is not None and stop is not None and thread.is_alive():
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(stop.set, trio_token=token)
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("swarm thread did not stop within %s s", timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    def _thread_main(self) -> None:
+        # Ctrl-C belongs to the user's thread: block SIGINT here so the kernel delivers it there
+        # (threads trio starts from this one inherit the mask).
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # handed to the user's thread by start()
+            self._error = _unwrap(exc)
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._stop = trio.Event()
+        async with contextlib.AsyncExitStack() as stack:
+            if self._network:
+                from p2pcompute.collective import Timeouts, open_collective
+                from p2pcompute.overlay import open_node
+                from p2pcompute.tensors import open_lane
+
+                self.node = await stack.enter_async_context(
+                    open_node(self.identity, listen=self.listen, bootstrap=self.bootstrap,
+                              swarm=self.swarm_name, **self.node_options)
+                )
+                self.addrs = list(self.node.addrs)
+                self.lane = await stack.enter_async_context(open_lane(self.node.host, self.identity))
+                options = {"timeouts": Timeouts(), **self.collective_options}
+                self.collective = await stack.enter_async_context(
+                    open_collective(self.node, self.lane, **options)
+                )
+                self.server = StateServer(self.node, self.identity)
+                self.averager = CollectiveAverager(
+                    self.collective, self.lane, self.run_name, target=self.group_size,
+                    min_size=self.min_group, matchmaking_timeout=self.matchmaking_timeout,
+                    patience=self.patience, others=self._count_others,
+                )
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self._stop.wait()
+
+    # -- calls from the user's thread -------------------------------------------------------
+
+    def call(self, fn: Callable[[], Awaitable[T]], *, timeout: float | None = None) -> T:
+        """Run ``await fn()`` on the swarm's trio thread and return its result (blocking).
+
+        ``timeout`` raises :class:`PeerTimeout` when exceeded; exceptions of ``fn`` propagate.
+
+        Example::
+
+            peers = swarm.call(lambda: swarm.node.wait_for_peers(2, timeout=30))
+        """
+        if not self.running or self._token is None:
+            raise LocalProtocolError("the swarm is not running (use `with Swarm(...)` or start())")
+
+        async def bounded() -> T:
+            if timeout is None:
+                return await fn()
+            try:
+                with trio.fail_after(timeout):
+                    return await fn()
+            except trio.TooSlowError:
+                raise PeerTimeout(f"call did not finish within {timeout} s") from None
+
+        try:
+            return trio.from_thread.run(bounded, trio_token=self._token)
+        except trio.RunFinishedError:
+            raise LocalProtocolError("the swarm stopped") from None
+
+    def wait_for_peers(self, n: int, *, timeout: float) -> list[str]:
+        """Block until ``n`` other peers are known; their ids. :class:`PeerTimeout` after ``timeout``."""
+        if not self._network:
+            return []
+        records = self.call(lambda: self.node.wait_for_peers(n, timeout=timeout, role="peer"))
+        return [r.peer_id for r in records]
+
+    def peers(self) -> list[str]:
+        """Ids of the other live peers (not bootstrap nodes) this node knows now."""
+        if not self._network or self.node is None:
+            return []
+        return self.call(self._peer_ids)
+
+    def _count_others(self) -> int:
+        return sum(1 for r in self.node.peers.alive() if r.role == "peer" and r.peer_id != self.peer_id)
+
+    async def _peer_ids(self) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        if self.node is None:
+            return []
+        return [r.peer_id for r in self.node.peers.alive() if r.role == "peer" and r.peer_id != self.peer_id]
+
+    # -- training ---------------------------------------------------------------------------
+
+    def diloco(
+        self,
+        model: torch.nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        *,
+        inner_steps: int = 100,
+        checkpoint: str | os.PathLike[str] | None = None,
+        join: bool = True,
+        join_timeout: float = 120.0,
+        **options: Any,
+    ) -> SwarmDiLoCo:
+        """A DiLoCo optimizer averaging through this swarm, with elastic join and resume.
+
+        With ``join``, the newest of (our ``checkpoint``, the state peers serve) is loaded
+        first; when peers have a newer state, we wait for their next outer step and download
+        the state right after it, so our first inner phase runs alongside theirs.
+
+        Example::
+
+            opt = swarm.diloco(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                               inner_steps=50, checkpoint="ckpt.p2pc", compression="fp16")
+        """
+        opt = SwarmDiLoCo(
+            self, model, inner_optimizer, self.averager, inner_steps=inner_steps, runner=self.call,
+            checkpoint=checkpoint, **options,
+        )
+        if checkpoint is not None and Path(checkpoint).exists():
+            opt.load_state(load_checkpoint(checkpoint))
+        if join and self._network:
+            self.call(lambda: self._join(opt, join_timeout))
+        self._publish(opt)
+        return opt
+
+    def _publish(self, opt: DiLoCo) -> None:
+        if self.server is not None:
+            self.server.publish(opt.export_state())
+
+    async def _offers(self) -> dict[str, tuple[int, bytes]]:
+        peers = await self._peer_ids()
+        offers: dict[str, tuple[int, bytes]] = {}
+
+        async def ask(peer: str) -> None:
+            try:
+                m = await fetch_manifest(self.node, peer, timeout=5.0)
+            except (P2PComputeError, trio.TooSlowError):
+                return
+            if m is not None:
+                offers[peer] = (m.step, m.digest)
+
+        async with trio.open_nursery() as nursery:
+            for p in peers:
+                nursery.start_soon(ask, p)
+        return offers
+
+    async def _join(self, opt: DiLoCo, timeout: float) -> None:
+        if not await self._peer_ids():
+            # Just started: the peer table fills from the bootstrap's peer exchange and adverts.
+            with contextlib.suppress(PeerTimeout):
+                await self.node.wait_for_peers(1, timeout=min(timeout, 15.0), role="peer")
+        offers = await self._offers()
+        log.warning("join: %d peer(s) known, %d offer state", len(await self._peer_ids()), len(offers))
+        if not offers:
+            return
+        newest = max(step for step, _ in offers.values())
+        mine = opt.state_digest()
+        same = all(d == mine for _, d in offers.values())
+        if newest < opt.outer_step or (newest == opt.outer_step and same):
+            return  # we are as new as anyone (peers starting together from one seed, or a resume)
+        # Wait for the swarm's next outer step, then take the state it publishes right after.
+        # (Polling peers: their progress is remote state, there is no local event to wait on.)
+        with trio.move_on_after(timeout):
+            while True:
+                offers = await self._offers()
+                if max((s for s, _ in offers.values()), default=newest) > newest:
+                    break
+                await trio.sleep(0.2)
+        await self._download(opt)
+
+    async def _download(self, opt: DiLoCo) -> bool:
+        peers = await self._peer_ids()
+        try:
+            state, report = await download_state(self.node, peers, timeout=60.0)
+        except (PeerUnreachable, PeerTimeout, P2PComputeError) as exc:
+            log.warning("state download failed: %s", exc)
+            return False
+        if state.step < opt.outer_step:
+            return False
+        opt.load_state(_shared_only(state))
+        self._publish(opt)
+        log.info("downloaded state of step %d from %s", state.step, sorted(report.sources))
+        return True
+
+    async def _resync(self, opt: SwarmDiLoCo) -> None:
+        """After a round we averaged alone: adopt the swarm's state if others went on together."""
+        offers = await self._offers()
+        mine = opt.state_digest()
+        others = [(s, d) for s, d in offers.values() if d != mine and s >= opt.outer_step]
+        if others and await self._download(opt):
+            opt.resyncs += 1
+
+
+def _shared_only(state: TrainingState) -> TrainingState:
+    tensors = {k: v for k, v in state.tensors.items() if k.startswith(("param/", "outer/"))}
+    meta = {k: v for k, v in state.meta.items() if not k.startswith("inner/")}
+    meta.pop("local_steps", None)
+    meta.pop("total_inner_steps", None)
+    return TrainingState(state.step, tensors, meta)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+_live: weakref.WeakSet[Swarm] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for swarm in list(_live):
+        with contextlib.suppress(Exception):
+            swarm.close(timeout=10.0)
+
