@@ -23,3 +23,35 @@ from p2pcompute.errors import UnsupportedVersion as UnsupportedVersion
 from p2pcompute.identity import Identity as Identity
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BadSignature",
+    "ConfigError",
+    "Identity",
+    "IntegrityError",
+    "KeyFileError",
+    "LocalProtocolError",
+    "MalformedMessage",
+    "MessageTooLarge",
+    "P2PComputeError",
+    "PeerGone",
+    "PeerTimeout",
+    "PeerUnreachable",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ResourceLimitExceeded",
+    "StaleMessage",
+    "Swarm",
+    "TaskFailed",
+    "UnsupportedVersion",
+]
+
+
+def __getattr__(name: str) -> object:
+    # `p2pcompute.Swarm` is imported on first use so that `import p2pcompute` stays light
+    # (the training stack pulls in torch, py-libp2p and the collective).
+    if name == "Swarm":
+        from p2pcompute.training.swarm import Swarm
+
+        return Swarm
+    raise AttributeError(f"module 'p2pcompute' has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,20 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
+def _env(*extra_path: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *extra_path, env.get("PYTHONPATH", "")])
     return env
 
 
 class Proc:
     """A CLI process whose stdout lines are collected by a reader thread."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, extra_path: tuple[str, ...] = ()) -> None:
         self.p = subprocess.Popen(
             [sys.executable, "-m", "p2pcompute.cli", *args],
             cwd=ROOT,
-            env=_env(),
+            env=_env(*extra_path),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -89,8 +90,46 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[st
     )
 
 
+OPERATOR_TASKS = """
+from p2pcompute.tasks import TaskRegistry
+
+registry = TaskRegistry()
+
+
+@registry.task("double")
+def double(tensors, params):
+    return {"y": tensors["x"] * params["factor"]}, {"factor": params["factor"]}
+"""
+
+
+async def _buy_tasks(bootstrap: str, provider: str) -> None:
+    """A requester in this process buys the operator's kind and the built-in benchmark kind."""
+    import torch
+    import trio
+
+    from p2pcompute.overlay import open_node
+    from p2pcompute.tasks import open_tasks
+    from p2pcompute.tensors import open_lane
+
+    with trio.fail_after(90):
+        async with (
+            open_node(bootstrap=[bootstrap]) as node,
+            open_lane(node.host, node.identity) as lane,
+            open_tasks(node, lane=lane) as tasks,
+        ):
+            await tasks.wait_for_providers(1, timeout=60)
+            res = await tasks.run_task("double", {"x": torch.arange(6.0)}, {"factor": 3})
+            assert res.provider == provider
+            assert torch.equal(res.outputs["y"], torch.arange(6.0) * 3)
+            assert res.receipt is not None
+            bench = await tasks.run_task("matmul-bench", {}, {"n": 32})
+            assert bench.info["seconds_best"] > 0
+
+
 def test_bootstrap_two_peers_status_json(tmp_path: Path) -> None:
     key = tmp_path / "boot.key"
+    (tmp_path / "operator_tasks.py").write_text(OPERATOR_TASKS)
+    ledger = tmp_path / "provider.ledger"
     boot = Proc("bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--key", str(key))
     procs = [boot]
     try:
@@ -98,9 +137,20 @@ def test_bootstrap_two_peers_status_json(tmp_path: Path) -> None:
         assert addr.startswith("/ip4/127.0.0.1/tcp/")
         assert "/p2p/12D3KooW" in addr
         assert (key.stat().st_mode & 0o777) == 0o600
+        selling = ("--tasks", "operator_tasks:registry", "--ledger", str(ledger))
         peers = [
-            Proc("peer", "--bootstrap", addr, "--listen", "/ip4/127.0.0.1/tcp/0", "--show-peers", "2")
-            for _ in range(2)
+            Proc(
+                "peer",
+                "--bootstrap",
+                addr,
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--show-peers",
+                "2",
+                *(selling if i == 0 else ()),
+                extra_path=(str(tmp_path),),
+            )
+            for i in range(2)
         ]
         procs += peers
         ids = {p.line(0).rsplit("/p2p/", 1)[1] for p in peers}
@@ -115,11 +165,22 @@ def test_bootstrap_two_peers_status_json(tmp_path: Path) -> None:
             assert by_id[pid]["role"] == "peer"
             assert by_id[pid]["addrs"]
             assert by_id[pid]["capacity"]["cpu_cores"] >= 1
+        # The first peer sells the operator's kind over the tensor lane and records receipts.
+        import trio
+
+        trio.run(_buy_tasks, addr, peers[0].line(0).rsplit("/p2p/", 1)[1])
     finally:
         results = [p.stop() for p in reversed(procs)]
     for code, err in results:
         assert code == 0, err
         assert "Traceback" not in err
+    verify = run_cli("ledger", "verify", str(ledger))
+    assert verify.returncode == 0, verify.stderr
+    # The provider appends a receipt once the requester's countersignature arrives; the last
+    # one may still be in flight when SIGINT stops it, so at least the first must be there.
+    m = re.search(r"(\d+) receipts", verify.stdout)
+    assert m is not None, verify.stdout
+    assert int(m.group(1)) >= 1
 
 
 def test_bootstrap_exits_cleanly_on_sigterm() -> None:

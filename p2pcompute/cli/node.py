@@ -2,7 +2,9 @@
 
 * ``bootstrap --listen MULTIADDR --key FILE``: prints its full multiaddr (ending in
   ``/p2p/<peer id>``) as the first line of output, then serves until SIGINT/SIGTERM.
-* ``peer --bootstrap ADDR [--key FILE]``: joins, advertises its capacity, serves.
+* ``peer --bootstrap ADDR [--key FILE] [--tasks module:registry]``: joins, advertises its
+  capacity, and sells the built-in task kinds (timed matmul benchmark) plus the kinds of the
+  registry the operator names, moving inputs and outputs over the encrypted tensor lane.
 * ``status --bootstrap ADDR [--json]``: joins briefly without advertising and prints
   the live peers and their GPUs (a table, or a JSON list).
 
@@ -134,17 +136,38 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _lane_bind(listen: str) -> str:
+    """The address the tensor lane listens on: the IP of ``--listen`` (0.0.0.0 stays 0.0.0.0)."""
+    parts = listen.split("/")
+    if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+        return parts[2]
+    return "0.0.0.0"
+
+
 def cmd_peer(args: argparse.Namespace) -> int:
-    """Join a swarm, advertise this machine's capacity and serve until SIGINT/SIGTERM."""
+    """Join a swarm, advertise this machine's capacity, sell tasks and serve until SIGINT/SIGTERM."""
+    # Imported here so that `bootstrap` and `status` do not pay for torch.
+    from p2pcompute.tasks import builtin_registry, load_registry, serve_tasks
+    from p2pcompute.tensors import open_lane
+
     _setup_logging(args.verbose)
     ident = _identity(args.key)
+    registry = load_registry(args.tasks) if args.tasks else None  # ConfigError -> exit 3 before joining
 
     async def main() -> None:
-        async with open_node(
-            ident, listen=[args.listen], bootstrap=args.bootstrap, **_node_options(args)
-        ) as node:
+        async with (
+            open_node(ident, listen=[args.listen], bootstrap=args.bootstrap, **_node_options(args)) as node,
+            open_lane(node.host, node.identity, bind=_lane_bind(args.listen)) as lane,
+            serve_tasks(node, registry, capacity=args.task_slots, ledger=args.ledger, lane=lane),
+        ):
             print(node.addrs[0] if node.addrs else node.peer_id, flush=True)
-            print(f"joined swarm {args.swarm!r} as {node.peer_id}", file=sys.stderr, flush=True)
+            sold = builtin_registry() if registry is None else builtin_registry().merged(registry)
+            kinds = ", ".join(sold.names())
+            print(
+                f"joined swarm {args.swarm!r} as {node.peer_id}; selling task kinds: {kinds}",
+                file=sys.stderr,
+                flush=True,
+            )
             if args.show_peers is not None:
                 await _show_view(node, args.show_peers, args.wait)
             await trio.sleep_forever()
@@ -199,6 +222,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--bootstrap", action="append", required=True, help="bootstrap multiaddr (repeatable)")
     p.add_argument("--show-peers", type=int, metavar="N", help="print this peer's view once it knows N peers")
     p.add_argument("--wait", type=float, default=30.0, help="how long --show-peers waits (default 30 s)")
+    p.add_argument("--tasks", metavar="MODULE:REGISTRY", help="also sell the task kinds of this registry")
+    p.add_argument("--task-slots", type=int, default=1, metavar="N", help="task runs at once (default 1)")
+    p.add_argument("--ledger", metavar="FILE", help="append signed receipts to this ledger file")
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("status", help="print the live peers of a swarm and their GPUs")
