@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) -m p2pcompute.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check p2pcompute tests benchmarks examples
+	$(VENV)/bin/ruff check .
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

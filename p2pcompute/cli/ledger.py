@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pcompute.cli import EXIT_FAILURE, EXIT_OK
-from p2pcompute.tasks.ledger import LedgerReport, summarise, verify_ledger
+
+if TYPE_CHECKING:  # the tasks package pulls in torch; the CLI imports it only when a ledger command runs
+    from p2pcompute.tasks.ledger import LedgerReport
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -44,6 +46,8 @@ def _problems(report: LedgerReport, head: str | None) -> list[dict[str, Any]]:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from p2pcompute.tasks.ledger import verify_ledger
+
     report = verify_ledger(args.file)
     problems = _problems(report, args.head)
     if args.json:
@@ -75,6 +79,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from p2pcompute.tasks.ledger import summarise, verify_ledger
+
     report = verify_ledger(args.file)
     totals = summarise(report.entries)
     rows = sorted(totals.values(), key=lambda t: (-(t.sold + t.bought), t.peer))

@@ -1,0 +1,339 @@
+"""benchmarks.wan: the --wan spec, the namespace plan, and real set-up/teardown where permitted.
+
+The real tests run only as root (or with CAP_NET_ADMIN) with iproute2 installed; otherwise they
+skip with the reason :func:`probe_support` gives. Every real test checks that no namespace of
+ours is left behind, including after an exception, a failed set-up step and SIGINT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks import wan
+from benchmarks.harness import load_results
+from benchmarks.wan import WanEmulation, WanError, WanSpec, WanSpecError, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SUPPORT = wan.probe_support()
+needs_netns = pytest.mark.skipif(not SUPPORT.ok, reason=SUPPORT.describe())
+
+
+# ------------------------------------------------------------------------------ spec (sans-IO)
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("50ms,200mbit,0.1%loss", WanSpec(50.0, 0.0, 0.1, 200.0)),
+        ("delay=50ms, jitter=5ms, rate=1gbit, loss=2%", WanSpec(50.0, 5.0, 2.0, 1000.0)),
+        ("0.2s,5msjitter,512kbit,1%", WanSpec(200.0, 5.0, 1.0, 0.512)),
+        ("250us", WanSpec(delay_ms=0.25)),
+        ("100mbit", WanSpec(rate_mbit=100.0)),
+        ("none", WanSpec()),
+        ("NONE", WanSpec()),
+    ],
+)
+def test_parse_spec(text: str, spec: WanSpec) -> None:
+    got = parse_spec(text)
+    assert got == spec
+    assert parse_spec(got.describe()) == got
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        ",",
+        "50",
+        "50ms,60ms",
+        "fast",
+        "50ms,5msjitter,5msjitter",
+        "10mbps",
+        "100%loss",
+        "-5ms",
+        "2ms,5msjitter",
+        "11s",
+        "1bit",
+        "200gbit",
+        "delay=fast",
+        "x=1",
+        "50ms;200mbit",
+        "1" * 300,
+    ],
+)
+def test_parse_spec_refuses(text: str) -> None:
+    with pytest.raises(WanSpecError):
+        parse_spec(text)
+
+
+specs = st.builds(
+    lambda d, j, loss, r: WanSpec(d, min(j, d), loss, r),
+    st.floats(0, 10_000).map(lambda x: round(x, 3)),
+    st.floats(0, 10_000).map(lambda x: round(x, 3)),
+    st.floats(0, 99.9).map(lambda x: round(x, 3)),
+    st.one_of(st.none(), st.floats(0.008, 100_000).map(lambda x: round(x, 3))),
+)
+
+
+@given(specs)
+def test_describe_parse_roundtrip(spec: WanSpec) -> None:
+    assert parse_spec(spec.describe()) == spec
+
+
+@given(st.text(max_size=40))
+def test_parse_spec_only_raises_its_own_error(text: str) -> None:
+    with contextlib.suppress(WanSpecError):
+        parse_spec(text)
+
+
+# ------------------------------------------------------------------------------ plan (sans-IO)
+
+
+def _all_commands(p: wan.Plan) -> list[tuple[str, ...]]:
+    return [*p.setup, *p.shaping, *p.teardown]
+
+
+@pytest.mark.parametrize("peers", [2, 5, wan.MAX_PEERS])
+def test_plan_touches_only_its_own_namespaces(peers: int) -> None:
+    p = wan.plan(parse_spec("50ms,200mbit,0.1%loss"), peers, tag="123")
+    ours = set(p.namespaces)
+    assert len(ours) == peers + 1
+    assert all(ns.startswith("p2pcb-123-") for ns in ours)
+    addrs = [m.addr for m in p.peers]
+    assert len(set(addrs)) == peers
+    assert all(a.startswith("10.77.0.") for a in addrs)
+    for cmd in _all_commands(p):
+        if cmd[:3] in (("ip", "netns", "add"), ("ip", "netns", "del")):
+            assert cmd[3] in ours
+        else:
+            # Every other command runs inside one of our namespaces, never in the host's.
+            assert cmd[1] == "-n", cmd
+            assert cmd[2] in ours, cmd
+        if "netns" in cmd[3:] and cmd[:3] != ("ip", "netns", "add") and cmd[:3] != ("ip", "netns", "del"):
+            assert cmd[cmd.index("netns", 3) + 1] in ours
+    assert [c[3] for c in p.teardown] == [*(m.netns for m in p.peers), p.hub]
+    assert p.peers[0].exec == ["ip", "netns", "exec", p.peers[0].netns]
+
+
+@pytest.mark.parametrize("peers", [0, 1, wan.MAX_PEERS + 1])
+def test_plan_bounds_peers(peers: int) -> None:
+    with pytest.raises(WanSpecError):
+        wan.plan(WanSpec(), peers)
+
+
+def test_shaping_with_netem_applies_everything() -> None:
+    cmds, applied, missing = wan.shaping_commands(
+        parse_spec("50ms,5msjitter,200mbit,0.1%"), "ns", netem=True, tbf=True
+    )
+    assert missing == []
+    assert applied == {"delay_ms": 50.0, "jitter_ms": 5.0, "loss_pct": 0.1, "rate_mbit": 200.0}
+    (cmd,) = cmds
+    assert cmd[:8] == ["tc", "-n", "ns", "qdisc", "add", "dev", "eth0", "root"]
+    text = " ".join(cmd)
+    assert "netem delay 50ms 5ms distribution normal loss 0.1% rate 200000kbit limit" in text
+    assert int(cmd[-1]) >= 1000
+
+
+def test_shaping_without_netem_says_what_it_cannot_do() -> None:
+    cmds, applied, missing = wan.shaping_commands(
+        parse_spec("50ms,200mbit,0.1%loss"), "ns", netem=False, tbf=True
+    )
+    assert applied == {"rate_mbit": 200.0}
+    assert [m.split()[0] for m in missing] == ["delay", "loss"]
+    assert cmds[0][8:11] == ["tbf", "rate", "200000kbit"]
+    _, applied, missing = wan.shaping_commands(parse_spec("50ms"), "ns", netem=False, tbf=False)
+    assert applied == {}
+    assert missing == ["delay 50 ms (kernel has no sch_netem)"]
+    assert wan.shaping_commands(WanSpec(), "ns", netem=True, tbf=True) == ([], {}, [])
+
+
+class _Recorder:
+    """A command runner that records and answers success, failing one chosen command."""
+
+    def __init__(self, fail_at: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail_at = fail_at
+
+    def __call__(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        self.calls.append(list(argv))
+        bad = self.fail_at is not None and self.fail_at in " ".join(argv)
+        return subprocess.CompletedProcess(list(argv), 1 if bad else 0, "", "boom" if bad else "")
+
+
+def test_failed_setup_step_rolls_back_what_was_made() -> None:
+    rec = _Recorder(fail_at="type veth")
+    support = wan.Support(True, netem=True, tbf=True)
+    with (
+        pytest.raises(WanError, match="boom"),
+        WanEmulation(parse_spec("5ms"), peers=3, support=support, run=rec, tag="77"),
+    ):
+        pytest.fail("the body must not run")
+    deleted = [c[3] for c in rec.calls if c[:3] == ["ip", "netns", "del"]]
+    # The first veth fails: the hub and peer 0's namespace were made, and both are removed.
+    assert deleted == ["p2pcb-77-p0", "p2pcb-77-hub"]
+
+
+def test_unsupported_host_raises_with_the_reason() -> None:
+    with (
+        pytest.raises(WanError, match="needs root"),
+        WanEmulation(WanSpec(), support=wan.Support(False, "needs root or CAP_NET_ADMIN")),
+    ):
+        pass
+
+
+# ------------------------------------------------------------------------------ real namespaces
+
+
+def _ours() -> set[str]:
+    return {n for n in wan.list_namespaces() if n.startswith(f"{wan.PREFIX}-{os.getpid()}-")}
+
+
+@needs_netns
+def test_real_setup_connects_peers_and_tears_down() -> None:
+    assert _ours() == set()
+    with WanEmulation(parse_spec("100mbit"), peers=3, support=SUPPORT) as net:
+        assert net.plan is not None
+        assert _ours() == set(net.plan.namespaces)
+        net.shape()
+        got = subprocess.run(
+            net.exec_argv(
+                1,
+                [
+                    sys.executable,
+                    "-c",
+                    "import socket,sys; s=socket.socket(); s.settimeout(5); "
+                    "s.connect_ex((sys.argv[1], 9)); print(s.getsockname()[0])",
+                    net.addr(2),
+                ],
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert got.stdout.strip() == net.addr(1)  # the route to peer 2 leaves through our eth0
+        layout = net.layout()
+        assert [p["addr"] for p in layout["peers"]] == ["10.77.0.1", "10.77.0.2", "10.77.0.3"]
+        json.dumps(layout)
+        if SUPPORT.tbf or SUPPORT.netem:
+            qd = subprocess.run(
+                ["tc", "-n", net.plan.peers[0].netns, "qdisc", "show", "dev", "eth0"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+            assert ("netem" if SUPPORT.netem else "tbf") in qd.stdout
+    assert _ours() == set()
+
+
+@needs_netns
+def test_real_teardown_after_an_exception() -> None:
+    seen: list[int] = []
+
+    def body() -> None:
+        with WanEmulation(WanSpec(), peers=2, support=SUPPORT):
+            seen.append(len(_ours()))
+            raise RuntimeError("mid-benchmark")
+
+    with pytest.raises(RuntimeError, match="mid-benchmark"):
+        body()
+    assert seen == [3]
+    assert _ours() == set()
+
+
+_CHILD = """
+import sys, time
+from benchmarks.wan import WanEmulation, parse_spec
+with WanEmulation(parse_spec("10mbit"), peers=2) as net:
+    print(net.plan.hub, flush=True)
+    time.sleep(120)
+"""
+
+
+@needs_netns
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_real_teardown_on_signal(sig: int) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        hub = proc.stdout.readline().strip()
+        assert hub.startswith(f"{wan.PREFIX}-{proc.pid}-"), proc.stderr.read() if proc.stderr else ""
+        prefix = hub.removesuffix("hub")
+        assert len([n for n in wan.list_namespaces() if n.startswith(prefix)]) == 3
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        assert [n for n in wan.list_namespaces() if n.startswith(prefix)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+
+
+@needs_netns
+def test_sweep_removes_only_dead_runs() -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"{wan.PREFIX}-{dead.pid}-hub"
+    mine = f"{wan.PREFIX}-{os.getpid()}-sweeptest"
+    for name in (stale, mine):
+        subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        removed = wan.sweep_stale()
+        assert stale in removed
+        assert mine not in removed
+        assert mine in wan.list_namespaces()
+    finally:
+        for name in (stale, mine):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30, check=False)
+
+
+@needs_netns
+def test_wan_suite_shows_the_shaping(tmp_path: Path) -> None:
+    out = tmp_path / "wan.json"
+    got = subprocess.run(
+        [sys.executable, "-m", "benchmarks.wan", "--quick", "--wan", "20ms,80mbit", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert got.returncode == 0, got.stderr
+    doc = load_results(out)
+    rows = {c["name"]: c for c in doc["configs"]}
+    assert rows["unshaped"]["baseline"] == "unshaped"
+    assert doc["wan"]["spec"] == "delay=20ms,rate=80mbit"
+    shaped = rows["shaped"]["stats"]
+    if "rate_mbit" in doc["wan"]["applied"]:
+        # 80 mbit/s is 10 MB/s: the shaped transfer cannot beat it by much (bucket bursts aside).
+        assert shaped["mbytes_per_s"]["median"] < 10 * 1.5
+        assert rows["shaped"]["ratio_vs_unshaped"] < 1
+    if "delay_ms" in doc["wan"]["applied"]:
+        assert shaped["rtt_ms"]["min"] >= 2 * 20 * 0.9
+    else:
+        assert any("delay" in n for n in rows["shaped"].get("notes", []))
+    assert _ours() == set()
