@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.p2pcompute-installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo demo-swarm test lint typecheck unit bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,7 +12,13 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
+# The main job: a bootstrap node and three peer processes train a small model with DiLoCo;
+# one peer is killed midway and a new one joins (about a minute on 2 quiet cores).
 demo: $(STAMP)
+	$(PY) -m p2pcompute.training.demo
+
+# The overlay alone: a bootstrap node and three peers print each other's capacity.
+demo-swarm: $(STAMP)
 	$(PY) -m p2pcompute.demo
 
 lint: $(STAMP)
