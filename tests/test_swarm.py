@@ -28,8 +28,13 @@ def swarm_threads() -> list[threading.Thread]:
 
 
 def tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
+    # A private generator, not torch.manual_seed: two training threads build their models at
+    # once, and the global RNG would hand them different initial weights.
+    gen = torch.Generator().manual_seed(0)
     model = torch.nn.Linear(4, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 

@@ -23,16 +23,16 @@ import argparse
 import json
 import re
 import secrets
-import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from p2pcompute.cli import EXIT_OK
+from p2pcompute.cli.node import run_until_signal
 from p2pcompute.errors import ConfigError, MalformedMessage, PeerTimeout, RemoteProtocolError
 from p2pcompute.wire.codec import Field, Schema
 
@@ -336,33 +336,6 @@ def _harness() -> Any:
 # --- commands ------------------------------------------------------------------------------------
 
 
-def _run(body: Callable[[], Awaitable[None]]) -> None:
-    """Run ``body`` under trio until it returns or SIGINT/SIGTERM arrives (a clean stop)."""
-
-    async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-
-                async def watch() -> None:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
-                        return
-
-                nursery.start_soon(watch)
-                await body()
-                nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    except BaseExceptionGroup as group:
-        leaves = group.exceptions
-        while len(leaves) == 1 and isinstance(leaves[0], BaseExceptionGroup):
-            leaves = leaves[0].exceptions
-        if len(leaves) == 1:
-            raise leaves[0] from None
-        raise
-
-
 def cmd_link(args: argparse.Namespace) -> int:
     """``bench link --serve`` or ``bench link --peer MULTIADDR``."""
     if bool(args.serve) == bool(args.peer):
@@ -394,7 +367,7 @@ def cmd_link(args: argparse.Namespace) -> int:
                     print(addr, flush=True)
                 await trio.sleep_forever()
 
-        _run(serve)
+        run_until_signal(serve)
         return EXIT_OK
 
     harness = _harness()
@@ -418,7 +391,7 @@ def cmd_link(args: argparse.Namespace) -> int:
             result.options["addr"] = args.peer
             holder.append(result)
 
-    _run(client)
+    run_until_signal(client)
     if not holder:  # stopped by a signal before the end
         return EXIT_OK
     result = holder[0]

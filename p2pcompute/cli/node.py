@@ -79,7 +79,7 @@ def format_table(records: list[PeerRecord]) -> str:
     return "\n".join(lines)
 
 
-def _run(body: Callable[[], Awaitable[None]]) -> None:
+def run_until_signal(body: Callable[[], Awaitable[None]]) -> None:
     """Run ``body`` under trio until it returns or SIGINT/SIGTERM arrives (a clean stop)."""
 
     async def main() -> None:
@@ -132,7 +132,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
                 print(addr, flush=True)
             await trio.sleep_forever()
 
-    _run(main)
+    run_until_signal(main)
     return EXIT_OK
 
 
@@ -172,7 +172,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
                 await _show_view(node, args.show_peers, args.wait)
             await trio.sleep_forever()
 
-    _run(main)
+    run_until_signal(main)
     return EXIT_OK
 
 
@@ -190,7 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             await trio.sleep(args.wait)
             records.extend(node.peers.alive())
 
-    _run(main)
+    run_until_signal(main)
     if args.json:
         print(json.dumps([peer_json(r) for r in records], indent=2, sort_keys=True), flush=True)
     else:
