@@ -61,24 +61,42 @@ class FramedStream:
         self.max_frame = max_frame
         self._buf = bytearray()
 
-    async def _read_exactly(self, n: int) -> bytes:
+    async def read_exactly_into(self, buf: memoryview) -> None:
+        """Fill ``buf`` with the next ``len(buf)`` raw bytes of the stream (no framing).
+
+        Raises :class:`PeerGone` when the stream ends or fails first.
+        """
         from libp2p.network.stream.exceptions import StreamEOF
 
-        while len(self._buf) < n:
+        need = len(buf)
+        while len(self._buf) < need:
             try:
-                chunk = await self.raw.read(max(n - len(self._buf), 65536))
+                chunk = await self.raw.read(max(need - len(self._buf), 65536))
             except StreamEOF:
-                raise PeerGone(f"stream from {self.peer} ended mid-frame") from None
+                raise PeerGone(f"stream from {self.peer} ended early") from None
             except Exception as exc:
                 if _is_stream_failure(exc):
                     raise PeerGone(f"stream from {self.peer} failed: {exc!r}") from None
                 raise
             if not chunk:
-                raise PeerGone(f"stream from {self.peer} ended mid-frame")
+                raise PeerGone(f"stream from {self.peer} ended early")
             self._buf += chunk
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+        buf[:] = memoryview(self._buf)[:need]
+        del self._buf[:need]
+
+    async def _read_exactly(self, n: int) -> bytes:
+        out = bytearray(n)
+        await self.read_exactly_into(memoryview(out))
+        return bytes(out)
+
+    async def write_raw(self, data: bytes | bytearray | memoryview) -> None:
+        """Write bytes as they are (no length prefix); :class:`PeerGone` when the stream fails."""
+        try:
+            await self.raw.write(bytes(data))
+        except Exception as exc:
+            if _is_stream_failure(exc):
+                raise PeerGone(f"stream to {self.peer} failed: {exc!r}") from None
+            raise
 
     async def recv_frame(self, max_size: int | None = None) -> bytes:
         """Read one frame; its length must not exceed ``max_size`` (default: the stream's cap)."""
@@ -92,12 +110,7 @@ class FramedStream:
         """Write one frame (length prefix and body in a single write)."""
         if len(data) > self.max_frame:
             raise MessageTooLarge(f"refusing to send a {len(data)}-byte frame", peer=None)
-        try:
-            await self.raw.write(_LEN.pack(len(data)) + bytes(data))
-        except Exception as exc:
-            if _is_stream_failure(exc):
-                raise PeerGone(f"stream to {self.peer} failed: {exc!r}") from None
-            raise
+        await self.write_raw(_LEN.pack(len(data)) + bytes(data))
 
     async def send_msg(self, obj: Any) -> None:
         """Encode ``obj`` as msgpack and send it as one frame."""

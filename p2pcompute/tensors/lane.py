@@ -184,60 +184,32 @@ class _TcpConn:
 
 
 class _StreamConn:
-    """The same byte interface over a py-libp2p stream (the relay fallback)."""
+    """The same byte interface over a py-libp2p stream (the relay fallback).
+
+    The byte I/O and its error translation are :class:`FramedStream`'s; this adds the
+    stall timeouts the direct connection has.
+    """
 
     def __init__(self, stream: Any, *, peer: str | None, stall: float) -> None:
-        self.stream = stream
+        self.stream = FramedStream(stream, peer=peer)
         self.peer = peer
         self.stall = stall
-        self._buf = bytearray()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        from p2pcompute.overlay.streams import _is_stream_failure
-
         with trio.move_on_after(self.stall) as scope:
-            try:
-                await self.stream.write(bytes(data))
-            except Exception as exc:
-                if _is_stream_failure(exc):
-                    raise PeerGone(f"relay stream to {self.peer} failed: {exc!r}") from None
-                raise
+            await self.stream.write_raw(data)
         if scope.cancelled_caught:
             raise PeerTimeout(f"{self.peer} stopped reading for {self.stall} s")
 
     async def recv_exactly_into(self, buf: memoryview, *, stall: float | None = None) -> None:
-        from libp2p.network.stream.exceptions import StreamEOF
-
-        from p2pcompute.overlay.streams import _is_stream_failure
-
-        need = len(buf)
         limit = self.stall if stall is None else stall
         with trio.move_on_after(limit) as scope:
-            while len(self._buf) < need:
-                try:
-                    chunk = await self.stream.read(max(need - len(self._buf), 1 << 16))
-                except StreamEOF:
-                    raise PeerGone(f"relay stream from {self.peer} ended mid-transfer") from None
-                except Exception as exc:
-                    if _is_stream_failure(exc):
-                        raise PeerGone(f"relay stream from {self.peer} failed: {exc!r}") from None
-                    raise
-                if not chunk:
-                    raise PeerGone(f"relay stream from {self.peer} ended mid-transfer")
-                self._buf += chunk
+            await self.stream.read_exactly_into(buf)
         if scope.cancelled_caught:
             raise PeerTimeout(f"{self.peer} sent nothing for {limit} s")
-        buf[:] = memoryview(self._buf)[:need]
-        del self._buf[:need]
 
     async def aclose(self) -> None:
-        from p2pcompute.overlay.streams import _is_stream_failure
-
-        try:
-            await self.stream.reset()
-        except Exception as exc:
-            if not _is_stream_failure(exc):
-                raise
+        await self.stream.reset()
 
 
 # --- sessions and parked transfers ------------------------------------------------------------------
