@@ -904,7 +904,10 @@ _thread_state = threading.local()
 def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
     # torch's intra-op pool spins on small (1 MiB) codec ops and collapses under CPU
     # contention (measured 10-20x slower with 2 threads on a loaded 2-core machine),
-    # so the lane's worker threads run torch single-threaded (thread-local in OpenMP).
+    # so the lane's worker threads run torch single-threaded. The calling thread's own
+    # setting is per thread, but torch also takes it as the default for threads created
+    # afterwards (checked: the main thread stays at 2, a new thread starts at 1); see
+    # docs/design/data-plane.md, where this side effect is documented.
     if not getattr(_thread_state, "single", False):
         torch.set_num_threads(1)
         _thread_state.single = True
