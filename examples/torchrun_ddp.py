@@ -26,6 +26,13 @@ from p2pcompute.training.swarm import Swarm
 from p2pcompute.training.toy import TeacherTask, evaluate, make_model
 
 
+def emit(event: dict[str, object]) -> None:
+    """One JSON line in a single write: the ranks share stdout, and print() writes the text
+    and the newline separately, so two ranks' lines could run together."""
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
 def broadcast_state(module: torch.nn.Module, outer_step: int, device: torch.device) -> int:
     """Rank 0's parameters and outer step to every rank; returns the outer step."""
     with torch.no_grad():
@@ -90,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                 if report is not None:
                     x_eval, y_eval = task.eval_set()
                     loss = evaluate(model, (x_eval.to(device), y_eval.to(device)))
-                    print(json.dumps({"event": "outer", "step": report.outer_step, "loss": loss,
-                                      "participants": list(report.participants)}), flush=True)
+                    emit({"event": "outer", "step": report.outer_step, "loss": loss,
+                          "participants": list(report.participants)})
             else:
                 inner.step()
             inner.zero_grad()
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 local = 0
                 outer_step = broadcast_state(model, outer_step, device)
         done = {"event": "done", "rank": rank, "outer_step": outer_step, "digest": digest(model)}
-        print(json.dumps(done), flush=True)
+        emit(done)
     finally:
         if swarm is not None:
             swarm.close()
