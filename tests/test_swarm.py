@@ -125,7 +125,7 @@ def test_two_peers_average_for_real_and_a_joiner_gets_identical_state(tmp_path: 
     results: dict[str, object] = {}
     opts: dict[str, object] = {}
     with Swarm(network=True, advertise=True, role="bootstrap", advert_interval=1.0) as boot:
-        common = {"bootstrap": boot.addrs, "patience": 2.0, "matchmaking_timeout": 20.0,
+        common = {"bootstrap": boot.addrs, "patience": 5.0, "matchmaking_timeout": 20.0,
                   "advert_interval": 1.0}
         with Swarm(**common) as a, Swarm(**common) as b:
             a.wait_for_peers(1, timeout=30)
