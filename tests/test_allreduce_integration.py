@@ -201,14 +201,7 @@ async def test_exact_weighted_average(
 
 FAULTS = [
     "crash_before",
-    # Known bug, issue #5: now and then an innocent survivor is excluded after a crash mid-send
-    # (seen once in four full runs: participants [0, 3] where [0, 1, 3] survived). The result
-    # still names exactly who took part, so it is not a false success; it runs on every
-    # make test and must be fixed, not deleted.
-    pytest.param(
-        "crash_sending",
-        marks=pytest.mark.xfail(strict=False, reason="issue #5: a survivor is sometimes excluded"),
-    ),
+    "crash_sending",
     "hang_sending",
     "crash_reducing",
     "cancel",

@@ -86,6 +86,9 @@ _MAX_BUFFERED_ADVERTS = 4096
 _MAX_REMEMBERED = 512
 _MAX_ADVERT_TTL = 300.0
 _ROUNDTRIP_CHUNK = 1 << 20  # elements; a multiple of the int8 block
+_STATUS_FIRST = 1.0  # at most this long a failed attempt's transfers wait for its status to go out
+_LINK_IDLE = 300.0  # a control link unused this long is closed and reopened on next use
+_LINK_SERVE_IDLE = 900.0  # an inbound control link silent this long is reset
 
 
 def _flat_dtype(tensors: Sequence[torch.Tensor]) -> tuple[torch.dtype, torch.device]:
@@ -301,6 +304,7 @@ class _Round:
         att = self.att
         if att is None:
             return
+        told: trio.Event | None = None
         for action in actions:
             if isinstance(action, SendStatus | AnnounceLeft):
                 data = (
@@ -309,17 +313,35 @@ class _Round:
                     else LEFT.build(round=self.round_id)
                 )
                 if self._control is not None:
-                    for peer in att.others:
-                        self._control.start_soon(self.coll._tell, peer, data)
+                    told = trio.Event()
+                    self._control.start_soon(self._broadcast, att.others, data, told)
             elif isinstance(action, SendAveragedPart):
                 if self._transfers is not None:
                     self._transfers.start_soon(self._finalize_part, att)
             elif isinstance(action, StopTransfers):
-                self._stop.cancel()
+                if told is not None and self._control is not None:
+                    # our status must reach the partners before the resets of our streams do:
+                    # a partner that sees only the reset suspects us, and may drop us
+                    self._control.start_soon(self._stop_after, self._stop, told)
+                else:
+                    self._stop.cancel()
             elif isinstance(action, Decided):
                 self._outcome = action.outcome
                 self._decided.set()
         self._kick.set()
+
+    async def _broadcast(self, peers: Sequence[str], data: bytes, done: trio.Event) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    nursery.start_soon(self.coll._tell, peer, data)
+        finally:
+            done.set()
+
+    async def _stop_after(self, stop: trio.CancelScope, told: trio.Event) -> None:
+        with trio.move_on_after(_STATUS_FIRST):
+            await told.wait()
+        stop.cancel()
 
     # -- the round
     async def run(self) -> RoundOutcome:
@@ -557,6 +579,8 @@ class Collective:
         self._early: collections.OrderedDict[str, list[tuple[str, dict[str, Any]]]] = (
             collections.OrderedDict()
         )
+        self._links: dict[str, tuple[FramedStream, float]] = {}  # peer -> (control stream, last use)
+        self._link_locks: dict[str, trio.Lock] = {}
         self._faults: dict[str, Callable[[], Awaitable[None]]] = {}  # test hooks
         self._silent_exit = False  # test hooks: a "crashed" peer says nothing on its way out,
         self._muted = False  # and a "hung" one neither answers nor tells anything
@@ -583,20 +607,50 @@ class Collective:
                 await stream.close()
 
     async def _tell(self, peer: str, data: bytes) -> None:
+        """One-way control message (a status, a leave) to ``peer``, in order, best effort.
+
+        Messages to one peer share one long-lived stream (opening a libp2p stream costs several
+        round trips of multistream-select; a status must beat the stream resets that follow
+        it). A broken link is reopened once; a message that still cannot go is counted and
+        logged, never raised: the round's timeouts cover a partner we cannot reach.
+        """
         if self._muted:
             return
+        lock = self._link_locks.setdefault(peer, trio.Lock())
         try:
             with trio.fail_after(self.hello_timeout):
-                stream = await self.node.open_stream(
-                    peer, PROTOCOL, timeout=self.hello_timeout, max_frame=MAX_REQUEST
-                )
-                try:
-                    await stream.send_frame(data)
-                finally:
-                    await stream.close()
+                async with lock:
+                    for _ in range(2):
+                        link = self._links.get(peer)
+                        now = trio.current_time()
+                        if link is not None and now - link[1] > _LINK_IDLE:
+                            self._links.pop(peer, None)
+                            await link[0].close()
+                            link = None
+                        fresh = link is None
+                        if link is None:
+                            stream = await self.node.open_stream(
+                                peer, PROTOCOL, timeout=self.hello_timeout, max_frame=MAX_REQUEST
+                            )
+                            link = (stream, now)
+                        try:
+                            await link[0].send_frame(data)
+                        except PeerGone:
+                            self._links.pop(peer, None)
+                            await link[0].reset()
+                            if fresh:
+                                raise
+                            continue
+                        self._links[peer] = (link[0], now)
+                        return
         except (P2PComputeError, trio.TooSlowError) as exc:
             self.stats["tell_failures"] += 1
             log.info("collective: message to %s not delivered: %r", peer, exc)
+
+    async def _close_links(self) -> None:
+        links, self._links = self._links, {}
+        for stream, _ in links.values():
+            await stream.close()
 
     # -- inbound
     async def _serve(self, stream: FramedStream) -> None:
@@ -634,12 +688,25 @@ class Collective:
             else:
                 ok = self._finished.get((msg["run"], msg["round"])) == msg["digest"]
             await stream.send_frame(READY_ACK.build(ok=ok))
-        elif kind == STATUS.type:
-            msg = STATUS.validate(raw, peer=peer)
-            self._route(msg["round"], peer, msg)
-        elif kind == LEFT.type:
-            msg = LEFT.validate(raw, peer=peer)
-            self._route(msg["round"], peer, msg)
+        elif kind in (STATUS.type, LEFT.type):
+            # a control link: one-way messages until the sender closes it
+            while True:
+                if kind not in (STATUS.type, LEFT.type):
+                    self.stats["bad_messages"] += 1
+                    raise RemoteProtocolError(f"unexpected {kind!r} on a control link", peer=peer)
+                if self._muted:
+                    await trio.sleep_forever()
+                msg = (STATUS if kind == STATUS.type else LEFT).validate(raw, peer=peer)
+                self._route(msg["round"], peer, msg)
+                try:
+                    with trio.fail_after(_LINK_SERVE_IDLE):
+                        raw = await stream.recv_msg(max_size=MAX_REQUEST)
+                except PeerGone:
+                    return  # closed (or gone): the sender reopens when it has more to say
+                except trio.TooSlowError:
+                    await stream.reset()
+                    return
+                kind = raw.get("t") if isinstance(raw, dict) else None
         else:
             self.stats["bad_messages"] += 1
             raise RemoteProtocolError(f"unknown collective message {kind!r}", peer=peer)
@@ -883,7 +950,11 @@ async def open_collective(node: Any, lane: Any, **options: Any) -> AsyncIterator
     """
     coll = Collective(node, lane, **options)
     node.set_stream_handler(PROTOCOL, coll._serve, max_frame=MAX_REQUEST)
-    yield coll
+    try:
+        yield coll
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            await coll._close_links()
 
 
 __all__ = ["CODECS", "Collective", "open_collective", "tensors_layout"]
