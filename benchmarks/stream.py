@@ -246,6 +246,14 @@ def _worker(spec: dict[str, Any]) -> int:
     import trio
 
     kind, role, size, reps = spec["kind"], spec["role"], spec["size"], spec["reps"]
+    if role == "send" and spec.get("await_peer"):
+        # started beside the receiver: import while it starts, then learn where it listens
+        import libp2p  # noqa: F401
+        import torch  # noqa: F401
+
+        import p2pcompute.tensors  # noqa: F401
+
+        spec.update(json.loads(sys.stdin.readline()))
     if kind == "raw" and role == "recv":
         out = trio.run(_raw_recv, size, reps)
     elif kind == "raw":
@@ -265,10 +273,11 @@ def _worker(spec: dict[str, Any]) -> int:
 # --- orchestration ------------------------------------------------------------------------------------
 
 
-def _spawn(spec: dict[str, Any]) -> subprocess.Popen[str]:
+def _spawn(spec: dict[str, Any], *, stdin: bool = False) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.Popen(
         [sys.executable, "-m", "benchmarks.stream", "--worker", json.dumps(spec)],
+        stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -294,19 +303,16 @@ def _pair(kind: str, size: int, reps: int, codec: str = "none", timeout: float =
     recv = _spawn({"kind": kind, "role": "recv", "size": size, "reps": reps, "sender": sender_id})
     send: subprocess.Popen[str] | None = None
     try:
-        ready = _read_json(recv, "ready")
+        # both start at once (each spends seconds importing torch); the sender waits for the address
         send = _spawn(
-            {
-                "kind": kind,
-                "role": "send",
-                "size": size,
-                "reps": reps,
-                "port": ready.get("port"),
-                "addr": ready.get("addr"),
-                "seed": seed,
-                "codec": codec,
-            }
+            {"kind": kind, "role": "send", "size": size, "reps": reps, "seed": seed, "codec": codec,
+             "await_peer": True},
+            stdin=True,
         )
+        ready = _read_json(recv, "ready")
+        assert send.stdin is not None
+        send.stdin.write(json.dumps({"port": ready.get("port"), "addr": ready.get("addr")}) + "\n")
+        send.stdin.close()
         s = _read_json(send, "result")["result"]
         r = _read_json(recv, "result")["result"]
         send.wait(timeout)

@@ -91,9 +91,10 @@ def _bytes_part(result: SuiteResult, *, peers: int, steps: int, batch: int, h: i
 
 
 def _processes_part(
-    result: SuiteResult, *, peers: int, outer: int, inner: int, kill_every: int, timeout: float
+    result: SuiteResult, *, peers: int, outer: int, inner: int, kill_every: int, timeout: float,
+    faultless: bool = True,
 ) -> None:
-    for kills in (False, True):
+    for kills in (False, True) if faultless else (True,):
         name = f"utilization, kill every {kill_every}" if kills else "utilization, no faults"
         row = result.config(name, part="utilization", peers=peers, outer_steps=outer, inner_steps=inner,
                             kill_every=kill_every if kills else 0)
@@ -193,9 +194,13 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
         _bytes_part(result, peers=peers, steps=steps, batch=batch, h=h, repeats=repeats)
     result.add_ratios(match=lambda a, b: a.params.get("part") == b.params.get("part") == "bytes")
     if options.get("processes", True):
+        # a smoke run: two peers, three outer steps, the victim killed once (after step 1),
+        # without the fault-free comparison run
         _processes_part(
-            result, peers=3, outer=int(options.get("outer_steps", 4 if quick else 12)),
-            inner=int(options.get("proc_inner_steps", 50)), kill_every=int(options.get("kill_every", 3)),
+            result, peers=int(options.get("proc_peers", 2 if quick else 3)),
+            outer=int(options.get("outer_steps", 3 if quick else 12)),
+            inner=int(options.get("proc_inner_steps", 20 if quick else 50)),
+            kill_every=int(options.get("kill_every", 1 if quick else 3)), faultless=not quick,
             timeout=float(options.get("timeout", 600)),
         )
     base = next((c for c in result.configs if c.baseline == "per_step" and c.samples), None)
@@ -217,13 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inner-steps", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="inner steps per peer")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--kill-every", type=int, default=3)
+    parser.add_argument("--kill-every", type=int, default=None,
+                        help="outer steps between kills (default 3; 1 with --quick)")
     parser.add_argument("--no-processes", action="store_true", help="skip the utilization part")
     parser.add_argument("--no-bytes", action="store_true", help="skip the bytes/loss part")
     parser.add_argument("--outer-steps", type=int, default=None, help="outer steps of the utilization runs")
     args = parser.parse_args(argv)
-    opts: dict[str, Any] = {"peers": args.peers, "repeats": args.repeats, "kill_every": args.kill_every,
+    opts: dict[str, Any] = {"peers": args.peers, "repeats": args.repeats,
                             "processes": not args.no_processes, "bytes": not args.no_bytes}
+    if args.kill_every:
+        opts["kill_every"] = args.kill_every
     if args.outer_steps:
         opts["outer_steps"] = args.outer_steps
     if args.inner_steps:

@@ -142,10 +142,10 @@ async def test_eight_nodes_join_expire_and_survive_bootstrap_loss() -> None:
     fast: dict[str, Any] = {
         "capacity": TEST_CAPACITY,
         # 9 nodes share one loaded process (about 15 ms of CPU per advert per receiver):
-        # keep advert traffic near 3 per second in all, so a loaded machine keeps up
-        "advert_interval": 4.0,
-        "advert_ttl": 20.0,
-        "probe_interval": 4.0,
+        # keep advert traffic near 3 per second in all (8 / 3 s), so a loaded machine keeps up
+        "advert_interval": 3.0,
+        "advert_ttl": 9.0,  # a node that vanishes expires within 9 s (plus the expiry tick)
+        "probe_interval": 3.0,
         "discovery_interval": 2.0,
         "expire_interval": 0.5,
     }
@@ -168,26 +168,26 @@ async def test_eight_nodes_join_expire_and_survive_bootstrap_loss() -> None:
                 assert {rec.peer_id for rec in n.peers.alive()} >= ids - {n.peer_id}
             # each peer keeps direct links to several peers, not only to the bootstrap node
             # (dialing runs in the background after open_node returns)
-            with trio.fail_after(60):
-                while any(len(set(n.connected_peers()) - {boot.peer_id}) < 3 for n in nodes):
-                    await trio.sleep(0.2)
+            for n in nodes:
+                links = lambda n=n: len(set(n.connected_peers()) - {boot.peer_id})  # noqa: E731
+                await n.wait_until(lambda links=links: links() >= 3, timeout=60)
             assert {rec.peer_id for rec in boot.peers.alive()} == ids
 
             # a node that leaves expires everywhere
             leaver = nodes.pop()
             r.stop(leaver)
 
-            async def gone_everywhere(peer: str) -> None:
-                while any(peer in n.peers for n in [*nodes, boot]):
-                    await trio.sleep(0.2)
+            async def gone_everywhere(peer: str, among: list[Node]) -> None:
+                for n in among:
+                    await n.wait_until(lambda n=n: peer not in n.peers, timeout=90)
 
             with trio.fail_after(90):
-                await gone_everywhere(leaver.peer_id)
+                await gone_everywhere(leaver.peer_id, [*nodes, boot])
 
             # the bootstrap node stops: the others keep their mesh and tables
             r.stop(boot)
             with trio.fail_after(90):
-                await gone_everywhere(boot.peer_id)
+                await gone_everywhere(boot.peer_id, nodes)
             received: dict[str, int] = {n.peer_id: 0 for n in nodes}
             all_in = trio.Event()
 
@@ -218,8 +218,8 @@ async def test_eight_nodes_join_expire_and_survive_bootstrap_loss() -> None:
                 return True
 
             with trio.fail_after(90):
-                while not fresh_everywhere():
-                    await trio.sleep(0.5)
+                for n in nodes:
+                    await n.wait_until(fresh_everywhere, timeout=90)
 
 
 async def test_malformed_peer_exchange_request_is_blamed() -> None:
@@ -230,9 +230,7 @@ async def test_malformed_peer_exchange_request_is_blamed() -> None:
             reply = await raw.recv_msg(max_size=1 << 20)
             assert reply["t"] == "peers"  # the request is answered; the bad advert in it is counted
             await raw.close()
-            with trio.fail_after(10):
-                while not boot.peers.offences(a.peer_id):
-                    await trio.sleep(0.05)
+            await boot.wait_until(lambda: bool(boot.peers.offences(a.peer_id)), timeout=10)
             assert boot.peers.offences(a.peer_id) == {"malformed": 1}
 
 

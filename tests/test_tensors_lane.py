@@ -179,8 +179,8 @@ async def test_sender_may_start_first_and_receiver_chunks_in_order() -> None:
     with trio.fail_after(GUARD):
         async with lanes() as (a, b), trio.open_nursery() as nursery:
             nursery.start_soon(lambda: a.send(b.peer_id, "g", {"x": x, "y": y}))
-            while b.statistics().parked == 0:  # the sender got ahead: parked unread, not buffered
-                await trio.sleep(0.01)
+            # the sender got ahead: parked unread, not buffered
+            await b.wait_for_arrival(a.peer_id, "g", timeout=GUARD)
             assert b.statistics().parked == 1
             report = await b.receive_chunks(a.peer_id, "g", on_chunk)
     assert torch.equal(acc, x)

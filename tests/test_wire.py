@@ -120,3 +120,12 @@ def test_signed_envelope_domain_separation_and_signer() -> None:
 def test_open_signed_on_arbitrary_bytes(data: bytes) -> None:
     with pytest.raises((MalformedMessage, BadSignature)):
         open_signed(data, kind="advert", max_size=256)
+
+
+@settings(deadline=None)  # the first example imports py-libp2p
+@given(st.binary(min_size=32, max_size=32))
+def test_peer_id_matches_py_libp2p(key: bytes) -> None:
+    from libp2p.peer.id import ID
+
+    prefix = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
+    assert peer_id_from_public_key(key) == ID(prefix + key).to_base58()

@@ -8,7 +8,8 @@ Provider and requester each sign the *same body bytes* as envelope kind
 later claim different terms. A receipt that fails either signature is refused
 with :class:`~p2pcompute.errors.BadSignature`.
 
-Imports :mod:`p2pcompute.wire`, :mod:`p2pcompute.errors`, :mod:`p2pcompute.tasks.messages`, torch.
+Imports :mod:`p2pcompute.wire`, :mod:`p2pcompute.errors`, :mod:`p2pcompute.tasks.messages`, and torch
+only where tensors are digested (verifying a ledger needs no torch).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from p2pcompute.errors import BadSignature, IntegrityError
 from p2pcompute.tasks.messages import DIGEST_LEN, ID_LEN, Resources
 from p2pcompute.wire.codec import Field, Schema, decode
 from p2pcompute.wire.signing import ENVELOPE, Signer, peer_id_from_public_key, seal_signed, verify_signature
+
+if TYPE_CHECKING:
+    import torch
 
 RECEIPT_KIND = "task-receipt"
 RECEIPT_CAP = 3072
@@ -72,6 +74,8 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> bytes:
         >>> tensor_digest({"x": torch.zeros(2)}) == tensor_digest({"x": torch.zeros(2)})
         True
     """
+    import torch
+
     h = hashlib.sha256(b"p2pcompute-tensors-v1\x00")
     for name in sorted(tensors):
         t = tensors[name].detach()

@@ -575,6 +575,27 @@ class TensorLane:
 
     # -- public API -----------------------------------------------------------------------------------
 
+    async def wait_for_arrival(self, peer_id: str, tag: str, *, timeout: float) -> None:
+        """Wait until a transfer from ``peer_id`` under ``tag`` has arrived and waits to be
+        received (it is not claimed: :meth:`receive` still takes it). Raises
+        :class:`PeerTimeout` after ``timeout`` seconds.
+
+        Example::
+
+            await lane.wait_for_arrival(peer, "grads/3", timeout=30)
+            tensors = await lane.receive(peer, "grads/3")
+        """
+        key = (peer_id, tag)
+        try:
+            with trio.fail_after(timeout):
+                while not self._inbox.get(key):
+                    event = self._arrivals.get(key)
+                    if event is None:
+                        event = self._arrivals[key] = trio.Event()
+                    await event.wait()
+        except trio.TooSlowError:
+            raise PeerTimeout(f"no transfer {tag!r} from {peer_id} within {timeout} s") from None
+
     async def send(
         self,
         peer_id: str,

@@ -12,6 +12,7 @@ the peer that sent the bytes (:func:`open_signed` does it when told whom to expe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,9 +48,24 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     """
     if len(public_key) != 32:
         raise ValueError("an Ed25519 public key is 32 bytes")
-    from libp2p.peer.id import ID
+    return _peer_id(bytes(public_key))
 
-    return str(ID(_PEER_ID_PREFIX + public_key).to_base58())
+
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_id(public_key: bytes) -> str:
+    # base58btc of the multihash, written here so that checking a signature (a ledger, an advert)
+    # needs no py-libp2p import (about 1 s); tests compare it with libp2p's own ID
+    raw = _PEER_ID_PREFIX + public_key
+    n = int.from_bytes(raw, "big")
+    digits = []
+    while n:
+        n, r = divmod(n, 58)
+        digits.append(_B58[r])
+    zeros = len(raw) - len(raw.lstrip(b"\x00"))
+    return "1" * zeros + "".join(reversed(digits))
 
 
 def _signed_payload(kind: str, body: bytes) -> bytes:
