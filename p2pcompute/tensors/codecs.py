@@ -14,8 +14,9 @@ Error bounds (``x`` the input, ``y`` the decoded value; finite inputs):
 * ``bf16``: ``|y - x| <= |x| * 2**-8`` for normal float32 values (``|x| >= 2**-126``) and
   ``<= 2**-134`` below that; NaN and ±inf pass through.
 * ``int8``: blocks of :data:`~p2pcompute.wire.shards.INT8_BLOCK` elements share one float32
-  scale ``s = max|x| / 127``; ``|y - x| <= s / 2 * (1 + 2**-20)`` per element, i.e. at most
-  1/254 of the block's largest magnitude. Non-finite input is refused (LocalProtocolError).
+  scale ``s = max(max|x| / 127, 2**-149)``; ``|y - x| <= s / 2 * (1 + 2**-20)`` per element,
+  i.e. at most 1/254 of the block's largest magnitude (or half the smallest float32 step,
+  for blocks of subnormal values). Non-finite input is refused (LocalProtocolError).
 
 Lossy codecs apply to floating tensors only; others travel as ``none`` (see
 :func:`p2pcompute.wire.shards.effective_codec`). Decoding always returns the original dtype.
@@ -40,6 +41,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in DTYPE_SIZES if isinstance(getattr(torch, name, None), torch.dtype)
 }
 _NAMES: dict[torch.dtype, str] = {dt: name for name, dt in TORCH_DTYPES.items()}
+
+_SMALLEST_F32 = 2.0**-149  # the smallest positive (subnormal) float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -118,9 +121,10 @@ def encode_into(codec: str, src: torch.Tensor, out: torch.Tensor) -> None:
         absmax = xb.abs().amax(dim=1)
         if not bool(torch.isfinite(absmax).all()):
             raise LocalProtocolError("the int8 codec needs finite values (found inf or NaN)")
-        scale = absmax / 127.0
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(xb / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        # a block of tiny (subnormal) values would get a scale that underflows to 0 and decode
+        # as zeros; the smallest positive float32 keeps them (found by hypothesis)
+        scale = (absmax / 127.0).clamp_(min=_SMALLEST_F32)
+        q = torch.round(xb / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         size = blocks * (4 + width)
         o = out[offset : offset + size].view(blocks, 4 + width)
         o[:, :4] = scale.reshape(-1).view(torch.uint8).view(blocks, 4)
