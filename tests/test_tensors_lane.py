@@ -276,6 +276,34 @@ async def test_cancelled_receiver_ends_sender_cleanly() -> None:
             assert torch.equal(got["y"], torch.ones(3))
 
 
+async def test_cancelled_bulk_receive_ends_both_sides_cleanly() -> None:
+    # receive(into=) of a plain CPU tensor runs in the lane's blocking worker loop; cancelling
+    # it 5 ms in (128 MB cannot arrive that fast) must stop the loop and fail the sender typed
+    n = 32_000_000
+    x = {"x": torch.randn(n)}
+    dst = {"x": torch.empty(n)}
+    outcome: dict[str, BaseException | None] = {}
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+
+            async def sender() -> None:
+                try:
+                    await a.send(b.peer_id, "x", x)
+                    outcome["send"] = None
+                except (PeerGone, PeerTimeout) as exc:
+                    outcome["send"] = exc
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                await b.wait_for_arrival(a.peer_id, "x", timeout=GUARD)
+                with trio.move_on_after(0.005) as scope:
+                    await b.receive(a.peer_id, "x", into=dst)
+                assert scope.cancelled_caught
+            assert isinstance(outcome["send"], PeerGone)  # at once (a reset), not after the stall timeout
+            got = await transfer(a, b, {"y": torch.ones(3)}, tag="after")
+            assert torch.equal(got["y"], torch.ones(3))
+
+
 async def test_cancelled_sender_gives_receiver_typed_error() -> None:
     x = {"x": torch.randn(4_000_000)}
     with trio.fail_after(GUARD):
