@@ -25,6 +25,7 @@ import collections
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -86,6 +87,7 @@ _MAX_BUFFERED_ADVERTS = 4096
 _MAX_REMEMBERED = 512
 _MAX_ADVERT_TTL = 300.0
 _ROUNDTRIP_CHUNK = 1 << 20  # elements; a multiple of the int8 block
+_PROGRESS_EVERY = 0.2  # seconds between progress reports from a contribution's worker thread
 _STATUS_FIRST = 1.0  # at most this long a failed attempt's transfers wait for its status to go out
 _LINK_IDLE = 300.0  # a control link unused this long is closed and reopened on next use
 _LINK_SERVE_IDLE = 900.0  # an inbound control link silent this long is reset
@@ -273,6 +275,7 @@ class _Round:
             self.flat[off : off + size].copy_(view)
         self.att: AttemptCore | None = None
         self.acc = self.flat[:0]
+        self._acc_lock = threading.Lock()
         self._decided = trio.Event()
         self._outcome: Outcome | None = None
         self._kick = trio.Event()
@@ -455,22 +458,30 @@ class _Round:
     async def _receive_contribution(self, att: AttemptCore, sender: str) -> None:
         plan = att.plan
         acc = self.acc
+        lock = self._acc_lock
         alpha = plan.weight_of(sender) / plan.weight_total
         expected = acc.numel()
         got = 0
+        reported = [time.monotonic()]
 
         def add(name: str, first: int, values: torch.Tensor) -> None:
+            # runs in the lane's worker thread, beside the other contributors' threads
             nonlocal got
             count = values.numel()
             if name != "x" or values.dtype != acc.dtype or first != got or got + count > expected:
                 where = f"contribution shard {name!r} [{first}:+{count}]"
                 raise IntegrityError(f"{where} out of place", peer=sender)
-            acc[first : first + count].add_(values.to(acc.device, non_blocking=True), alpha=alpha)
+            values = values.to(acc.device, non_blocking=True)
+            with lock:  # contributions land in one accumulator
+                acc[first : first + count].add_(values, alpha=alpha)
             got += count
-            att.progress(sender, trio.current_time())
+            now = time.monotonic()
+            if now - reported[0] >= _PROGRESS_EVERY:  # the sender's inactivity timer, not per record
+                reported[0] = now
+                trio.from_thread.run_sync(lambda: att.progress(sender, trio.current_time()))
 
         try:
-            await self.lane.receive_chunks(sender, self._tag(att, "c"), add)
+            await self.lane.receive_chunks(sender, self._tag(att, "c"), add, threaded=True)
             if got != expected:
                 raise IntegrityError(f"contribution of {got} elements, expected {expected}", peer=sender)
         except _TRANSFER_ERRORS as exc:

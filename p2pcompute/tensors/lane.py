@@ -34,7 +34,7 @@ import socket as _stdsocket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -860,7 +860,13 @@ class TensorLane:
                 incoming.done.set()
 
     async def receive_chunks(
-        self, peer_id: str, tag: str, on_chunk: OnChunk, *, timeout: float | None = None
+        self,
+        peer_id: str,
+        tag: str,
+        on_chunk: OnChunk,
+        *,
+        timeout: float | None = None,
+        threaded: bool = False,
     ) -> TransferReport:
         """Receive a transfer as a stream of decoded chunks, for reducers.
 
@@ -869,6 +875,11 @@ class TensorLane:
         during the call (copy it to keep it). It may be a coroutine function. Note that
         chunks are handed out as they arrive: a later failure (IntegrityError, PeerGone,
         PeerTimeout) means the chunks seen so far must be discarded by the caller.
+
+        ``threaded=True`` promises that ``on_chunk`` is a plain function that may run in a
+        worker thread (guard state it shares with other threads yourself; use
+        ``trio.from_thread.run_sync`` to reach trio). A direct transfer then runs in the lane's
+        blocking loop, receive, open and ``on_chunk`` per record, with no event-loop hop.
 
         Example::
 
@@ -881,7 +892,7 @@ class TensorLane:
         with _deadline(timeout, f"receiving {tag!r} from {peer_id}"):
             incoming = await self._claim(peer_id, tag)
             try:
-                await self._receive_body(incoming, None, None, on_chunk)
+                await self._receive_body(incoming, None, None, on_chunk, threaded=threaded)
             finally:
                 incoming.done.set()
         return TransferReport(incoming.manifest.total_bytes, time.perf_counter() - start, incoming.path)
@@ -892,6 +903,8 @@ class TensorLane:
         into: Mapping[str, torch.Tensor] | None,
         device: torch.device | str | None,
         on_chunk: OnChunk | None,
+        *,
+        threaded: bool = False,
     ) -> dict[str, torch.Tensor]:
         from p2pcompute.tensors.staging import Lander
 
@@ -958,6 +971,28 @@ class TensorLane:
                 return len(plans), got_total
 
             records, total = await conn.run_blocking(bulk, self._bulk_threads)
+        elif isinstance(conn, _TcpConn) and on_chunk is not None and threaded:
+            # the caller's on_chunk may run in a worker thread: the whole loop goes there
+            def bulk_chunks(sock: _stdsocket.socket) -> tuple[int, int]:
+                got_total = 0
+                for index, plan in enumerate(plans):
+                    body_len = plan.nbytes + TAG_SIZE
+                    kind, length = HEADER.unpack(header)
+                    if kind != KIND_DATA or length != body_len:
+                        raise IntegrityError(
+                            f"record {index}: got kind {kind} length {length}, expected data of {body_len}",
+                            peer=peer,
+                        )
+                    _recv_exactly(sock, views[0][: body_len + HEADER_SIZE], peer)
+                    record_header = bytes(header)
+                    header[:] = views[0][body_len : body_len + HEADER_SIZE]
+                    open_record(plan, 0, record_header)
+                    for name, start, values in _chunks(manifest, plan, plains[0]):
+                        on_chunk(name, start, values)
+                    got_total += plan.nbytes
+                return len(plans), got_total
+
+            records, total = await conn.run_blocking(bulk_chunks, self._bulk_threads)
         else:
             records, total = await self._receive_pipelined(
                 conn, plans, header, views, open_record, lander, plains, on_chunk, manifest, peer
@@ -1100,9 +1135,10 @@ def _hash_pieces(hashers: list[Any], plan: RecordPlan, payload: memoryview) -> N
         offset += piece.nbytes
 
 
-async def _deliver_chunks(
-    manifest: Manifest, plan: RecordPlan, plain: torch.Tensor, on_chunk: OnChunk
-) -> None:
+def _chunks(
+    manifest: Manifest, plan: RecordPlan, plain: torch.Tensor
+) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """The decoded runs of elements in an opened record: (shard name, first element, values)."""
     offset = 0
     for piece in plan.pieces:
         spec = manifest.shards[piece.shard]
@@ -1114,7 +1150,14 @@ async def _deliver_chunks(
         else:
             values = codecs.empty((piece.count,), dtype)
             codecs.decode_into(spec.codec, raw if spec.codec != "none" else raw.clone(), values)
-        result = on_chunk(spec.name, piece.start, values)
+        yield spec.name, piece.start, values
+
+
+async def _deliver_chunks(
+    manifest: Manifest, plan: RecordPlan, plain: torch.Tensor, on_chunk: OnChunk
+) -> None:
+    for name, start, values in _chunks(manifest, plan, plain):
+        result = on_chunk(name, start, values)
         if hasattr(result, "__await__"):
             await result
 
