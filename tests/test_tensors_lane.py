@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -517,3 +518,18 @@ async def test_cuda_tensors_are_staged_and_land_on_the_requested_device(codec: s
     tol = {"none": 0.0, "bf16": 2**-7, "int8": 1 / 120}[codec]
     assert float((got["x"] - x).abs().max()) <= tol * float(x.abs().max())
     assert float((dst - x).abs().max()) <= tol * float(x.abs().max())
+
+
+async def test_lane_leaves_torch_threads_alone() -> None:
+    # the lane's workers run torch single-threaded; threads created afterwards must not inherit it
+    before = torch.get_num_threads()
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            await transfer(a, b, {"x": torch.randn(300_000)}, codec="fp16")  # a worker-thread path
+            await transfer(a, b, {"y": torch.randn(300_000)}, tag="plain")  # the bulk loop
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [before]
+    assert torch.get_num_threads() == before
