@@ -29,11 +29,12 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.harness import SuiteResult, peak_rss_mib, print_table, write_results
+from benchmarks.harness import SuiteResult, peak_rss_mib, print_table, wan_layout, write_results
 
 CHUNK = 1 << 20
 PROTO = "/p2pcompute/bench-stream/1.0.0"
 CODECS = ("none", "fp16", "bf16", "int8")
+_IP = ["127.0.0.1"]  # this worker's address: loopback, or its namespace's under --wan
 
 
 def _current_rss_mib() -> float:
@@ -72,9 +73,9 @@ async def _raw_recv(size: int, reps: int) -> dict[str, Any]:
     view = byte_memoryview(dst)
     base = _current_rss_mib()
     listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
+    await listener.bind((_IP[0], 0))
     listener.listen(1)
-    _emit({"ready": True, "port": listener.getsockname()[1]})
+    _emit({"ready": True, "port": listener.getsockname()[1], "host": _IP[0]})
     sock, _ = await listener.accept()
     sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
     cpu0 = time.process_time()
@@ -89,7 +90,7 @@ async def _raw_recv(size: int, reps: int) -> dict[str, Any]:
     return {"cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib()}
 
 
-async def _raw_send(size: int, reps: int, port: int) -> dict[str, Any]:
+async def _raw_send(size: int, reps: int, port: int, peer_host: str) -> dict[str, Any]:
     import socket as stdsocket
 
     import trio
@@ -100,7 +101,7 @@ async def _raw_send(size: int, reps: int, port: int) -> dict[str, Any]:
     view = byte_memoryview(src)
     base = _current_rss_mib()
     sock = trio.socket.socket()
-    await sock.connect(("127.0.0.1", port))
+    await sock.connect((peer_host, port))
     sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
     times = []
     cpu0 = time.process_time()
@@ -157,7 +158,7 @@ async def _libp2p_recv(size: int, reps: int) -> dict[str, Any]:
             await stream.close()
             done.release()
 
-    async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(f"/ip4/{_IP[0]}/tcp/0")]):
         host.set_stream_handler(PROTO, handler)
         _emit({"ready": True, "addr": str(host.get_addrs()[0])})
         cpu0 = time.process_time()
@@ -179,7 +180,7 @@ async def _libp2p_send(size: int, reps: int, addr: str) -> dict[str, Any]:
     base = _current_rss_mib()
     host, _ = _new_host()
     times = []
-    async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(f"/ip4/{_IP[0]}/tcp/0")]):
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         await host.connect(info)
         cpu0 = time.process_time()
@@ -203,7 +204,7 @@ async def _lane_recv(size: int, reps: int, sender: str) -> dict[str, Any]:
     dst = _tensor(size, fill=False)
     base = _current_rss_mib()
     host, ident = _new_host()
-    listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    listen = [multiaddr.Multiaddr(f"/ip4/{_IP[0]}/tcp/0")]
     async with host.run(listen_addrs=listen), open_lane(host, ident) as lane:
         _emit({"ready": True, "addr": str(host.get_addrs()[0])})
         await lane.receive(sender, "warm-up")
@@ -226,7 +227,7 @@ async def _lane_send(size: int, reps: int, addr: str, seed: str, codec: str) -> 
     host, ident = _new_host(seed)
     times = []
     wire = 0
-    async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(f"/ip4/{_IP[0]}/tcp/0")]):
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         await host.connect(info)
         async with open_lane(host, ident) as lane:
@@ -246,6 +247,7 @@ def _worker(spec: dict[str, Any]) -> int:
     import trio
 
     kind, role, size, reps = spec["kind"], spec["role"], spec["size"], spec["reps"]
+    _IP[0] = spec.get("ip", "127.0.0.1")
     if role == "send" and spec.get("await_peer"):
         # started beside the receiver: import while it starts, then learn where it listens
         import libp2p  # noqa: F401
@@ -257,7 +259,7 @@ def _worker(spec: dict[str, Any]) -> int:
     if kind == "raw" and role == "recv":
         out = trio.run(_raw_recv, size, reps)
     elif kind == "raw":
-        out = trio.run(_raw_send, size, reps, spec["port"])
+        out = trio.run(_raw_send, size, reps, spec["port"], spec["host"])
     elif kind == "libp2p" and role == "recv":
         out = trio.run(_libp2p_recv, size, reps)
     elif kind == "libp2p":
@@ -273,10 +275,12 @@ def _worker(spec: dict[str, Any]) -> int:
 # --- orchestration ------------------------------------------------------------------------------------
 
 
-def _spawn(spec: dict[str, Any], *, stdin: bool = False) -> subprocess.Popen[str]:
+def _spawn(
+    spec: dict[str, Any], *, stdin: bool = False, prefix: list[str] | None = None
+) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.stream", "--worker", json.dumps(spec)],
+        [*(prefix or []), sys.executable, "-m", "benchmarks.stream", "--worker", json.dumps(spec)],
         stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         text=True,
@@ -295,23 +299,34 @@ def _read_json(proc: subprocess.Popen[str], key: str) -> dict[str, Any]:
     raise RuntimeError(f"worker exited without {key!r} (rc={proc.wait()})")
 
 
-def _pair(kind: str, size: int, reps: int, codec: str = "none", timeout: float = 900) -> dict[str, Any]:
+def _pair(
+    kind: str, size: int, reps: int, codec: str = "none", timeout: float = 900,
+    layout: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One receiver and one sender process (peers 0 and 1 of the WAN ``layout`` when given)."""
     from p2pcompute.identity import Identity
 
     seed = os.urandom(32).hex()
     sender_id = Identity.from_seed(bytes.fromhex(seed)).peer_id
-    recv = _spawn({"kind": kind, "role": "recv", "size": size, "reps": reps, "sender": sender_id})
+    where = [{"ip": p["addr"], "prefix": list(p["exec"])} for p in layout["peers"][:2]] if layout else None
+    recv = _spawn(
+        {"kind": kind, "role": "recv", "size": size, "reps": reps, "sender": sender_id,
+         **({"ip": where[0]["ip"]} if where else {})},
+        prefix=where[0]["prefix"] if where else None,
+    )
     send: subprocess.Popen[str] | None = None
     try:
         # both start at once (each spends seconds importing torch); the sender waits for the address
         send = _spawn(
             {"kind": kind, "role": "send", "size": size, "reps": reps, "seed": seed, "codec": codec,
-             "await_peer": True},
+             "await_peer": True, **({"ip": where[1]["ip"]} if where else {})},
             stdin=True,
+            prefix=where[1]["prefix"] if where else None,
         )
         ready = _read_json(recv, "ready")
         assert send.stdin is not None
-        send.stdin.write(json.dumps({"port": ready.get("port"), "addr": ready.get("addr")}) + "\n")
+        peer = {"port": ready.get("port"), "addr": ready.get("addr"), "host": ready.get("host")}
+        send.stdin.write(json.dumps(peer) + "\n")
         send.stdin.close()
         s = _read_json(send, "result")["result"]
         r = _read_json(recv, "result")["result"]
@@ -341,6 +356,8 @@ def run(
     reps = 1 if quick else reps
     if quick and codecs == CODECS:
         codecs = ("none", "int8")  # a smoke run: the plain lane and the costliest codec
+    # under `--wan` the runner hands us a namespace per peer: receiver = peer 0, sender = peer 1
+    layout = wan_layout()
     suite = SuiteResult(
         "stream",
         "mb_per_s",
@@ -354,7 +371,7 @@ def run(
             *((f"lane/{c} {label}", "lane", c, reps, None) for c in codecs),
         ]
         for name, kind, codec, n, baseline in plan:
-            out = _pair(kind, size, n, codec)
+            out = _pair(kind, size, n, codec, layout=layout)
             row = suite.config(name, size=size, kind=kind, codec=codec)
             row.baseline = baseline
             gb = size * n / 1e9

@@ -337,3 +337,19 @@ def test_wan_suite_shows_the_shaping(tmp_path: Path) -> None:
     else:
         assert any("delay" in n for n in rows["shaped"].get("notes", []))
     assert _ours() == set()
+
+
+@needs_netns
+def test_stream_pair_runs_inside_the_namespaces() -> None:
+    # the stream suite places its receiver in peer 0's namespace and its sender in peer 1's;
+    # the shaped link (not loopback) must carry the bytes
+    from benchmarks import stream
+
+    with WanEmulation(parse_spec("80mbit"), peers=2, support=SUPPORT) as net:
+        net.shape()
+        out = stream._pair("lane", 4 << 20, 1, "none", layout=net.layout(), timeout=120)
+    seconds = out["send"]["times"][0]
+    assert seconds > 0
+    if SUPPORT.tbf or SUPPORT.netem:
+        assert (4 << 20) / 1e6 / seconds < 10 * 1.5  # 80 mbit/s = 10 MB/s, bucket bursts aside
+    assert _ours() == set()
