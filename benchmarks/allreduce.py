@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import SuiteResult, print_table, write_results
+from benchmarks.harness import SuiteResult, print_table, wan_layout, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"1M": 1 << 20, "4M": 4 << 20, "16M": 16 << 20, "64M": 64 << 20}
@@ -40,18 +40,26 @@ def _parse_size(text: str) -> int:
     return SIZES[text] if text in SIZES else int(text)
 
 
+_IP_ENV = "P2PC_BENCH_IP"  # a worker's own address under --wan (default: loopback)
+_MASTER_ENV = "P2PC_BENCH_MASTER"  # gloo's rendezvous address: worker 0's
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _spawn(args: list[str]) -> subprocess.Popen[str]:
+def _spawn(args: list[str], *, peer: dict[str, Any] | None = None) -> subprocess.Popen[str]:
+    """A worker process; with ``peer`` (a WAN layout entry) inside that peer's namespace."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("OMP_NUM_THREADS", "1")
+    if peer is not None:
+        env[_IP_ENV] = peer["addr"]
+        env["GLOO_SOCKET_IFNAME"] = "eth0"  # the namespace's veth, not its loopback
     return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.allreduce", *args],
+        [*(peer["exec"] if peer else []), sys.executable, "-m", "benchmarks.allreduce", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -94,7 +102,8 @@ def gloo_worker(rank: int, world: int, size: int, rounds: int, port: int) -> Non
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    master = os.environ.get(_MASTER_ENV, "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world)
     t = torch.randn(size) * (rank + 1)
     times = []
     for _ in range(rounds + 1):  # the first round warms up
@@ -133,15 +142,18 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
     timeouts = Timeouts(sender_timeout=5.0, reducer_timeout=10.0, status_timeout=15.0, suspect_grace=0.5)
     async with contextlib.AsyncExitStack() as stack:
         boot_file = rendezvous / "boot"
+        listen = [f"/ip4/{os.environ.get(_IP_ENV, '127.0.0.1')}/tcp/0"]
         if index == 0:
-            boot = await stack.enter_async_context(open_node(role="bootstrap", capacity=cap))
+            boot = await stack.enter_async_context(open_node(role="bootstrap", capacity=cap, listen=listen))
             boot_file.with_suffix(".tmp").write_text(boot.addrs[0])
             boot_file.with_suffix(".tmp").rename(boot_file)
         else:
             with trio.fail_after(60):
                 while not boot_file.exists():
                     await trio.sleep(0.05)
-        node = await stack.enter_async_context(open_node(bootstrap=[boot_file.read_text()], capacity=cap))
+        node = await stack.enter_async_context(
+            open_node(bootstrap=[boot_file.read_text()], capacity=cap, listen=listen)
+        )
         lane = await stack.enter_async_context(open_lane(node.host, node.identity))
         coll = await stack.enter_async_context(open_collective(node, lane, timeouts=timeouts))
         (rendezvous / f"peer{index}").write_text(node.addrs[0])
@@ -214,13 +226,26 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
     deaths = not quick and not options.get("no_deaths")
     suite = SuiteResult("allreduce", primary_metric="seconds", higher_is_better=False,
                         options={"sizes": sizes, "peers": peers, "codecs": codecs, "rounds": rounds})
+    # under `--wan` worker i runs in peer i's namespace (gloo's and ours alike)
+    layout = wan_layout()
+    places: list[dict[str, Any]] | None = layout["peers"] if layout else None
+    if places is not None:
+        too_many = [n for n in peers if n > len(places)]
+        if too_many:
+            raise SystemExit(f"--wan laid out {len(places)} peers; asked for {max(too_many)}")
+
+    def at(i: int) -> dict[str, Any] | None:
+        return places[i] if places is not None else None
+
     for n in peers:
         for size in sizes:
             label = f"{size >> 20}M"
             gloo = suite.config(f"gloo n={n} {label}", peers=n, size=size, codec="gloo")
             gloo.baseline = "gloo"
             port = _free_port()
-            procs = [_spawn(["--gloo-worker", str(r), str(n), str(size), str(rounds), str(port)])
+            if places is not None:
+                os.environ[_MASTER_ENV] = places[0]["addr"]
+            procs = [_spawn(["--gloo-worker", str(r), str(n), str(size), str(rounds), str(port)], peer=at(r))
                      for r in range(n)]
             results = _collect(procs, timeout=600)
             if results[0] is None:
@@ -232,7 +257,7 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
             rows = {c: suite.config(f"p2pc-{c} n={n} {label}", peers=n, size=size, codec=c) for c in codecs}
             with tempfile.TemporaryDirectory() as tmp:
                 procs = [_spawn(["--p2pc-worker", str(i), str(n), str(size), ",".join(codecs), str(rounds),
-                                 tmp, ""]) for i in range(n)]
+                                 tmp, ""], peer=at(i)) for i in range(n)]
                 results = _collect(procs, timeout=1800)
             for res in results:
                 if res is None or "error" in res:
@@ -253,8 +278,8 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
             row = suite.config(f"death-{fault} n={n} {size >> 20}M", peers=n, size=size, codec="none",
                                fault=fault)
             with tempfile.TemporaryDirectory() as tmp:
-                procs = [_spawn(["--p2pc-worker", str(i), str(n), str(size), "none", "1", tmp, fault])
-                         for i in range(n)]
+                procs = [_spawn(["--p2pc-worker", str(i), str(n), str(size), "none", "1", tmp, fault],
+                                peer=at(i)) for i in range(n)]
                 results = _collect(procs, timeout=300, kill_after=n - 1)
             died = results[-1]
             survivors = [r for r in results[:-1] if r is not None and "result_at" in r]

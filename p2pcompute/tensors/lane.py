@@ -353,6 +353,7 @@ class TensorLane:
             raise LocalProtocolError(f"unsupported lane cipher {cipher!r} (only aes-256-gcm)")
         if not MIN_RECORD_SIZE <= record_size <= MAX_RECORD_SIZE:
             raise LocalProtocolError(f"record_size must be in [{MIN_RECORD_SIZE}, {MAX_RECORD_SIZE}]")
+        _USER_THREADS[0] = torch.get_num_threads()  # the user's thread: what workers restore
         self.host = host
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -947,12 +948,10 @@ class TensorLane:
                 _hash_pieces(hashers, plan, target)
 
         plans = list(plan_records(manifest.shards, record_size))
-        if (
-            isinstance(conn, _TcpConn)
-            and lander is not None
-            and all(lander.direct_target(p) is not None for p in plans)
-        ):
-            # plain CPU destinations on a direct connection: one blocking loop in a worker thread
+        plain_landing = lander is not None and all(lander.direct_target(p) is not None for p in plans)
+        if isinstance(conn, _TcpConn) and (plain_landing or (on_chunk is not None and threaded)):
+            # plain CPU destinations, or an on_chunk that may run in a worker thread: the whole
+            # transfer runs as one blocking loop in a worker thread
             def bulk(sock: _stdsocket.socket) -> tuple[int, int]:
                 got_total = 0
                 for index, plan in enumerate(plans):
@@ -967,32 +966,13 @@ class TensorLane:
                     record_header = bytes(header)
                     header[:] = views[0][body_len : body_len + HEADER_SIZE]
                     open_record(plan, 0, record_header)
+                    if on_chunk is not None:
+                        for name, start, values in _chunks(manifest, plan, plains[0]):
+                            on_chunk(name, start, values)
                     got_total += plan.nbytes
                 return len(plans), got_total
 
             records, total = await conn.run_blocking(bulk, self._bulk_threads)
-        elif isinstance(conn, _TcpConn) and on_chunk is not None and threaded:
-            # the caller's on_chunk may run in a worker thread: the whole loop goes there
-            def bulk_chunks(sock: _stdsocket.socket) -> tuple[int, int]:
-                got_total = 0
-                for index, plan in enumerate(plans):
-                    body_len = plan.nbytes + TAG_SIZE
-                    kind, length = HEADER.unpack(header)
-                    if kind != KIND_DATA or length != body_len:
-                        raise IntegrityError(
-                            f"record {index}: got kind {kind} length {length}, expected data of {body_len}",
-                            peer=peer,
-                        )
-                    _recv_exactly(sock, views[0][: body_len + HEADER_SIZE], peer)
-                    record_header = bytes(header)
-                    header[:] = views[0][body_len : body_len + HEADER_SIZE]
-                    open_record(plan, 0, record_header)
-                    for name, start, values in _chunks(manifest, plan, plains[0]):
-                        on_chunk(name, start, values)
-                    got_total += plan.nbytes
-                return len(plans), got_total
-
-            records, total = await conn.run_blocking(bulk_chunks, self._bulk_threads)
         else:
             records, total = await self._receive_pipelined(
                 conn, plans, header, views, open_record, lander, plains, on_chunk, manifest, peer
@@ -1087,18 +1067,21 @@ def _recv_exactly(sock: _stdsocket.socket, buf: memoryview, peer: str) -> None:
 _INLINE_BELOW = 64 << 10
 
 
+_USER_THREADS = [torch.get_num_threads()]  # the setting the lane leaves behind (see _in_worker)
+
+
 def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
     # torch's intra-op pool spins on small (1 MiB) codec ops and collapses under CPU
     # contention (measured 10-20x slower with 2 threads on a loaded 2-core machine),
     # so the lane's work runs torch single-threaded. torch also takes a thread's setting as
-    # the default for threads created afterwards, so it is put back after every call
-    # (0.3 us a pair): nothing outside the lane sees it (docs/design/data-plane.md).
-    previous = torch.get_num_threads()
+    # the default for threads created afterwards, so after every call it is set back to the
+    # user's value, read when the lane opened in the user's thread (not each worker's own
+    # "previous" value: concurrent workers would hand 1 to each other); 0.3 us a pair.
     torch.set_num_threads(1)
     try:
         return fn(*args)
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(_USER_THREADS[0])
 
 
 async def _maybe_in_thread(nbytes: int, heavy: bool, fn: Callable[..., Any], *args: Any) -> Any:
