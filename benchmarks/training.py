@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import trio
 
-from benchmarks.harness import SuiteResult, print_table, write_results
+from benchmarks.harness import SuiteResult, print_table, wan_layout, write_results
 from p2pcompute.training.averager import LocalGroup
 from p2pcompute.training.diloco import DiLoCo
 from p2pcompute.training.toy import TeacherTask, evaluate, make_model
@@ -94,6 +94,7 @@ def _processes_part(
     result: SuiteResult, *, peers: int, outer: int, inner: int, kill_every: int, timeout: float,
     faultless: bool = True,
 ) -> None:
+    layout = wan_layout()  # under --wan every process gets its own namespace
     for kills in (False, True) if faultless else (True,):
         name = f"utilization, kill every {kill_every}" if kills else "utilization, no faults"
         row = result.config(name, part="utilization", peers=peers, outer_steps=outer, inner_steps=inner,
@@ -101,7 +102,7 @@ def _processes_part(
         if not kills:
             row.baseline = "no_faults"
         try:
-            done = _run_processes(peers, outer, inner, kill_every if kills else 0, timeout)
+            done = _run_processes(peers, outer, inner, kill_every if kills else 0, timeout, layout=layout)
         except Exception as exc:  # a failed run is reported, not hidden
             row.notes.append(f"run failed: {type(exc).__name__}: {exc}")
             continue
@@ -116,9 +117,22 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
-def _run_processes(peers: int, outer: int, inner: int, kill_every: int, timeout: float) -> dict[str, Any]:
+def _run_processes(
+    peers: int, outer: int, inner: int, kill_every: int, timeout: float,
+    layout: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Bootstrap node and peers as processes; under ``--wan`` the bootstrap node sits in peer 0's
+    namespace and training peer ``k`` (1-based; a replacement takes its victim's place) in k's."""
+    def placed(slot: int, argv: list[str]) -> list[str]:
+        if layout is None:
+            return argv
+        where = layout["peers"][slot]
+        return [*where["exec"], *argv, "--listen", f"/ip4/{where['addr']}/tcp/0"]
+
+    if layout is not None and len(layout["peers"]) < peers + 1:
+        raise RuntimeError(f"--wan laid out {len(layout['peers'])} namespaces; {peers + 1} needed")
     boot = subprocess.Popen(
-        [sys.executable, "-m", "p2pcompute.training.demo", "--bootstrap-only"],
+        placed(0, [sys.executable, "-m", "p2pcompute.training.demo", "--bootstrap-only"]),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
     )
     procs: list[subprocess.Popen[str]] = []
@@ -126,20 +140,20 @@ def _run_processes(peers: int, outer: int, inner: int, kill_every: int, timeout:
         assert boot.stdout is not None
         addr = json.loads(boot.stdout.readline())["addrs"][0]
 
-        def spawn(seed: int, steps: int) -> subprocess.Popen[str]:
+        def spawn(seed: int, steps: int, slot: int) -> subprocess.Popen[str]:
             p = subprocess.Popen(
-                [sys.executable, str(ROOT / "examples" / "train.py"), "--json", "--bootstrap", addr,
-                 "--outer-steps", str(steps), "--inner-steps", str(inner), "--group-size", str(peers),
-                 "--data-seed", str(seed)],
+                placed(slot, [sys.executable, str(ROOT / "examples" / "train.py"), "--json",
+                              "--bootstrap", addr, "--outer-steps", str(steps), "--inner-steps", str(inner),
+                              "--group-size", str(peers), "--data-seed", str(seed)]),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
             )
             procs.append(p)
             return p
 
-        watched = spawn(1, outer)
+        watched = spawn(1, outer, 1)
         for i in range(2, peers):
-            spawn(i, outer)
-        victim = spawn(peers, outer) if peers > 1 else None
+            spawn(i, outer, i)
+        victim = spawn(peers, outer, peers) if peers > 1 else None
         kills = 0
         done: dict[str, Any] = {}
         deadline = time.monotonic() + timeout
@@ -156,7 +170,7 @@ def _run_processes(peers: int, outer: int, inner: int, kill_every: int, timeout:
                 victim.wait()
                 kills += 1
                 last_kill = step
-                victim = spawn(100 + kills, outer)
+                victim = spawn(100 + kills, outer, peers)
         if watched.poll() is None:
             raise TimeoutError(f"peer did not finish within {timeout} s")
         reader.join(5)
