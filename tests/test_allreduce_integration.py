@@ -64,6 +64,7 @@ async def run_peers(
     *,
     bandwidths: list[float] | None = None,
     timeouts: Timeouts = FAST,
+    lane_opts: dict[str, Any] | None = None,
 ) -> float:
     """Start every peer (node, lane, collective), run ``body`` on all at once; returns the start time."""
     up = trio.Semaphore(0)
@@ -75,7 +76,7 @@ async def run_peers(
     async def one(p: Peer) -> None:
         with p.life:
             async with open_node(bootstrap=boot.addrs, **NODE_OPTS) as node, open_lane(
-                node.host, node.identity
+                node.host, node.identity, **(lane_opts or {})
             ) as lane, open_collective(
                 node, lane, timeouts=timeouts, settle=0.3,
                 bandwidth=bandwidths[p.index] if bandwidths else 1.0,
@@ -197,6 +198,23 @@ async def test_exact_weighted_average(
             await run_peers(boot, peers, body, bandwidths=bandwidths)
     check(peers, xs, weights, codec, list(range(n)), excluded=[])
     assert all(p.result is not None and p.result.attempts == 1 for p in peers)
+
+
+async def test_average_over_the_relay_path() -> None:
+    # no direct connections: the lane falls back to libp2p streams and its pipelined path calls
+    # the reducer's on_chunk on the event loop (a bug once: progress went through from_thread)
+    n = 2
+    xs = make_inputs(n, [(3_000_001,)], seed=3)
+    with trio.fail_after(GUARD):
+        async with swarm(n) as (boot, peers):
+            async def body(p: Peer) -> RoundOutcome:
+                p.tensors = [t.clone() for t in xs[p.index]]
+                assert p.coll is not None
+                return await p.coll.average("relay", "r", p.tensors, target=n, min_size=2,
+                                            matchmaking_timeout=60)
+            await run_peers(boot, peers, body, lane_opts={"direct": False},
+                            timeouts=Timeouts(sender_timeout=30, reducer_timeout=60, status_timeout=30))
+    check(peers, xs, [1.0] * n, "none", list(range(n)), excluded=[])
 
 
 FAULTS = [

@@ -533,3 +533,19 @@ async def test_lane_leaves_torch_threads_alone() -> None:
     t.join()
     assert seen == [before]
     assert torch.get_num_threads() == before
+
+
+async def test_lane_listens_where_the_host_listens() -> None:
+    # by default the data port follows the host's listen address, so a peer that can reach the
+    # host reaches the lane too (it used to bind 127.0.0.1 whatever the host did)
+    ident = Identity.generate()
+    host = new_host(
+        key_pair=ident.libp2p_key_pair(), connection_config=ConnectionConfig(max_connections_per_peer=1)
+    )
+    with trio.fail_after(GUARD):
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.2/tcp/0")]), open_lane(
+            host, ident
+        ) as lane:
+            assert [h for h, _ in lane.data_addrs] == ["127.0.0.2"]
+            assert lane._listener is not None
+            assert lane._listener.getsockname()[0] == "127.0.0.2"

@@ -478,7 +478,10 @@ class _Round:
             now = time.monotonic()
             if now - reported[0] >= _PROGRESS_EVERY:  # the sender's inactivity timer, not per record
                 reported[0] = now
-                trio.from_thread.run_sync(lambda: att.progress(sender, trio.current_time()))
+                if _in_trio():  # the lane's pipelined path (relay, codecs) calls us on the event loop
+                    att.progress(sender, trio.current_time())
+                else:
+                    trio.from_thread.run_sync(lambda: att.progress(sender, trio.current_time()))
 
         try:
             await self.lane.receive_chunks(sender, self._tag(att, "c"), add, threaded=True)
@@ -532,6 +535,14 @@ class _Round:
             self._failed(att, reducer, exc)
             return
         self._apply(att.averaged_part_done(reducer, trio.current_time()))
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _roundtrip(codec: str, values: torch.Tensor) -> None:

@@ -333,7 +333,7 @@ class TensorLane:
         host: Any,
         identity: Identity,
         *,
-        bind: str = "127.0.0.1",
+        bind: str | None = None,
         cipher: str = "aes-256-gcm",
         direct: bool = True,
         advertise: list[tuple[str, int]] | None = None,
@@ -389,6 +389,8 @@ class TensorLane:
 
     async def _run(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        if self.bind is None:
+            self.bind = self._bind_like_host()
         if self.direct:
             listener = trio.socket.socket(_stdsocket.AF_INET6 if ":" in self.bind else _stdsocket.AF_INET)
             listener.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
@@ -403,15 +405,26 @@ class TensorLane:
         self.host.set_stream_handler(PROTO_SESSION, self._on_session_stream)
         self.host.set_stream_handler(PROTO_DATA, self._on_data_stream)
 
-    def _guess_addrs(self, port: int) -> list[tuple[str, int]]:
-        if self.bind not in ("0.0.0.0", "::"):
-            return [(self.bind, port)]
+    def _host_ips(self) -> list[str]:
         hosts: list[str] = []
         for addr in self.host.get_addrs():
-            text = str(addr)
-            parts = text.split("/")
+            parts = str(addr).split("/")
             if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] not in hosts:
                 hosts.append(parts[2])
+        return hosts
+
+    def _bind_like_host(self) -> str:
+        """Default ``bind``: where the libp2p host listens (one IP: that one; several: all)."""
+        ips = self._host_ips()
+        if len(ips) == 1:
+            return ips[0]
+        return "0.0.0.0" if ips else "127.0.0.1"
+
+    def _guess_addrs(self, port: int) -> list[tuple[str, int]]:
+        assert self.bind is not None
+        if self.bind not in ("0.0.0.0", "::"):
+            return [(self.bind, port)]
+        hosts = [h for h in self._host_ips() if h not in ("0.0.0.0", "::")]
         return [(h, port) for h in hosts] or [("127.0.0.1", port)]
 
     async def _close(self) -> None:
@@ -1150,13 +1163,15 @@ async def open_lane(
     host: Any,
     identity: Identity,
     *,
-    bind: str = "127.0.0.1",
+    bind: str | None = None,
     cipher: str = "aes-256-gcm",
     **options: Any,
 ) -> AsyncIterator[TensorLane]:
     """Run a tensor lane on a started py-libp2p ``host`` whose key is ``identity``'s.
 
-    Listens for direct data connections on ``bind`` (port chosen by the OS) and
+    Listens for direct data connections on ``bind`` (port chosen by the OS; by default the IP
+    the host listens on, or all interfaces when it listens on several, so peers that can reach
+    the host can also reach the lane) and
     registers the lane's libp2p protocols; everything stops on exit. Options:
     ``direct=False`` (never dial or accept direct TCP: relay path only),
     ``advertise=[(host, port)]``, ``record_size``, ``stall_timeout``, ``hold_timeout``,
