@@ -399,7 +399,8 @@ class RoundOutcome:
 
     On success every element of the result is the exact weighted average of the contributions
     of ``participants`` (whose weights sum to ``weight_total``); ``excluded`` are the group's
-    members that were dropped. On failure the caller's tensors are left as they were.
+    members that were dropped, and ``reason`` says why earlier attempts failed (empty when the
+    first one succeeded). On failure the caller's tensors are left as they were.
     """
 
     status: RoundStatus
@@ -454,6 +455,7 @@ class RoundCore:
         # statuses that arrived for an attempt we have not started yet: {attempt: {peer: (digest, status)}}
         self._early: dict[int, dict[str, tuple[str, Status]]] = {}
         self.left: set[str] = set()
+        self._failures: list[str] = []  # "attempt k: reason" of each failed attempt
 
     def _plan_for(self, members: Iterable[str]) -> AttemptPlan:
         ms = tuple(members)
@@ -511,6 +513,8 @@ class RoundCore:
                 excluded=tuple(m for m in self.members if m not in outcome.participants),
                 attempts=self.attempts,
                 weight_total=outcome.weight_total,
+                # why earlier attempts failed, if any: a success after a retry still says what happened
+                reason="; ".join(self._failures),
                 group=tuple(self.members),
             )
             self.attempt = None
@@ -518,6 +522,7 @@ class RoundCore:
         if isinstance(outcome, GiveUp):
             self._fail(outcome.reason)
             return None
+        self._failures.append(f"attempt {self.attempts}: {outcome.reason}")
         self.current = tuple(m for m in outcome.members if m in plan.members)
         why = self._viable(self.current)
         if not why and self.attempts >= self.max_attempts:
