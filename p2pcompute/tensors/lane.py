@@ -968,13 +968,7 @@ class TensorLane:
             def bulk(sock: _stdsocket.socket) -> tuple[int, int]:
                 got_total = 0
                 for index, plan in enumerate(plans):
-                    body_len = plan.nbytes + TAG_SIZE
-                    kind, length = HEADER.unpack(header)
-                    if kind != KIND_DATA or length != body_len:
-                        raise IntegrityError(
-                            f"record {index}: got kind {kind} length {length}, expected data of {body_len}",
-                            peer=peer,
-                        )
+                    body_len = _expect_data(header, index, plan, peer)
                     _recv_exactly(sock, views[0][: body_len + HEADER_SIZE], peer)
                     record_header = bytes(header)
                     header[:] = views[0][body_len : body_len + HEADER_SIZE]
@@ -1037,13 +1031,7 @@ class TensorLane:
         async def reader() -> None:
             async with got_in:
                 for index, plan in enumerate(plans):
-                    body_len = plan.nbytes + TAG_SIZE
-                    kind, length = HEADER.unpack(header)
-                    if kind != KIND_DATA or length != body_len:
-                        raise IntegrityError(
-                            f"record {index}: got kind {kind} length {length}, expected data of {body_len}",
-                            peer=peer,
-                        )
+                    body_len = _expect_data(header, index, plan, peer)
                     await free.acquire()
                     slot = index % 2
                     await conn.recv_exactly_into(views[slot][: body_len + HEADER_SIZE])
@@ -1065,6 +1053,17 @@ class TensorLane:
 
         await _run_together(reader, landing)
         return records, total
+
+def _expect_data(header: bytearray, index: int, plan: RecordPlan, peer: str) -> int:
+    """Check that ``header`` announces record ``index`` as planned; return its body length."""
+    body_len = plan.nbytes + TAG_SIZE
+    kind, length = HEADER.unpack(header)
+    if kind != KIND_DATA or length != body_len:
+        raise IntegrityError(
+            f"record {index}: got kind {kind} length {length}, expected data of {body_len}", peer=peer
+        )
+    return body_len
+
 
 def _recv_exactly(sock: _stdsocket.socket, buf: memoryview, peer: str) -> None:
     """Blocking: fill ``buf`` from ``sock`` (a worker thread's bulk loop)."""
