@@ -634,10 +634,14 @@ class TensorLane:
                     del self._inbox[key]
                 incoming.claimed.set()
                 return incoming
-            event = self._arrivals.get(key)
-            if event is None:
-                event = self._arrivals[key] = trio.Event()
-            await event.wait()
+            await self._arrival(key).wait()
+
+    def _arrival(self, key: tuple[str, str]) -> trio.Event:
+        """The event set when a transfer for ``key`` is parked (shared by every waiter on it)."""
+        event = self._arrivals.get(key)
+        if event is None:
+            event = self._arrivals[key] = trio.Event()
+        return event
 
     # -- public API -----------------------------------------------------------------------------------
 
@@ -655,10 +659,7 @@ class TensorLane:
         try:
             with trio.fail_after(timeout):
                 while not self._inbox.get(key):
-                    event = self._arrivals.get(key)
-                    if event is None:
-                        event = self._arrivals[key] = trio.Event()
-                    await event.wait()
+                    await self._arrival(key).wait()
         except trio.TooSlowError:
             raise PeerTimeout(f"no transfer {tag!r} from {peer_id} within {timeout} s") from None
 
