@@ -61,7 +61,7 @@ def _spawn(args: list[str], *, peer: dict[str, Any] | None = None) -> subprocess
     return subprocess.Popen(
         [*(peer["exec"] if peer else []), sys.executable, "-m", "benchmarks.allreduce", *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=None if os.environ.get("P2PC_BENCH_TRACE") else subprocess.DEVNULL,
         text=True,
         env=env,
         cwd=str(ROOT),
@@ -105,15 +105,16 @@ def gloo_worker(rank: int, world: int, size: int, rounds: int, port: int) -> Non
     master = os.environ.get(_MASTER_ENV, "127.0.0.1")
     dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world)
     t = torch.randn(size) * (rank + 1)
-    times = []
+    times, cpu = [], []
     for _ in range(rounds + 1):  # the first round warms up
         dist.barrier()
-        start = time.perf_counter()
+        start, c0 = time.perf_counter(), time.process_time()
         dist.all_reduce(t)
         t.div_(world)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - c0)
     dist.destroy_process_group()
-    print("RESULT " + json.dumps({"rank": rank, "seconds": times[1:]}), flush=True)
+    print("RESULT " + json.dumps({"rank": rank, "seconds": times[1:], "cpu_seconds": cpu[1:]}), flush=True)
 
 
 # ----------------------------------------------------------------------------- p2pcompute worker
@@ -125,6 +126,12 @@ def p2pc_worker(index: int, n: int, size: int, codecs: list[str], rounds: int, r
     import trio
 
     torch.set_num_threads(1)
+    if os.environ.get("P2PC_BENCH_TRACE"):  # the collective's per-event timeline, on stderr
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format=f"%(relativeCreated)8.0f ms peer{index} %(message)s")
+        logging.getLogger("p2pcompute.collective").setLevel(logging.DEBUG)
     trio.run(_p2pc_main, index, n, size, codecs, rounds, Path(rendezvous), fault)
 
 
@@ -180,7 +187,7 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
                 os.kill(os.getpid(), signal.SIGSTOP)
             coll._faults["contribution_sent"] = die
         for codec in codecs:
-            rows: dict[str, list[float]] = {"seconds": [], "match_seconds": []}
+            rows: dict[str, list[float]] = {"seconds": [], "match_seconds": [], "cpu_seconds": []}
             for r in range(rounds + (0 if fault else 1)):  # one warm-up round unless measuring a death
                 t.copy_(base)
                 m0 = time.perf_counter()
@@ -189,9 +196,9 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
                 if not isinstance(group, Formed):
                     report["error"] = f"no group: {group}"
                     break
-                a0 = time.perf_counter()
+                a0, c0 = time.perf_counter(), time.process_time()
                 res = await coll.all_reduce(group, "bench", f"{codec}-{r}", [t], codec=codec)
-                a1 = time.perf_counter()
+                a1, c1 = time.perf_counter(), time.process_time()
                 if fault:
                     death = {"result_at": time.time(), "ok": float(res.ok),
                              "participants": float(len(res.participants))}
@@ -202,6 +209,7 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
                 if r > 0 or rounds == 0:
                     rows["seconds"].append(a1 - a0)
                     rows["match_seconds"].append(a0 - m0)
+                    rows["cpu_seconds"].append(c1 - c0)  # this process, all its threads
             report["codecs"][codec] = rows
         report.update(death)
         print("RESULT " + json.dumps(report), flush=True)
@@ -254,6 +262,9 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
                 for s in results[0]["seconds"]:
                     gloo.add("seconds", s)
                     gloo.add("bus_GBps", 2 * (n - 1) / n * size * 4 / s / 1e9)
+                if all(r is not None for r in results):
+                    for k in range(len(results[0]["cpu_seconds"])):
+                        gloo.add("cpu_seconds_all_peers", sum(r["cpu_seconds"][k] for r in results if r))
             rows = {c: suite.config(f"p2pc-{c} n={n} {label}", peers=n, size=size, codec=c) for c in codecs}
             with tempfile.TemporaryDirectory() as tmp:
                 procs = [_spawn(["--p2pc-worker", str(i), str(n), str(size), ",".join(codecs), str(rounds),
@@ -272,6 +283,10 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
                         row.add("bus_GBps", 2 * (n - 1) / n * size * 4 / s / 1e9)
                     for s in first["codecs"].get(c, {}).get("match_seconds", []):
                         row.add("match_seconds", s)
+                    # CPU seconds of one round summed over every peer's process: what the round costs
+                    per_peer = [res["codecs"].get(c, {}).get("cpu_seconds", []) for res in results if res]
+                    for k in range(min((len(x) for x in per_peer), default=0)):
+                        row.add("cpu_seconds_all_peers", sum(x[k] for x in per_peer))
     if deaths:
         n, size = 4, sizes[0]
         for fault in ("crash", "hang"):

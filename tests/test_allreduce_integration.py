@@ -149,14 +149,28 @@ def bound(codec: str, xs: list[list[torch.Tensor]], weights: list[float], idx: l
 def check(peers: list[Peer], xs: list[list[torch.Tensor]], weights: list[float], codec: str,
           survivors: list[int], *, excluded: list[int]) -> None:
     ids = {p.node.peer_id: p.index for p in peers if p.node is not None}
+
+    def story() -> str:  # every peer's outcome, peers named by index, for a failure message
+        lines = []
+        for q in peers:
+            r = q.result
+            text = "no result" if r is None else (
+                f"{r.status.value} with {sorted(ids.get(x, -1) for x in r.participants)} after "
+                f"{r.attempts} attempt(s): {r.reason}"
+            )
+            for pid, k in ids.items():
+                text = text.replace(pid, f"peer {k}")
+            lines.append(f"  peer {q.index}: {text}")
+        return "\n" + "\n".join(lines)
+
     first: list[torch.Tensor] | None = None
     for i in survivors:
         p = peers[i]
-        assert p.result is not None, f"peer {i} got no result"
-        assert p.result.status is RoundStatus.AVERAGED, p.result
+        assert p.result is not None, f"peer {i} got no result" + story()
+        assert p.result.status is RoundStatus.AVERAGED, story()
         idx = sorted(ids[q] for q in p.result.participants)
-        assert idx == sorted(survivors)
-        assert sorted(ids[q] for q in p.result.excluded) == sorted(excluded)
+        assert idx == sorted(survivors), story()
+        assert sorted(ids[q] for q in p.result.excluded) == sorted(excluded), story()
         exp = expected_average(xs, weights, idx)
         for got, e, b in zip(p.tensors, exp, bound(codec, xs, weights, idx, exp), strict=True):
             err = (got.double() - e).abs()

@@ -138,8 +138,7 @@ class _Match:
     async def run(self) -> Formed | NoGroup:
         core = self.core
         async with trio.open_nursery() as nursery:
-            publishing = trio.CancelScope()
-            nursery.start_soon(self._republish, publishing)
+            nursery.start_soon(self._republish)
             while core.result is None:
                 now = trio.current_time()
                 for action in core.poll(now):
@@ -147,45 +146,48 @@ class _Match:
                         for peer in action.to:
                             nursery.start_soon(self._hello, peer, action)
                     elif isinstance(action, SendReady):
+                        # a ready outlives the match: the others wait for it even once we have
+                        # formed, and we must not wait for it (one to a peer that died hangs
+                        # until hello_timeout, and our round would start that much late)
+                        background = self.coll._background or nursery
                         for peer in action.to:
-                            nursery.start_soon(self._ready, peer, action.digest)
+                            background.start_soon(self._ready, peer, action.digest)
                 if core.result is not None:
                     break
                 deadline = core.next_deadline(now)
                 with trio.move_on_at(deadline if deadline is not None else math.inf):
                     await self._kick.wait()
                 self._kick = trio.Event()
-            publishing.cancel()  # readies still in flight finish (others wait for them)
+            nursery.cancel_scope.cancel()  # hellos and pulls in flight are moot now
         assert core.result is not None
         return core.result
 
-    async def _republish(self, scope: trio.CancelScope) -> None:
+    async def _republish(self) -> None:
         """Gossip our advert, and pull: hand our view to a few known peers not yet in it.
 
         GossipSub only reaches peers in the topic's mesh, and a fresh topic's mesh takes a
         heartbeat or two (a bootstrap node does not even subscribe); the pull makes discovery
         independent of it: every answer carries the answering peer's view.
         """
-        with scope:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    try:
-                        await self.coll.node.publish(self.topic, self.advert)
-                    except Exception as exc:  # a publish with no mesh yet is retried next time
-                        log.debug("collective: publish failed: %r", exc)
-                    now = trio.current_time()
-                    later = {p for p, t in self._pull_again_at.items() if t > now}
-                    known = set(self.core.candidates) | self.core.excluded | later
-                    try:
-                        records = self.coll.node.peers.alive()
-                    except Exception:  # an overlay without a table: gossip only
-                        records = []
-                    unknown = [r.peer_id for r in records if r.peer_id not in known]
-                    if not self._pulling:  # one batch in flight: never pile work on a slow overlay
-                        for peer in random.sample(unknown, min(self.coll.pull_fanout, len(unknown))):
-                            self._pulling += 1
-                            nursery.start_soon(self._pull, peer)
-                    await trio.sleep(self.coll.republish_interval)
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    await self.coll.node.publish(self.topic, self.advert)
+                except Exception as exc:  # a publish with no mesh yet is retried next time
+                    log.debug("collective: publish failed: %r", exc)
+                now = trio.current_time()
+                later = {p for p, t in self._pull_again_at.items() if t > now}
+                known = set(self.core.candidates) | self.core.excluded | later
+                try:
+                    records = self.coll.node.peers.alive()
+                except Exception:  # an overlay without a table: gossip only
+                    records = []
+                unknown = [r.peer_id for r in records if r.peer_id not in known]
+                if not self._pulling:  # one batch in flight: never pile work on a slow overlay
+                    for peer in random.sample(unknown, min(self.coll.pull_fanout, len(unknown))):
+                        self._pulling += 1
+                        nursery.start_soon(self._pull, peer)
+                await trio.sleep(self.coll.republish_interval)
 
     async def _pull(self, peer: str) -> None:
         try:
@@ -286,6 +288,8 @@ class _Round:
     # -- control messages
     def on_status(self, peer: str, msg: dict[str, Any]) -> None:
         status = Status(msg["ok"], frozenset(msg["suspects"]), frozenset(msg["blamed"]), msg["leaving"])
+        log.debug("collective %s: status from %s for attempt %s: %s",
+                  self.round_id, peer, msg["attempt"], status)
         self._apply(self.rc.on_status(msg["attempt"], msg["digest"], peer, status, trio.current_time()))
 
     def on_left(self, peer: str) -> None:
@@ -319,6 +323,7 @@ class _Round:
                     told = trio.Event()
                     self._control.start_soon(self._broadcast, att.others, data, told)
             elif isinstance(action, SendAveragedPart):
+                log.debug("collective %s: attempt %d: our part is reduced", self.round_id, self.rc.attempts)
                 if self._transfers is not None:
                     self._transfers.start_soon(self._finalize_part, att)
             elif isinstance(action, StopTransfers):
@@ -329,6 +334,8 @@ class _Round:
                 else:
                     self._stop.cancel()
             elif isinstance(action, Decided):
+                log.debug("collective %s: attempt %d decided: %s",
+                          self.round_id, self.rc.attempts, action.outcome)
                 self._outcome = action.outcome
                 self._decided.set()
         self._kick.set()
@@ -443,6 +450,7 @@ class _Round:
 
     def _failed(self, att: AttemptCore, peer: str, exc: BaseException) -> None:
         blame = isinstance(exc, IntegrityError | RemoteProtocolError) and getattr(exc, "peer", None) == peer
+        log.debug("collective %s: transfer with %s failed: %r", self.round_id, peer, exc)
         self._apply(att.peer_failed(peer, trio.current_time(), repr(exc), blame=blame))
 
     async def _send_contribution(self, att: AttemptCore, reducer: str) -> None:
@@ -602,6 +610,7 @@ class Collective:
             collections.OrderedDict()
         )
         self._links: dict[str, tuple[FramedStream, float]] = {}  # peer -> (control stream, last use)
+        self._background: trio.Nursery | None = None  # owned by open_collective: readies in flight
         self._link_locks: dict[str, trio.Lock] = {}
         self._faults: dict[str, Callable[[], Awaitable[None]]] = {}  # test hooks
         self._silent_exit = False  # test hooks: a "crashed" peer says nothing on its way out,
@@ -664,6 +673,8 @@ class Collective:
                                 raise
                             continue
                         self._links[peer] = (link[0], now)
+                        log.debug("collective: told %s (fresh link: %s) in %.3f s", peer, fresh,
+                                  trio.current_time() - now)
                         return
         except (P2PComputeError, trio.TooSlowError) as exc:
             self.stats["tell_failures"] += 1
@@ -973,7 +984,13 @@ async def open_collective(node: Any, lane: Any, **options: Any) -> AsyncIterator
     coll = Collective(node, lane, **options)
     node.set_stream_handler(PROTOCOL, coll._serve, max_frame=MAX_REQUEST)
     try:
-        yield coll
+        async with trio.open_nursery() as background:
+            coll._background = background
+            try:
+                yield coll
+            finally:
+                background.cancel_scope.cancel()
+                coll._background = None
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(2.0):
             await coll._close_links()
