@@ -197,7 +197,12 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
                     report["error"] = f"no group: {group}"
                     break
                 a0, c0 = time.perf_counter(), time.process_time()
+                import cProfile
+                prof = cProfile.Profile() if os.environ.get("P2PC_PROF") and r == 2 and index == 0 else None
+                if prof: prof.enable()
                 res = await coll.all_reduce(group, "bench", f"{codec}-{r}", [t], codec=codec)
+                if prof:
+                    prof.disable(); prof.dump_stats("/tmp/prof0.out")
                 a1, c1 = time.perf_counter(), time.process_time()
                 if fault:
                     death = {"result_at": time.time(), "ok": float(res.ok),

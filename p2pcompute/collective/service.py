@@ -87,7 +87,10 @@ _MAX_BUFFERED_ADVERTS = 4096
 _MAX_REMEMBERED = 512
 _MAX_ADVERT_TTL = 300.0
 _ROUNDTRIP_CHUNK = 1 << 20  # elements; a multiple of the int8 block
+_OFFLOAD_BYTES = 1 << 20  # tensor work on at least this many bytes runs in a worker thread
 _PROGRESS_EVERY = 0.2  # seconds between progress reports from a contribution's worker thread
+_TELL_TRIES = 3  # a control message is tried this many times while its peer stays connected
+_READY_GRACE = 1.0  # at most this long a formed peer waits for its readies in flight
 _STATUS_FIRST = 1.0  # at most this long a failed attempt's transfers wait for its status to go out
 _LINK_IDLE = 300.0  # a control link unused this long is closed and reopened on next use
 _LINK_SERVE_IDLE = 900.0  # an inbound control link silent this long is reset
@@ -130,6 +133,9 @@ class _Match:
         self.topic = topic
         self._kick = trio.Event()
         self._pull_again_at: dict[str, float] = {}  # a failed pull is retried later, never given up
+        self._readies = 0  # in flight
+        self._readies_done = trio.Event()
+        self._readies_done.set()
         self._pulling = 0
 
     def kick(self) -> None:
@@ -147,10 +153,11 @@ class _Match:
                             nursery.start_soon(self._hello, peer, action)
                     elif isinstance(action, SendReady):
                         # a ready outlives the match: the others wait for it even once we have
-                        # formed, and we must not wait for it (one to a peer that died hangs
-                        # until hello_timeout, and our round would start that much late)
+                        # formed (see the end of this method)
                         background = self.coll._background or nursery
                         for peer in action.to:
+                            self._readies += 1
+                            self._readies_done = trio.Event()
                             background.start_soon(self._ready, peer, action.digest)
                 if core.result is not None:
                     break
@@ -158,6 +165,12 @@ class _Match:
                 with trio.move_on_at(deadline if deadline is not None else math.inf):
                     await self._kick.wait()
                 self._kick = trio.Event()
+            # Our readies should reach the others before our round starts: a peer that formed
+            # and crashed at once would otherwise leave a member waiting for its ready, unformed.
+            # But one to a peer that died hangs until hello_timeout, and a round started that
+            # late gets us suspected: wait a little, then let them finish in the background.
+            with trio.move_on_after(_READY_GRACE):
+                await self._readies_done.wait()
             nursery.cancel_scope.cancel()  # hellos and pulls in flight are moot now
         assert core.result is not None
         return core.result
@@ -239,6 +252,14 @@ class _Match:
         self.kick()
 
     async def _ready(self, peer: str, digest: str) -> None:
+        try:
+            await self._ready_one(peer, digest)
+        finally:
+            self._readies -= 1
+            if not self._readies:
+                self._readies_done.set()
+
+    async def _ready_one(self, peer: str, digest: str) -> None:
         core = self.core
         msg = READY.build(run=core.run, round=core.round_key, digest=digest)
         try:
@@ -271,10 +292,12 @@ class _Round:
         self.dtype, self.device = _flat_dtype(self.tensors)
         self.layout = Layout(tuple(t.numel() for t in self.tensors))
         self.views = [t.view(-1) for t in self.tensors]
-        # the pristine input: every attempt starts from it; a failed round restores it
-        self.flat = torch.empty(self.layout.total, dtype=self.dtype, device=self.device)
-        for view, off, size in zip(self.views, self.layout.offsets, self.layout.sizes, strict=True):
-            self.flat[off : off + size].copy_(view)
+        # the pristine input: every attempt starts from it; a failed round restores it. The
+        # buffers come from the collective's scratch: fresh pages cost more than the copy
+        # (a 256 MB buffer per round was 14% of all CPU time in the 4-peer benchmark)
+        self._flat_base = coll._take_scratch("flat", self.layout.total, self.dtype, self.device)
+        self.flat = self._flat_base[: self.layout.total]
+        self._acc_base: torch.Tensor | None = None
         self.att: AttemptCore | None = None
         self.acc = self.flat[:0]
         self._acc_lock = threading.Lock()
@@ -307,7 +330,8 @@ class _Round:
             blamed=sorted(action.blamed),
         )
 
-    def _apply(self, actions: list[Action]) -> None:
+    def _apply(self, actions: list[Action], *, kick: bool = True) -> None:
+        """Carry out the core's actions; ``kick`` wakes the watchdog (its deadline may have moved)."""
         att = self.att
         if att is None:
             return
@@ -338,7 +362,8 @@ class _Round:
                           self.round_id, self.rc.attempts, action.outcome)
                 self._outcome = action.outcome
                 self._decided.set()
-        self._kick.set()
+        if kick:
+            self._kick.set()
 
     async def _broadcast(self, peers: Sequence[str], data: bytes, done: trio.Event) -> None:
         try:
@@ -355,7 +380,16 @@ class _Round:
 
     # -- the round
     async def run(self) -> RoundOutcome:
+        try:
+            return await self._run()
+        finally:
+            self.coll._give_scratch("flat", self._flat_base)
+            if self._acc_base is not None:
+                self.coll._give_scratch("acc", self._acc_base)
+
+    async def _run(self) -> RoundOutcome:
         rc = self.rc
+        await _offload(self.flat, self._snapshot)
         try:
             async with trio.open_nursery() as control:
                 self._control = control
@@ -374,6 +408,10 @@ class _Round:
         if not rc.result.ok:
             self._restore()
         return rc.result
+
+    def _snapshot(self) -> None:
+        for view, off, size in zip(self.views, self.layout.offsets, self.layout.sizes, strict=True):
+            self.flat[off : off + size].copy_(view)
 
     def _restore(self) -> None:
         for view, off, size in zip(self.views, self.layout.offsets, self.layout.sizes, strict=True):
@@ -402,11 +440,14 @@ class _Round:
         self._stop = trio.CancelScope()
         plan = att.plan
         start, end = plan.part_of(att.me)
-        self.acc = torch.empty(end - start, dtype=self.dtype, device=self.device)
+        if self._acc_base is None or self._acc_base.numel() < end - start:
+            self._acc_base = self.coll._take_scratch("acc", end - start, self.dtype, self.device)
+        acc = self.acc = self._acc_base[: end - start]
         if att.me in plan.contributors:
-            torch.mul(self.flat[start:end], plan.weight_of(att.me) / plan.weight_total, out=self.acc)
+            alpha = plan.weight_of(att.me) / plan.weight_total
+            await _offload(acc, lambda: torch.mul(self.flat[start:end], alpha, out=acc))
         else:
-            self.acc.zero_()
+            acc.zero_()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watchdog, att)
             self._transfers = await nursery.start(self._run_transfers, att)
@@ -443,7 +484,9 @@ class _Round:
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await self._kick.wait()
             self._kick = trio.Event()
-            self._apply(att.poll(trio.current_time()))
+            # no kick from here: the loop recomputes the deadline anyway, and a kick would wake
+            # this loop at once, spinning it (it did: ~900 wakeups/s, half a core per peer)
+            self._apply(att.poll(trio.current_time()), kick=False)
 
     def _tag(self, att: AttemptCore, kind: str) -> str:
         return f"{self.round_id}/{self.rc.attempts}/{att.plan.digest()}/{kind}"
@@ -471,6 +514,10 @@ class _Round:
         expected = acc.numel()
         got = 0
         reported = [time.monotonic()]
+        token = trio.lowlevel.current_trio_token()
+
+        def progress() -> None:
+            att.progress(sender, trio.current_time())
 
         def add(name: str, first: int, values: torch.Tensor) -> None:
             # runs in the lane's worker thread, beside the other contributors' threads
@@ -486,10 +533,9 @@ class _Round:
             now = time.monotonic()
             if now - reported[0] >= _PROGRESS_EVERY:  # the sender's inactivity timer, not per record
                 reported[0] = now
-                if _in_trio():  # the lane's pipelined path (relay, codecs) calls us on the event loop
-                    att.progress(sender, trio.current_time())
-                else:
-                    trio.from_thread.run_sync(lambda: att.progress(sender, trio.current_time()))
+                # from the lane's thread or the event loop alike, and never waiting: the lane may
+                # hold the loop while a cancelled transfer's thread stops
+                token.run_sync_soon(progress)
 
         try:
             await self.lane.receive_chunks(sender, self._tag(att, "c"), add, threaded=True)
@@ -516,12 +562,16 @@ class _Round:
         await self.coll._fault("reduce")
         start, end = att.plan.part_of(att.me)
         shards = self._shards(start, end, self.acc)
-        if self.codec != "none":
-            # what the others decode is what we keep: every member ends bit-identical
-            for shard in shards.values():
-                _roundtrip(self.codec, shard)
-        for dest, shard in zip(self._shards(start, end, None).values(), shards.values(), strict=True):
-            dest.copy_(shard)
+
+        def finalize() -> None:
+            if self.codec != "none":
+                # what the others decode is what we keep: every member ends bit-identical
+                for shard in shards.values():
+                    _roundtrip(self.codec, shard)
+            for dest, shard in zip(self._shards(start, end, None).values(), shards.values(), strict=True):
+                dest.copy_(shard)
+
+        await _offload(self.acc, finalize)
         for peer in att.others:
             assert self._transfers is not None
             self._transfers.start_soon(self._send_part, att, peer, shards)
@@ -545,12 +595,15 @@ class _Round:
         self._apply(att.averaged_part_done(reducer, trio.current_time()))
 
 
-def _in_trio() -> bool:
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True
+async def _offload(like: torch.Tensor, fn: Callable[[], Any]) -> None:
+    """Run ``fn`` (bulk tensor work as large as ``like``) off the event loop when it is large.
+
+    Not abandoned on cancellation: when this returns, ``fn`` has finished with its buffers.
+    """
+    if like.device.type == "cpu" and like.numel() * like.element_size() >= _OFFLOAD_BYTES:
+        await trio.to_thread.run_sync(fn)
+    else:
+        fn()
 
 
 def _roundtrip(codec: str, values: torch.Tensor) -> None:
@@ -611,11 +664,35 @@ class Collective:
         )
         self._links: dict[str, tuple[FramedStream, float]] = {}  # peer -> (control stream, last use)
         self._background: trio.Nursery | None = None  # owned by open_collective: readies in flight
+        self._scratch: dict[str, torch.Tensor] = {}  # round buffers kept for the next round
         self._link_locks: dict[str, trio.Lock] = {}
         self._faults: dict[str, Callable[[], Awaitable[None]]] = {}  # test hooks
         self._silent_exit = False  # test hooks: a "crashed" peer says nothing on its way out,
         self._muted = False  # and a "hung" one neither answers nor tells anything
         self.stats: collections.Counter[str] = collections.Counter()
+
+    def _take_scratch(self, kind: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer of at least ``n`` elements: the one the last round gave back, or a new one."""
+        buf = self._scratch.pop(kind, None)
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype, device=device)
+        return buf
+
+    def _give_scratch(self, kind: str, buf: torch.Tensor) -> None:
+        self._scratch[kind] = buf  # one per kind: a round's worth (its tensors' size, plus a part)
+
+    def release_buffers(self) -> None:
+        """Free the scratch buffers kept between rounds (about the averaged tensors' size).
+
+        Every round needs a pristine copy of its tensors and an accumulator for its part;
+        they are kept for the next round because fresh pages cost more than the copy.
+
+        Example::
+
+            await coll.average("run", "step-9", params)
+            coll.release_buffers()   # training is over; give the memory back
+        """
+        self._scratch.clear()
 
     def statistics(self) -> dict[str, int]:
         """Counters: rejected adverts and messages, rounds averaged and failed, ..."""
@@ -629,7 +706,7 @@ class Collective:
     # -- transport helpers
     async def _request(self, peer: str, data: bytes, answer: Any, timeout: float) -> dict[str, Any]:
         with trio.fail_after(timeout):
-            stream = await self.node.open_stream(peer, PROTOCOL, timeout=timeout, max_frame=MAX_REQUEST)
+            stream = await self._open(peer, timeout)
             try:
                 await stream.send_frame(data)
                 reply: dict[str, Any] = await stream.recv_msg(answer)
@@ -637,13 +714,29 @@ class Collective:
             finally:
                 await stream.close()
 
+    async def _open(self, peer: str, timeout: float) -> FramedStream:
+        """A stream to ``peer``; one that would not open is retried while the peer stays connected."""
+        for attempt in range(_TELL_TRIES):
+            try:
+                stream: FramedStream = await self.node.open_stream(
+                    peer, PROTOCOL, timeout=timeout, max_frame=MAX_REQUEST
+                )
+                return stream
+            except PeerUnreachable:
+                if attempt == _TELL_TRIES - 1 or peer not in self.node.connected_peers():
+                    raise
+                await trio.sleep(0.05 * 4**attempt)
+        raise AssertionError("unreachable")
+
     async def _tell(self, peer: str, data: bytes) -> None:
         """One-way control message (a status, a leave) to ``peer``, in order, best effort.
 
         Messages to one peer share one long-lived stream (opening a libp2p stream costs several
         round trips of multistream-select; a status must beat the stream resets that follow
-        it). A broken link is reopened once; a message that still cannot go is counted and
-        logged, never raised: the round's timeouts cover a partner we cannot reach.
+        it). A stale link is replaced by a fresh one, and a stream that would not open while the
+        peer stays connected (py-libp2p refuses one now and then under load) is retried; a
+        message that still cannot go is counted and logged, never raised: the round's timeouts
+        cover a partner we cannot reach.
         """
         if self._muted:
             return
@@ -651,7 +744,7 @@ class Collective:
         try:
             with trio.fail_after(self.hello_timeout):
                 async with lock:
-                    for _ in range(2):
+                    for attempt in range(_TELL_TRIES):
                         link = self._links.get(peer)
                         now = trio.current_time()
                         if link is not None and now - link[1] > _LINK_IDLE:
@@ -660,16 +753,13 @@ class Collective:
                             link = None
                         fresh = link is None
                         if link is None:
-                            stream = await self.node.open_stream(
-                                peer, PROTOCOL, timeout=self.hello_timeout, max_frame=MAX_REQUEST
-                            )
-                            link = (stream, now)
+                            link = (await self._open(peer, self.hello_timeout), now)
                         try:
                             await link[0].send_frame(data)
                         except PeerGone:
                             self._links.pop(peer, None)
                             await link[0].reset()
-                            if fresh:
+                            if fresh or attempt == _TELL_TRIES - 1:
                                 raise
                             continue
                         self._links[peer] = (link[0], now)

@@ -197,11 +197,16 @@ class _TcpConn:
         thread's loop at once; the transfer is then over for both sides. ``limiter`` is the
         lane's own (not trio's default of 40 threads): a thread that waits on a slow peer
         must not hold back a transfer that would unblock it.
+
+        When this returns or raises, cancellation included, ``fn`` has stopped: the caller may
+        reuse every buffer it handed over (a cancelled call waits for the thread to notice the
+        shut connection, which takes at most one record's work).
         """
         twin = _stdsocket.socket(fileno=os.dup(self.sock.fileno()))
         twin.settimeout(self.stall)  # poll()-based waits; the shared descriptor stays non-blocking
 
         owner = threading.Lock()  # whoever takes it closes the twin: the thread, or we if it never ran
+        finished = threading.Event()
 
         def body() -> Any:
             if not owner.acquire(blocking=False):
@@ -214,6 +219,7 @@ class _TcpConn:
                 raise PeerGone(f"data connection with {self.peer} failed: {exc}") from None
             finally:
                 twin.close()  # here, not in the caller: a cancelled caller must not close under us
+                finished.set()
 
         try:
             # (mypy misreads run_sync's keyword-only arguments after *args: Unpack[Ts])
@@ -230,6 +236,11 @@ class _TcpConn:
                 twin.shutdown(_stdsocket.SHUT_RDWR)
             if owner.acquire(blocking=False):  # cancelled before the thread started
                 twin.close()
+            elif not finished.wait(_DRAIN_TIMEOUT):
+                # the thread owns buffers of the caller's; it should have seen the shutdown within
+                # one record's work. Say so rather than hang the event loop on it.
+                log.warning("lane: a cancelled transfer with %s is still running after %.1f s",
+                            self.peer, _DRAIN_TIMEOUT)
             raise
 
 
@@ -892,9 +903,11 @@ class TensorLane:
         PeerTimeout) means the chunks seen so far must be discarded by the caller.
 
         ``threaded=True`` promises that ``on_chunk`` is a plain function that may run in a
-        worker thread (guard state it shares with other threads yourself; use
-        ``trio.from_thread.run_sync`` to reach trio). A direct transfer then runs in the lane's
-        blocking loop, receive, open and ``on_chunk`` per record, with no event-loop hop.
+        worker thread (guard state it shares with other threads yourself; reach trio with
+        ``TrioToken.run_sync_soon``, never by waiting on the event loop: a cancelled transfer
+        holds the loop until its thread has stopped). A direct transfer then runs in the
+        lane's blocking loop, receive, open and ``on_chunk`` per record, with no event-loop
+        hop. When the call returns or raises, ``on_chunk`` is no longer running.
 
         Example::
 
@@ -1081,6 +1094,9 @@ _INLINE_BELOW = 64 << 10
 
 
 _USER_THREADS = [torch.get_num_threads()]  # the setting the lane leaves behind (see _in_worker)
+
+
+_DRAIN_TIMEOUT = 2.0  # at most this long a cancelled bulk transfer waits for its thread to stop
 
 
 def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
