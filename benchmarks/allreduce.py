@@ -12,13 +12,17 @@ Every configuration runs as separate processes (one per peer) on this machine:
   itself); the figure is wall time from its death to the last survivor's result.
 
 ``python -m benchmarks.allreduce [--quick] [--out PATH] [--sizes 16M,64M] [--peers 2,4]
-[--codecs none,fp16,bf16,int8] [--rounds 3]``.
+[--codecs none,fp16,bf16,int8] [--rounds 3]``. Diagnostics: ``P2PC_BENCH_TRACE=1`` prints each
+peer's collective timeline on stderr; ``P2PC_BENCH_PROFILE=PATH`` writes a cProfile of peer 0's
+event loop during the last round; ``cpu_seconds_all_peers`` is a round's CPU time summed over
+the processes (all threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import json
 import os
 import signal
@@ -197,12 +201,15 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
                     report["error"] = f"no group: {group}"
                     break
                 a0, c0 = time.perf_counter(), time.process_time()
-                import cProfile
-                prof = cProfile.Profile() if os.environ.get("P2PC_PROF") and r == 2 and index == 0 else None
-                if prof: prof.enable()
+                # P2PC_BENCH_PROFILE=path: cProfile of peer 0's event loop in the last round
+                profile_to = os.environ.get("P2PC_BENCH_PROFILE") if index == 0 and r == rounds else None
+                prof = cProfile.Profile() if profile_to else None
+                if prof is not None:
+                    prof.enable()
                 res = await coll.all_reduce(group, "bench", f"{codec}-{r}", [t], codec=codec)
-                if prof:
-                    prof.disable(); prof.dump_stats("/tmp/prof0.out")
+                if prof is not None and profile_to:
+                    prof.disable()
+                    prof.dump_stats(profile_to)
                 a1, c1 = time.perf_counter(), time.process_time()
                 if fault:
                     death = {"result_at": time.time(), "ok": float(res.ok),
