@@ -72,6 +72,8 @@ def _bytes_part(result: SuiteResult, *, peers: int, steps: int, batch: int, h: i
         (f"diloco H={h}", "diloco", h, "none", False),
         (f"diloco H={h} fp16", "diloco", h, "fp16", False),
         (f"diloco H={h} int8", "diloco", h, "int8", False),
+        # the same byte budget as H uncompressed, spent on 4x more frequent outer steps
+        (f"diloco H={max(1, h // 4)} int8", "diloco", max(1, h // 4), "int8", False),
     ]
     for name, mode, inner, codec, is_base in configs:
         row = result.config(name, part="bytes", peers=peers, steps=steps, batch=batch, inner_steps=inner,
