@@ -549,3 +549,37 @@ async def test_lane_listens_where_the_host_listens() -> None:
             assert [h for h, _ in lane.data_addrs] == ["127.0.0.2"]
             assert lane._listener is not None
             assert lane._listener.getsockname()[0] == "127.0.0.2"
+
+
+async def test_receivers_that_give_up_leave_nothing_behind() -> None:
+    """A receive that times out or is cancelled forgets its wait; a second waiter on the same
+    transfer still gets it."""
+    x = torch.randn(1000)
+    with trio.fail_after(GUARD):
+        async with lanes() as (a, b):
+            with pytest.raises(PeerTimeout):
+                await b.receive(a.peer_id, "never", timeout=0.2)
+            with trio.move_on_after(0.2):
+                await b.wait_for_arrival(a.peer_id, "never-either", timeout=GUARD)
+            assert not b._arrivals
+            assert not b._arrival_waiters
+            got: list[torch.Tensor] = []
+            async with trio.open_nursery() as nursery:
+                quitter = trio.CancelScope()
+
+                async def give_up() -> None:
+                    with quitter:
+                        await b.receive(a.peer_id, "late")
+
+                async def stay() -> None:
+                    got.append((await b.receive(a.peer_id, "late"))["x"])
+
+                nursery.start_soon(give_up)
+                nursery.start_soon(stay)
+                while b._arrival_waiters.get((a.peer_id, "late"), 0) < 2:  # both wait on one event
+                    await trio.lowlevel.checkpoint()
+                quitter.cancel()
+                await a.send(b.peer_id, "late", {"x": x})
+            assert torch.equal(got[0], x)
+            assert not b._arrivals
+            assert not b._arrival_waiters

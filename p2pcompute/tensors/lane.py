@@ -389,6 +389,7 @@ class TensorLane:
         self._locks: dict[str, trio.Lock] = {}
         self._inbox: dict[tuple[str, str], collections.deque[_Incoming]] = {}
         self._arrivals: dict[tuple[str, str], trio.Event] = {}
+        self._arrival_waiters: dict[tuple[str, str], int] = {}
         # bulk loops (one per direct transfer) block on their peers; bounded by max_parked, sessions
         self._bulk_threads = trio.CapacityLimiter(1024)
         self._pending_auth = 0
@@ -645,14 +646,26 @@ class TensorLane:
                     del self._inbox[key]
                 incoming.claimed.set()
                 return incoming
-            await self._arrival(key).wait()
+            await self._await_arrival(key)
 
-    def _arrival(self, key: tuple[str, str]) -> trio.Event:
-        """The event set when a transfer for ``key`` is parked (shared by every waiter on it)."""
+    async def _await_arrival(self, key: tuple[str, str]) -> None:
+        """Wait until a transfer for ``key`` is parked. The event is shared by every waiter on
+        ``key``; the last waiter to give up (timeout, cancellation) removes it, so receivers
+        that wait for peers who never send leave nothing behind."""
         event = self._arrivals.get(key)
         if event is None:
             event = self._arrivals[key] = trio.Event()
-        return event
+        self._arrival_waiters[key] = self._arrival_waiters.get(key, 0) + 1
+        try:
+            await event.wait()
+        finally:
+            left = self._arrival_waiters[key] - 1
+            if left:
+                self._arrival_waiters[key] = left
+            else:
+                del self._arrival_waiters[key]
+                if self._arrivals.get(key) is event:
+                    del self._arrivals[key]
 
     # -- public API -----------------------------------------------------------------------------------
 
@@ -670,7 +683,7 @@ class TensorLane:
         try:
             with trio.fail_after(timeout):
                 while not self._inbox.get(key):
-                    await self._arrival(key).wait()
+                    await self._await_arrival(key)
         except trio.TooSlowError:
             raise PeerTimeout(f"no transfer {tag!r} from {peer_id} within {timeout} s") from None
 
