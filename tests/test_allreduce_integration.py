@@ -338,3 +338,29 @@ async def test_concurrent_joiners_end_as_one_swarm_and_no_group_is_clear() -> No
     assert "deadline" in lonely["result"].reason
     assert lonely["took"] < 2.0 + 5.0  # the deadline, plus a loaded machine
     assert torch.equal(lonely["tensor"], torch.ones(3))
+
+
+async def test_idle_control_links_are_closed_and_forgotten() -> None:
+    """A control link to a peer we stopped talking to is closed by the next sweep (peers come
+    and go; it would otherwise stay open for the node's life)."""
+    from p2pcompute.collective.messages import LEFT
+    from p2pcompute.collective.service import _LINK_IDLE
+
+    with trio.fail_after(GUARD):
+        async with open_node(role="bootstrap", **NODE_OPTS) as boot, contextlib.AsyncExitStack() as stack:
+            colls: list[Collective] = []
+            for _ in range(3):
+                node = await stack.enter_async_context(open_node(bootstrap=boot.addrs, **NODE_OPTS))
+                lane = await stack.enter_async_context(open_lane(node.host, node.identity))
+                colls.append(await stack.enter_async_context(open_collective(node, lane)))
+            a, b, c = colls
+            note = LEFT.build(round="nobody's")  # routed to no round: ignored by the receiver
+            await a._tell(b.peer_id, note)
+            assert set(a._links) == {b.peer_id}
+            stream, _ = a._links[b.peer_id]
+            a._links[b.peer_id] = (stream, trio.current_time() - 2 * _LINK_IDLE)  # long idle
+            a._next_prune = 0.0  # and the sweep (at most every _LINK_IDLE / 4) is due
+            await a._tell(c.peer_id, note)
+            assert set(a._links) == {c.peer_id}
+            assert set(a._link_locks) == {c.peer_id}
+            assert a.statistics().get("tell_failures", 0) == 0

@@ -666,6 +666,7 @@ class Collective:
         self._background: trio.Nursery | None = None  # owned by open_collective: readies in flight
         self._scratch: dict[str, torch.Tensor] = {}  # round buffers kept for the next round
         self._link_locks: dict[str, trio.Lock] = {}
+        self._next_prune = 0.0  # trio time of the next sweep of idle links
         self._faults: dict[str, Callable[[], Awaitable[None]]] = {}  # test hooks
         self._silent_exit = False  # test hooks: a "crashed" peer says nothing on its way out,
         self._muted = False  # and a "hung" one neither answers nor tells anything
@@ -740,6 +741,7 @@ class Collective:
         """
         if self._muted:
             return
+        self._prune_links()
         lock = self._link_locks.setdefault(peer, trio.Lock())
         try:
             with trio.fail_after(self.hello_timeout):
@@ -769,6 +771,23 @@ class Collective:
         except (P2PComputeError, trio.TooSlowError) as exc:
             self.stats["tell_failures"] += 1
             log.info("collective: message to %s not delivered: %r", peer, exc)
+
+    def _prune_links(self) -> None:
+        """Close control links idle past ``_LINK_IDLE`` and forget their locks (peers come and go:
+        a link to one that left would otherwise stay open for the node's life)."""
+        now = trio.current_time()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + _LINK_IDLE / 4
+        for peer, (stream, last) in list(self._links.items()):
+            lock = self._link_locks.get(peer)
+            if now - last > _LINK_IDLE and (lock is None or not lock.locked()):
+                del self._links[peer]
+                if self._background is not None:
+                    self._background.start_soon(stream.close)
+        for peer, lock in list(self._link_locks.items()):
+            if peer not in self._links and not lock.locked() and not lock.statistics().tasks_waiting:
+                del self._link_locks[peer]
 
     async def _close_links(self) -> None:
         links, self._links = self._links, {}
