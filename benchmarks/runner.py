@@ -27,6 +27,7 @@ import datetime as _dt
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -263,8 +264,11 @@ def run_all(
     support: Support | None = None,
     package: str = "benchmarks",
     pythonpath: Sequence[str] = (),
+    suite_args: Sequence[str] = (),
 ) -> list[Outcome]:
     """Run ``suites`` one after another into ``out_dir``, write ``summary.json``/``.txt``, return outcomes.
+
+    ``suite_args`` go to every suite's command line as they are (``["--sizes", "64M"]``).
 
     Example::
 
@@ -305,6 +309,7 @@ def run_all(
                 index=(i, len(suites)),
                 package=package,
                 pythonpath=pythonpath,
+                extra_args=list(suite_args),
             )
             if outcome.status == "ok" and outcome.json_path:
                 doc = json.loads(Path(outcome.json_path).read_text())
@@ -341,14 +346,17 @@ def _one(
     spec_text: str | None,
     support: Support | None,
     wan_peers: int,
+    extra_args: list[str],
     **kw: Any,
 ) -> Outcome:
     """One suite, under a fresh emulated network when ``--wan`` was given and it is possible here."""
+    kw["extra_args"] = extra_args
     if spec_text is None:
         return run_suite(suite, out_dir, **kw)
     assert support is not None
     if suite == "wan":  # the wan suite builds its own namespaces: hand it the spec
-        outcome = run_suite(suite, out_dir, extra_args=["--wan", spec_text], **kw)
+        kw["extra_args"] = ["--wan", spec_text, *extra_args]
+        outcome = run_suite(suite, out_dir, **kw)
         outcome.wan = "emulated" if support.ok else f"loopback ({support.reason})"
         return outcome
     if not support.ok or not suite_available(suite, kw.get("package", "benchmarks")):
@@ -429,11 +437,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, metavar="S", help="per-suite limit (default 300 quick, 3600)"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--suite-args",
+        metavar="ARGS",
+        help='options for the one suite named, as one string, e.g. --suite-args="--sizes 64M --peers 4"',
+    )
+
+
+def suite_args_from(args: argparse.Namespace) -> list[str]:
+    """The ``--suite-args`` string split as a shell would; refused with ``all`` (suites differ)."""
+    text = getattr(args, "suite_args", None)
+    if not text:
+        return []
+    if args.suite == "all":
+        raise SystemExit("--suite-args needs one suite named (each suite has its own options)")
+    return shlex.split(text)
 
 
 def run_from_args(args: argparse.Namespace, *, stream: TextIO | None = None) -> int:
     """Run what parsed ``args`` ask for; 0 when every suite that ran succeeded (see docs/benchmarks.md)."""
     progress = Progress(stream)
+    suite_args = suite_args_from(args)
     if args.suite == "all":
         names = [s for s in SUITES if suite_available(s)]
         missing = [s for s in SUITES if s not in names]
@@ -451,6 +475,7 @@ def run_from_args(args: argparse.Namespace, *, stream: TextIO | None = None) -> 
         wan_peers=args.wan_peers,
         make_plots=not args.no_plots,
         progress=progress,
+        suite_args=suite_args,
     )
     progress.write(f"results in {out_dir}")
     bad = [o for o in outcomes if o.status != "ok"]

@@ -29,9 +29,10 @@ import argparse, sys
 from benchmarks.harness import SuiteResult, print_table, write_results, wan_layout
 def main(argv=None):
     p = argparse.ArgumentParser(); p.add_argument("--quick", action="store_true"); p.add_argument("--out")
+    p.add_argument("--label", default="")
     a = p.parse_args(argv)
     layout = wan_layout() if "{use_wan}" == "yes" else None
-    r = SuiteResult("{name}", "mb_per_s", options={{"quick": a.quick}})
+    r = SuiteResult("{name}", "mb_per_s", options={{"quick": a.quick, "label": a.label}})
     base = r.config("raw", size=1); base.baseline = "raw"
     for v in (10.0, 12.0, 11.0): base.add("mb_per_s", v)
     ours = r.config("ours", size=1, peers=len(layout["peers"]) if layout else 0)
@@ -231,3 +232,23 @@ def test_progress_on_a_terminal_is_one_live_line() -> None:
     q.tick(1, 1, "x", 1.0, "hidden")
     q.line("x", "shown")
     assert log.getvalue() == "  x | shown\n"
+
+
+def test_suite_args_reach_the_suite(fakebench: Path, tmp_path: Path) -> None:
+    outcomes = runner.run_all(
+        ["good"], out_dir=tmp_path, quick=True, make_plots=False, package="fakebench",
+        pythonpath=[str(fakebench)], suite_args=["--label", "two words"],
+    )
+    assert [o.status for o in outcomes] == ["ok"]
+    assert load_results(tmp_path / "good.json")["options"]["label"] == "two words"
+
+
+def test_suite_args_need_one_suite() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    one = parser.parse_args(["allreduce", "--suite-args", "--sizes 64M --peers '2,4'"])
+    assert runner.suite_args_from(one) == ["--sizes", "64M", "--peers", "2,4"]
+    with pytest.raises(SystemExit):
+        runner.suite_args_from(parser.parse_args(["--suite-args", "--sizes 64M"]))

@@ -1,7 +1,8 @@
 """``p2pcompute bench``: run the benchmark suites, or measure the link to a live peer.
 
-* ``bench [stream|allreduce|overlay|tasks|training|wan|growth|all] [--quick] [--out DIR] [--wan SPEC]``
-  delegates to the runner in the source checkout's ``benchmarks/`` folder (docs/benchmarks.md).
+* ``bench [stream|allreduce|overlay|tasks|training|wan|growth|all] [--quick] [--out DIR] [--wan SPEC]
+  [--suite-args ARGS]`` delegates to the runner in the source checkout's ``benchmarks/`` folder
+  (docs/benchmarks.md).
 * ``bench link --serve``: run a node with a tensor lane that answers link measurements; prints
   its multiaddr first, serves until SIGINT/SIGTERM.
 * ``bench link --peer MULTIADDR``: measure latency and throughput to that peer through the data
@@ -434,6 +435,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--wan-peers", type=int, default=4, metavar="N", help="namespaces per suite (default 4)")
     p.add_argument("--timeout", type=float, metavar="S", help="per-suite (or per-link-measurement) limit")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--suite-args",
+        metavar="ARGS",
+        help='options for the one suite named, as one string, e.g. --suite-args="--sizes 64M --peers 4"',
+    )
     g = p.add_argument_group("bench link")
     g.add_argument("--peer", metavar="MULTIADDR", help="the peer to measure (it runs 'bench link --serve')")
     g.add_argument("--serve", action="store_true", help="answer link measurements until SIGINT")
