@@ -240,6 +240,7 @@ FAULTS = [
     "hang_sending",
     "crash_reducing",
     "cancel",
+    "cancel_before",
 ]
 
 
@@ -286,6 +287,8 @@ async def test_fault_survivors_finish_exactly(fault: str) -> None:
                         "hang_sending": {"contribution_start": lambda: hang(p), "reduce": lambda: frozen(p)},
                         "crash_reducing": {"reduce": lambda: crash(p)},
                         "cancel": {"contribution_sent": lambda: cancel(p)},
+                        # cancelled before its first attempt began (while copying its input)
+                        "cancel_before": {"snapshot": lambda: cancel(p)},
                     }[fault]
                     p.coll._faults.update(hooks)
                 group = await p.coll.form_group(
@@ -303,9 +306,12 @@ async def test_fault_survivors_finish_exactly(fault: str) -> None:
         # one failed attempt (detection within the timeouts) + statuses + one clean attempt
         bound_s = 2 * (FAST.reducer_timeout + FAST.status_timeout) + 20
         assert took < bound_s, f"survivor {i} took {took:.1f} s"
-    if fault == "cancel":
+    if fault in ("cancel", "cancel_before"):
         # the cancelled peer's tensors are back to its own values
         assert all(torch.equal(a, b) for a, b in zip(peers[bad].tensors, xs[bad], strict=True))
+    if fault == "cancel_before":  # it said so: nobody waited for a timeout to find out
+        for i in survivors:
+            assert "left the round" in peers[i].result.reason, peers[i].result  # type: ignore[union-attr]
 
 
 async def test_concurrent_joiners_end_as_one_swarm_and_no_group_is_clear() -> None:

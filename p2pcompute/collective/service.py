@@ -389,8 +389,9 @@ class _Round:
 
     async def _run(self) -> RoundOutcome:
         rc = self.rc
-        await _offload(self.flat, self._snapshot)
         try:
+            await _offload(self.flat, self._snapshot)
+            await self.coll._fault("snapshot")
             async with trio.open_nursery() as control:
                 self._control = control
                 att = rc.start_attempt(trio.current_time())
@@ -419,18 +420,26 @@ class _Round:
 
     async def _leave(self) -> None:
         att = self.att
-        if att is None:
-            return
-        actions = att.leave(trio.current_time())
+        actions = att.leave(trio.current_time()) if att is not None else []
+        told = False
         async with trio.open_nursery() as nursery:
             for action in actions:
                 if isinstance(action, SendStatus | AnnounceLeft):
+                    assert att is not None
                     data = (
                         self._status_bytes(action)
                         if isinstance(action, SendStatus)
                         else LEFT.build(round=self.round_id)
                     )
                     for peer in att.others:
+                        nursery.start_soon(self.coll._tell, peer, data)
+                    told = True
+            if not told:
+                # before our first attempt (still copying our input) or between two: no attempt
+                # of ours to report on, so a round-level notice, or the others wait out a timeout
+                data = LEFT.build(round=self.round_id)
+                for peer in self.rc.members:
+                    if peer != self.rc.me:
                         nursery.start_soon(self.coll._tell, peer, data)
 
     async def _attempt(self, att: AttemptCore) -> Outcome:
