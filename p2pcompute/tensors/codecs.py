@@ -118,17 +118,17 @@ def encode_into(codec: str, src: torch.Tensor, out: torch.Tensor) -> None:
     offset = 0
     for start, blocks, width in parts:
         xb = x[start : start + blocks * width].view(blocks, width)
-        absmax = xb.abs().amax(dim=1)
+        absmax = xb.abs().amax(dim=1)  # (aminmax over dim=1 measured 10x slower here)
         if not bool(torch.isfinite(absmax).all()):
             raise LocalProtocolError("the int8 codec needs finite values (found inf or NaN)")
         # a block of tiny (subnormal) values would get a scale that underflows to 0 and decode
         # as zeros; the smallest positive float32 keeps them (found by hypothesis)
         scale = (absmax / 127.0).clamp_(min=_SMALLEST_F32)
-        q = torch.round(xb / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        q = torch.div(xb, scale[:, None]).round_().clamp_(-127, 127)  # one temporary, in place after
         size = blocks * (4 + width)
         o = out[offset : offset + size].view(blocks, 4 + width)
         o[:, :4] = scale.reshape(-1).view(torch.uint8).view(blocks, 4)
-        o[:, 4:] = q.view(torch.uint8)
+        o[:, 4:].view(torch.int8).copy_(q)  # the float -> int8 conversion happens in the copy
         offset += size
 
 
@@ -155,8 +155,11 @@ def decode_into(codec: str, src: torch.Tensor, out: torch.Tensor) -> None:
         size = blocks * (4 + width)
         o = src[offset : offset + size].view(blocks, 4 + width)
         scale = o[:, :4].reshape(-1).clone().view(torch.float32).view(blocks, 1)
-        q = o[:, 4:].view(torch.int8).to(torch.float32)
-        out[start : start + blocks * width].view(blocks, width).copy_(q * scale)
+        dest = out[start : start + blocks * width].view(blocks, width)
+        if dest.dtype == torch.float32:  # convert in the copy, scale in place: no temporaries
+            dest.copy_(o[:, 4:].view(torch.int8)).mul_(scale)
+        else:  # scale in float32, round once into the narrower dtype
+            dest.copy_(o[:, 4:].view(torch.int8).to(torch.float32) * scale)
         offset += size
 
 
