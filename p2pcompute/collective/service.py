@@ -89,7 +89,7 @@ _MAX_ADVERT_TTL = 300.0
 _ROUNDTRIP_CHUNK = 1 << 20  # elements; a multiple of the int8 block
 _OFFLOAD_BYTES = 1 << 20  # tensor work on at least this many bytes runs in a worker thread
 _PROGRESS_EVERY = 0.2  # seconds between progress reports from a contribution's worker thread
-_TELL_TRIES = 3  # a control message is tried this many times while its peer stays connected
+_OPEN_TRIES = 3  # a control stream that would not open is tried this often while connected
 _READY_GRACE = 1.0  # at most this long a formed peer waits for its readies in flight
 _STATUS_FIRST = 1.0  # at most this long a failed attempt's transfers wait for its status to go out
 _LINK_IDLE = 300.0  # a control link unused this long is closed and reopened on next use
@@ -726,14 +726,14 @@ class Collective:
 
     async def _open(self, peer: str, timeout: float) -> FramedStream:
         """A stream to ``peer``; one that would not open is retried while the peer stays connected."""
-        for attempt in range(_TELL_TRIES):
+        for attempt in range(_OPEN_TRIES):
             try:
                 stream: FramedStream = await self.node.open_stream(
                     peer, PROTOCOL, timeout=timeout, max_frame=MAX_REQUEST
                 )
                 return stream
             except PeerUnreachable:
-                if attempt == _TELL_TRIES - 1 or peer not in self.node.connected_peers():
+                if attempt == _OPEN_TRIES - 1 or peer not in self.node.connected_peers():
                     raise
                 await trio.sleep(0.05 * 4**attempt)
         raise AssertionError("unreachable")
@@ -755,7 +755,7 @@ class Collective:
         try:
             with trio.fail_after(self.hello_timeout):
                 async with lock:
-                    for attempt in range(_TELL_TRIES):
+                    for _ in range(2):  # a kept link that broke: once more on a fresh one
                         link = self._links.get(peer)
                         now = trio.current_time()
                         if link is not None and now - link[1] > _LINK_IDLE:
@@ -770,7 +770,7 @@ class Collective:
                         except PeerGone:
                             self._links.pop(peer, None)
                             await link[0].reset()
-                            if fresh or attempt == _TELL_TRIES - 1:
+                            if fresh:
                                 raise
                             continue
                         self._links[peer] = (link[0], now)

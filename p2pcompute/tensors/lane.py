@@ -389,7 +389,6 @@ class TensorLane:
         self._locks: dict[str, trio.Lock] = {}
         self._inbox: dict[tuple[str, str], collections.deque[_Incoming]] = {}
         self._arrivals: dict[tuple[str, str], trio.Event] = {}
-        self._arrival_waiters: dict[tuple[str, str], int] = {}
         # bulk loops (one per direct transfer) block on their peers; bounded by max_parked, sessions
         self._bulk_threads = trio.CapacityLimiter(1024)
         self._pending_auth = 0
@@ -655,17 +654,11 @@ class TensorLane:
         event = self._arrivals.get(key)
         if event is None:
             event = self._arrivals[key] = trio.Event()
-        self._arrival_waiters[key] = self._arrival_waiters.get(key, 0) + 1
         try:
             await event.wait()
         finally:
-            left = self._arrival_waiters[key] - 1
-            if left:
-                self._arrival_waiters[key] = left
-            else:
-                del self._arrival_waiters[key]
-                if self._arrivals.get(key) is event:
-                    del self._arrivals[key]
+            if self._arrivals.get(key) is event and not event.statistics().tasks_waiting:
+                del self._arrivals[key]
 
     # -- public API -----------------------------------------------------------------------------------
 
