@@ -4,7 +4,7 @@ Every configuration runs as separate processes (one per peer) on this machine:
 
 * ``gloo``: ``torch.distributed.all_reduce`` (SUM, then divide) of the same float32 tensor with
   the same process count: the same-run baseline (C++, unencrypted).
-* ``p2pc-<codec>``: each process runs a py-libp2p node, a tensor lane (AES-256-GCM) and a
+* ``p2pc-<codec>``: each process runs a py-libp2p node, a tensor lane (AES-256-OCB3) and a
   :class:`~p2pcompute.collective.Collective`; per round the peers form a group (timed apart)
   and ``all_reduce`` the tensor in place. Seconds per round are the all-reduce alone;
   ``bus_GBps`` is the data each peer sends and receives, ``2 (n-1)/n * bytes``, per second.

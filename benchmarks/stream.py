@@ -7,8 +7,10 @@ loopback, in the same invocation over:
   destination tensor (the ceiling; the baseline ``raw_tcp``);
 * ``libp2p``: one py-libp2p stream (Noise + yamux), 1 MiB writes, reads copied into the
   destination tensor (the baseline ``libp2p``);
-* ``lane/<codec>``: :class:`p2pcompute.tensors.TensorLane` (AES-256-GCM records over a direct
+* ``lane/<codec>``: :class:`p2pcompute.tensors.TensorLane` (AES-256-OCB3 records over a direct
   TCP connection) with each codec, received ``into`` a preallocated tensor.
+* ``lane-gcm/none``: the same lane held to AES-256-GCM records (the cipher every OpenSSL has,
+  and the lane's only one before OCB3), to show what the cipher costs.
 
 Figures per configuration: ``mb_per_s`` (tensor MB / sender wall time until the receiver's
 acknowledgement; the primary metric), ``cpu_s_per_gb_send`` / ``cpu_s_per_gb_recv``,
@@ -215,7 +217,9 @@ async def _lane_recv(size: int, reps: int, sender: str) -> dict[str, Any]:
     return {"cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib()}
 
 
-async def _lane_send(size: int, reps: int, addr: str, seed: str, codec: str) -> dict[str, Any]:
+async def _lane_send(
+    size: int, reps: int, addr: str, seed: str, codec: str, cipher: str | None
+) -> dict[str, Any]:
     import multiaddr
     import torch
     from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -227,10 +231,11 @@ async def _lane_send(size: int, reps: int, addr: str, seed: str, codec: str) -> 
     host, ident = _new_host(seed)
     times = []
     wire = 0
+    used = ""
     async with host.run(listen_addrs=[multiaddr.Multiaddr(f"/ip4/{_IP[0]}/tcp/0")]):
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         await host.connect(info)
-        async with open_lane(host, ident) as lane:
+        async with open_lane(host, ident, ciphers=(cipher,) if cipher else None) as lane:
             peer = str(info.peer_id)
             await lane.send(peer, "warm-up", {"w": torch.zeros(16)})
             cpu0 = time.process_time()
@@ -239,8 +244,11 @@ async def _lane_send(size: int, reps: int, addr: str, seed: str, codec: str) -> 
                 report = await lane.send(peer, f"t{i}", {"x": src}, codec=codec)
                 times.append(time.perf_counter() - t0)
                 wire = report.bytes
+                used = report.cipher
             cpu = time.process_time() - cpu0
-    return {"times": times, "cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib(), "wire": wire}
+    return {
+        "times": times, "cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib(), "wire": wire, "cipher": used
+    }
 
 
 def _worker(spec: dict[str, Any]) -> int:
@@ -267,7 +275,9 @@ def _worker(spec: dict[str, Any]) -> int:
     elif role == "recv":
         out = trio.run(_lane_recv, size, reps, spec["sender"])
     else:
-        out = trio.run(_lane_send, size, reps, spec["addr"], spec["seed"], spec["codec"])
+        out = trio.run(
+            _lane_send, size, reps, spec["addr"], spec["seed"], spec["codec"], spec.get("cipher")
+        )
     _emit({"result": out})
     return 0
 
@@ -301,7 +311,7 @@ def _read_json(proc: subprocess.Popen[str], key: str) -> dict[str, Any]:
 
 def _pair(
     kind: str, size: int, reps: int, codec: str = "none", timeout: float = 900,
-    layout: dict[str, Any] | None = None,
+    layout: dict[str, Any] | None = None, cipher: str | None = None,
 ) -> dict[str, Any]:
     """One receiver and one sender process (peers 0 and 1 of the WAN ``layout`` when given)."""
     from p2pcompute.identity import Identity
@@ -319,7 +329,7 @@ def _pair(
         # both start at once (each spends seconds importing torch); the sender waits for the address
         send = _spawn(
             {"kind": kind, "role": "send", "size": size, "reps": reps, "seed": seed, "codec": codec,
-             "await_peer": True, **({"ip": where[1]["ip"]} if where else {})},
+             "cipher": cipher, "await_peer": True, **({"ip": where[1]["ip"]} if where else {})},
             stdin=True,
             prefix=where[1]["prefix"] if where else None,
         )
@@ -365,13 +375,15 @@ def run(
     )
     for size in sizes:
         label = f"{size >> 20}MiB"
-        plan: list[tuple[str, str, str, int, str | None]] = [
-            (f"raw_tcp {label}", "raw", "none", reps, "raw_tcp"),
-            (f"libp2p {label}", "libp2p", "none", max(1, libp2p_reps), "libp2p"),
-            *((f"lane/{c} {label}", "lane", c, reps, None) for c in codecs),
+        plan: list[tuple[str, str, str, int, str | None, str | None]] = [
+            (f"raw_tcp {label}", "raw", "none", reps, "raw_tcp", None),
+            (f"libp2p {label}", "libp2p", "none", max(1, libp2p_reps), "libp2p", None),
+            *((f"lane/{c} {label}", "lane", c, reps, None, None) for c in codecs),
         ]
-        for name, kind, codec, n, baseline in plan:
-            out = _pair(kind, size, n, codec, layout=layout)
+        if "none" in codecs and not quick:
+            plan.append((f"lane-gcm/none {label}", "lane", "none", reps, None, "aes-256-gcm"))
+        for name, kind, codec, n, baseline, cipher in plan:
+            out = _pair(kind, size, n, codec, layout=layout, cipher=cipher)
             row = suite.config(name, size=size, kind=kind, codec=codec)
             row.baseline = baseline
             gb = size * n / 1e9
@@ -384,6 +396,7 @@ def run(
                 row.add(f"rss_over_tensor_mib_{side}", out[side]["peak_rss"] - out[side]["base_rss"])
             if "wire" in out["send"]:
                 row.params["wire_bytes"] = out["send"]["wire"]
+                row.params["cipher"] = out["send"]["cipher"]
             print(f"  {name}: {row.median('mb_per_s'):.0f} MB/s", flush=True)
     suite.add_ratios()
     return suite

@@ -208,6 +208,29 @@ async def test_relay_fallback_when_no_direct_path() -> None:
     assert torch.equal(got_c["x"], x["x"])
 
 
+@pytest.mark.parametrize("direct", [True, False])
+async def test_lanes_agree_on_a_record_cipher(direct: bool) -> None:
+    """The fastest cipher both offer: OCB3 between two default lanes, GCM with a GCM-only lane."""
+    x = {"x": torch.randn(300_000)}  # several records
+    opts: list[dict[str, Any]] = [
+        {"direct": direct},
+        {"direct": direct},
+        {"direct": direct, "ciphers": ("aes-256-gcm",)},
+    ]
+    with trio.fail_after(GUARD):
+        async with lanes(3, opts) as (a, b, c):
+            reports: list[Any] = []
+
+            async def send(src: TensorLane, dst: TensorLane) -> None:
+                reports.append(await src.send(dst.peer_id, "t", x))
+
+            for src, dst in ((a, b), (a, c), (c, b)):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send, src, dst)
+                    got = await dst.receive(src.peer_id, "t")
+                assert torch.equal(got["x"], x["x"])
+
+
 async def test_fan_out_and_fan_in_at_once() -> None:
     with trio.fail_after(GUARD):
         async with lanes(4) as ls:

@@ -7,15 +7,23 @@ from __future__ import annotations
 import math
 import os
 
+import msgpack
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pcompute.errors import IntegrityError, MalformedMessage
+from p2pcompute.errors import IntegrityError, LocalProtocolError, MalformedMessage
 from p2pcompute.tensors import codecs
 from p2pcompute.tensors.staging import Lander, Stager
-from p2pcompute.wire.lanekeys import HELLO, Handshake, RecordOpener, RecordSealer, transfer_keys
+from p2pcompute.wire.lanekeys import (
+    HELLO,
+    Handshake,
+    RecordOpener,
+    RecordSealer,
+    available_ciphers,
+    transfer_keys,
+)
 from p2pcompute.wire.shards import (
     CODECS,
     HEADER_SIZE,
@@ -57,19 +65,59 @@ def test_keys_are_bound_to_peer_ids_and_fresh() -> None:
 
 def test_bad_hello_is_rejected() -> None:
     ha, _ = _pair()
+    gcm = ["aes-256-gcm"]
     with pytest.raises(MalformedMessage):
-        ha.finish(HELLO.build(nonce=os.urandom(32), kx=bytes(32), addrs=[]))  # low-order point
+        ha.finish(HELLO.build(nonce=os.urandom(32), kx=bytes(32), addrs=[], ciphers=gcm))  # low-order point
     with pytest.raises(MalformedMessage):
-        ha.finish(HELLO.build(nonce=os.urandom(32), kx=os.urandom(32), addrs=[["h", 70000]]))
+        ha.finish(HELLO.build(nonce=os.urandom(32), kx=os.urandom(32), addrs=[["h", 70000]], ciphers=gcm))
+    with pytest.raises(MalformedMessage, match="no record cipher in common"):
+        ha.finish(HELLO.build(nonce=os.urandom(32), kx=os.urandom(32), addrs=[], ciphers=["rot13"]))
+    old = {"t": "lane-hello", "v": 1, "nonce": os.urandom(32), "kx": os.urandom(32), "addrs": []}
+    with pytest.raises(MalformedMessage, match="version"):  # a peer still on the GCM-only hello
+        ha.finish(msgpack.packb(old))
 
 
-def test_records_reject_corruption_reordering_replay_and_wrong_keys() -> None:
+def test_the_initiators_preference_wins_among_shared_ciphers() -> None:
+    both = available_ciphers()
+    assert both[0] == "aes-256-ocb3"  # the OpenSSL in cryptography's wheels has both
+    assert "aes-256-gcm" in both
+    for mine, theirs, chosen in (
+        (both, both, both[0]),
+        (("aes-256-gcm",), both, "aes-256-gcm"),
+        (both, ("aes-256-gcm",), "aes-256-gcm"),
+        (tuple(reversed(both)), both, both[-1]),
+    ):
+        a = Handshake(initiator=True, local_id="A", remote_id="B", addrs=[], ciphers=mine)
+        b = Handshake(initiator=False, local_id="B", remote_id="A", addrs=[], ciphers=theirs)
+        ka, kb = a.finish(b.hello), b.finish(a.hello)
+        assert ka.cipher == kb.cipher == chosen
+        assert ka.send_base == kb.recv_base
+    with pytest.raises(LocalProtocolError):
+        Handshake(initiator=True, local_id="A", remote_id="B", addrs=[], ciphers=("aes-128-ecb",))
+    with pytest.raises(LocalProtocolError):
+        Handshake(initiator=True, local_id="A", remote_id="B", addrs=[], ciphers=())
+
+
+def test_a_rewritten_cipher_list_gives_no_common_keys() -> None:
+    """Someone who strips OCB from A's hello on its way (downgrade) changes the transcript."""
+    a = Handshake(initiator=True, local_id="A", remote_id="B", addrs=[])
+    b = Handshake(initiator=False, local_id="B", remote_id="A", addrs=[])
+    msg = HELLO.parse(a.hello)
+    stripped = HELLO.build(nonce=msg["nonce"], kx=msg["kx"], addrs=msg["addrs"], ciphers=["aes-256-gcm"])
+    kb = b.finish(stripped)
+    ka = a.finish(b.hello)
+    assert kb.cipher == "aes-256-gcm" != ka.cipher
+    assert ka.send_base != kb.recv_base
+
+
+@pytest.mark.parametrize("cipher", available_ciphers())
+def test_records_reject_corruption_reordering_replay_and_wrong_keys(cipher: str) -> None:
     key = os.urandom(32)
-    sealer = RecordSealer(key)
+    sealer = RecordSealer(key, cipher)
     wire = [sealer.seal(KIND_DATA, bytes([i]) * 100) for i in range(3)]
 
-    def open_seq(records: list[bytes], k: bytes = key) -> list[bytes]:
-        opener = RecordOpener(k, peer="S")
+    def open_seq(records: list[bytes], k: bytes = key, c: str = cipher) -> list[bytes]:
+        opener = RecordOpener(k, c, peer="S")
         return [opener.open(r[:HEADER_SIZE], bytearray(r[HEADER_SIZE:])) for r in records]
 
     assert open_seq(wire) == [bytes([i]) * 100 for i in range(3)]
@@ -81,6 +129,10 @@ def test_records_reject_corruption_reordering_replay_and_wrong_keys() -> None:
         assert err.value.peer == "S"
     with pytest.raises(IntegrityError):
         open_seq(wire, os.urandom(32))
+    for other in available_ciphers():
+        if other != cipher:
+            with pytest.raises(IntegrityError):  # same key, read as the other cipher
+                open_seq(wire, key, other)
     header_changed = bytearray(wire[0])
     header_changed[0] = 3  # same bytes, claimed as another record kind
     with pytest.raises(IntegrityError):
@@ -114,7 +166,8 @@ def _memory_transfer(
     )
     sources = [t.contiguous().reshape(-1) for t in tensors.values()]
     key = os.urandom(32)
-    sealer, opener = RecordSealer(key), RecordOpener(key, peer="S")
+    cipher = available_ciphers()[0]
+    sealer, opener = RecordSealer(key, cipher), RecordOpener(key, cipher, peer="S")
     stager = Stager(sources, specs, record_size, force_staging=force_staging)
     lander = Lander(specs, None, None, peer="S", force_staging=force_staging)
     plains = lander.buffers(record_size)

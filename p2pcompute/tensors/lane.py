@@ -1,7 +1,7 @@
 """The tensor data lane: encrypted, verified tensor transfers between two peers.
 
 Control (the session key agreement) runs over an authenticated py-libp2p stream;
-bulk payload goes over a direct TCP connection per transfer, in AES-256-GCM
+bulk payload goes over a direct TCP connection per transfer, in AES-256-OCB3 (or -GCM)
 records of up to 1 MiB that are sealed from and opened straight into tensor
 memory. When no direct connection can be made, the same bytes travel over a
 py-libp2p stream instead ("relay" path). See docs/design/data-plane.md for the
@@ -67,6 +67,8 @@ from p2pcompute.wire.lanekeys import (
     RecordOpener,
     RecordSealer,
     SessionKeys,
+    available_ciphers,
+    check_ciphers,
     sealed_size,
     transfer_keys,
 )
@@ -106,12 +108,14 @@ OnChunk = Callable[[str, int, torch.Tensor], Any]
 
 @dataclass(frozen=True)
 class TransferReport:
-    """What one transfer moved: encoded payload ``bytes``, wall ``seconds``, ``path`` ("direct"/"relay")."""
+    """What one transfer moved: encoded payload ``bytes``, wall ``seconds``, ``path`` ("direct"/"relay"),
+    and the record ``cipher`` the two lanes agreed on."""
 
     bytes: int
     seconds: float
     path: str
     records: int = 0
+    cipher: str = ""
 
 
 @dataclass
@@ -345,7 +349,7 @@ class TensorLane:
         identity: Identity,
         *,
         bind: str | None = None,
-        cipher: str = "aes-256-gcm",
+        ciphers: tuple[str, ...] | None = None,
         direct: bool = True,
         advertise: list[tuple[str, int]] | None = None,
         record_size: int = DEFAULT_RECORD_SIZE,
@@ -360,8 +364,7 @@ class TensorLane:
         max_pending_auth: int = 64,
         force_staging: bool = False,
     ) -> None:
-        if cipher != "aes-256-gcm":
-            raise LocalProtocolError(f"unsupported lane cipher {cipher!r} (only aes-256-gcm)")
+        self.ciphers = available_ciphers() if ciphers is None else check_ciphers(ciphers)
         if not MIN_RECORD_SIZE <= record_size <= MAX_RECORD_SIZE:
             raise LocalProtocolError(f"record_size must be in [{MIN_RECORD_SIZE}, {MAX_RECORD_SIZE}]")
         _USER_THREADS[0] = torch.get_num_threads()  # the user's thread: what workers restore
@@ -494,7 +497,11 @@ class TensorLane:
             stream = FramedStream(raw, peer=peer, max_frame=HELLO.max_size)
             try:
                 shake = Handshake(
-                    initiator=True, local_id=self.peer_id, remote_id=peer, addrs=list(self.data_addrs)
+                    initiator=True,
+                    local_id=self.peer_id,
+                    remote_id=peer,
+                    addrs=list(self.data_addrs),
+                    ciphers=self.ciphers,
                 )
                 with trio.fail_after(self.auth_timeout):
                     await stream.send_frame(shake.hello)
@@ -513,7 +520,11 @@ class TensorLane:
             with trio.fail_after(self.auth_timeout):
                 hello = await stream.recv_frame(HELLO.max_size)
                 shake = Handshake(
-                    initiator=False, local_id=self.peer_id, remote_id=peer, addrs=list(self.data_addrs)
+                    initiator=False,
+                    local_id=self.peer_id,
+                    remote_id=peer,
+                    addrs=list(self.data_addrs),
+                    ciphers=self.ciphers,
                 )
                 keys = shake.finish(hello)
                 await stream.send_frame(shake.hello)
@@ -575,12 +586,13 @@ class TensorLane:
         challenge = os.urandom(CHALLENGE_SIZE)
         await conn.send_all(challenge)
         s2r, r2s = transfer_keys(session.keys.recv_base, challenge)
-        opener = RecordOpener(s2r, peer=session.peer)
+        cipher = session.keys.cipher
+        opener = RecordOpener(s2r, cipher, peer=session.peer)
         _, header, body = await _read_record(conn, (KIND_OPEN,), MAX_CONTROL_BODY)
         manifest = parse_manifest(
             opener.open(header, body), peer=session.peer, max_bytes=self.max_transfer_bytes
         )
-        return _Incoming(session.peer, manifest, conn, opener, RecordSealer(r2s), "direct")
+        return _Incoming(session.peer, manifest, conn, opener, RecordSealer(r2s, cipher), "direct")
 
     async def _serve_inbound(self, conn: _Conn, path: str, expected_peer: str | None) -> None:
         """Authenticate one incoming transfer, park it until claimed, keep the connection until done."""
@@ -736,7 +748,9 @@ class TensorLane:
         self._stats.bytes_sent += report[0]
         if path == "relay":
             self._stats.relay_transfers += 1
-        return TransferReport(report[0], time.perf_counter() - start, path, report[1])
+        return TransferReport(
+            report[0], time.perf_counter() - start, path, report[1], session.keys.cipher
+        )
 
     async def _connect(self, peer: str, session: _Session) -> tuple[_Conn, str]:
         for host, port in session.keys.peer_addrs if self.direct else ():
@@ -783,8 +797,8 @@ class TensorLane:
         except PeerGone:
             raise _StaleSession from None
         s2r, r2s = transfer_keys(session.keys.send_base, bytes(challenge))
-        sealer = RecordSealer(s2r)
-        opener = RecordOpener(r2s, peer=peer)
+        sealer = RecordSealer(s2r, session.keys.cipher)
+        opener = RecordOpener(r2s, session.keys.cipher, peer=peer)
         await conn.send_all(sealer.seal(KIND_OPEN, open_body))
         # Wait (with no payload in flight) until the receiver claims the transfer.
         kind, header, body = await _read_record(
@@ -929,7 +943,12 @@ class TensorLane:
                 await self._receive_body(incoming, None, None, on_chunk, threaded=threaded)
             finally:
                 incoming.done.set()
-        return TransferReport(incoming.manifest.total_bytes, time.perf_counter() - start, incoming.path)
+        return TransferReport(
+            incoming.manifest.total_bytes,
+            time.perf_counter() - start,
+            incoming.path,
+            cipher=incoming.opener.cipher,
+        )
 
     async def _receive_body(
         self,
@@ -1186,7 +1205,7 @@ async def open_lane(
     identity: Identity,
     *,
     bind: str | None = None,
-    cipher: str = "aes-256-gcm",
+    ciphers: tuple[str, ...] | None = None,
     **options: Any,
 ) -> AsyncIterator[TensorLane]:
     """Run a tensor lane on a started py-libp2p ``host`` whose key is ``identity``'s.
@@ -1195,8 +1214,9 @@ async def open_lane(
     the host listens on, or all interfaces when it listens on several, so peers that can reach
     the host can also reach the lane) and
     registers the lane's libp2p protocols; everything stops on exit. Options:
-    ``direct=False`` (never dial or accept direct TCP: relay path only),
-    ``advertise=[(host, port)]``, ``record_size``, ``stall_timeout``, ``hold_timeout``,
+    ``ciphers=("aes-256-gcm",)`` (record ciphers to offer, in order of preference; default: every
+    one this process has, AES-256-OCB3 first), ``direct=False`` (never dial or accept direct TCP:
+    relay path only), ``advertise=[(host, port)]``, ``record_size``, ``stall_timeout``, ``hold_timeout``,
     ``claim_timeout``, ``max_transfer_bytes``, ``max_parked`` (see :class:`TensorLane`).
 
     Example::
@@ -1206,7 +1226,7 @@ async def open_lane(
     """
     if str(host.get_id()) != identity.peer_id:
         raise LocalProtocolError("the lane's identity must be the host's key (Identity.libp2p_key_pair())")
-    lane = TensorLane(host, identity, bind=bind, cipher=cipher, **options)
+    lane = TensorLane(host, identity, bind=bind, ciphers=ciphers, **options)
     try:
         async with trio.open_nursery() as nursery:
             await lane._run(nursery)
