@@ -97,3 +97,94 @@ def train_alone(
         opt.step()
         opt.zero_grad()
     return model, evaluate(model, task.eval_set())
+
+
+# -- a language-modelling task --------------------------------------------------------------------
+
+VOCAB = 16
+CONTEXT = 2
+
+
+class MarkovTextTask:
+    """Next-token prediction on text from a fixed random Markov source (order ``CONTEXT``).
+
+    Each context of ``CONTEXT`` tokens has its own next-token distribution, drawn once from a
+    sparse Dirichlet (most mass on a few tokens, like real text), so the source has an
+    entropy well above zero: the best possible cross-entropy, :meth:`floor`, is that of the
+    source itself. This is the regime where language models are trained, and where a
+    final-loss comparison means something: the teacher regression above drives its loss
+    towards zero, where any gap is a large fraction of a small number.
+
+    Example::
+
+        task = MarkovTextTask(seed=0)
+        model = task.make_model(0)
+        x, y = task.batch(64, torch.Generator().manual_seed(7))
+        loss = task.loss(model(x), y)
+        print(task.evaluate(model), ">=", task.floor())
+    """
+
+    def __init__(self, seed: int = 0, *, concentration: float = 0.1) -> None:
+        g = torch.Generator().manual_seed(seed)
+        alpha = torch.full((VOCAB,), concentration)
+        gamma = torch._standard_gamma(alpha.expand(VOCAB**CONTEXT, VOCAB).contiguous(), generator=g)
+        probs = gamma / gamma.sum(dim=1, keepdim=True)
+        self.probs = probs.clamp_min(1e-9)  # [context index, next token]
+        self.probs /= self.probs.sum(dim=1, keepdim=True)
+        self.seed = seed
+
+    def _contexts(self, size: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, VOCAB, (size, CONTEXT), generator=g)
+
+    def _index(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.zeros(x.shape[0], dtype=torch.long)
+        for k in range(CONTEXT):
+            index = index * VOCAB + x[:, k]
+        return index
+
+    def batch(self, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` (context, next token) pairs drawn with ``g``: contexts uniform, tokens from the source."""
+        x = self._contexts(size, g)
+        y = torch.multinomial(self.probs[self._index(x)], 1, generator=g).squeeze(1)
+        return x, y
+
+    def eval_set(self, size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed held-out set (the same on every peer)."""
+        return self.batch(size, torch.Generator().manual_seed(20_000 + self.seed))
+
+    @staticmethod
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy in nats per token."""
+        return torch.nn.functional.cross_entropy(out, y)
+
+    @staticmethod
+    def make_model(seed: int = 0) -> torch.nn.Module:
+        """A small neural n-gram model (about 11k parameters): embeddings, an MLP, logits.
+
+        Example::
+
+            model = MarkovTextTask.make_model(0)   # the same weights on every peer that uses seed 0
+        """
+        g = torch.Generator().manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.Embedding(VOCAB, 32),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32 * CONTEXT, HIDDEN), torch.nn.GELU(),
+            torch.nn.Linear(HIDDEN, VOCAB),
+        )
+        with torch.no_grad():
+            for p in model.parameters():
+                bound = 1.0 / max(1, p.shape[-1]) ** 0.5
+                p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
+        return model
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        """Cross-entropy of ``model`` on the held-out set (nats per token)."""
+        x, y = self.eval_set()
+        with torch.no_grad():
+            return float(self.loss(model(x), y))
+
+    def floor(self) -> float:
+        """The source's own cross-entropy on the held-out set: no model can do better on average."""
+        x, y = self.eval_set()
+        return float(-self.probs[self._index(x), y].log().mean())
