@@ -272,3 +272,19 @@ async def test_peer_exchange_hands_on_many_adverts() -> None:
                 boot.peers.offer(raw, sender=ident.peer_id)
             assert await a.exchange_peers(boot.peer_id) >= 60
             assert {i.peer_id for i in others} <= {r.peer_id for r in a.peers.alive()}
+
+
+async def test_garbage_on_the_pubsub_protocol_leaves_the_node_running() -> None:
+    """A peer that writes a length-prefixed non-protobuf RPC on /meshsub must not take us down."""
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
+    from libp2p.utils.varint import encode_uvarint
+
+    with trio.fail_after(60):
+        async with open_swarm(1) as (boot, (a,)):
+            raw = await a.host.new_stream(boot.host.get_id(), [PROTOCOL_ID_V11])
+            junk = b"\xff" * 40  # not a protobuf message: a field with wire type 7
+            await raw.write(encode_uvarint(len(junk)) + junk)
+            # the node goes on serving: peer exchange and pubsub between the two still work
+            await boot.wait_until(lambda: bool(boot.peers.offences(a.peer_id)), timeout=10)
+            assert boot.peers.offences(a.peer_id) == {"malformed": 1}
+            assert await a.exchange_peers(boot.peer_id) >= 0

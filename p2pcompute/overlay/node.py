@@ -44,6 +44,7 @@ from p2pcompute.capacity.probe import probe_capacity
 from p2pcompute.errors import (
     ConfigError,
     LocalProtocolError,
+    MalformedMessage,
     P2PComputeError,
     PeerTimeout,
     PeerUnreachable,
@@ -226,6 +227,12 @@ class Node:
             strict_signing=True,
             max_inbound_rpc_size=config.max_message_size + 65536,
         )
+        # py-libp2p 0.8.1 lets a protobuf DecodeError from one peer's RPC escape its pubsub
+        # stream handler, and that ends the whole host: one malformed frame from any connected
+        # peer took a node down (test_garbage_on_the_pubsub_protocol_leaves_the_node_running).
+        # Our handler runs theirs and turns such an error into an offence of that peer.
+        for protocol in self.gossipsub.get_protocols():
+            self.host.set_stream_handler(protocol, self._guarded_pubsub_stream)
         self.peers = PeerTable(self.peer_id, swarm, max_skew=config.max_skew, clock=clock)
         self._advert_topic = advert_topic(swarm)
         self._px_protocol = peers_protocol(swarm)
@@ -517,6 +524,18 @@ class Node:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    async def _guarded_pubsub_stream(self, stream: Any) -> None:
+        try:
+            await self.pubsub.stream_handler(stream)
+        except Exception as exc:  # any failure stays with this stream and its peer
+            peer = str(stream.muxed_conn.peer_id.to_base58())
+            log.info("pubsub stream from %s failed: %s: %s", peer, type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            if type(exc).__name__ == "DecodeError":  # google.protobuf: the peer sent a malformed RPC
+                self.peers.count_offence(peer, MalformedMessage(f"malformed pubsub RPC: {exc}", peer=peer))
+                self._blame(peer)
 
     def _blame(self, peer: str | None) -> None:
         if peer is None or peer in self._banned or peer == self.peer_id:
