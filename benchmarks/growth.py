@@ -131,9 +131,6 @@ def converge_limit(n: int) -> float:
     return 60.0 + 2.0 * n
 
 
-_TEARDOWN_RACE = "Nursery is closed to new arrivals"
-
-
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for e in exc.exceptions for leaf in _leaves(e)]
@@ -151,15 +148,16 @@ def _run_worker(n: int, timeout: float) -> dict[str, Any]:
         leaves = _leaves(exc)
         if any(isinstance(e, trio.TooSlowError) for e in leaves):
             raise SystemExit(f"{n} nodes: not done within {timeout:.0f} s: {out}") from None
-        if "cpu_s" not in out or not all(
-            isinstance(e, RuntimeError) and str(e) == _TEARDOWN_RACE for e in leaves
-        ):
+        if "cpu_s" not in out:
             for e in leaves:
                 print(f"growth worker: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(f"growth worker: measured before the failure: {json.dumps(out)}", file=sys.stderr)
             raise
-        # py-libp2p 0.8.1: a pubsub stream handler schedules work into its service's nursery
-        # while that nursery closes; this happens after the figures were taken, during teardown.
-        out["teardown_error"] = f"{len(leaves)} x RuntimeError({_TEARDOWN_RACE!r}) in py-libp2p pubsub"
+        # Every figure was taken before teardown began; what fails while n nodes shut down at
+        # once is reported beside them. Seen: py-libp2p 0.8.1's pubsub handlers scheduling work
+        # on their closing service nursery (RuntimeError "Nursery is closed to new arrivals").
+        kinds = sorted({f"{type(e).__name__}({str(e)[:60]!r})" for e in leaves})
+        out["teardown_error"] = f"{len(leaves)} error(s) in py-libp2p while shutting down: {', '.join(kinds)}"
     return out
 
 

@@ -104,15 +104,15 @@ def _bytes_part(
     for task_name in tasks:
         floor = TASKS[task_name]().floor()
         for name, mode, inner, codec, is_base in configs:
-            row = result.config(f"{task_name}: {name}", part="bytes", task=task_name, peers=peers, steps=steps,
-                                batch=batch, inner_steps=inner, compression=codec,
+            row = result.config(f"{task_name}: {name}", part="bytes", task=task_name, peers=peers,
+                                steps=steps, batch=batch, inner_steps=inner, compression=codec,
                                 samples=peers * steps * batch, loss_floor=floor)
             if is_base:
                 row.baseline = "per_step"
             for r in range(repeats):  # each repeat draws other data (the same task and start)
                 t0 = time.perf_counter()
                 loss, sent = trio.run(
-                    lambda mode=mode, inner=inner, codec=codec, r=r: _simulate(
+                    lambda mode=mode, inner=inner, codec=codec, r=r, task_name=task_name: _simulate(
                         peers, steps, batch, mode=mode, inner_steps=inner, compression=codec, lr=3e-3,
                         task_name=task_name, data_seed=100 + 1000 * r,
                     )
