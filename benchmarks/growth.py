@@ -64,10 +64,14 @@ async def _worker(n: int, timeout: float, out: dict[str, Any]) -> None:
 
     cap = Capacity(cpu_cores=2, ram_total=8 << 30, ram_available=4 << 30, platform="bench")
     # dial_timeout: with dozens of nodes on one loop, a busy bootstrap answers dials slowly.
+    # advert_interval: each node publishes at start and on change, so a re-publish adds nothing
+    # to what is measured here, while its cost grows as n^2 in one process (py-libp2p spends
+    # about 15 ms of CPU per receiving node per advert): at 5 s, 32 nodes needed 3 cores for
+    # re-publishing alone and never converged (docs/benchmarks.md, "The growth suite").
     opts: dict[str, Any] = {
         "capacity": cap,
-        "advert_interval": 5.0,
-        "advert_ttl": 120.0,
+        "advert_interval": REPUBLISH_S,
+        "advert_ttl": 3 * REPUBLISH_S,
         "dial_timeout": 30.0,
     }
     rss0, cpu0 = _rss_mib(), _cpu_s()
@@ -114,6 +118,7 @@ async def _worker(n: int, timeout: float, out: dict[str, Any]) -> None:
 
 
 ADVERT_LIMIT = 60.0
+REPUBLISH_S = 900.0  # longer than any size's run: adverts go out at start-up only
 METRICS = (
     "advert_last_s",
     "advert_p50_s",

@@ -147,7 +147,7 @@ def test_bootstrap_two_peers_status_json(tmp_path: Path) -> None:
                 "/ip4/127.0.0.1/tcp/0",
                 "--show-peers",
                 "2",
-                *(selling if i == 0 else ()),
+                *(selling if i == 0 else ("--advert-interval", "60")),
                 extra_path=(str(tmp_path),),
             )
             for i in range(2)
@@ -161,6 +161,11 @@ def test_bootstrap_two_peers_status_json(tmp_path: Path) -> None:
         listed = json.loads(status.stdout)
         by_id = {entry["peer_id"]: entry for entry in listed}
         assert ids <= set(by_id)
+        slow = peers[1].line(0).rsplit("/p2p/", 1)[1]
+        ttl = {pid: by_id[pid]["expires"] - by_id[pid]["last_seen"] for pid in ids}
+        assert 170 < ttl[slow] <= 180  # --advert-interval 60: valid for 3 intervals
+        other = next(iter(ids - {slow}))
+        assert ttl[other] <= 30  # the default: 10 s, valid for 30
         for pid in ids:
             assert by_id[pid]["role"] == "peer"
             assert by_id[pid]["addrs"]
