@@ -526,6 +526,8 @@ class Node:
         self._changed = trio.Event()
 
     async def _guarded_pubsub_stream(self, stream: Any) -> None:
+        from google.protobuf.message import DecodeError  # py-libp2p's own dependency
+
         try:
             await self.pubsub.stream_handler(stream)
         except Exception as exc:  # any failure stays with this stream and its peer
@@ -533,7 +535,7 @@ class Node:
             log.info("pubsub stream from %s failed: %s: %s", peer, type(exc).__name__, exc)
             with contextlib.suppress(Exception):
                 await stream.reset()
-            if type(exc).__name__ == "DecodeError":  # google.protobuf: the peer sent a malformed RPC
+            if isinstance(exc, DecodeError):  # the peer sent bytes that are not an RPC
                 self.peers.count_offence(peer, MalformedMessage(f"malformed pubsub RPC: {exc}", peer=peer))
                 self._blame(peer)
 

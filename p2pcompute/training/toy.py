@@ -125,12 +125,14 @@ class MarkovTextTask:
     """
 
     def __init__(self, seed: int = 0, *, concentration: float = 0.1) -> None:
-        g = torch.Generator().manual_seed(seed)
-        alpha = torch.full((VOCAB,), concentration)
-        gamma = torch._standard_gamma(alpha.expand(VOCAB**CONTEXT, VOCAB).contiguous(), generator=g)
-        probs = gamma / gamma.sum(dim=1, keepdim=True)
-        self.probs = probs.clamp_min(1e-9)  # [context index, next token]
-        self.probs /= self.probs.sum(dim=1, keepdim=True)
+        # torch's Dirichlet draws from the global generator: seed it inside fork_rng, which
+        # gives the caller's generator state back afterwards
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            dirichlet = torch.distributions.Dirichlet(torch.full((VOCAB,), concentration))
+            probs = dirichlet.sample((VOCAB**CONTEXT,))
+        probs = probs.clamp_min(1e-9)  # a token the draw made impossible stays merely very unlikely
+        self.probs = probs / probs.sum(dim=1, keepdim=True)  # [context index, next token]
         self.seed = seed
 
     def _contexts(self, size: int, g: torch.Generator) -> torch.Tensor:
