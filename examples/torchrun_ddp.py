@@ -13,6 +13,7 @@ the new parameters and the outer step to the other ranks. Ranks stay bit-identic
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -111,7 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if swarm is not None:
             swarm.close()
-        dist.destroy_process_group()
+    # Tear down together and in order: every rank waits here for rank 0's swarm to close, and
+    # DDP (its reducer and the work it keeps) goes before the process group it uses. A rank
+    # that destroyed the group and exited while the other still used it once died with
+    # SIGABRT ("terminate called without an active exception") in a gloo thread. Only on
+    # success: after an error the other rank may be inside a collective, and torchrun stops it.
+    dist.barrier()
+    del ddp, inner
+    gc.collect()
+    dist.destroy_process_group()
     return 0
 
 
