@@ -207,7 +207,7 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
                 if prof is not None:
                     prof.enable()
                 res = await coll.all_reduce(group, "bench", f"{codec}-{r}", [t], codec=codec)
-                if prof is not None and profile_to:
+                if prof is not None:
                     prof.disable()
                     prof.dump_stats(profile_to)
                 a1, c1 = time.perf_counter(), time.process_time()

@@ -66,8 +66,9 @@ async def _worker(n: int, timeout: float, out: dict[str, Any]) -> None:
     # dial_timeout: with dozens of nodes on one loop, a busy bootstrap answers dials slowly.
     # advert_interval: each node publishes at start and on change, so a re-publish adds nothing
     # to what is measured here, while its cost grows as n^2 in one process (py-libp2p spends
-    # about 15 ms of CPU per receiving node per advert): at 5 s, 32 nodes needed 3 cores for
-    # re-publishing alone and never converged (docs/benchmarks.md, "The growth suite").
+    # about 15 ms of CPU per receiving node per advert): at 5 s, 32 nodes would need about
+    # 3 cores for re-publishing alone (32 / 5 s x 31 x 15 ms), and they never converged
+    # (docs/benchmarks.md, "The growth suite").
     opts: dict[str, Any] = {
         "capacity": cap,
         "advert_interval": REPUBLISH_S,
