@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -39,10 +40,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from benchmarks import wanlink
 from benchmarks.harness import SuiteResult, print_table, write_results
+from benchmarks.wanlink import queue_limit
 from p2pcompute.errors import ConfigError
 
 PREFIX = "p2pcb"
@@ -78,10 +82,17 @@ class WanSpec:
     jitter_ms: float = 0.0
     loss_pct: float = 0.0
     rate_mbit: float | None = None
+    mtu: int | None = None  # the peers' link MTU; None keeps the device's default (1500)
 
     @property
     def is_null(self) -> bool:
+        """True when nothing is shaped (an MTU alone shapes nothing)."""
         return self.delay_ms == 0 and self.jitter_ms == 0 and self.loss_pct == 0 and self.rate_mbit is None
+
+    @property
+    def needs_netem(self) -> bool:
+        """True when the spec asks for something only netem (or the user-space link) gives."""
+        return bool(self.delay_ms or self.jitter_ms or self.loss_pct)
 
     def describe(self) -> str:
         """The canonical spec text; ``parse_spec(s.describe()) == s``.
@@ -100,6 +111,8 @@ class WanSpec:
             parts.append(f"rate={_num(self.rate_mbit)}mbit")
         if self.loss_pct:
             parts.append(f"loss={_num(self.loss_pct)}%")
+        if self.mtu is not None:
+            parts.append(f"mtu={self.mtu}")
         return ",".join(parts) or "none"
 
 
@@ -116,10 +129,11 @@ def parse_spec(text: str) -> WanSpec:
     """Parse a ``--wan`` spec: comma-separated items, short or ``key=value`` form.
 
     Short items: ``50ms`` (delay; also ``s``/``us``), ``5msjitter``, ``200mbit`` (rate; also
-    ``bit``/``kbit``/``gbit``), ``0.1%loss`` or ``0.1%``. Long items: ``delay=50ms``,
-    ``jitter=5ms``, ``rate=200mbit``, ``loss=0.1%``. ``none`` means no shaping.
+    ``bit``/``kbit``/``gbit``), ``0.1%loss`` or ``0.1%``, ``9000mtu``. Long items: ``delay=50ms``,
+    ``jitter=5ms``, ``rate=200mbit``, ``loss=0.1%``, ``mtu=9000``. ``none`` means no shaping.
     Raises :class:`WanSpecError` on anything else, on a repeated item and on out-of-range values
-    (delay up to 10 s, jitter not above delay, loss below 100 %, rate 8 kbit to 100 gbit).
+    (delay up to 10 s, jitter not above delay, loss below 100 %, rate 8 kbit to 100 gbit,
+    MTU 576 to 65000).
 
     Example::
 
@@ -144,7 +158,10 @@ def parse_spec(text: str) -> WanSpec:
         jitter_ms=got.get("jitter", 0.0),
         loss_pct=got.get("loss", 0.0),
         rate_mbit=got.get("rate"),
+        mtu=None if "mtu" not in got else int(got["mtu"]),
     )
+    if spec.mtu is not None and (spec.mtu != got["mtu"] or not 576 <= spec.mtu <= 65_000):
+        raise WanSpecError(f"mtu {got['mtu']} must be a whole number of bytes from 576 to 65000")
     if spec.delay_ms > 10_000:
         raise WanSpecError(f"delay {spec.delay_ms} ms is above the 10 s limit")
     if spec.jitter_ms > spec.delay_ms:
@@ -173,6 +190,10 @@ def _parse_item(item: str) -> tuple[str, float]:
             m = re.fullmatch(_NUM + r"%?", val)
             if m:
                 return key, float(m[1])
+        elif key == "mtu":
+            m = re.fullmatch(_NUM, val)
+            if m:
+                return key, float(m[1])
         raise WanSpecError(f"cannot read --wan item {item!r}")
     m = re.fullmatch(_NUM + r"(us|ms|s)(jitter)?", item)
     if m:
@@ -183,7 +204,12 @@ def _parse_item(item: str) -> tuple[str, float]:
     m = re.fullmatch(_NUM + r"%(loss)?", item)
     if m:
         return "loss", float(m[1])
-    raise WanSpecError(f"cannot read --wan item {item!r} (expected e.g. 50ms, 5msjitter, 200mbit, 0.1%loss)")
+    m = re.fullmatch(_NUM + r"mtu", item)
+    if m:
+        return "mtu", float(m[1])
+    raise WanSpecError(
+        f"cannot read --wan item {item!r} (expected e.g. 50ms, 5msjitter, 200mbit, 0.1%loss, 9000mtu)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,20 +231,41 @@ class PeerNs:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything :class:`WanEmulation` will run, computed without touching the system."""
+    """Everything :class:`WanEmulation` will run, computed without touching the system.
+
+    ``backend`` is ``"kernel"`` (veth pairs on a bridge in ``hub``, shaped by ``tc``) or
+    ``"user"`` (a TUN device per peer and no hub: :mod:`benchmarks.wanlink` forwards and shapes,
+    started with ``link_argv``).
+    """
 
     tag: str
-    hub: str
+    hub: str | None
     peers: tuple[PeerNs, ...]
     setup: tuple[tuple[str, ...], ...]
     shaping: tuple[tuple[str, ...], ...]
     teardown: tuple[tuple[str, ...], ...]
     applied: dict[str, Any]
     not_applied: tuple[str, ...]
+    backend: str = "kernel"
+    link_argv: tuple[str, ...] = ()
 
     @property
     def namespaces(self) -> list[str]:
-        return [p.netns for p in self.peers] + [self.hub]
+        return [p.netns for p in self.peers] + ([self.hub] if self.hub else [])
+
+
+BACKENDS = ("auto", "kernel", "user")
+BACKEND_ENV = "P2PC_WAN_BACKEND"  # overrides "auto": "kernel" or "user"
+
+
+def _applied(spec: WanSpec) -> dict[str, Any]:
+    got: dict[str, Any] = {}
+    for key in ("delay_ms", "jitter_ms", "loss_pct"):
+        if getattr(spec, key):
+            got[key] = getattr(spec, key)
+    if spec.rate_mbit is not None:
+        got["rate_mbit"] = spec.rate_mbit
+    return got
 
 
 def shaping_commands(
@@ -237,23 +284,17 @@ def shaping_commands(
     base = ["tc", "-n", netns, "qdisc", "add", "dev", "eth0", "root"]
     if netem:
         args = ["netem"]
-        applied: dict[str, Any] = {}
         if spec.delay_ms:
             args += ["delay", f"{_num(spec.delay_ms)}ms"]
-            applied["delay_ms"] = spec.delay_ms
             if spec.jitter_ms:
                 args += [f"{_num(spec.jitter_ms)}ms", "distribution", "normal"]
-                applied["jitter_ms"] = spec.jitter_ms
         if spec.loss_pct:
             args += ["loss", f"{_num(spec.loss_pct)}%"]
-            applied["loss_pct"] = spec.loss_pct
         if spec.rate_mbit is not None:
             args += ["rate", f"{_num(spec.rate_mbit * 1000)}kbit"]
-            applied["rate_mbit"] = spec.rate_mbit
         # The queue must hold a bandwidth-delay product, or netem itself becomes the loss.
-        bdp_pkts = (spec.rate_mbit or 10_000) * 1e6 / 8 * max(spec.delay_ms, 1.0) / 1e3 / 1500
-        args += ["limit", str(int(min(max(1000, 4 * bdp_pkts), 1_000_000)))]
-        return [base + args], applied, []
+        args += ["limit", str(queue_limit(spec.rate_mbit, spec.delay_ms))]
+        return [base + args], _applied(spec), []
     missing = []
     for label, value, unit in (
         ("delay", spec.delay_ms, "ms"),
@@ -274,24 +315,95 @@ def shaping_commands(
     return [cmd], {"rate_mbit": spec.rate_mbit}, missing
 
 
-def plan(spec: WanSpec, peers: int, *, tag: str | None = None, netem: bool = True, tbf: bool = True) -> Plan:
+def link_argv(spec: WanSpec, peers: Sequence[PeerNs]) -> list[str]:
+    """The command line of the user-space link (:mod:`benchmarks.wanlink`) for these peers and spec."""
+    argv = [sys.executable, str(Path(wanlink.__file__).resolve())]
+    for p in peers:
+        argv += ["--peer", f"{p.netns}={p.addr}"]
+    for flag, value in (
+        ("--delay-ms", spec.delay_ms),
+        ("--jitter-ms", spec.jitter_ms),
+        ("--loss-pct", spec.loss_pct),
+        ("--rate-mbit", spec.rate_mbit),
+    ):
+        if value:
+            argv += [flag, _num(value)]
+    return argv
+
+
+def choose_backend(spec: WanSpec, support: Support, requested: str = "auto") -> str:
+    """Which emulation applies ``spec`` here: ``"kernel"`` (tc on veth) or ``"user"`` (TUN + forwarder).
+
+    ``auto`` takes the kernel whenever it applies the whole spec (netem, or tbf for a rate
+    alone: cheaper and more precise), else the user-space link when TUN devices can be made, else
+    the kernel with what it can apply (the rest is reported as not applied). Example::
+
+        choose_backend(parse_spec("50ms"), Support(True, tbf=True, tun=True))   # "user"
+    """
+    if requested not in BACKENDS:
+        raise WanSpecError(f"WAN backend {requested!r} is not one of {', '.join(BACKENDS)}")
+    if requested == "user" and not support.tun:
+        raise WanError("the user-space link needs TUN devices (/dev/net/tun), which this host lacks")
+    if requested != "auto":
+        return requested
+    if support.netem or not spec.needs_netem:
+        return "kernel"
+    return "user" if support.tun else "kernel"
+
+
+def plan(
+    spec: WanSpec,
+    peers: int,
+    *,
+    tag: str | None = None,
+    netem: bool = True,
+    tbf: bool = True,
+    backend: str = "kernel",
+) -> Plan:
     """Compute the namespaces, addresses and every ``ip``/``tc`` command for ``peers`` peers.
 
-    Topology: a hub namespace holding bridge ``br0``; per peer a namespace whose ``eth0`` is one
-    end of a veth pair created *inside the hub* (so nothing ever appears in the host namespace),
-    addressed ``10.77.0.<i+1>/24``. Example::
+    Kernel topology: a hub namespace holding bridge ``br0``; per peer a namespace whose ``eth0``
+    is one end of a veth pair created *inside the hub* (so nothing ever appears in the host
+    namespace), addressed ``10.77.0.<i+1>/24``. User topology: per peer a namespace whose
+    ``eth0`` is a TUN device with the same address; the forwarder joins them. Example::
 
         p = plan(parse_spec("50ms,200mbit"), 2)
         p.peers[1].addr  # '10.77.0.2'
     """
     if not 2 <= peers <= MAX_PEERS:
         raise WanSpecError(f"WAN emulation takes 2 to {MAX_PEERS} peers, not {peers}")
+    if backend not in ("kernel", "user"):
+        raise WanSpecError(f"plan backend must be 'kernel' or 'user', not {backend!r}")
     tag = tag or str(os.getpid())
     if not re.fullmatch(r"[0-9a-z]{1,12}", tag):
         raise ValueError(f"bad namespace tag {tag!r}")
-    hub = f"{PREFIX}-{tag}-hub"
     members = tuple(PeerNs(i, f"{PREFIX}-{tag}-p{i}", f"{SUBNET}.{i + 1}") for i in range(peers))
-    setup: list[tuple[str, ...]] = [
+    mtu = () if spec.mtu is None else ("mtu", str(spec.mtu))
+    setup: list[tuple[str, ...]] = []
+    if backend == "user":
+        for p in members:
+            setup += [
+                ("ip", "netns", "add", p.netns),
+                ("ip", "-n", p.netns, "link", "set", "lo", "up"),
+                ("ip", "-n", p.netns, "tuntap", "add", "dev", "eth0", "mode", "tun"),
+                ("ip", "-n", p.netns, "addr", "add", f"{p.addr}/24", "dev", "eth0"),
+                ("ip", "-n", p.netns, "link", "set", "eth0", *mtu, "up"),
+            ]
+        teardown = tuple(("ip", "netns", "del", p.netns) for p in members)
+        return Plan(
+            tag=tag,
+            hub=None,
+            peers=members,
+            setup=tuple(setup),
+            shaping=(),
+            teardown=teardown,
+            applied=_applied(spec),
+            not_applied=(),
+            backend="user",
+            link_argv=tuple(link_argv(spec, members)),
+        )
+    hub = f"{PREFIX}-{tag}-hub"
+    setup += [
         ("ip", "netns", "add", hub),
         ("ip", "-n", hub, "link", "set", "lo", "up"),
         ("ip", "-n", hub, "link", "add", "br0", "type", "bridge"),
@@ -311,6 +423,7 @@ def plan(spec: WanSpec, peers: int, *, tag: str | None = None, netem: bool = Tru
                 "link",
                 "add",
                 f"v{p.index}",
+                *mtu,
                 "type",
                 "veth",
                 "peer",
@@ -322,7 +435,7 @@ def plan(spec: WanSpec, peers: int, *, tag: str | None = None, netem: bool = Tru
             ("ip", "-n", hub, "link", "set", f"v{p.index}", "master", "br0"),
             ("ip", "-n", hub, "link", "set", f"v{p.index}", "up"),
             ("ip", "-n", p.netns, "addr", "add", f"{p.addr}/24", "dev", "eth0"),
-            ("ip", "-n", p.netns, "link", "set", "eth0", "up"),
+            ("ip", "-n", p.netns, "link", "set", "eth0", *mtu, "up"),
         ]
         cmds, applied, missing = shaping_commands(spec, p.netns, netem=netem, tbf=tbf)
         shaping += [tuple(c) for c in cmds]
@@ -336,18 +449,20 @@ def plan(spec: WanSpec, peers: int, *, tag: str | None = None, netem: bool = Tru
 
 @dataclass(frozen=True)
 class Support:
-    """Whether namespaces can be made here, and which shaping qdiscs the kernel has."""
+    """Whether namespaces can be made here, which shaping qdiscs the kernel has, and TUN devices."""
 
     ok: bool
     reason: str = ""
     netem: bool = False
     tbf: bool = False
+    tun: bool = False
 
     def describe(self) -> str:
         if not self.ok:
             return f"WAN emulation unavailable: {self.reason}"
         kinds = [k for k, v in (("netem", self.netem), ("tbf", self.tbf)) if v] or ["none"]
-        return f"WAN emulation available (shaping qdiscs: {', '.join(kinds)})"
+        user = "; user-space link (TUN): " + ("yes" if self.tun else "no")
+        return f"WAN emulation available (shaping qdiscs: {', '.join(kinds)}{user})"
 
 
 def _default_run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
@@ -387,8 +502,12 @@ def probe_support(run: Runner = _default_run) -> Support:
     if made.returncode != 0:
         return Support(False, f"cannot create a network namespace: {made.stderr.strip() or made.returncode}")
     try:
+        tun = (
+            os.path.exists("/dev/net/tun")
+            and run(["ip", "-n", scratch, "tuntap", "add", "dev", "t0", "mode", "tun"]).returncode == 0
+        )
         if shutil.which("tc") is None:
-            return Support(True, "the iproute2 'tc' command is not installed", netem=False, tbf=False)
+            return Support(True, "the iproute2 'tc' command is not installed", tun=tun)
         run(["ip", "-n", scratch, "link", "set", "lo", "up"])
         netem = run(["tc", "-n", scratch, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"])
         run(["tc", "-n", scratch, "qdisc", "del", "dev", "lo", "root"])
@@ -411,7 +530,7 @@ def probe_support(run: Runner = _default_run) -> Support:
                 "50ms",
             ]
         )
-        return Support(True, netem=netem.returncode == 0, tbf=tbf.returncode == 0)
+        return Support(True, netem=netem.returncode == 0, tbf=tbf.returncode == 0, tun=tun)
     finally:
         run(["ip", "netns", "del", scratch])
 
@@ -482,12 +601,14 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 class WanEmulation:
     """A context manager owning an emulated network of ``peers`` namespaces; torn down on exit.
 
-    Example::
+    ``backend`` is ``"auto"`` (see :func:`choose_backend`; the environment variable
+    ``P2PC_WAN_BACKEND`` overrides it), ``"kernel"`` or ``"user"``. Example::
 
         with WanEmulation(parse_spec("50ms,200mbit,0.1%loss"), peers=2) as net:
             server = subprocess.Popen(net.exec_argv(0, ["python", "-m", "http.server", "-b", net.addr(0)]))
             ...
-        # every namespace, veth and bridge is gone here, also after an exception or Ctrl-C
+        # every namespace, veth, bridge, TUN device and the forwarder are gone here,
+        # also after an exception or Ctrl-C
     """
 
     spec: WanSpec
@@ -495,22 +616,30 @@ class WanEmulation:
     support: Support | None = None
     run: Runner = _default_run
     tag: str | None = None
+    backend: str = "auto"
     plan: Plan | None = field(default=None, init=False)
     _created: list[str] = field(default_factory=list, init=False)
     _old_term: Any = field(default=None, init=False)
+    _link: subprocess.Popen[str] | None = field(default=None, init=False)
 
     def __enter__(self) -> WanEmulation:
         support = self.support or probe_support(self.run)
         if not support.ok:
             raise WanError(support.describe())
         self.support = support
+        requested = os.environ.get(BACKEND_ENV, "") if self.backend == "auto" else self.backend
+        backend = choose_backend(self.spec, support, requested or "auto")
         main = threading.current_thread() is threading.main_thread()
         if main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             # SIGTERM would otherwise end the process without running __exit__: make it unwind.
             self._old_term = signal.signal(signal.SIGTERM, _terminate)
-        self.plan = plan(self.spec, self.peers, tag=self.tag, netem=support.netem, tbf=support.tbf)
+        self.plan = plan(
+            self.spec, self.peers, tag=self.tag, netem=support.netem, tbf=support.tbf, backend=backend
+        )
         try:
             self._apply(self.plan.setup)
+            if self.plan.link_argv:
+                self._start_link(self.plan.link_argv)
         except BaseException:
             self.teardown()
             self._restore_term()
@@ -533,15 +662,94 @@ class WanEmulation:
                     self._created.pop()
                 raise WanError(f"{' '.join(cmd)} failed: {done.stderr.strip() or done.returncode}")
 
+    # -- the user-space link's process ------------------------------------------------------
+
+    def _start_link(self, argv: Sequence[str]) -> None:
+        # Its own session: a Ctrl-C at the terminal reaches us, and we stop it in order.
+        self._link = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        reply = self._link_reply()
+        if reply != "ready":
+            raise WanError(f"the user-space link did not start: {reply}")
+
+    def _link_reply(self, timeout: float = _CMD_TIMEOUT) -> str:
+        link = self._link
+        assert link is not None
+        assert link.stdout is not None
+        ready, _, _ = select.select([link.stdout], [], [], timeout)
+        line = link.stdout.readline().strip() if ready else ""
+        if line:
+            return line
+        if link.poll() is None:
+            return f"no answer within {timeout:.0f} s"
+        err = link.stderr.read().strip().splitlines() if link.stderr else []
+        return f"exit {link.returncode}: {err[-1] if err else 'no message'}"
+
+    def _ask_link(self, command: str) -> str:
+        link = self._link
+        assert link is not None
+        assert link.stdin is not None
+        try:
+            link.stdin.write(command + "\n")
+            link.stdin.flush()
+        except OSError as exc:
+            raise WanError(f"the user-space link is gone: {exc}") from None
+        return self._link_reply()
+
+    def link_stats(self) -> dict[str, Any] | None:
+        """The user-space link's counters (:class:`benchmarks.wanlink.ForwarderStats`), or ``None``
+        under the kernel backend. Shows how many packets the loss really dropped.
+        """
+        if self._link is None:
+            return None
+        reply = self._ask_link("stats")
+        try:
+            stats: dict[str, Any] = json.loads(reply)
+        except ValueError:
+            raise WanError(f"the user-space link answered {reply!r} to 'stats'") from None
+        return stats
+
+    def _stop_link(self) -> list[str]:
+        link, self._link = self._link, None
+        if link is None:
+            return []
+        if link.stdin is not None:
+            with contextlib.suppress(OSError):
+                link.stdin.close()  # end of file: the forwarder returns
+        try:
+            link.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            link.kill()
+            link.wait()
+            return [f"the user-space link (pid {link.pid}) had to be killed"]
+        finally:
+            for pipe in (link.stdout, link.stderr):
+                if pipe is not None:
+                    pipe.close()
+        return []
+
+    # -- the public surface -------------------------------------------------------------------
+
     def shape(self) -> None:
         """Apply the spec's shaping (idempotent per emulation: call once, after any unshaped baseline)."""
         assert self.plan is not None, "use WanEmulation as a context manager"
+        if self.plan.backend == "user":
+            reply = self._ask_link("shape")
+            if reply != "shaped":
+                raise WanError(f"the user-space link did not shape: {reply}")
+            return
         self._apply(self.plan.shaping)
 
     def teardown(self) -> list[str]:
-        """Delete every namespace this emulation created; returns the failures (normally none)."""
-        failures = []
+        """Stop the link and delete every namespace this emulation made; returns failures (normally none)."""
         with _no_interrupts():
+            failures = self._stop_link()
             for ns in reversed(self._created):
                 done = self.run(["ip", "netns", "del", ns])
                 if done.returncode != 0 and ns in list_namespaces(self.run):
@@ -555,7 +763,7 @@ class WanEmulation:
         failures = self.teardown()
         self._restore_term()
         if failures and et is None:
-            raise WanError("teardown left namespaces behind: " + "; ".join(failures))
+            raise WanError("teardown left something behind: " + "; ".join(failures))
 
     def addr(self, i: int) -> str:
         assert self.plan is not None
@@ -573,6 +781,7 @@ class WanEmulation:
         return {
             "spec": self.spec.describe(),
             "requested": asdict(self.spec),
+            "backend": self.plan.backend,
             "applied": self.plan.applied,
             "not_applied": list(self.plan.not_applied),
             "peers": [
@@ -767,11 +976,44 @@ def run(
             elif net.plan.not_applied:
                 row.notes.append("not applied: " + "; ".join(net.plan.not_applied))
             srv_argv, cli_argv = net.exec_argv(0, server(net.addr(0))), net.exec_argv(1, client(net.addr(0)))
+            before = net.link_stats()
             got = _measure(srv_argv, cli_argv, timeout)
             for metric, vals in got.items():
                 for v in vals:
                     row.add(metric, v)
+            after = net.link_stats()
+            if before is not None and after is not None:
+                row.notes.append(describe_link_stats(before, after))
+                row.params["link"] = link_delta(before, after)
     return result
+
+
+def link_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """What the user-space link did between two :meth:`WanEmulation.link_stats` readings, all senders summed.
+
+    Example::
+
+        >>> s = lambda n, lost: {"senders": [{"offered": n, "passed": n - lost, "lost": lost, "overflow": 0,
+        ...                                   "bytes_passed": 0}], "unroutable": 0, "write_errors": 0}
+        >>> link_delta(s(10, 1), s(110, 2))["lost"]
+        1
+    """
+    out: dict[str, int] = {}
+    for key in ("offered", "passed", "lost", "overflow", "bytes_passed"):
+        out[key] = sum(s[key] for s in after["senders"]) - sum(s[key] for s in before["senders"])
+    for key in ("unroutable", "write_errors"):
+        out[key] = after[key] - before[key]
+    return out
+
+
+def describe_link_stats(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """One line on what the user-space link did during a measurement (lost share included)."""
+    d = link_delta(before, after)
+    share = d["lost"] / d["offered"] if d["offered"] else 0.0
+    return (
+        f"user-space link: {d['offered']} packets offered, {d['lost']} lost at random ({share:.2%}), "
+        f"{d['overflow']} over the queue limit, {d['write_errors']} not delivered"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,8 @@ needs_netns = pytest.mark.skipif(not SUPPORT.ok, reason=SUPPORT.describe())
         ("100mbit", WanSpec(rate_mbit=100.0)),
         ("none", WanSpec()),
         ("NONE", WanSpec()),
+        ("50ms,9000mtu", WanSpec(delay_ms=50.0, mtu=9000)),
+        ("mtu=1280", WanSpec(mtu=1280)),
     ],
 )
 def test_parse_spec(text: str, spec: WanSpec) -> None:
@@ -70,6 +72,10 @@ def test_parse_spec(text: str, spec: WanSpec) -> None:
         "x=1",
         "50ms;200mbit",
         "1" * 300,
+        "100mtu",
+        "70000mtu",
+        "1500.5mtu",
+        "mtu=9000,mtu=1500",
     ],
 )
 def test_parse_spec_refuses(text: str) -> None:
@@ -78,11 +84,12 @@ def test_parse_spec_refuses(text: str) -> None:
 
 
 specs = st.builds(
-    lambda d, j, loss, r: WanSpec(d, min(j, d), loss, r),
+    lambda d, j, loss, r, mtu: WanSpec(d, min(j, d), loss, r, mtu),
     st.floats(0, 10_000).map(lambda x: round(x, 3)),
     st.floats(0, 10_000).map(lambda x: round(x, 3)),
     st.floats(0, 99.9).map(lambda x: round(x, 3)),
     st.one_of(st.none(), st.floats(0.008, 100_000).map(lambda x: round(x, 3))),
+    st.one_of(st.none(), st.integers(576, 65_000)),
 )
 
 
@@ -124,6 +131,72 @@ def test_plan_touches_only_its_own_namespaces(peers: int) -> None:
             assert cmd[cmd.index("netns", 3) + 1] in ours
     assert [c[3] for c in p.teardown] == [*(m.netns for m in p.peers), p.hub]
     assert p.peers[0].exec == ["ip", "netns", "exec", p.peers[0].netns]
+
+
+@pytest.mark.parametrize("peers", [2, 5, wan.MAX_PEERS])
+def test_user_plan_makes_tun_devices_and_no_hub(peers: int) -> None:
+    spec = parse_spec("50ms,5msjitter,200mbit,0.1%loss,9000mtu")
+    p = wan.plan(spec, peers, tag="123", netem=False, tbf=True, backend="user")
+    assert p.backend == "user"
+    assert p.hub is None
+    ours = set(p.namespaces)
+    assert len(ours) == peers
+    assert p.shaping == ()
+    assert p.not_applied == ()
+    assert p.applied == {"delay_ms": 50.0, "jitter_ms": 5.0, "loss_pct": 0.1, "rate_mbit": 200.0}
+    for cmd in _all_commands(p):
+        if cmd[:3] in (("ip", "netns", "add"), ("ip", "netns", "del")):
+            assert cmd[3] in ours
+        else:
+            assert cmd[1] == "-n", cmd
+            assert cmd[2] in ours, cmd
+            assert "veth" not in cmd
+    tuns = [c for c in p.setup if c[3:5] == ("tuntap", "add")]
+    assert [c[2] for c in tuns] == [m.netns for m in p.peers]
+    assert all(c[6:8] == ("mtu", "9000") for c in p.setup if c[3:7] == ("link", "set", "eth0", "mtu"))
+    argv = list(p.link_argv)
+    assert argv[1].endswith("wanlink.py")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--peer"] == [
+        f"{m.netns}={m.addr}" for m in p.peers
+    ]
+    flags = dict(zip(argv[2::2], argv[3::2], strict=False))
+    assert flags["--delay-ms"] == "50"
+    assert flags["--jitter-ms"] == "5"
+    assert flags["--loss-pct"] == "0.1"
+    assert flags["--rate-mbit"] == "200"
+
+
+def test_kernel_plan_sets_the_mtu_on_both_ends() -> None:
+    p = wan.plan(parse_spec("9000mtu"), 2, tag="9")
+    veths = [c for c in p.setup if "veth" in c]
+    assert all(c[c.index("mtu") + 1] == "9000" for c in veths)
+    ups = [c for c in p.setup if c[3:6] == ("link", "set", "eth0")]
+    assert all("9000" in c for c in ups)
+    assert p.shaping == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "support", "requested", "want"),
+    [
+        ("50ms", wan.Support(True, netem=True, tbf=True, tun=True), "auto", "kernel"),
+        ("50ms", wan.Support(True, tbf=True, tun=True), "auto", "user"),
+        ("0.1%loss", wan.Support(True, tbf=True, tun=True), "auto", "user"),
+        ("200mbit", wan.Support(True, tbf=True, tun=True), "auto", "kernel"),  # tbf applies it all
+        ("none", wan.Support(True, tun=True), "auto", "kernel"),
+        ("50ms", wan.Support(True, tbf=True), "auto", "kernel"),  # applies what it can, says the rest
+        ("200mbit", wan.Support(True, netem=True, tbf=True, tun=True), "user", "user"),
+        ("50ms", wan.Support(True, tbf=True, tun=True), "kernel", "kernel"),
+    ],
+)
+def test_choose_backend(text: str, support: wan.Support, requested: str, want: str) -> None:
+    assert wan.choose_backend(parse_spec(text), support, requested) == want
+
+
+def test_choose_backend_refuses_what_cannot_be() -> None:
+    with pytest.raises(WanError, match="TUN"):
+        wan.choose_backend(parse_spec("50ms"), wan.Support(True, netem=True), "user")
+    with pytest.raises(WanSpecError):
+        wan.choose_backend(parse_spec("50ms"), wan.Support(True, netem=True), "fast")
 
 
 @pytest.mark.parametrize("peers", [0, 1, wan.MAX_PEERS + 1])
@@ -195,6 +268,22 @@ def test_unsupported_host_raises_with_the_reason() -> None:
 # ------------------------------------------------------------------------------ real namespaces
 
 
+def _links(netns: str) -> list[int]:
+    """Pids of live user-space link processes serving ``netns``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        mine = any(a.startswith(f"{netns}=".encode()) for a in argv)
+        if mine and any(a.endswith(b"wanlink.py") for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
 def _ours() -> set[str]:
     return {n for n in wan.list_namespaces() if n.startswith(f"{wan.PREFIX}-{os.getpid()}-")}
 
@@ -256,18 +345,21 @@ def test_real_teardown_after_an_exception() -> None:
 _CHILD = """
 import sys, time
 from benchmarks.wan import WanEmulation, parse_spec
-with WanEmulation(parse_spec("10mbit"), peers=2) as net:
-    print(net.plan.hub, flush=True)
+with WanEmulation(parse_spec("10mbit,5ms"), peers=2, backend=sys.argv[1]) as net:
+    print(net.plan.peers[0].netns, flush=True)
     time.sleep(120)
 """
 
 
 @needs_netns
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_real_teardown_on_signal(sig: int) -> None:
+@pytest.mark.parametrize("backend", ["kernel", "user"])
+def test_real_teardown_on_signal(sig: int, backend: str) -> None:
+    if backend == "user" and not SUPPORT.tun:
+        pytest.skip("no TUN devices here")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD],
+        [sys.executable, "-c", _CHILD, backend],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -276,13 +368,17 @@ def test_real_teardown_on_signal(sig: int) -> None:
     )
     try:
         assert proc.stdout is not None
-        hub = proc.stdout.readline().strip()
-        assert hub.startswith(f"{wan.PREFIX}-{proc.pid}-"), proc.stderr.read() if proc.stderr else ""
-        prefix = hub.removesuffix("hub")
-        assert len([n for n in wan.list_namespaces() if n.startswith(prefix)]) == 3
+        first = proc.stdout.readline().strip()
+        assert first.startswith(f"{wan.PREFIX}-{proc.pid}-"), proc.stderr.read() if proc.stderr else ""
+        prefix = first.removesuffix("p0")
+        made = [n for n in wan.list_namespaces() if n.startswith(prefix)]
+        assert len(made) == (3 if backend == "kernel" else 2)  # the kernel backend has a hub
+        links = _links(first)
+        assert len(links) == (backend == "user")
         proc.send_signal(sig)
         proc.wait(timeout=60)
         assert [n for n in wan.list_namespaces() if n.startswith(prefix)] == []
+        assert _links(first) == []
     finally:
         if proc.poll() is None:
             proc.kill()
