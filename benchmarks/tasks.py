@@ -15,6 +15,10 @@ Rows:
 * ``recover_killed``: the cheapest provider takes the lease and is killed while the
   task runs; ``recover_s`` is from the kill to the result arriving from another provider.
 
+Under ``--wan`` (``python -m benchmarks tasks --wan 50ms,200mbit``) every node is a process in
+its own namespace instead: bootstrap node and requester in peer 0's, one provider in each other
+peer's, and each recovery's victim a fresh process that SIGKILLs itself when its run starts.
+
 Run: ``python -m benchmarks.tasks [--quick] [--out PATH]``.
 """
 
@@ -22,14 +26,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import json
+import os
+import select
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import trio
 
-from benchmarks.harness import SuiteResult, peak_rss_mib, print_table, write_results
+from benchmarks.harness import SuiteResult, peak_rss_mib, print_table, wan_layout, write_results
 from p2pcompute.capacity.model import Capacity
 from p2pcompute.overlay import FramedStream, Node, open_node
 from p2pcompute.tasks import TaskRegistry
@@ -38,6 +52,7 @@ from p2pcompute.tasks.driver import TaskService, open_tasks, serve_tasks
 CAP = Capacity(cpu_cores=2, ram_total=8 << 30, ram_available=4 << 30, platform="bench")
 OPTS: dict[str, Any] = {"capacity": CAP}
 ECHO = "/p2pcompute/bench-echo/1"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -106,41 +121,55 @@ async def _one_recovery(boot: Node, tasks: TaskService) -> float | None:
     return done - killed_at[0] if killed_at else None
 
 
-async def _measure(quick: bool) -> dict[str, Any]:
-    lease_samples = 10 if quick else 60
-    map_items = 16 if quick else 96
-    map_reps = 1 if quick else 3
-    kills = 1 if quick else 3
-    out: dict[str, Any] = {"rtt_ms": [], "lease_ms": [], "tasks_per_s": [], "recover_s": []}
+def _samples(quick: bool) -> dict[str, int]:
+    return {
+        "lease": 10 if quick else 60,
+        "map_items": 16 if quick else 96,
+        "map_reps": 1 if quick else 3,
+        "kills": 1 if quick else 3,
+    }
+
+
+async def _steady(
+    rnode: Node, tasks: TaskService, targets: list[str], quick: bool, out: dict[str, Any]
+) -> None:
+    """The rows that need no fault: stream round trips to ``targets``, leases, a map of small tasks."""
+    n = _samples(quick)
     a = torch.ones(2, 2)
+    await tasks.run_task("matmul", {"a": a, "b": a}, {})  # warm-up: connections, mesh
+    for i in range(n["lease"]):
+        t0 = trio.current_time()
+        s = await rnode.open_stream(targets[i % len(targets)], ECHO)
+        await s.send_frame(b"x")
+        await s.recv_frame(64)
+        out["rtt_ms"].append((trio.current_time() - t0) * 1000)
+        await s.close()
+
+    for _ in range(n["lease"]):
+        r = await tasks.run_task("matmul", {"a": a, "b": a}, {})
+        out["lease_ms"].append(r.lease_seconds * 1000)
+
+    items = [({"a": a, "b": a}, {}) for _ in range(n["map_items"])]
+    for _ in range(n["map_reps"]):
+        t0 = trio.current_time()
+        results = await tasks.map_tasks("matmul", items, parallel=8, offer_window=0.3, enough_offers=4)
+        out["tasks_per_s"].append(len(results) / (trio.current_time() - t0))
+        out["providers_used"] = len({r.provider for r in results})  # type: ignore[union-attr]
+
+
+def _empty() -> dict[str, Any]:
+    return {"rtt_ms": [], "lease_ms": [], "tasks_per_s": [], "recover_s": [], "recover_misses": 0}
+
+
+async def _measure(quick: bool) -> dict[str, Any]:
+    kills = _samples(quick)["kills"]
+    out = _empty()
     async with open_node(role="bootstrap", **OPTS) as boot, contextlib.AsyncExitStack() as stack:
         providers = [await stack.enter_async_context(_provider(boot)) for _ in range(4)]
         rnode = await stack.enter_async_context(open_node(bootstrap=boot.addrs, **OPTS))
         tasks = await stack.enter_async_context(open_tasks(rnode))
         await tasks.wait_for_providers(4, timeout=60)
-        await tasks.run_task("matmul", {"a": a, "b": a}, {})  # warm-up: connections, mesh
-
-        for i in range(lease_samples):
-            target = providers[i % 4][0].peer_id
-            t0 = trio.current_time()
-            s = await rnode.open_stream(target, ECHO)
-            await s.send_frame(b"x")
-            await s.recv_frame(64)
-            out["rtt_ms"].append((trio.current_time() - t0) * 1000)
-            await s.close()
-
-        for _ in range(lease_samples):
-            r = await tasks.run_task("matmul", {"a": a, "b": a}, {})
-            out["lease_ms"].append(r.lease_seconds * 1000)
-
-        items = [({"a": a, "b": a}, {}) for _ in range(map_items)]
-        for _ in range(map_reps):
-            t0 = trio.current_time()
-            results = await tasks.map_tasks("matmul", items, parallel=8, offer_window=0.3, enough_offers=4)
-            out["tasks_per_s"].append(len(results) / (trio.current_time() - t0))
-            out["providers_used"] = len({r.provider for r in results})  # type: ignore[union-attr]
-
-        out["recover_misses"] = 0
+        await _steady(rnode, tasks, [str(p[0].peer_id) for p in providers], quick, out)
         for _ in range(3 * kills):
             if len(out["recover_s"]) == kills:
                 break
@@ -153,14 +182,198 @@ async def _measure(quick: bool) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Under --wan: every node a process in its own namespace
+#
+# The suite process (host namespace) only starts workers and reads their JSON lines. Peer 0
+# holds the bootstrap node and the requester; peers 1..k each hold one provider (peer 1's also
+# sells "spin" at price 1.0, the fallback); each recovery starts a victim process that sells
+# "spin" at price 0.0 and SIGKILLs itself, after printing the time, when its run starts.
+
+_IP_ENV = "P2PC_BENCH_IP"
+
+
+def _listen() -> list[str]:
+    return [f"/ip4/{os.environ.get(_IP_ENV, '127.0.0.1')}/tcp/0"]
+
+
+def _say(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+async def _requester_main(quick: bool, providers: int) -> None:
+    out = _empty()
+    async with (
+        open_node(role="bootstrap", listen=_listen(), **OPTS) as boot,
+        open_node(bootstrap=boot.addrs, listen=_listen(), **OPTS) as rnode,
+        open_tasks(rnode) as tasks,
+    ):
+        _say({"boot": boot.addrs[0]})
+        targets = await tasks.wait_for_providers(providers, timeout=120)
+        await _steady(rnode, tasks, targets, quick, out)
+        _say({"steady": out})
+        while (line := (await trio.to_thread.run_sync(sys.stdin.readline)).split()) and line[0] == "recover":
+            victim = line[1]
+            with trio.fail_after(120):
+                while victim not in tasks.providers():  # py-libp2p signals no change of peer_topics
+                    await trio.sleep(0.05)
+            x = torch.ones(2, 2)
+            await tasks.run_task(
+                "spin", {"x": x}, {}, enough_offers=2, offer_window=15.0, lease_ttl=4.0, deadline=120
+            )
+            _say({"done_at": time.time()})
+    _say({"rss_mib": peak_rss_mib()})
+
+
+async def _provider_main(boot: str, *, spin: bool, victim: bool) -> None:
+    reg = TaskRegistry()
+    if victim:
+
+        @reg.task("spin", price=0.0)
+        def crash(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
+            _say({"killed_at": time.time()})
+            os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no goodbye on any stream
+            raise AssertionError("unreachable")
+
+    elif spin:
+
+        @reg.task("spin", price=1.0)
+        def quick_spin(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
+            return {"y": tensors["x"] + 1}
+
+    async with (
+        open_node(bootstrap=[boot], listen=_listen(), **OPTS) as node,
+        serve_tasks(node, reg, capacity=2),
+    ):
+
+        async def echo(stream: FramedStream) -> None:
+            await stream.send_frame(await stream.recv_frame(64))
+
+        node.set_stream_handler(ECHO, echo)
+        _say({"peer": str(node.peer_id)})
+        await trio.to_thread.run_sync(sys.stdin.read)  # until the suite closes our stdin
+
+
+def _spawn(peer: dict[str, Any], args: list[str], logs: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, _IP_ENV: peer["addr"]}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    log = open(logs / f"{args[1]}-{peer['index']}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            [*peer["exec"], sys.executable, "-m", "benchmarks.tasks", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+        )
+    finally:
+        log.close()
+
+
+def _read(proc: subprocess.Popen[str], key: str, timeout: float) -> dict[str, Any] | None:
+    """The next JSON line of ``proc`` that holds ``key``; ``None`` when it exits or ``timeout`` passes."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if not ready:
+            return None
+        line = proc.stdout.readline()
+        if not line:
+            return None
+        with contextlib.suppress(ValueError):
+            msg = json.loads(line)
+            if isinstance(msg, dict) and key in msg:
+                return msg
+    return None
+
+
+def _need(proc: subprocess.Popen[str], key: str, timeout: float, what: str, logs: Path) -> dict[str, Any]:
+    msg = _read(proc, key, timeout)
+    if msg is None:
+        tails = [f"{f.name}: {f.read_text()[-400:]}" for f in sorted(logs.iterdir()) if f.stat().st_size]
+        raise RuntimeError(f"tasks under --wan: no {key!r} from the {what} in {timeout:.0f} s; logs: {tails}")
+    return msg
+
+
+def _measure_wan(quick: bool, layout: dict[str, Any]) -> dict[str, Any]:
+    peers = layout["peers"]
+    if len(peers) < 3:
+        raise ValueError("the tasks suite under --wan needs at least 3 peers (--wan-peers)")
+    kills = _samples(quick)["kills"]
+    flag = ["--quick"] if quick else []
+    procs: list[subprocess.Popen[str]] = []
+    with tempfile.TemporaryDirectory(prefix="p2pc-tasks-") as tmp:
+        logs = Path(tmp)
+        try:
+            req = _spawn(peers[0], ["--worker", "requester", "--providers", str(len(peers) - 1), *flag], logs)
+            procs.append(req)
+            boot = _need(req, "boot", 60, "requester", logs)["boot"]
+            for p in peers[1:]:
+                spin = ["--spin"] if p["index"] == 1 else []
+                procs.append(_spawn(p, ["--worker", "provider", "--boot", boot, *spin], logs))
+            out: dict[str, Any] = _need(req, "steady", 600, "requester", logs)["steady"]
+            assert req.stdin is not None
+            for attempt in range(3 * kills):
+                if len(out["recover_s"]) == kills:
+                    break
+                place = peers[1 + attempt % (len(peers) - 1)]
+                victim = _spawn(place, ["--worker", "victim", "--boot", boot], logs)
+                procs.append(victim)
+                vid = _need(victim, "peer", 60, "victim", logs)["peer"]
+                req.stdin.write(f"recover {vid}\n")
+                req.stdin.flush()
+                done = _need(req, "done_at", 180, "requester", logs)["done_at"]
+                killed = _read(victim, "killed_at", 5)
+                if killed is None:  # its offer came too late: the fallback ran it at once
+                    out["recover_misses"] += 1
+                else:
+                    out["recover_s"].append(done - killed["killed_at"])
+                victim.kill()
+                victim.wait()
+            req.stdin.close()
+            out["rss_mib"] = _need(req, "rss_mib", 60, "requester", logs)["rss_mib"]
+            return out
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    with contextlib.suppress(OSError):
+                        if p.stdin is not None:
+                            p.stdin.close()
+            for p in procs:
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                for f in (p.stdout, p.stdin):
+                    if f is not None and not f.closed:
+                        with contextlib.suppress(OSError):
+                            f.close()
+
+
 def run(quick: bool = False, **options: Any) -> SuiteResult:
-    """Run the suite and return its result (see the module docstring)."""
-    figures = trio.run(_measure, quick)
+    """Run the suite and return its result (see the module docstring).
+
+    Under ``--wan`` (a layout from the runner) every node is a process in its own namespace.
+    Example::
+
+        result = run(quick=True)
+    """
+    layout = wan_layout()
+    if layout is None:
+        figures = trio.run(_measure, quick)
+        procs, providers = 1, 4
+    else:
+        figures = _measure_wan(quick, layout)
+        providers = len(layout["peers"]) - 1
+        procs = providers + 1
     result = SuiteResult(
         "tasks",
         primary_metric="lease_ms",
         higher_is_better=False,
-        options={"quick": quick, "providers": 4, "capacity_each": 2, "processes": 1},
+        options={"quick": quick, "providers": providers, "capacity_each": 2, "processes": procs},
     )
     base = result.config("libp2p_rtt", size="tiny", what="open stream + one framed round trip")
     base.baseline = "libp2p_rtt"
@@ -178,7 +391,15 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
     rec = result.config("recover_killed", size="kill", lease_ttl_s=4.0)
     for v in figures["recover_s"]:
         rec.add("recover_s", v)
-    rec.notes.append("kill = the provider's node exits mid-run; seen as a stream reset or after lease_ttl")
+    if layout is None:
+        rec.notes.append("kill = the provider's node exits mid-run; a stream reset or lease_ttl shows it")
+    else:
+        rec.notes.append("kill = the provider's process SIGKILLs itself when the run starts")
+        for row in result.configs:
+            row.notes.append(
+                f"under --wan: requester and bootstrap node in peer 0's namespace, {providers} providers "
+                "in the others, each a process; rss_mib is the requester's"
+            )
     if figures["recover_misses"]:
         rec.notes.append(
             f"{figures['recover_misses']} tries where the victim's offer came too late (not counted)"
@@ -194,7 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.tasks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few samples: a smoke run")
     parser.add_argument("--out", default="bench-results", help="JSON file or folder")
+    parser.add_argument("--worker", choices=["requester", "provider", "victim"], help=argparse.SUPPRESS)
+    parser.add_argument("--providers", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--boot", help=argparse.SUPPRESS)
+    parser.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker == "requester":
+        trio.run(_requester_main, args.quick, args.providers)
+        return 0
+    if args.worker in ("provider", "victim"):
+        trio.run(functools.partial(_provider_main, args.boot, spin=args.spin, victim=args.worker == "victim"))
+        return 0
     result = run(args.quick)
     print_table(result, ["lease_ms", "lease_ms_p50", "lease_ms_p99", "tasks_per_s", "recover_s", "rss_mib"])
     path = write_results(result, args.out)
