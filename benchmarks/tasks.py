@@ -27,12 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
-import select
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +41,7 @@ import torch
 import trio
 
 from benchmarks.harness import SuiteResult, peak_rss_mib, print_table, wan_layout, write_results
+from benchmarks.procs import Worker, listen_addrs, say, stop_all
 from p2pcompute.capacity.model import Capacity
 from p2pcompute.overlay import FramedStream, Node, open_node
 from p2pcompute.tasks import TaskRegistry
@@ -52,7 +50,6 @@ from p2pcompute.tasks.driver import TaskService, open_tasks, serve_tasks
 CAP = Capacity(cpu_cores=2, ram_total=8 << 30, ram_available=4 << 30, platform="bench")
 OPTS: dict[str, Any] = {"capacity": CAP}
 ECHO = "/p2pcompute/bench-echo/1"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -190,28 +187,17 @@ async def _measure(quick: bool) -> dict[str, Any]:
 # sells "spin" at price 1.0, the fallback); each recovery starts a victim process that sells
 # "spin" at price 0.0 and SIGKILLs itself, after printing the time, when its run starts.
 
-_IP_ENV = "P2PC_BENCH_IP"
-
-
-def _listen() -> list[str]:
-    return [f"/ip4/{os.environ.get(_IP_ENV, '127.0.0.1')}/tcp/0"]
-
-
-def _say(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj), flush=True)
-
-
 async def _requester_main(quick: bool, providers: int) -> None:
     out = _empty()
     async with (
-        open_node(role="bootstrap", listen=_listen(), **OPTS) as boot,
-        open_node(bootstrap=boot.addrs, listen=_listen(), **OPTS) as rnode,
+        open_node(role="bootstrap", listen=listen_addrs(), **OPTS) as boot,
+        open_node(bootstrap=boot.addrs, listen=listen_addrs(), **OPTS) as rnode,
         open_tasks(rnode) as tasks,
     ):
-        _say({"boot": boot.addrs[0]})
+        say({"boot": boot.addrs[0]})
         targets = await tasks.wait_for_providers(providers, timeout=120)
         await _steady(rnode, tasks, targets, quick, out)
-        _say({"steady": out})
+        say({"steady": out})
         while (line := (await trio.to_thread.run_sync(sys.stdin.readline)).split()) and line[0] == "recover":
             victim = line[1]
             with trio.fail_after(120):
@@ -221,8 +207,8 @@ async def _requester_main(quick: bool, providers: int) -> None:
             await tasks.run_task(
                 "spin", {"x": x}, {}, enough_offers=2, offer_window=15.0, lease_ttl=4.0, deadline=120
             )
-            _say({"done_at": time.time()})
-    _say({"rss_mib": peak_rss_mib()})
+            say({"done_at": time.time()})
+    say({"rss_mib": peak_rss_mib()})
 
 
 async def _provider_main(boot: str, *, spin: bool, victim: bool) -> None:
@@ -231,7 +217,7 @@ async def _provider_main(boot: str, *, spin: bool, victim: bool) -> None:
 
         @reg.task("spin", price=0.0)
         def crash(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
-            _say({"killed_at": time.time()})
+            say({"killed_at": time.time()})
             os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no goodbye on any stream
             raise AssertionError("unreachable")
 
@@ -242,7 +228,7 @@ async def _provider_main(boot: str, *, spin: bool, victim: bool) -> None:
             return {"y": tensors["x"] + 1}
 
     async with (
-        open_node(bootstrap=[boot], listen=_listen(), **OPTS) as node,
+        open_node(bootstrap=[boot], listen=listen_addrs(), **OPTS) as node,
         serve_tasks(node, reg, capacity=2),
     ):
 
@@ -250,51 +236,8 @@ async def _provider_main(boot: str, *, spin: bool, victim: bool) -> None:
             await stream.send_frame(await stream.recv_frame(64))
 
         node.set_stream_handler(ECHO, echo)
-        _say({"peer": str(node.peer_id)})
+        say({"peer": str(node.peer_id)})
         await trio.to_thread.run_sync(sys.stdin.read)  # until the suite closes our stdin
-
-
-def _spawn(peer: dict[str, Any], args: list[str], logs: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, _IP_ENV: peer["addr"]}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    log = open(logs / f"{args[1]}-{peer['index']}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
-    try:
-        return subprocess.Popen(
-            [*peer["exec"], sys.executable, "-m", "benchmarks.tasks", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=env,
-        )
-    finally:
-        log.close()
-
-
-def _read(proc: subprocess.Popen[str], key: str, timeout: float) -> dict[str, Any] | None:
-    """The next JSON line of ``proc`` that holds ``key``; ``None`` when it exits or ``timeout`` passes."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if not ready:
-            return None
-        line = proc.stdout.readline()
-        if not line:
-            return None
-        with contextlib.suppress(ValueError):
-            msg = json.loads(line)
-            if isinstance(msg, dict) and key in msg:
-                return msg
-    return None
-
-
-def _need(proc: subprocess.Popen[str], key: str, timeout: float, what: str, logs: Path) -> dict[str, Any]:
-    msg = _read(proc, key, timeout)
-    if msg is None:
-        tails = [f"{f.name}: {f.read_text()[-400:]}" for f in sorted(logs.iterdir()) if f.stat().st_size]
-        raise RuntimeError(f"tasks under --wan: no {key!r} from the {what} in {timeout:.0f} s; logs: {tails}")
-    return msg
 
 
 def _measure_wan(quick: bool, layout: dict[str, Any]) -> dict[str, Any]:
@@ -303,54 +246,38 @@ def _measure_wan(quick: bool, layout: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("the tasks suite under --wan needs at least 3 peers (--wan-peers)")
     kills = _samples(quick)["kills"]
     flag = ["--quick"] if quick else []
-    procs: list[subprocess.Popen[str]] = []
+    me = "benchmarks.tasks"
+    workers: list[Worker] = []
     with tempfile.TemporaryDirectory(prefix="p2pc-tasks-") as tmp:
         logs = Path(tmp)
         try:
-            req = _spawn(peers[0], ["--worker", "requester", "--providers", str(len(peers) - 1), *flag], logs)
-            procs.append(req)
-            boot = _need(req, "boot", 60, "requester", logs)["boot"]
+            providers = ["--providers", str(len(peers) - 1)]
+            req = Worker(peers[0], me, ["--worker", "requester", *providers, *flag], logs)
+            workers.append(req)
+            boot = req.need("boot", 60)["boot"]
             for p in peers[1:]:
                 spin = ["--spin"] if p["index"] == 1 else []
-                procs.append(_spawn(p, ["--worker", "provider", "--boot", boot, *spin], logs))
-            out: dict[str, Any] = _need(req, "steady", 600, "requester", logs)["steady"]
-            assert req.stdin is not None
+                workers.append(Worker(p, me, ["--worker", "provider", "--boot", boot, *spin], logs))
+            out: dict[str, Any] = req.need("steady", 600)["steady"]
             for attempt in range(3 * kills):
                 if len(out["recover_s"]) == kills:
                     break
                 place = peers[1 + attempt % (len(peers) - 1)]
-                victim = _spawn(place, ["--worker", "victim", "--boot", boot], logs)
-                procs.append(victim)
-                vid = _need(victim, "peer", 60, "victim", logs)["peer"]
-                req.stdin.write(f"recover {vid}\n")
-                req.stdin.flush()
-                done = _need(req, "done_at", 180, "requester", logs)["done_at"]
-                killed = _read(victim, "killed_at", 5)
+                victim = Worker(place, me, ["--worker", "victim", "--boot", boot], logs)
+                workers.append(victim)
+                req.send(f"recover {victim.need('peer', 60)['peer']}")
+                done = req.need("done_at", 180)["done_at"]
+                killed = victim.expect("killed_at", 5)
                 if killed is None:  # its offer came too late: the fallback ran it at once
                     out["recover_misses"] += 1
                 else:
                     out["recover_s"].append(done - killed["killed_at"])
                 victim.kill()
-                victim.wait()
-            req.stdin.close()
-            out["rss_mib"] = _need(req, "rss_mib", 60, "requester", logs)["rss_mib"]
+            req.send("quit")
+            out["rss_mib"] = req.need("rss_mib", 60)["rss_mib"]
             return out
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    with contextlib.suppress(OSError):
-                        if p.stdin is not None:
-                            p.stdin.close()
-            for p in procs:
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-                for f in (p.stdout, p.stdin):
-                    if f is not None and not f.closed:
-                        with contextlib.suppress(OSError):
-                            f.close()
+            stop_all(workers)
 
 
 def run(quick: bool = False, **options: Any) -> SuiteResult:

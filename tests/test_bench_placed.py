@@ -1,19 +1,22 @@
-"""The tasks suite with every node a process (its ``--wan`` mode), from start to its table.
+"""The tasks and overlay suites with their nodes placed in processes (their ``--wan`` mode).
 
 Where namespaces can be made the processes run inside an unshaped emulated network; elsewhere
 the same orchestration runs on loopback (a layout whose peers have no ``exec`` prefix), so the
-multi-process path is tested on every machine. A provider really dies (SIGKILL) mid-task.
+multi-process path is tested on every machine. In the tasks suite a provider really dies
+(SIGKILL) mid-task; in the overlay suite adverts and raw messages cross between processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from benchmarks import harness, tasks, wan
+from benchmarks import harness, overlay, tasks, wan
 from benchmarks.harness import WAN_ENV
 
 SUPPORT = wan.probe_support()
@@ -29,8 +32,6 @@ def _layout() -> Iterator[dict[str, Any]]:
 
 
 def test_tasks_suite_runs_each_node_as_a_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    import json
-
     monkeypatch.setattr(harness, "_wan_used", None)  # restored after the test: wan_layout() marks it
     with _layout() as layout:
         monkeypatch.setenv(WAN_ENV, json.dumps(layout))
@@ -47,3 +48,19 @@ def test_tasks_suite_runs_each_node_as_a_process(monkeypatch: pytest.MonkeyPatch
     assert 0 < recovered < 60
     assert any("SIGKILL" in n for n in rows["recover_killed"].notes)
     assert harness._wan_used == layout  # the suite's JSON will say which network it ran on
+
+
+def test_overlay_suite_spreads_nodes_over_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness, "_wan_used", None)
+    with _layout() as layout:
+        monkeypatch.setenv(WAN_ENV, json.dumps(layout))
+        result = overlay.run(quick=True, sizes=[7], samples=2, deadline=30.0)
+    rows = {c.name: c for c in result.configs}
+    for name in ("advert_n7", "raw_topic_n7"):
+        row = rows[name]
+        assert row.params["processes"] == 3
+        assert row.params["nodes_per_site"] == [3, 2, 2]
+        assert row.samples["delivered"] == [1.0, 1.0]  # every other node, in every process
+        assert all(0 < t < 30 and math.isfinite(t) for t in row.samples["advert_p100_s"])
+        assert not any("views before measuring" in n for n in row.notes)
+    assert harness._wan_used == layout
