@@ -12,8 +12,8 @@ This module gives the same four properties (delay, jitter, loss, rate) from user
   writes it into the destination peer's TUN when the shaper says it is due.
 
 :class:`EgressShaper` is the sans-IO core, the user-space twin of one ``netem`` qdisc on a peer's
-egress: a packet is dropped when the queue is full (``limit`` packets held) or with probability
-``loss``; otherwise it waits for the serializer (``rate``), then ``delay`` plus a normal jitter of
+egress: a packet is dropped with probability ``loss`` or when the queue is full (``limit``
+packets held); otherwise it waits for the serializer (``rate``), then ``delay`` plus a normal jitter of
 standard deviation ``jitter``. Packets of one sender leave in the order they came (netem with a
 rate behaves the same), so jitter never reorders a TCP stream.
 
@@ -114,11 +114,11 @@ class EgressShaper:
     def offer(self, now: float, size: int, u: float, z: float) -> float | None:
         """The time the packet is due at its destination, or ``None`` when it is dropped."""
         self.stats.offered += 1
+        if u < self.loss:  # netem draws the loss first, then checks its limit
+            self.stats.lost += 1
+            return None
         if self.held >= self.limit:
             self.stats.overflow += 1
-            return None
-        if u < self.loss:
-            self.stats.lost += 1
             return None
         done = now
         if self.rate_bps is not None:

@@ -83,6 +83,15 @@ def test_queue_limit_holds_and_frees_on_release(limit: int, extra: int) -> None:
     assert s.held == limit
 
 
+def test_loss_is_drawn_before_the_limit_as_in_netem() -> None:
+    s = EgressShaper(delay_s=1.0, loss=0.5, limit=1)
+    assert s.offer(0.0, 100, 0.9, 0.0) is not None  # the queue is now full
+    assert s.offer(0.0, 100, 0.1, 0.0) is None
+    assert (s.stats.lost, s.stats.overflow) == (1, 0)
+    assert s.offer(0.0, 100, 0.9, 0.0) is None
+    assert (s.stats.lost, s.stats.overflow) == (1, 1)
+
+
 def test_rate_spaces_back_to_back_packets() -> None:
     s = EgressShaper(rate_bps=1500 * 1000)  # a 1500-byte packet takes 1 ms on the wire
     dues = [s.offer(0.0, 1500, 0.5, 0.0) for _ in range(5)]
