@@ -250,13 +250,12 @@ def _measure_wan(
     with tempfile.TemporaryDirectory(prefix="p2pc-overlay-") as tmp:
         logs = Path(tmp)
         try:
-            first = Worker(sites[0], me, ["--site", str(counts[0]), "--deadline", str(deadline)], logs)
+            wait = ["--deadline", str(deadline)]
+            first = Worker(sites[0], me, ["--site", str(counts[0]), *wait], logs, name="site")
             workers.append(first)
             boot = first.need("boot", 60)["boot"]
             for site, k in zip(sites[1:], counts[1:], strict=True):
-                workers.append(
-                    Worker(site, me, ["--site", str(k), "--boot", boot, "--deadline", str(deadline)], logs)
-                )
+                workers.append(Worker(site, me, ["--site", str(k), "--boot", boot, *wait], logs, name="site"))
             joined = [w.need("joined", 120 + 5 * n) for w in workers]
             ids = [(wi, li, pid) for wi, j in enumerate(joined) for li, pid in enumerate(j["joined"])]
             out["join_s"] = max(j["join_s"] for j in joined)

@@ -43,15 +43,17 @@ class Worker:
 
     Example::
 
-        w = Worker(layout["peers"][1], "benchmarks.tasks", ["--worker", "provider"], logs)
+        w = Worker(layout["peers"][1], "benchmarks.tasks", ["--worker", "provider"], logs, name="provider")
         peer_id = w.need("peer", 60)["peer"]
         w.send("quit")
     """
 
-    def __init__(self, peer: dict[str, Any], module: str, args: list[str], logs: Path) -> None:
+    def __init__(
+        self, peer: dict[str, Any], module: str, args: list[str], logs: Path, *, name: str = "worker"
+    ) -> None:
         env = {**os.environ, IP_ENV: peer["addr"]}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-        self.name = f"{args[1] if len(args) > 1 else module}@{peer['index']}"
+        self.name = f"{name}@{peer['index']}"  # in messages and log file names
         self.log = logs / f"{self.name}-{time.monotonic_ns()}.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(

@@ -252,18 +252,19 @@ def _measure_wan(quick: bool, layout: dict[str, Any]) -> dict[str, Any]:
         logs = Path(tmp)
         try:
             providers = ["--providers", str(len(peers) - 1)]
-            req = Worker(peers[0], me, ["--worker", "requester", *providers, *flag], logs)
+            req = Worker(peers[0], me, ["--worker", "requester", *providers, *flag], logs, name="requester")
             workers.append(req)
             boot = req.need("boot", 60)["boot"]
             for p in peers[1:]:
                 spin = ["--spin"] if p["index"] == 1 else []
-                workers.append(Worker(p, me, ["--worker", "provider", "--boot", boot, *spin], logs))
+                args = ["--worker", "provider", "--boot", boot, *spin]
+                workers.append(Worker(p, me, args, logs, name="provider"))
             out: dict[str, Any] = req.need("steady", 600)["steady"]
             for attempt in range(3 * kills):
                 if len(out["recover_s"]) == kills:
                     break
                 place = peers[1 + attempt % (len(peers) - 1)]
-                victim = Worker(place, me, ["--worker", "victim", "--boot", boot], logs)
+                victim = Worker(place, me, ["--worker", "victim", "--boot", boot], logs, name="victim")
                 workers.append(victim)
                 req.send(f"recover {victim.need('peer', 60)['peer']}")
                 done = req.need("done_at", 180)["done_at"]
