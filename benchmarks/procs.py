@@ -56,45 +56,48 @@ class Worker:
         self.name = f"{name}@{peer['index']}"  # in messages and log file names
         self.log = logs / f"{self.name}-{time.monotonic_ns()}.log"
         with open(self.log, "w") as log:
+            # Binary pipes, read with os.read into our own buffer: a buffered text reader could
+            # hold a second line that select() then never reports.
             self.proc = subprocess.Popen(
                 [*peer["exec"], sys.executable, "-m", module, *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
-                text=True,
                 env=env,
             )
         self._pending: list[dict[str, Any]] = []
+        self._buf = b""
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.write(line.encode() + b"\n")
             self.proc.stdin.flush()
         except OSError as exc:
             raise WorkerGone(f"{self.name} is gone ({exc}); log: {self._tail()}") from None
 
     def expect(self, key: str, timeout: float) -> dict[str, Any] | None:
         """The next message holding ``key`` (others are kept for later); ``None`` on exit or timeout."""
-        for i, msg in enumerate(self._pending):
-            if key in msg:
-                return self._pending.pop(i)
         out = self.proc.stdout
         assert out is not None
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not select.select([out], [], [], left)[0]:
+        while True:
+            for i, msg in enumerate(self._pending):
+                if key in msg:
+                    return self._pending.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([out], [], [], left)[0]:
                 return None
-            line = out.readline()
-            if not line:
+            chunk = os.read(out.fileno(), 65536)
+            if not chunk:
                 return None
-            with contextlib.suppress(ValueError):
-                msg = json.loads(line)
-                if isinstance(msg, dict):
-                    if key in msg:
-                        return msg
-                    self._pending.append(msg)
-        return None
+            self._buf += chunk
+            *lines, self._buf = self._buf.split(b"\n")
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    msg = json.loads(line)
+                    if isinstance(msg, dict):
+                        self._pending.append(msg)
 
     def need(self, key: str, timeout: float) -> dict[str, Any]:
         """Like :meth:`expect`, but raises :class:`WorkerGone` quoting the worker's log."""

@@ -54,12 +54,19 @@ def test_overlay_suite_spreads_nodes_over_processes(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(harness, "_wan_used", None)
     with _layout() as layout:
         monkeypatch.setenv(WAN_ENV, json.dumps(layout))
-        result = overlay.run(quick=True, sizes=[7], samples=2, deadline=30.0)
+        # 3 nodes: one per site, so the source's site has no other node and answers "armed" and
+        # "arrivals" at once (two lines in one read); 7 nodes: several per site
+        result = overlay.run(quick=True, sizes=[3, 7], samples=2, deadline=30.0)
     rows = {c.name: c for c in result.configs}
-    for name in ("advert_n7", "raw_topic_n7"):
+    for name, per_site in (
+        ("advert_n3", [1, 1, 1]),
+        ("raw_topic_n3", [1, 1, 1]),
+        ("advert_n7", [3, 2, 2]),
+        ("raw_topic_n7", [3, 2, 2]),
+    ):
         row = rows[name]
         assert row.params["processes"] == 3
-        assert row.params["nodes_per_site"] == [3, 2, 2]
+        assert row.params["nodes_per_site"] == per_site
         assert row.samples["delivered"] == [1.0, 1.0]  # every other node, in every process
         assert all(0 < t < 30 and math.isfinite(t) for t in row.samples["advert_p100_s"])
         assert not any("views before measuring" in n for n in row.notes)

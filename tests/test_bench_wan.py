@@ -111,6 +111,20 @@ def _all_commands(p: wan.Plan) -> list[tuple[str, ...]]:
     return [*p.setup, *p.shaping, *p.teardown]
 
 
+def _assert_confined(p: wan.Plan) -> None:
+    """Every command makes or deletes one of the plan's namespaces or runs inside one of them."""
+    ours = set(p.namespaces)
+    for cmd in _all_commands(p):
+        if cmd[:3] in (("ip", "netns", "add"), ("ip", "netns", "del")):
+            assert cmd[3] in ours
+            continue
+        # Every other command runs inside one of our namespaces, never in the host's.
+        assert cmd[1] == "-n", cmd
+        assert cmd[2] in ours, cmd
+        if "netns" in cmd[3:]:
+            assert cmd[cmd.index("netns", 3) + 1] in ours
+
+
 @pytest.mark.parametrize("peers", [2, 5, wan.MAX_PEERS])
 def test_plan_touches_only_its_own_namespaces(peers: int) -> None:
     p = wan.plan(parse_spec("50ms,200mbit,0.1%loss"), peers, tag="123")
@@ -120,15 +134,7 @@ def test_plan_touches_only_its_own_namespaces(peers: int) -> None:
     addrs = [m.addr for m in p.peers]
     assert len(set(addrs)) == peers
     assert all(a.startswith("10.77.0.") for a in addrs)
-    for cmd in _all_commands(p):
-        if cmd[:3] in (("ip", "netns", "add"), ("ip", "netns", "del")):
-            assert cmd[3] in ours
-        else:
-            # Every other command runs inside one of our namespaces, never in the host's.
-            assert cmd[1] == "-n", cmd
-            assert cmd[2] in ours, cmd
-        if "netns" in cmd[3:] and cmd[:3] != ("ip", "netns", "add") and cmd[:3] != ("ip", "netns", "del"):
-            assert cmd[cmd.index("netns", 3) + 1] in ours
+    _assert_confined(p)
     assert [c[3] for c in p.teardown] == [*(m.netns for m in p.peers), p.hub]
     assert p.peers[0].exec == ["ip", "netns", "exec", p.peers[0].netns]
 
@@ -144,16 +150,13 @@ def test_user_plan_makes_tun_devices_and_no_hub(peers: int) -> None:
     assert p.shaping == ()
     assert p.not_applied == ()
     assert p.applied == {"delay_ms": 50.0, "jitter_ms": 5.0, "loss_pct": 0.1, "rate_mbit": 200.0}
-    for cmd in _all_commands(p):
-        if cmd[:3] in (("ip", "netns", "add"), ("ip", "netns", "del")):
-            assert cmd[3] in ours
-        else:
-            assert cmd[1] == "-n", cmd
-            assert cmd[2] in ours, cmd
-            assert "veth" not in cmd
+    _assert_confined(p)
+    assert not any("veth" in c or "bridge" in c for c in _all_commands(p))
     tuns = [c for c in p.setup if c[3:5] == ("tuntap", "add")]
     assert [c[2] for c in tuns] == [m.netns for m in p.peers]
-    assert all(c[6:8] == ("mtu", "9000") for c in p.setup if c[3:7] == ("link", "set", "eth0", "mtu"))
+    ups = [c for c in p.setup if c[3:6] == ("link", "set", "eth0")]
+    assert [c[2] for c in ups] == [m.netns for m in p.peers]
+    assert all(c[6:9] == ("mtu", "9000", "up") for c in ups)
     argv = list(p.link_argv)
     assert argv[1].endswith("wanlink.py")
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--peer"] == [
@@ -169,9 +172,11 @@ def test_user_plan_makes_tun_devices_and_no_hub(peers: int) -> None:
 def test_kernel_plan_sets_the_mtu_on_both_ends() -> None:
     p = wan.plan(parse_spec("9000mtu"), 2, tag="9")
     veths = [c for c in p.setup if "veth" in c]
+    assert len(veths) == 2
     assert all(c[c.index("mtu") + 1] == "9000" for c in veths)
     ups = [c for c in p.setup if c[3:6] == ("link", "set", "eth0")]
-    assert all("9000" in c for c in ups)
+    assert len(ups) == 2
+    assert all(c[6:9] == ("mtu", "9000", "up") for c in ups)
     assert p.shaping == ()
 
 
