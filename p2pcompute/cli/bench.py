@@ -21,6 +21,7 @@ Imports the overlay and tensors layers; nothing imports this module.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import secrets
@@ -324,14 +325,31 @@ class _timeout:
 
 
 def _harness() -> Any:
+    """Import the checkout's ``benchmarks`` package.
+
+    An installed ``p2pcompute`` console script has its own folder, not the working directory,
+    on ``sys.path``, so the package is looked for in turn: on ``sys.path``; in the working
+    directory or one of its parents; beside the ``p2pcompute`` package itself (an editable
+    install of a checkout).
+    """
     try:
         from benchmarks import harness
-    except ModuleNotFoundError as exc:
-        raise ConfigError(
-            "the benchmark harness lives in the source checkout's benchmarks/ folder: "
-            "run p2pcompute bench from the repository root"
-        ) from exc
-    return harness
+    except ModuleNotFoundError:
+        pass
+    else:
+        return harness
+    here = Path.cwd().resolve()
+    for root in (here, *here.parents, Path(__file__).resolve().parents[2]):
+        if (root / "benchmarks" / "__init__.py").is_file() and (root / "benchmarks" / "runner.py").is_file():
+            sys.path.insert(0, str(root))
+            importlib.invalidate_caches()
+            from benchmarks import harness
+
+            return harness
+    raise ConfigError(
+        "the benchmark harness lives in the source checkout's benchmarks/ folder: "
+        "run p2pcompute bench inside a checkout of p2pcompute"
+    )
 
 
 # --- commands ------------------------------------------------------------------------------------
