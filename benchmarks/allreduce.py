@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import SuiteResult, print_table, wan_layout, write_results
+from benchmarks.procs import IP_ENV, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"1M": 1 << 20, "4M": 4 << 20, "16M": 16 << 20, "64M": 64 << 20}
@@ -44,7 +45,6 @@ def _parse_size(text: str) -> int:
     return SIZES[text] if text in SIZES else int(text)
 
 
-_IP_ENV = "P2PC_BENCH_IP"  # a worker's own address under --wan (default: loopback)
 _MASTER_ENV = "P2PC_BENCH_MASTER"  # gloo's rendezvous address: worker 0's
 
 
@@ -56,12 +56,10 @@ def _free_port() -> int:
 
 def _spawn(args: list[str], *, peer: dict[str, Any] | None = None) -> subprocess.Popen[str]:
     """A worker process; with ``peer`` (a WAN layout entry) inside that peer's namespace."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env = worker_env(peer["addr"] if peer is not None else None)
     env.setdefault("OMP_NUM_THREADS", "1")
     if peer is not None:
-        env[_IP_ENV] = peer["addr"]
-        env["GLOO_SOCKET_IFNAME"] = "eth0"  # the namespace's veth, not its loopback
+        env["GLOO_SOCKET_IFNAME"] = "eth0"  # the namespace's link, not its loopback
     return subprocess.Popen(
         [*(peer["exec"] if peer else []), sys.executable, "-m", "benchmarks.allreduce", *args],
         stdout=subprocess.PIPE,
@@ -153,7 +151,7 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
     timeouts = Timeouts(sender_timeout=5.0, reducer_timeout=10.0, status_timeout=15.0, suspect_grace=0.5)
     async with contextlib.AsyncExitStack() as stack:
         boot_file = rendezvous / "boot"
-        listen = [f"/ip4/{os.environ.get(_IP_ENV, '127.0.0.1')}/tcp/0"]
+        listen = [f"/ip4/{os.environ.get(IP_ENV, '127.0.0.1')}/tcp/0"]
         if index == 0:
             boot = await stack.enter_async_context(open_node(role="bootstrap", capacity=cap, listen=listen))
             boot_file.with_suffix(".tmp").write_text(boot.addrs[0])

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,30 @@ def _quantile_time(arrivals: list[float], t0: float, total: int, q: float) -> fl
     return sorted(arrivals)[need - 1] - t0
 
 
+def _hook_adverts(node: Node, seen: Callable[[str], None]) -> None:
+    """Call ``seen(origin peer id)`` for every advert ``node``'s full check accepts."""
+    from libp2p.peer.id import ID
+
+    original = node._validate_advert
+
+    def wrapped(forwarder: Any, msg: Any) -> bool:
+        ok = bool(original(forwarder, msg))
+        if ok:
+            seen(ID(bytes(msg.from_id)).to_base58())
+        return ok
+
+    node.pubsub.set_topic_validator(node._advert_topic, wrapped, False)
+
+
+async def _settle(nodes: list[Node], others: int, deadline: float) -> None:
+    """Wait (at most ``deadline``) until every node knows ``others`` peers, then two heartbeats."""
+    with trio.move_on_after(deadline):
+        for node in nodes:
+            with contextlib.suppress(PeerTimeout):
+                await node.wait_for_peers(others, timeout=deadline, role="peer")
+    await trio.sleep(2.0)  # a couple of heartbeats so meshes settle
+
+
 async def _measure(n: int, samples: int, deadline: float, rng: random.Random) -> dict[str, Any]:
     out: dict[str, Any] = {"advert": [], "raw": []}
     rss0 = _rss_mib()
@@ -88,22 +114,11 @@ async def _measure(n: int, samples: int, deadline: float, rng: random.Random) ->
         out["join_s"] = time.perf_counter() - t_join
         out["rss_per_node_mib"] = (_rss_mib() - rss0) / (n + 1)
         # let every table fill (peer exchange + first adverts) before measuring
-        with trio.move_on_after(deadline):
-            for node in nodes:
-                await node.wait_for_peers(n - 1, timeout=deadline, role="peer")
-        await trio.sleep(2.0)  # a couple of heartbeats so meshes settle
+        await _settle(nodes, n - 1, deadline)
 
         arrivals: dict[str, list[float]] = {}
         for node in nodes:
-            original = node._validate_advert
-
-            def wrapped(forwarder: Any, msg: Any, _orig: Any = original, _me: str = node.peer_id) -> bool:
-                ok = bool(_orig(forwarder, msg))
-                if ok:
-                    arrivals.setdefault(bytes(msg.from_id).hex(), []).append(time.perf_counter())
-                return ok
-
-            node.pubsub.set_topic_validator(node._advert_topic, wrapped, False)
+            _hook_adverts(node, lambda origin: arrivals.setdefault(origin, []).append(time.perf_counter()))
 
         raw_arrivals: list[float] = []
 
@@ -116,7 +131,7 @@ async def _measure(n: int, samples: int, deadline: float, rng: random.Random) ->
         size = len(nodes[0]._current_advert or b"x" * 600)
         for _ in range(samples):
             src = rng.choice(nodes)
-            key = bytes(src.host.get_id().to_bytes()).hex()
+            key = src.peer_id
             arrivals.pop(key, None)
             t0 = time.perf_counter()
             await src.readvertise()
@@ -165,12 +180,10 @@ _TAG = 16  # bytes of a raw message that identify it
 
 
 async def _site_main(local: int, boot_addr: str, deadline: float) -> None:
-    from libp2p.peer.id import ID
-
     rss0 = _rss_mib()
     arrivals: dict[str, dict[str, float]] = {}  # message key -> {receiving node: first arrival}
 
-    def seen(key: str, at: str) -> None:
+    def seen(at: str, key: str) -> None:
         if key in arrivals:
             arrivals[key].setdefault(at, time.monotonic())
 
@@ -189,18 +202,10 @@ async def _site_main(local: int, boot_addr: str, deadline: float) -> None:
         join_s = time.monotonic() - t
         size = len(nodes[0]._current_advert or b"x" * 600)
         for node in nodes:
-            original = node._validate_advert
-
-            def wrapped(forwarder: Any, msg: Any, _orig: Any = original, _me: str = node.peer_id) -> bool:
-                ok = bool(_orig(forwarder, msg))
-                if ok:
-                    seen(ID(bytes(msg.from_id)).to_base58(), _me)
-                return ok
-
-            node.pubsub.set_topic_validator(node._advert_topic, wrapped, False)
+            _hook_adverts(node, functools.partial(seen, node.peer_id))
 
             async def on_raw(sender: str, data: bytes, _me: str = node.peer_id) -> None:
-                seen(data[:_TAG].hex(), _me)
+                seen(_me, data[:_TAG].hex())
 
             node.subscribe("bench", on_raw)
         say({"joined": [n.peer_id for n in nodes], "join_s": join_s, "rss_mib": _rss_mib() - rss0})
@@ -216,11 +221,7 @@ async def _site_main(local: int, boot_addr: str, deadline: float) -> None:
         async with trio.open_nursery() as nursery:
             while cmd := (await trio.to_thread.run_sync(sys.stdin.readline)).split():
                 if cmd[0] == "settle":
-                    with trio.move_on_after(deadline):
-                        for node in nodes:
-                            with contextlib.suppress(PeerTimeout):
-                                await node.wait_for_peers(int(cmd[1]) - 1, timeout=deadline, role="peer")
-                    await trio.sleep(2.0)  # a couple of heartbeats so meshes settle
+                    await _settle(nodes, int(cmd[1]) - 1, deadline)
                     known = sum(sum(r.role == "peer" for r in n.peers.alive()) for n in nodes)
                     say({"settled": known / (len(nodes) * (int(cmd[1]) - 1))})
                 elif cmd[0] == "arm":

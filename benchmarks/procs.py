@@ -24,6 +24,16 @@ IP_ENV = "P2PC_BENCH_IP"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def worker_env(addr: str | None) -> dict[str, str]:
+    """The environment of a worker: this checkout importable, and its own address (``None``:
+    loopback) in ``P2PC_BENCH_IP``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    if addr is not None:
+        env[IP_ENV] = addr
+    return env
+
+
 def listen_addrs() -> list[str]:
     """The multiaddr a worker's nodes listen on: its namespace's address, else loopback."""
     return [f"/ip4/{os.environ.get(IP_ENV, '127.0.0.1')}/tcp/0"]
@@ -51,8 +61,7 @@ class Worker:
     def __init__(
         self, peer: dict[str, Any], module: str, args: list[str], logs: Path, *, name: str = "worker"
     ) -> None:
-        env = {**os.environ, IP_ENV: peer["addr"]}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        env = worker_env(peer["addr"])
         self.name = f"{name}@{peer['index']}"  # in messages and log file names
         self.log = logs / f"{self.name}-{time.monotonic_ns()}.log"
         with open(self.log, "w") as log:
@@ -134,4 +143,4 @@ def stop_all(workers: Iterable[Worker], timeout: float = 15.0) -> None:
             w.proc.stdout.close()
 
 
-__all__ = ["IP_ENV", "Worker", "WorkerGone", "listen_addrs", "say", "stop_all"]
+__all__ = ["IP_ENV", "Worker", "WorkerGone", "listen_addrs", "say", "stop_all", "worker_env"]

@@ -58,12 +58,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
+def _fallback() -> TaskRegistry:
+    """The healthy provider's "spin": pricier than the victim's, and quick."""
+    good = TaskRegistry()
+
+    @good.task("spin", price=1.0)
+    def quick_spin(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"y": tensors["x"] + 1}
+
+    return good
+
+
 @contextlib.asynccontextmanager
 async def _provider(
-    boot: Node, registry: TaskRegistry | None = None
+    bootstrap: list[str], registry: TaskRegistry | None = None
 ) -> AsyncIterator[tuple[Node, TaskService]]:
+    """A provider node (built-in kinds plus ``registry``) that also answers the echo baseline."""
     async with (
-        open_node(bootstrap=boot.addrs, **OPTS) as node,
+        open_node(bootstrap=bootstrap, listen=listen_addrs(), **OPTS) as node,
         serve_tasks(node, registry, capacity=2) as svc,
     ):
 
@@ -78,7 +90,7 @@ async def _one_recovery(boot: Node, tasks: TaskService) -> float | None:
     """The cheap provider takes the lease and dies mid-run; seconds from the kill to the result."""
     started = trio.Event()
     killed_at: list[float] = []
-    slow, good = TaskRegistry(), TaskRegistry()
+    slow = TaskRegistry()
 
     @slow.task("spin", price=0.0)
     async def spin(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -86,15 +98,11 @@ async def _one_recovery(boot: Node, tasks: TaskService) -> float | None:
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 
-    @good.task("spin", price=1.0)
-    def quick_spin(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"y": tensors["x"] + 1}
-
     victim_scope = trio.CancelScope()
 
     async def victim(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with victim_scope:
-            async with _provider(boot, slow):
+            async with _provider(boot.addrs, slow):
                 task_status.started()
                 await trio.sleep_forever()
 
@@ -105,7 +113,7 @@ async def _one_recovery(boot: Node, tasks: TaskService) -> float | None:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(victim)
-        async with _provider(boot, good):
+        async with _provider(boot.addrs, _fallback()):
             await tasks.wait_for_providers(6, timeout=60)
             nursery.start_soon(killer)
             x = torch.ones(2, 2)
@@ -162,7 +170,7 @@ async def _measure(quick: bool) -> dict[str, Any]:
     kills = _samples(quick)["kills"]
     out = _empty()
     async with open_node(role="bootstrap", **OPTS) as boot, contextlib.AsyncExitStack() as stack:
-        providers = [await stack.enter_async_context(_provider(boot)) for _ in range(4)]
+        providers = [await stack.enter_async_context(_provider(boot.addrs)) for _ in range(4)]
         rnode = await stack.enter_async_context(open_node(bootstrap=boot.addrs, **OPTS))
         tasks = await stack.enter_async_context(open_tasks(rnode))
         await tasks.wait_for_providers(4, timeout=60)
@@ -207,35 +215,21 @@ async def _requester_main(quick: bool, providers: int) -> None:
             await tasks.run_task(
                 "spin", {"x": x}, {}, enough_offers=2, offer_window=15.0, lease_ttl=4.0, deadline=120
             )
-            say({"done_at": time.time()})
+            say({"done_at": time.monotonic()})  # one clock for every process here
     say({"rss_mib": peak_rss_mib()})
 
 
 async def _provider_main(boot: str, *, spin: bool, victim: bool) -> None:
-    reg = TaskRegistry()
+    reg = _fallback() if spin else TaskRegistry()
     if victim:
 
         @reg.task("spin", price=0.0)
         def crash(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
-            say({"killed_at": time.time()})
+            say({"killed_at": time.monotonic()})
             os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no goodbye on any stream
             raise AssertionError("unreachable")
 
-    elif spin:
-
-        @reg.task("spin", price=1.0)
-        def quick_spin(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, torch.Tensor]:
-            return {"y": tensors["x"] + 1}
-
-    async with (
-        open_node(bootstrap=[boot], listen=listen_addrs(), **OPTS) as node,
-        serve_tasks(node, reg, capacity=2),
-    ):
-
-        async def echo(stream: FramedStream) -> None:
-            await stream.send_frame(await stream.recv_frame(64))
-
-        node.set_stream_handler(ECHO, echo)
+    async with _provider([boot], reg) as (node, _):
         say({"peer": str(node.peer_id)})
         await trio.to_thread.run_sync(sys.stdin.read)  # until the suite closes our stdin
 
