@@ -24,6 +24,10 @@ flight). So formation has a second phase: a peer that holds matching votes from 
 for the same digest. A locked peer does not change its proposal; a member that has moved on
 refuses the ``ready`` (which unlocks the sender) and a lock that gathers no full set of
 ``ready`` within ``hello_timeout`` drops the members that stayed silent and proposes again.
+A ready that arrives while its receiver is between two proposals is dropped with them, so the
+answer to a ready says whether the answerer is itself committed (locked on, or formed with,
+that digest); a committed answer counts as that member's ready (:meth:`MatchCore.committed`,
+:meth:`MatchCore.on_ready_confirmed`).
 
 Imports :mod:`p2pcompute.errors` only.
 """
@@ -241,6 +245,20 @@ class MatchCore:
                 return True
             return False
         return self.state is MatchState.FORMED and digest == self.digest
+
+    def committed(self, digest: str) -> bool:
+        """True when we are locked on ``digest`` (our own ready went out) or formed with it.
+
+        Answering a peer's ready with this lets the peer count us as ready even when our own
+        ready reached it while it was between two proposals and was dropped.
+        """
+        return self.state in (MatchState.LOCKED, MatchState.FORMED) and digest == self.digest
+
+    def on_ready_confirmed(self, peer: str, digest: str, now: float) -> None:
+        """``peer`` accepted our ready and is itself committed to ``digest``: it counts as ready."""
+        live = self.state in (MatchState.PROPOSED, MatchState.LOCKED)
+        if live and digest == self.digest and peer in self.proposal:
+            self.readies.add(peer)
 
     def on_ready_refused(self, peer: str, now: float) -> None:
         """``peer`` refused our ``ready``: it has moved on; unlock and forget its vote."""

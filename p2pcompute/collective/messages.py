@@ -79,7 +79,10 @@ READY = Schema(
     ),
 )
 
-READY_ACK = Schema("coll.ready_ack", 1, max_size=64, fields=(Field("ok", bool),))
+# v2: ``committed`` (the answerer is locked on, or formed with, that digest: it counts as ready)
+READY_ACK = Schema(
+    "coll.ready_ack", 2, max_size=64, fields=(Field("ok", bool), Field("committed", bool))
+)
 
 STATUS = Schema(
     "coll.status",

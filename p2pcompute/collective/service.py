@@ -269,6 +269,8 @@ class _Match:
             return  # our lock times out and drops it
         if not ack["ok"]:
             core.on_ready_refused(peer, trio.current_time())
+        elif ack["committed"]:
+            core.on_ready_confirmed(peer, digest, trio.current_time())
         self.kick()
 
 
@@ -835,10 +837,11 @@ class Collective:
             match = self._matches.get((msg["run"], msg["round"]))
             if match is not None:
                 ok = match.core.on_ready(peer, msg["digest"], trio.current_time())
+                committed = ok and match.core.committed(msg["digest"])
                 match.kick()
             else:
-                ok = self._finished.get((msg["run"], msg["round"])) == msg["digest"]
-            await stream.send_frame(READY_ACK.build(ok=ok))
+                ok = committed = self._finished.get((msg["run"], msg["round"])) == msg["digest"]
+            await stream.send_frame(READY_ACK.build(ok=ok, committed=committed))
         elif kind in (STATUS.type, LEFT.type):
             # a control link: one-way messages until the sender closes it
             while True:
