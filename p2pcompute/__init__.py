@@ -11,6 +11,7 @@ from p2pcompute.errors import LocalProtocolError as LocalProtocolError
 from p2pcompute.errors import MalformedMessage as MalformedMessage
 from p2pcompute.errors import MessageTooLarge as MessageTooLarge
 from p2pcompute.errors import P2PComputeError as P2PComputeError
+from p2pcompute.errors import PeerError as PeerError
 from p2pcompute.errors import PeerGone as PeerGone
 from p2pcompute.errors import PeerTimeout as PeerTimeout
 from p2pcompute.errors import PeerUnreachable as PeerUnreachable
@@ -34,6 +35,7 @@ __all__ = [
     "MalformedMessage",
     "MessageTooLarge",
     "P2PComputeError",
+    "PeerError",
     "PeerGone",
     "PeerTimeout",
     "PeerUnreachable",

@@ -69,20 +69,40 @@ class IntegrityError(RemoteProtocolError):
     """Payload bytes whose digest, length, order or authentication tag is wrong."""
 
 
-class PeerUnreachable(P2PComputeError):
+class PeerError(P2PComputeError):
+    """Base of the errors about another peer that are *not* its fault (unreachable, slow, gone, busy).
+
+    ``peer`` names that peer (base58) when known. Nothing here is counted against a peer's score.
+    """
+
+    def __init__(self, message: str, *, peer: str | None = None) -> None:
+        self.peer = peer
+        super().__init__(message)
+
+
+class PeerUnreachable(PeerError):
     """No connection could be made to a peer (or to any bootstrap node)."""
 
 
-class PeerTimeout(P2PComputeError):
+class PeerTimeout(PeerError):
     """A peer did not answer within the time allowed."""
 
 
-class PeerGone(P2PComputeError):
+class PeerGone(PeerError):
     """A peer closed or reset the connection before the operation finished."""
 
 
 class ResourceLimitExceeded(P2PComputeError):
-    """A local cap (memory, concurrent transfers, leases) would be exceeded."""
+    """A cap (memory, parked transfers, leases, slots) would be exceeded.
+
+    Raised locally when *we* refuse work, and on the sending side when a peer refused our work
+    because *it* is full (``peer`` names it). A refusal for want of room is honest: it is never
+    blamed on the peer that said it, unlike :class:`RemoteProtocolError`.
+    """
+
+    def __init__(self, message: str, *, peer: str | None = None) -> None:
+        self.peer = peer
+        super().__init__(message)
 
 
 class TaskFailed(P2PComputeError):

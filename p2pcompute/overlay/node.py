@@ -283,6 +283,16 @@ class Node:
                 out.append(full)
         return out[:8]
 
+    def topic_peers(self, topic: str) -> list[str]:
+        """Peer ids (sorted) known through GossipSub to subscribe to our ``topic`` (unprefixed name).
+
+        Example::
+
+            providers = node.topic_peers("tasks")
+        """
+        known = self.pubsub.peer_topics.get(topic_name(self.swarm, topic), set())
+        return sorted(str(p.to_base58()) for p in known)
+
     def connected_peers(self) -> list[str]:
         """Peer ids this node has a live connection to."""
         return [p.to_base58() for p in self.host.get_connected_peers()]

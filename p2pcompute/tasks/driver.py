@@ -270,10 +270,7 @@ class TaskService:
 
     def providers(self) -> list[str]:
         """Peers known (through GossipSub) to listen for task requests."""
-        from p2pcompute.overlay.messages import topic_name
-
-        known = self.node.pubsub.peer_topics.get(topic_name(self.node.swarm, TOPIC), set())
-        return sorted(str(p.to_base58()) for p in known)
+        return self.node.topic_peers(TOPIC)
 
     async def wait_for_providers(self, n: int, *, timeout: float) -> list[str]:
         """Wait until at least ``n`` providers listen for requests (:class:`PeerTimeout` otherwise).

@@ -129,6 +129,7 @@ class LaneStatistics:
     sessions: int = 0
     parked: int = 0
     rejected_connections: int = 0
+    refused_busy: int = 0
     expired_unclaimed: int = 0
     relay_transfers: int = 0
 
@@ -614,7 +615,8 @@ class TensorLane:
             parked_peer = sum(len(q) for (p, _), q in self._inbox.items() if p == incoming.peer)
             if parked_total >= self.max_parked or parked_peer >= self.max_parked_per_peer:
                 log.warning("lane: too many unclaimed transfers; refusing one from %s", incoming.peer)
-                await self._refuse(incoming, "too many unclaimed transfers")
+                self._stats.refused_busy += 1
+                await self._refuse(incoming, "too many unclaimed transfers", busy=True)
                 return
             self._inbox.setdefault(key, collections.deque()).append(incoming)
             arrival = self._arrivals.pop(key, None)
@@ -640,12 +642,13 @@ class TensorLane:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
 
-    async def _refuse(self, incoming: _Incoming, reason: str) -> None:
+    async def _refuse(self, incoming: _Incoming, reason: str, *, busy: bool = False) -> None:
+        fields: dict[str, Any] = {"ok": False, "error": reason[:1000]}
+        if busy:
+            fields["busy"] = True
         with trio.move_on_after(self.auth_timeout):
             with suppress(PeerGone, PeerTimeout):
-                await incoming.conn.send_all(
-                    incoming.sealer.seal(KIND_ACK, ACK.build(ok=False, error=reason[:1000]))
-                )
+                await incoming.conn.send_all(incoming.sealer.seal(KIND_ACK, ACK.build(**fields)))
 
     async def _claim(self, peer: str, tag: str) -> _Incoming:
         key = (peer, tag)
@@ -806,6 +809,12 @@ class TensorLane:
         )
         if kind == KIND_ACK:
             refusal = ACK.parse(opener.open(header, body), peer=peer)
+            if refusal.get("busy"):
+                # The receiver is full: an honest answer, so nobody is blamed for it.
+                raise ResourceLimitExceeded(
+                    f"{peer} is full and refused transfer {manifest.tag!r}: {refusal.get('error', '')}",
+                    peer=peer,
+                )
             raise RemoteProtocolError(f"receiver refused transfer: {refusal['error']}", peer=peer)
         GO.parse(opener.open(header, body), peer=peer)
 

@@ -206,7 +206,12 @@ ACK = Schema(
     "lane-ack",
     1,
     max_size=4096,
-    fields=(Field("ok", bool), Field("error", str, optional=True, max_len=1024)),
+    fields=(
+        Field("ok", bool),
+        Field("error", str, optional=True, max_len=1024),
+        # a refusal for want of room (parked transfers, memory): honest, retry later, blame no one
+        Field("busy", bool, optional=True),
+    ),
 )
 
 GO = Schema("lane-go", 1, max_size=256, fields=())
