@@ -417,6 +417,31 @@ class Node:
 
         self.host.set_stream_handler(protocol, _wrapped)
 
+    def remove_stream_handler(self, protocol: str) -> None:
+        """Stop serving ``protocol`` (a no-op when it is not served or the host has stopped).
+
+        Example::
+
+            node.remove_stream_handler("/p2pcompute/echo/1")
+        """
+        with contextlib.suppress(Exception):  # py-libp2p raises assorted types on a stopped host
+            self.host.remove_stream_handler(protocol)
+
+    def listen_ips(self) -> list[str]:
+        """The IP addresses this node's transports listen on (wildcards kept), first seen first.
+
+        Unlike :attr:`addrs` these ignore ``announce``: they say where a socket of ours can
+        bind beside the host. Example::
+
+            node.listen_ips()      # ['127.0.0.1']
+        """
+        ips: list[str] = []
+        for addr in self.host.get_addrs():
+            parts = str(addr).split("/")
+            if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] not in ips:
+                ips.append(parts[2])
+        return ips
+
     async def open_stream(
         self, peer_id: str, protocol: str, *, timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME
     ) -> FramedStream:
