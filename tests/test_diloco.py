@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
 import trio
 
 from p2pcompute.errors import ConfigError, LocalProtocolError
+from p2pcompute.tensors import codecs
 from p2pcompute.training.averager import (
     LocalGroup,
     SoloAverager,
@@ -17,6 +19,7 @@ from p2pcompute.training.averager import (
     wire_bytes,
 )
 from p2pcompute.training.diloco import DiLoCo
+from p2pcompute.wire.shards import INT8_BLOCK
 
 DIM = 8
 
@@ -222,12 +225,32 @@ def test_codec_rounding_and_sizes() -> None:
     t = torch.linspace(-3, 3, 10000)
     assert wire_bytes(t, "none") == 40000
     assert wire_bytes(t, "bf16") == 20000
-    assert wire_bytes(t, "int8") == 10000 + 4 * 3
+    assert wire_bytes(t, "int8") == 10000 + 4 * math.ceil(10000 / INT8_BLOCK)
     assert (roundtrip(t, "int8") - t).abs().max() <= 3 / 127 / 2 + 1e-6
     assert (roundtrip(t, "fp16") - t).abs().max() <= 3 * 2**-11
     assert torch.equal(roundtrip(torch.zeros(5), "int8"), torch.zeros(5))
     with pytest.raises(ConfigError):
         roundtrip(t, "zstd")
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "int8"])
+async def test_local_group_rounds_exactly_as_the_lane(codec: str) -> None:
+    """The simulated group's figures stand for the network's: same blocks, same scales, same bits."""
+    gen = torch.Generator().manual_seed(3)
+    # magnitudes that vary along the tensor, so a block size other than the wire's rounds differently
+    t = torch.randn(20_000, generator=gen) * torch.logspace(-3, 2, 20_000)
+    wire = codecs.decode(codec, codecs.encode(codec, t), t.dtype, tuple(t.shape))
+    assert torch.equal(roundtrip(t, codec), wire)
+    assert wire_bytes(t, codec) == codecs.encode(codec, t).numel()
+    group = LocalGroup()
+    a, b = group.join("a"), group.join("b")
+    ta, tb = t.clone(), t.clone()
+    async with trio.open_nursery() as n:
+        n.start_soon(functools.partial(a.average, [ta], weight=1.0, round_id=0, compression=codec))
+        n.start_soon(functools.partial(b.average, [tb], weight=1.0, round_id=0, compression=codec))
+    # both sent the same rounded tensor; its mean rounds to itself again through the codec
+    assert torch.equal(ta, codecs.roundtrip(codec, wire))
+    assert torch.equal(ta, tb)
 
 
 async def test_solo_averager_and_step_without_runner() -> None:

@@ -21,6 +21,10 @@ Error bounds (``x`` the input, ``y`` the decoded value; finite inputs):
 Lossy codecs apply to floating tensors only; others travel as ``none`` (see
 :func:`p2pcompute.wire.shards.effective_codec`). Decoding always returns the original dtype.
 
+This module is the one home of codecs, dtypes and byte views: the lane, the all-reduce,
+the simulated :class:`~p2pcompute.training.averager.LocalGroup`, state files and task tensors
+all round, size and view tensors through it, so a simulation rounds exactly as the wire does.
+
 Imports :mod:`p2pcompute.errors`, :mod:`p2pcompute.wire.shards` and torch.
 """
 
@@ -31,8 +35,30 @@ from typing import Any
 
 import torch
 
-from p2pcompute.errors import LocalProtocolError
-from p2pcompute.wire.shards import DTYPE_SIZES, INT8_BLOCK, encoded_size
+from p2pcompute.errors import ConfigError, LocalProtocolError
+from p2pcompute.wire.shards import CODECS, DTYPE_SIZES, INT8_BLOCK, effective_codec, encoded_size
+
+__all__ = [
+    "CODECS",
+    "INT8_BLOCK",
+    "TORCH_DTYPES",
+    "byte_memoryview",
+    "byte_view",
+    "check_codec",
+    "decode",
+    "decode_into",
+    "dtype_name",
+    "empty",
+    "encode",
+    "encode_into",
+    "roundtrip",
+    "roundtrip_",
+    "torch_dtype",
+    "wire_bytes",
+]
+
+#: Elements rounded at a time by :func:`roundtrip_` (a multiple of the int8 block: bounded scratch).
+ROUNDTRIP_CHUNK = 1 << 20
 
 _BLOCK_BYTES = 4 + INT8_BLOCK
 
@@ -176,3 +202,63 @@ def decode(codec: str, data: torch.Tensor, dtype: torch.dtype, shape: tuple[int,
     out = empty(shape, dtype)
     decode_into(codec, data, out.reshape(-1))
     return out
+
+
+def check_codec(name: str) -> str:
+    """Return ``name`` when it is a known codec, else raise :class:`ConfigError`.
+
+    Example::
+
+        >>> check_codec("fp16")
+        'fp16'
+    """
+    if name not in CODECS:
+        raise ConfigError(f"unknown compression {name!r}; expected one of {', '.join(CODECS)}")
+    return name
+
+
+def wire_bytes(tensor: torch.Tensor, codec: str) -> int:
+    """Payload bytes ``tensor`` costs on the lane under ``codec`` (lossy codecs: floating dtypes only).
+
+    Example::
+
+        >>> wire_bytes(torch.zeros(1000), "fp16")
+        2000
+    """
+    check_codec(codec)
+    dtype = dtype_name(tensor.dtype)
+    return encoded_size(effective_codec(codec, dtype), dtype, tensor.numel())
+
+
+def roundtrip_(codec: str, values: torch.Tensor) -> torch.Tensor:
+    """Replace the contiguous ``values`` in place by what a receiver decodes under ``codec``; return it.
+
+    Exactly the lane's encode and decode (same int8 blocks and scales), a bounded chunk at a time.
+
+    Example::
+
+        t = torch.randn(10_000)
+        roundtrip_("int8", t)        # t now holds what a peer would receive
+    """
+    check_codec(codec)
+    codec = effective_codec(codec, dtype_name(values.dtype))
+    if codec == "none":
+        return values
+    flat = values.reshape(-1)
+    if flat.data_ptr() != values.data_ptr() or not values.is_contiguous():
+        raise LocalProtocolError("roundtrip_ needs a contiguous tensor")
+    for lo in range(0, flat.numel(), ROUNDTRIP_CHUNK):
+        piece = flat[lo : lo + ROUNDTRIP_CHUNK]
+        decode_into(codec, encode(codec, piece), piece)
+    return values
+
+
+def roundtrip(codec: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A new tensor: ``tensor`` as it comes out of the lane's encode-then-decode under ``codec``.
+
+    Example::
+
+        >>> roundtrip("fp16", torch.tensor([1.0, 1e-4])).dtype
+        torch.float32
+    """
+    return roundtrip_(codec, tensor.detach().clone(memory_format=torch.contiguous_format))

@@ -7,16 +7,15 @@ the fault-tolerant all-reduce of :mod:`p2pcompute.collective`; :class:`LocalGrou
 in-process group of simulated peers (real arithmetic, no network) used by tests and the
 benchmark to check the optimizer's math; :class:`SoloAverager` is a group of one.
 
-``compression`` names a wire codec ("none", "fp16", "bf16", "int8"); :func:`roundtrip`
-applies the same rounding a codec would, so a simulated group rounds like a real one, and
-:func:`wire_bytes` says how many bytes a tensor costs on the wire under a codec.
+``compression`` names a wire codec ("none", "fp16", "bf16", "int8"). The codecs are those of
+:mod:`p2pcompute.tensors.codecs` (re-exported here as ``roundtrip``, ``wire_bytes`` and
+``check_codec``), so a simulated group rounds exactly as the lane does, int8 blocks included.
 
-Imports torch, trio and :mod:`p2pcompute.errors` only.
+Imports torch, trio, :mod:`p2pcompute.errors` and :mod:`p2pcompute.tensors.codecs`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,10 +24,12 @@ from typing import Protocol, runtime_checkable
 import torch
 import trio
 
-from p2pcompute.errors import ConfigError, LocalProtocolError
+from p2pcompute.errors import LocalProtocolError
+from p2pcompute.tensors import codecs
 
-CODECS = ("none", "fp16", "bf16", "int8")
-INT8_BLOCK = 4096  # elements per absmax scale of the int8 codec
+CODECS = codecs.CODECS
+check_codec = codecs.check_codec
+wire_bytes = codecs.wire_bytes
 
 
 @dataclass(frozen=True)
@@ -75,65 +76,17 @@ class Averager(Protocol):
     ) -> AveragingOutcome: ...
 
 
-def check_codec(name: str) -> str:
-    """Return ``name`` when it is a known codec, else raise :class:`ConfigError`.
-
-    Example::
-
-        >>> check_codec("fp16")
-        'fp16'
-    """
-    if name not in CODECS:
-        raise ConfigError(f"unknown compression {name!r}; expected one of {', '.join(CODECS)}")
-    return name
-
-
-def wire_bytes(tensor: torch.Tensor, compression: str) -> int:
-    """Bytes ``tensor`` costs on the wire under ``compression`` (payload only).
-
-    Example::
-
-        >>> wire_bytes(torch.zeros(1000), "fp16")
-        2000
-    """
-    n = tensor.numel()
-    if compression == "none":
-        return n * tensor.element_size()
-    if compression in ("fp16", "bf16"):
-        return n * 2
-    if compression == "int8":
-        return n + 4 * math.ceil(n / INT8_BLOCK)
-    raise ConfigError(f"unknown compression {compression!r}")
-
-
 def roundtrip(tensor: torch.Tensor, compression: str) -> torch.Tensor:
-    """``tensor`` as it comes out of encode-then-decode with ``compression`` (a new float tensor).
+    """``tensor`` as it comes out of the lane under ``compression`` (:func:`.codecs.roundtrip`).
 
-    int8 is blockwise absmax: each block of :data:`INT8_BLOCK` elements is scaled so its
-    largest magnitude maps to 127 and rounded to the nearest integer.
+    Kept for callers of this module; the codec is defined once, in :mod:`p2pcompute.tensors.codecs`.
 
     Example::
 
         >>> roundtrip(torch.tensor([1.0, 1e-4]), "fp16").dtype
         torch.float32
     """
-    src = tensor.detach()
-    if compression == "none":
-        return src.clone()
-    if compression == "fp16":
-        return src.to(torch.float16).to(src.dtype)
-    if compression == "bf16":
-        return src.to(torch.bfloat16).to(src.dtype)
-    if compression == "int8":
-        flat = src.reshape(-1).to(torch.float32)
-        pad = (-flat.numel()) % INT8_BLOCK
-        blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, INT8_BLOCK)
-        scale = blocks.abs().amax(dim=1, keepdim=True) / 127.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.clamp(torch.round(blocks / scale), -127, 127)
-        out = (q * scale).reshape(-1)[: flat.numel()]
-        return out.view_as(src).to(src.dtype)
-    raise ConfigError(f"unknown compression {compression!r}")
+    return codecs.roundtrip(compression, tensor)
 
 
 def allreduce_bytes(tensors: Sequence[torch.Tensor], compression: str, group_size: int) -> int:

@@ -12,7 +12,8 @@ dtype from an allow-list, shape, offset and length), then the raw tensor bytes b
 back. Loading checks every offset and length before touching the bytes and recomputes
 the digest. Checkpoints are written with :func:`~p2pcompute._fsutil.atomic_write`.
 
-Imports torch, numpy, :mod:`p2pcompute.wire`, :mod:`p2pcompute.errors` and ``_fsutil``.
+Imports torch, :mod:`p2pcompute.tensors.codecs`, :mod:`p2pcompute.wire`, :mod:`p2pcompute.errors`
+and ``_fsutil``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from p2pcompute.errors import (
     RemoteProtocolError,
     UnsupportedVersion,
 )
+from p2pcompute.tensors import codecs
 from p2pcompute.wire.codec import decode, encode
+from p2pcompute.wire.shards import DTYPE_SIZES
 
 MAGIC = b"P2PCST01"
 FORMAT_VERSION = 1
@@ -45,17 +48,13 @@ MAX_NAME = 256
 MAX_DIMS = 8
 MAX_META = 1024
 
+#: The dtypes a state file may hold (a format allow-list); names and torch types come from
+#: :mod:`p2pcompute.tensors.codecs`, the one table of dtypes.
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
+    name: codecs.TORCH_DTYPES[name]
+    for name in (
+        "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"
+    )
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _LEN = struct.Struct(">I")
@@ -78,8 +77,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    array: Any = flat.view(torch.uint8).numpy()
-    return memoryview(array).cast("B")
+    return codecs.byte_memoryview(flat).cast("B")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -245,7 +243,7 @@ def parse_header(obj: Any, *, peer: str | None = None) -> StateHeader:
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
         ):
             raise _bad(f"tensor {name!r} shape", peer)
-        want = math.prod(shape) * torch.empty((), dtype=DTYPES[dt]).element_size()
+        want = math.prod(shape) * DTYPE_SIZES[dt]
         if off != offset or nbytes != want:
             raise _bad(f"tensor {name!r} layout (offset {off!r}, {nbytes!r} bytes)", peer)
         out.append(TensorEntry(name, dt, tuple(shape), off, nbytes))
