@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import SuiteResult, print_table, wan_layout, write_results
 from benchmarks.procs import IP_ENV, worker_env
+from p2pcompute.benchresults import SuiteResult, print_table, wan_layout, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"1M": 1 << 20, "4M": 4 << 20, "16M": 16 << 20, "64M": 64 << 20}

@@ -38,7 +38,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.harness import SuiteResult, print_table, write_results
+from p2pcompute.benchresults import SuiteResult, print_table, write_results
 
 FULL_SIZES = (8, 16, 32, 64, 128, 256)
 QUICK_SIZES = (4, 8)

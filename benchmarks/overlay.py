@@ -41,8 +41,8 @@ from typing import Any
 
 import trio
 
-from benchmarks.harness import SuiteResult, print_table, wan_layout, write_results
 from benchmarks.procs import Worker, listen_addrs, say, stop_all
+from p2pcompute.benchresults import SuiteResult, print_table, wan_layout, write_results
 from p2pcompute.capacity.model import Capacity, GpuInfo
 from p2pcompute.errors import PeerTimeout
 from p2pcompute.overlay import Node, open_node

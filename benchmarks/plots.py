@@ -10,7 +10,7 @@ Owns the figures the runner puts next to each suite's JSON:
   ``size``, ``world``) over three or more values, the primary metric against it on log axes,
   one line per series (the other parameters), with any fitted curve the suite recorded.
 
-Reads only validated documents (see :func:`benchmarks.harness.validate_result`); imports the
+Reads only validated documents (see :func:`p2pcompute.benchresults.validate_result`); imports the
 standard library, matplotlib (optional: :func:`available` says whether it is installed) and
 :mod:`p2pcompute._fsutil`.
 """

@@ -12,7 +12,7 @@ Each suite runs as ``python -m benchmarks.<suite> [--quick] --out <dir>/<suite>.
 in a fresh process, so a crash, a hang (per-suite timeout) or a memory peak in one suite cannot
 touch the others, and ``peak_rss_mib`` is per suite. A suite module that does not exist yet is
 reported as "not available". With ``--wan SPEC`` each suite gets a fresh emulated network
-(benchmarks.wan) described in the environment (``harness.WAN_ENV``), torn down after the suite;
+(benchmarks.wan) described in the environment (``benchresults.WAN_ENV``), torn down after the suite;
 a suite that does not place its peers with it is reported as having run on loopback.
 
 Imports the standard library and the other benchmarks modules; nothing imports this but
@@ -40,9 +40,17 @@ from types import FrameType
 from typing import Any, TextIO
 
 from benchmarks import plots
-from benchmarks.harness import WAN_ENV, SchemaError, SuiteResult, format_table, load_results, machine_facts
 from benchmarks.wan import Support, WanEmulation, WanError, parse_spec, probe_support, sweep_stale
 from p2pcompute._fsutil import atomic_write
+from p2pcompute.benchresults import (
+    WAN_ENV,
+    SchemaError,
+    SuiteResult,
+    default_out_dir,
+    format_table,
+    load_results,
+    machine_facts,
+)
 from p2pcompute.errors import ConfigError
 
 #: Suites in the order ``all`` runs them. ``wan`` measures the emulation itself; ``growth`` is the
@@ -81,17 +89,6 @@ def suite_available(name: str, package: str = "benchmarks") -> bool:
         return importlib.util.find_spec(f"{package}.{name}") is not None
     except (ImportError, ValueError):
         return False
-
-
-def default_out_dir(base: str | os.PathLike[str] = "bench-results") -> Path:
-    """A fresh folder named by the UTC time, e.g. ``bench-results/20261129T001500Z``."""
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = Path(base) / stamp
-    n = 1
-    while path.exists():
-        n += 1
-        path = Path(base) / f"{stamp}-{n}"
-    return path
 
 
 class Progress:
@@ -465,7 +462,8 @@ def run_from_args(args: argparse.Namespace, *, stream: TextIO | None = None) -> 
             progress.write(f"not available yet: {', '.join(missing)}")
     else:
         names = [args.suite]
-    out_dir = Path(args.out) if args.out else default_out_dir()
+    # absolute: the suites run in the checkout's root, whatever folder the user started us from
+    out_dir = Path(args.out).resolve() if args.out else default_out_dir()
     outcomes = run_all(
         names,
         out_dir=out_dir,

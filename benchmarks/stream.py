@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.harness import SuiteResult, peak_rss_mib, print_table, wan_layout, write_results
+from p2pcompute.benchresults import SuiteResult, peak_rss_mib, print_table, wan_layout, write_results
 
 CHUNK = 1 << 20
 PROTO = "/p2pcompute/bench-stream/1.0.0"

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 import trio
 
-from benchmarks.harness import SuiteResult, peak_rss_mib, print_table, wan_layout, write_results
 from benchmarks.procs import Worker, listen_addrs, say, stop_all
+from p2pcompute.benchresults import SuiteResult, peak_rss_mib, print_table, wan_layout, write_results
 from p2pcompute.capacity.model import Capacity
 from p2pcompute.overlay import FramedStream, Node, open_node
 from p2pcompute.tasks import TaskRegistry

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import trio
 
-from benchmarks.harness import SuiteResult, print_table, wan_layout, write_results
+from p2pcompute.benchresults import SuiteResult, print_table, wan_layout, write_results
 from p2pcompute.training.averager import LocalGroup
 from p2pcompute.training.diloco import DiLoCo
 from p2pcompute.training.toy import MarkovTextTask, TeacherTask, evaluate, make_model

@@ -45,8 +45,8 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from benchmarks import wanlink
-from benchmarks.harness import SuiteResult, print_table, write_results
 from benchmarks.wanlink import queue_limit
+from p2pcompute.benchresults import SuiteResult, print_table, write_results
 from p2pcompute.errors import ConfigError
 
 PREFIX = "p2pcb"
@@ -775,7 +775,7 @@ class WanEmulation:
         return [*self.plan.peers[i].exec, *argv]
 
     def layout(self) -> dict[str, Any]:
-        """The JSON-able description handed to suite processes through ``harness.WAN_ENV``."""
+        """The JSON-able description handed to suite processes through ``p2pcompute.benchresults.WAN_ENV``."""
         assert self.plan is not None
         assert self.support is not None
         return {

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from benchmarks.harness import load_results, validate_result
+from p2pcompute.benchresults import load_results, validate_result
 from p2pcompute.cli import bench
 from p2pcompute.cli import main as cli_main
 from p2pcompute.errors import ConfigError, MalformedMessage, MessageTooLarge, UnsupportedVersion
@@ -169,12 +169,13 @@ def test_cli_unreachable_peer_exits_4_in_a_real_process() -> None:
 
 
 def test_cli_link_against_a_serving_process(tmp_path: Path) -> None:
+    # 'bench link' measures a live peer: it needs nothing of the checkout, so it runs from any folder
     server = subprocess.Popen(
         [*CLI, "bench", "link", "--serve", *LOCAL],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=ROOT,
+        cwd=tmp_path,
         env=ENV,
     )
     try:
@@ -234,3 +235,45 @@ def test_cli_delegates_to_the_runner(tmp_path: Path) -> None:
     assert "wan: ok" in got.stdout
     load_results(tmp_path / "wan.json")
     assert (tmp_path / "summary.json").exists()
+
+
+def test_cli_run_from_outside_the_checkout_writes_results_where_the_user_stands(tmp_path: Path) -> None:
+    """`p2pcompute bench SUITE` from any folder: the suites run in the checkout, the results land in
+    ./bench-results/<UTC time> of the folder it was started from, and validate (once: 'invalid')."""
+    script = Path(sys.executable).parent / "p2pcompute"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    before = set(map(str, sys.path))
+    got = subprocess.run(
+        [str(script), "bench", "wan", "--quick", "--no-plots"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert "wan: ok" in got.stdout
+    (run,) = (tmp_path / "bench-results").iterdir()
+    load_results(run / "wan.json")
+    assert (run / "summary.json").exists()
+    assert set(map(str, sys.path)) == before
+
+
+def test_runner_argv_forwards_every_option(tmp_path: Path) -> None:
+    parser = bench_parser()
+    args = parser.parse_args(
+        ["bench", "stream", "--quick", "--wan", "20ms", "--wan-peers", "3", "--timeout", "9",
+         "--no-plots", "--suite-args=--sizes 1M"]
+    )
+    argv = bench.runner_argv(args, tmp_path)
+    assert argv[1:] == [
+        "-m", "benchmarks", "stream", "--out", str(tmp_path), "--quick", "--wan", "20ms",
+        "--wan-peers", "3", "--timeout", "9.0", "--no-plots", "--suite-args=--sizes 1M",
+    ]
+
+
+def bench_parser() -> Any:
+    from p2pcompute.cli import build_parser
+
+    return build_parser()

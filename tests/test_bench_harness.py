@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks import harness
-from benchmarks.harness import ConfigResult, SchemaError, SuiteResult
+from p2pcompute import benchresults as harness
+from p2pcompute.benchresults import ConfigResult, SchemaError, SuiteResult
+from p2pcompute.errors import ConfigError
 
 finite = st.floats(min_value=-1e12, max_value=1e12, allow_nan=False, allow_infinity=False)
 
@@ -46,7 +47,7 @@ def test_summarize_known_values() -> None:
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_samples_are_refused(bad: float) -> None:
     row = ConfigResult("x")
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(ConfigError, match="not finite"):
         row.add("seconds", bad)
     assert row.samples == {}
 
@@ -102,7 +103,7 @@ def test_json_roundtrip_validates(tmp_path: Path) -> None:
     assert lane["ratio_vs_raw_tcp"] == pytest.approx(0.5)
     assert lane["stats"]["gbytes_per_s"]["median"] == 1.0
     assert harness.ratio_of(doc, "lane", "raw_tcp") == pytest.approx(0.5)
-    with pytest.raises(KeyError):
+    with pytest.raises(ConfigError):
         harness.ratio_of(doc, "nope", "raw_tcp")
     back = SuiteResult.from_json(doc)
     assert [c.name for c in back.configs] == ["raw_tcp", "lane", "lane_big"]

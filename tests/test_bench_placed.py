@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks import harness, overlay, tasks, wan
-from benchmarks.harness import WAN_ENV
+from benchmarks import overlay, tasks, wan
+from p2pcompute import benchresults as harness
+from p2pcompute.benchresults import WAN_ENV
 
 SUPPORT = wan.probe_support()
 

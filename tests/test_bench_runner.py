@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import plots, runner, wan
-from benchmarks.harness import load_results
+from p2pcompute.benchresults import load_results
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -26,7 +26,7 @@ SMOKE_TIMEOUT = 420  # generous: guards against hangs on a loaded 2-core machine
 
 GOOD = """
 import argparse, sys
-from benchmarks.harness import SuiteResult, print_table, write_results, wan_layout
+from p2pcompute.benchresults import SuiteResult, print_table, write_results, wan_layout
 def main(argv=None):
     p = argparse.ArgumentParser(); p.add_argument("--quick", action="store_true"); p.add_argument("--out")
     p.add_argument("--label", default="")

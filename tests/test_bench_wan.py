@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks import wan
-from benchmarks.harness import load_results
 from benchmarks.wan import WanEmulation, WanError, WanSpec, WanSpecError, parse_spec
+from p2pcompute.benchresults import load_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = wan.probe_support()

@@ -1,8 +1,9 @@
 """``p2pcompute bench``: run the benchmark suites, or measure the link to a live peer.
 
 * ``bench [stream|allreduce|overlay|tasks|training|wan|growth|all] [--quick] [--out DIR] [--wan SPEC]
-  [--suite-args ARGS]`` delegates to the runner in the source checkout's ``benchmarks/`` folder
-  (docs/benchmarks.md).
+  [--suite-args ARGS]`` runs ``python -m benchmarks`` from the source checkout (found from the
+  current folder or beside the package) in a child process, with results in ``--out`` or
+  ``./bench-results/<UTC time>`` of the folder it was started from (docs/benchmarks.md).
 * ``bench link --serve``: run a node with a tensor lane that answers link measurements; prints
   its multiaddr first, serves until SIGINT/SIGTERM.
 * ``bench link --peer MULTIADDR``: measure latency and throughput to that peer through the data
@@ -21,10 +22,11 @@ Imports the overlay and tensors layers; nothing imports this module.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
 import re
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -35,7 +37,8 @@ import trio
 
 from p2pcompute.cli import EXIT_OK
 from p2pcompute.cli.node import run_until_signal
-from p2pcompute.errors import ConfigError, MalformedMessage, PeerTimeout, RemoteProtocolError
+from p2pcompute.deadlines import deadline
+from p2pcompute.errors import ConfigError, MalformedMessage, RemoteProtocolError
 from p2pcompute.wire.codec import Field, Schema
 
 if TYPE_CHECKING:  # the runtime imports are deferred: `p2pcompute --help` must stay fast
@@ -165,23 +168,18 @@ async def serve_link(
             continue
         start = time.perf_counter()
         path = None
-        try:
-            with trio.fail_after(op_timeout):
-                if kind == "push":
-                    got = await lane.receive(peer, tag)
-                    moved = sum(t.numel() * t.element_size() for t in got.values())
-                    path = "lane"
-                elif kind == "pull":
-                    report = await lane.send(peer, tag, {"x": torch.zeros(nbytes, dtype=torch.uint8)})
-                    moved, path = nbytes, report.path
-                else:
-                    moved = 0
-                    while moved < nbytes:
-                        moved += len(await stream.recv_frame(min(FRAME, nbytes - moved)))
-        except trio.TooSlowError:
-            raise PeerTimeout(
-                f"bench-link {kind} of {nbytes} bytes from {peer} took over {op_timeout} s"
-            ) from None
+        with deadline(op_timeout, f"bench-link {kind} of {nbytes} bytes from {peer}", peer=peer):
+            if kind == "push":
+                got = await lane.receive(peer, tag)
+                moved = sum(t.numel() * t.element_size() for t in got.values())
+                path = "lane"
+            elif kind == "pull":
+                report = await lane.send(peer, tag, {"x": torch.zeros(nbytes, dtype=torch.uint8)})
+                moved, path = nbytes, report.path
+            else:
+                moved = 0
+                while moved < nbytes:
+                    moved += len(await stream.recv_frame(min(FRAME, nbytes - moved)))
         await stream.send_frame(
             LINK_DONE.build(tag=tag, ok=True, bytes=moved, seconds=time.perf_counter() - start, path=path)
         )
@@ -216,7 +214,8 @@ async def measure_link(
     """
     import torch
 
-    harness = _harness()
+    from p2pcompute import benchresults as harness
+
     result = harness.SuiteResult(
         "link",
         "mbytes_per_s",
@@ -230,7 +229,7 @@ async def measure_link(
 
     stream = await node.open_stream(peer_id, PROTO_LINK, timeout=min(timeout, 30.0))
     try:
-        with _timeout(timeout, f"bench link to {peer_id}"):
+        with deadline(timeout, f"bench link to {peer_id}", peer=peer_id):
             rtt = result.config("stream_rtt", size=0, what="control-stream round trip")
             for seq in range(pings):
                 t0 = time.perf_counter()
@@ -306,50 +305,45 @@ async def _stream_send(stream: FramedStream, tag: str, payload: Any, peer: str) 
     return _check_done(await _expect(stream, LINK_DONE), tag, nbytes, peer)
 
 
-class _timeout:
-    """``trio.fail_after`` that raises PeerTimeout (what the CLI maps to exit code 4)."""
+def find_checkout(start: Path | None = None) -> Path | None:
+    """The source checkout whose ``benchmarks/`` holds the suites, or ``None``.
 
-    def __init__(self, seconds: float, what: str) -> None:
-        self.scope = trio.fail_after(seconds)
-        self.what = what
-        self.seconds = seconds
+    Looked for in the current folder and its parents, then beside the imported ``p2pcompute``
+    package (an editable install of a checkout). Nothing is imported and ``sys.path`` is left alone:
+    the suites run in a child process whose working folder is the checkout.
 
-    def __enter__(self) -> None:
-        self.scope.__enter__()
+    Example::
 
-    def __exit__(self, et: Any, ev: Any, tb: Any) -> bool:
-        try:
-            return bool(self.scope.__exit__(et, ev, tb))
-        except trio.TooSlowError:
-            raise PeerTimeout(f"{self.what} took over {self.seconds:.0f} s") from None
-
-
-def _harness() -> Any:
-    """Import the checkout's ``benchmarks`` package.
-
-    An installed ``p2pcompute`` console script has its own folder, not the working directory,
-    on ``sys.path``, so the package is looked for in turn: on ``sys.path``; in the working
-    directory or one of its parents; beside the ``p2pcompute`` package itself (an editable
-    install of a checkout).
+        root = find_checkout()       # e.g. Path('/home/me/p2pcompute') or None for a pip install
     """
-    try:
-        from benchmarks import harness
-    except ModuleNotFoundError:
-        pass
-    else:
-        return harness
-    here = Path.cwd().resolve()
+    here = (start or Path.cwd()).resolve()
     for root in (here, *here.parents, Path(__file__).resolve().parents[2]):
         if (root / "benchmarks" / "__init__.py").is_file() and (root / "benchmarks" / "runner.py").is_file():
-            sys.path.insert(0, str(root))
-            importlib.invalidate_caches()
-            from benchmarks import harness
+            return root
+    return None
 
-            return harness
-    raise ConfigError(
-        "the benchmark harness lives in the source checkout's benchmarks/ folder: "
-        "run p2pcompute bench inside a checkout of p2pcompute"
-    )
+
+def runner_argv(args: argparse.Namespace, out_dir: Path) -> list[str]:
+    """The ``python -m benchmarks`` command line that runs what ``args`` ask for, results in ``out_dir``.
+
+    Example::
+
+        runner_argv(args, Path("/tmp/r"))   # [python, '-m', 'benchmarks', 'stream', '--out', '/tmp/r']
+    """
+    argv = [sys.executable, "-m", "benchmarks", args.suite, "--out", str(out_dir)]
+    if args.quick:
+        argv.append("--quick")
+    if args.wan:
+        argv += ["--wan", args.wan]
+    if args.wan_peers != 4:
+        argv += ["--wan-peers", str(args.wan_peers)]
+    if args.timeout is not None:
+        argv += ["--timeout", repr(float(args.timeout))]
+    if args.no_plots:
+        argv.append("--no-plots")
+    if args.suite_args:
+        argv.append(f"--suite-args={args.suite_args}")
+    return argv
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -389,7 +383,8 @@ def cmd_link(args: argparse.Namespace) -> int:
         run_until_signal(serve)
         return EXIT_OK
 
-    harness = _harness()
+    from p2pcompute import benchresults
+
     holder: list[Any] = []
 
     async def client() -> None:
@@ -417,9 +412,9 @@ def cmd_link(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json(), indent=2), flush=True)
     else:
-        harness.print_table(result)
+        benchresults.print_table(result)
     if args.out:
-        path = harness.write_results(result, Path(args.out))
+        path = benchresults.write_results(result, Path(args.out))
         print(f"wrote {path}", file=sys.stderr, flush=True)
     return EXIT_OK
 
@@ -431,10 +426,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in ("peer", "serve"):
         if getattr(args, name):
             args.bench_parser.error(f"--{name} only applies to 'bench link'")
-    _harness()
-    from benchmarks import runner
+    root = find_checkout()
+    if root is None:
+        raise ConfigError(
+            "the benchmark suites live in a source checkout's benchmarks/ folder: run 'p2pcompute bench' "
+            "inside a checkout of p2pcompute ('bench link' works anywhere)"
+        )
+    from p2pcompute.benchresults import default_out_dir
 
-    return runner.run_from_args(args)
+    # Results land where the user stands (or in --out, read relative to here), never in the checkout.
+    out_dir = Path(args.out).resolve() if args.out else default_out_dir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(runner_argv(args, out_dir), cwd=root, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # the runner got the same SIGINT (one process group): let it stop its suites and summarise
+        code = proc.wait()
+    return EXIT_OK if code == 130 else code
 
 
 def add_parsers(sub: Any) -> None:

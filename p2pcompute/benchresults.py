@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: samples, summaries, same-run baseline ratios, tables, JSON.
+"""Benchmark results: samples, summaries, same-run baseline ratios, tables, JSON.
 
 Every suite builds a :class:`SuiteResult` of :class:`ConfigResult` rows, marks its
 baselines (raw TCP, plain py-libp2p, gloo ... measured in the same invocation),
@@ -6,8 +6,9 @@ calls :meth:`SuiteResult.add_ratios`, then :func:`print_table` and :func:`write_
 The JSON schema (``p2pcompute-bench/1``) is documented in docs/benchmarks.md and checked
 by :func:`validate_result`; :func:`ratio_of` is what a script uses to check a target.
 
-Imports only the standard library and :mod:`p2pcompute._fsutil`; suites import this,
-never the other way round.
+It lives in the package (not in the checkout's ``benchmarks/``) because ``p2pcompute bench link``
+measures a live peer and must work from a pip install; the suites in ``benchmarks/`` import it.
+Imports only the standard library, :mod:`p2pcompute.errors` and :mod:`p2pcompute._fsutil`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pcompute._fsutil import atomic_write
+from p2pcompute.errors import ConfigError
 
 SCHEMA = "p2pcompute-bench/1"
 #: Environment variable through which the runner hands a WAN layout (JSON) to a suite process.
@@ -36,12 +38,32 @@ WAN_ENV = "P2PC_BENCH_WAN"
 _STAT_KEYS = ("median", "min", "max", "mean", "stdev", "n")
 
 
-class SchemaError(ValueError):
+class SchemaError(ConfigError):
     """A results document that does not follow ``p2pcompute-bench/1``; ``problems`` lists every fault."""
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         super().__init__("; ".join(self.problems))
+
+
+def default_out_dir(base: str | os.PathLike[str] = "bench-results") -> Path:
+    """A fresh, absolute folder named by the UTC time, e.g. ``<cwd>/bench-results/20261129T001500Z``.
+
+    Resolved against the current folder when called, so results land where the user stands, whatever
+    folder later runs the suites.
+
+    Example::
+
+        out = default_out_dir()          # not created yet
+    """
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    root = Path(base).resolve()
+    path = root / stamp
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{n}"
+    return path
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
@@ -85,7 +107,7 @@ class ConfigResult:
         """
         v = float(value)
         if not math.isfinite(v):
-            raise ValueError(f"{self.name}: sample of {metric!r} is not finite: {value!r}")
+            raise ConfigError(f"{self.name}: sample of {metric!r} is not finite: {value!r}")
         self.samples.setdefault(metric, []).append(v)
 
     def median(self, metric: str) -> float:
@@ -475,11 +497,15 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
 def ratio_of(doc: Mapping[str, Any], config: str, baseline: str) -> float:
     """The ``ratio_vs_<baseline>`` of config ``config`` (above 1 means better than the baseline).
 
-    Raises ``KeyError`` when the suite has no such config or ratio. A target check is one line::
+    Raises :class:`~p2pcompute.errors.ConfigError` when the suite has no such config or ratio.
+    A target check is one line::
 
         assert ratio_of(load_results("stream.json"), "lane_256MiB", "raw_tcp") >= 0.5
     """
     for c in doc["configs"]:
         if c["name"] == config:
-            return float(c[f"ratio_vs_{baseline}"])
-    raise KeyError(f"no config {config!r} in suite {doc.get('suite')!r}")
+            key = f"ratio_vs_{baseline}"
+            if key not in c:
+                raise ConfigError(f"config {config!r} has no {key}")
+            return float(c[key])
+    raise ConfigError(f"no config {config!r} in suite {doc.get('suite')!r}")
