@@ -15,11 +15,11 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 # The main job: a bootstrap node and three peer processes train a small model with DiLoCo;
 # one peer is killed midway and a new one joins (about a minute on 2 quiet cores).
 demo: $(STAMP)
-	$(PY) -m p2pcompute.training.demo
+	$(PY) -m demos.diloco
 
 # The overlay alone: a bootstrap node and three peers print each other's capacity.
 demo-swarm: $(STAMP)
-	$(PY) -m p2pcompute.demo
+	$(PY) -m demos.swarm
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

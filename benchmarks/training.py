@@ -1,9 +1,9 @@
 """DiLoCo against per-step gradient averaging at equal samples; compute utilization under churn.
 
 Part 1 (``bytes`` rows), in one process: ``--peers`` simulated peers train on their own
-batches through an in-memory :class:`~p2pcompute.training.averager.LocalGroup` (real
+batches through an in-memory :class:`~p2pcompute.testing.LocalGroup` (real
 arithmetic, the codecs' real rounding), on each task of ``--tasks``
-(:mod:`p2pcompute.training.toy`): ``lm``, next-token prediction on text from a random Markov
+(:mod:`p2pcompute.testing`): ``lm``, next-token prediction on text from a random Markov
 source (cross-entropy, whose floor is the source's entropy), and ``teacher``, the
 teacher-student regression of the examples and the demo (MSE, whose floor is the targets'
 noise, near zero). Every configuration sees the same number of samples. Bytes are what one
@@ -37,15 +37,14 @@ import torch
 import trio
 
 from p2pcompute.benchresults import SuiteResult, print_table, wan_layout, write_results
-from p2pcompute.training.averager import LocalGroup
+from p2pcompute.testing import LocalGroup, MarkovTextTask, TeacherTask, evaluate, make_model
 from p2pcompute.training.diloco import DiLoCo
-from p2pcompute.training.toy import MarkovTextTask, TeacherTask, evaluate, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Teacher:
-    """The teacher regression of :mod:`p2pcompute.training.toy` behind the task interface."""
+    """The teacher regression of :mod:`p2pcompute.testing` behind the task interface."""
 
     def __init__(self) -> None:
         self.task = TeacherTask(0)
@@ -164,7 +163,7 @@ def _run_processes(
     if layout is not None and len(layout["peers"]) < peers + 1:
         raise RuntimeError(f"--wan laid out {len(layout['peers'])} namespaces; {peers + 1} needed")
     boot = subprocess.Popen(
-        placed(0, [sys.executable, "-m", "p2pcompute.training.demo", "--bootstrap-only"]),
+        placed(0, [sys.executable, "-m", "demos.diloco", "--bootstrap-only"]),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
     )
     procs: list[subprocess.Popen[str]] = []

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from p2pcompute.testing import TeacherTask, evaluate, make_model
 from p2pcompute.training.swarm import Swarm
-from p2pcompute.training.toy import TeacherTask, evaluate, make_model
 
 
 def emit(event: dict[str, object]) -> None:

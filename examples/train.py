@@ -3,7 +3,7 @@
     # alone
     python examples/train.py --steps 600
     # a swarm: start a bootstrap node, then run this on as many machines as you like
-    python -m p2pcompute.training.demo --bootstrap-only --listen /ip4/0.0.0.0/tcp/4001
+    python -m demos.diloco --bootstrap-only --listen /ip4/0.0.0.0/tcp/4001
     python examples/train.py --bootstrap /ip4/10.0.0.1/tcp/4001/p2p/12D3KooW... --key peer.key
 
 The script is an ordinary synchronous PyTorch loop. The only p2pcompute lines are the
@@ -23,8 +23,8 @@ import time
 
 import torch
 
+from p2pcompute.testing import TeacherTask, evaluate, make_model
 from p2pcompute.training.swarm import Swarm
-from p2pcompute.training.toy import TeacherTask, evaluate, make_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,8 @@ import trio
 
 from p2pcompute.errors import ConfigError, LocalProtocolError
 from p2pcompute.tensors import codecs
+from p2pcompute.testing import LocalGroup
 from p2pcompute.training.averager import (
-    LocalGroup,
     SoloAverager,
     allreduce_bytes,
     roundtrip,

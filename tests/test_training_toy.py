@@ -1,4 +1,4 @@
-"""The generated tasks of p2pcompute.training.toy: the language-modelling source, its floor, and
+"""The generated tasks of p2pcompute.testing: the language-modelling source, its floor, and
 that a model learns it (no network: these are the data the benchmark and examples train on)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from p2pcompute.training.toy import CONTEXT, VOCAB, MarkovTextTask
+from p2pcompute.testing import CONTEXT, VOCAB, MarkovTextTask
 
 
 def test_markov_batches_are_reproducible_and_in_range() -> None:

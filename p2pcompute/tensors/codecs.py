@@ -22,7 +22,7 @@ Lossy codecs apply to floating tensors only; others travel as ``none`` (see
 :func:`p2pcompute.wire.shards.effective_codec`). Decoding always returns the original dtype.
 
 This module is the one home of codecs, dtypes and byte views: the lane, the all-reduce,
-the simulated :class:`~p2pcompute.training.averager.LocalGroup`, state files and task tensors
+the simulated :class:`~p2pcompute.testing.LocalGroup`, state files and task tensors
 all round, size and view tensors through it, so a simulation rounds exactly as the wire does.
 
 Imports :mod:`p2pcompute.errors`, :mod:`p2pcompute.wire.shards` and torch.

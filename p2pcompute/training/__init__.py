@@ -7,7 +7,6 @@ imports this package; :mod:`p2pcompute.cli` may.
 
 from p2pcompute.training.averager import Averager as Averager
 from p2pcompute.training.averager import AveragingOutcome as AveragingOutcome
-from p2pcompute.training.averager import LocalGroup as LocalGroup
 from p2pcompute.training.averager import SoloAverager as SoloAverager
 from p2pcompute.training.diloco import DiLoCo as DiLoCo
 from p2pcompute.training.diloco import StepReport as StepReport

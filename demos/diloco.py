@@ -1,7 +1,7 @@
 """The training demo: a bootstrap node and three peers train one model; one dies, one joins.
 
-    python -m p2pcompute.training.demo            # the whole show, a minute or two on 2 cores
-    python -m p2pcompute.training.demo --bootstrap-only --listen /ip4/0.0.0.0/tcp/4001
+    python -m demos.diloco            # the whole show, a minute or two on 2 cores
+    python -m demos.diloco --bootstrap-only --listen /ip4/0.0.0.0/tcp/4001
 
 Every peer is a separate process running ``examples/train.py`` unchanged (the same script
 that trains alone). Midway the third peer is killed with SIGKILL and a fourth one starts; it
@@ -11,7 +11,8 @@ bytes per-step gradient averaging would have sent for the same samples; at the e
 final loss beside the same model trained alone on as many samples. Exit status 0 when the
 survivors finished with bit-identical state and the joiner took part.
 
-Uses :mod:`p2pcompute.overlay` (the bootstrap node) and :mod:`p2pcompute.training.toy`.
+Lives outside the package, in the checkout's ``demos/`` (``make demo``); uses :mod:`p2pcompute.overlay`
+(the bootstrap node) and :mod:`p2pcompute.testing` (the synthetic task).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import trio
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train.py"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 
 
 @dataclass
@@ -194,7 +195,7 @@ async def _demo(args: argparse.Namespace) -> int:
           flush=True)
     with trio.fail_after(args.timeout):
         boot_proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "p2pcompute.training.demo", "--bootstrap-only"], stdout=subprocess.PIPE,
+            [sys.executable, "-m", "demos.diloco", "--bootstrap-only"], stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, env=_env(),
         )
         try:
@@ -224,7 +225,7 @@ async def _demo(args: argparse.Namespace) -> int:
                 await boot_proc.wait()
 
     samples, diloco_loss = _report(show)
-    from p2pcompute.training.toy import train_alone
+    from p2pcompute.testing import train_alone
 
     alone_steps = samples // args.batch
     _, alone_loss = await trio.to_thread.run_sync(lambda: train_alone(alone_steps, args.batch))
@@ -263,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Example::
 
-        $ python -m p2pcompute.training.demo --outer-steps 8
+        $ python -m demos.diloco --outer-steps 8
     """
-    parser = argparse.ArgumentParser(prog="python -m p2pcompute.training.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m demos.diloco", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bootstrap-only", action="store_true", help="only run a bootstrap node")
     parser.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0")

@@ -1,9 +1,9 @@
-"""The interim ``make demo``: a local swarm of separate processes, then a clean shutdown.
+"""``make demo-swarm``: a local swarm of separate processes, then a clean shutdown.
 
 Starts ``p2pcompute bootstrap`` and three ``p2pcompute peer`` processes on
 127.0.0.1, prints each peer's view of the others' capacity (as the peers print
 it themselves), stops every process with SIGINT and exits 0 only when all of
-them exited 0. Runs as ``python -m p2pcompute.demo``.
+them exited 0. Runs as ``python -m demos.swarm`` from the checkout.
 
 Imports only the standard library (it drives the CLI as a user would).
 """
@@ -53,7 +53,7 @@ def main() -> int:
 
     Example::
 
-        $ python -m p2pcompute.demo
+        $ python -m demos.swarm
     """
     deadline = time.monotonic() + DEADLINE_S
     started = time.monotonic()
