@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pcompute.errors import ConfigError, IntegrityError, MalformedMessage
+from p2pcompute.training import diloco as diloco_module
 from p2pcompute.training.averager import SoloAverager
 from p2pcompute.training.diloco import DiLoCo
 from p2pcompute.training.state import (
@@ -178,3 +180,20 @@ def test_bad_checkpoint_files(tmp_path: Path) -> None:
     save_checkpoint(good, TrainingState(1, {"w": torch.ones(3)}))
     assert load_checkpoint(good).tensors["w"].sum() == 3
 
+
+
+async def test_checkpoints_are_written_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serializing and fsyncing a checkpoint would stall the peer's network work: it runs in a thread."""
+    calls: list[bool] = []
+
+    def spy(path: str | os.PathLike[str], state: TrainingState) -> None:
+        calls.append(trio.lowlevel.in_trio_run())
+        save_checkpoint(path, state)
+
+    monkeypatch.setattr(diloco_module, "save_checkpoint", spy)
+    model, opt = _model_and_opt(0, tmp_path / "ckpt.p2pc")
+    await _train(model, opt, 6, 0)
+    assert calls == [False, False]
+    assert load_checkpoint(tmp_path / "ckpt.p2pc").step == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import pytest
 import torch
@@ -15,12 +17,15 @@ from p2pcompute.errors import (
     IntegrityError,
     LocalProtocolError,
     MalformedMessage,
+    PeerTimeout,
     PeerUnreachable,
 )
 from p2pcompute.identity import Identity
+from p2pcompute.overlay import FramedStream
 from p2pcompute.training.state import TrainingState
 from p2pcompute.training.statesync import (
     MIN_CHUNK,
+    PROTOCOL,
     Manifest,
     Snapshot,
     StateDownload,
@@ -228,3 +233,40 @@ async def test_nobody_has_state_yet() -> None:
             assert await fetch_manifest(client, server.peer_id, timeout=10) is None
             with pytest.raises(PeerUnreachable):
                 await download_state(client, [server.peer_id], timeout=20)
+
+
+async def test_a_silent_server_is_a_peer_timeout_not_a_trio_error() -> None:
+    """fetch_manifest used to let trio.TooSlowError escape; callers see only our hierarchy."""
+    with trio.fail_after(120):
+        async with open_swarm(2) as (_boot, (server, client)):
+
+            async def silent(stream: FramedStream) -> None:
+                await trio.sleep_forever()
+
+            server.set_stream_handler(PROTOCOL, silent)
+            await client.connect(server.addrs[0])
+            with pytest.raises(PeerTimeout) as info:
+                await fetch_manifest(client, server.peer_id, timeout=0.5)
+            assert info.value.peer == server.peer_id
+            with pytest.raises(PeerTimeout):
+                await download_state(client, [server.peer_id], timeout=0.5, request_timeout=5)
+
+
+async def test_publishing_serializes_in_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot of a large state is serialized and hashed off the event loop."""
+    seen: list[bool] = []
+    real = Snapshot.of
+
+    def spy(state: TrainingState, **kw: Any) -> Snapshot:
+        seen.append(trio.lowlevel.in_trio_run())
+        return real(state, **kw)
+
+    monkeypatch.setattr(Snapshot, "of", staticmethod(spy))
+    with trio.fail_after(60):
+        async with open_swarm(1) as (_boot, (server,)):
+            srv = StateServer(server, server.identity)
+            manifest = await srv.apublish(make_state(n=10))
+            assert manifest.step == 5
+            assert srv.snapshot is not None
+            assert srv.snapshot.manifest == manifest
+    assert seen == [False]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 import torch
+import trio
 
 from p2pcompute.errors import ConfigError, LocalProtocolError, P2PComputeError
 from p2pcompute.training.averager import Averager, AveragingOutcome, allreduce_bytes, check_codec
@@ -220,7 +221,9 @@ class DiLoCo:
         self.local_steps = 0
         self._weight = 0.0
         if self.checkpoint is not None:
-            save_checkpoint(self.checkpoint, self.export_state(local=True))
+            # serialization and the fsyncs of an atomic write take long enough to stall the peer's
+            # network work (heartbeats, other peers' transfers): they run in a worker thread
+            await trio.to_thread.run_sync(save_checkpoint, self.checkpoint, self.export_state(local=True))
         return report
 
     async def _per_step(self, samples: float) -> StepReport:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pcompute.deadlines import deadline
 from p2pcompute.errors import (
     ConfigError,
     IntegrityError,
@@ -43,7 +44,6 @@ from p2pcompute.errors import (
     MalformedMessage,
     P2PComputeError,
     PeerGone,
-    PeerTimeout,
     PeerUnreachable,
     RemoteProtocolError,
 )
@@ -88,6 +88,8 @@ REQUEST = Schema(
 CHUNK_HEAD = Schema(
     "state-chunk", 1, max_size=128, fields=(Field("index", int, min=0, max=MAX_CHUNKS), Field("ok", bool))
 )
+#: The answer to a manifest request from a peer that holds no state yet.
+STATE_NONE = Schema("state-none", 1, max_size=32, fields=())
 
 
 @dataclass(frozen=True)
@@ -336,9 +338,30 @@ class StateServer:
         node.set_stream_handler(PROTOCOL, self._handle, max_frame=MAX_MANIFEST)
 
     def publish(self, state: TrainingState) -> Manifest:
-        """Replace the served snapshot (older snapshots stop being served at once)."""
+        """Replace the served snapshot (older snapshots stop being served at once).
+
+        Serializes and hashes the whole state on the calling thread: from trio code use
+        :meth:`apublish`, which does that work in a worker thread.
+        """
+        return self._install(*self._prepare(state))
+
+    async def apublish(self, state: TrainingState) -> Manifest:
+        """:meth:`publish` without blocking the event loop (the state is serialized and hashed in a thread).
+
+        ``state`` must not change until this returns (:meth:`DiLoCo.export_state` gives copies).
+
+        Example::
+
+            await server.apublish(opt.export_state())
+        """
+        return self._install(*await trio.to_thread.run_sync(self._prepare, state))
+
+    def _prepare(self, state: TrainingState) -> tuple[Snapshot, bytes]:
         snap = Snapshot.of(state, chunk_size=self.chunk_size)
-        self._envelope = seal_signed(MANIFEST_KIND, snap.manifest.to_body(), self.signer)
+        return snap, seal_signed(MANIFEST_KIND, snap.manifest.to_body(), self.signer)
+
+    def _install(self, snap: Snapshot, envelope: bytes) -> Manifest:
+        self._envelope = envelope
         self.snapshot = snap
         return snap.manifest
 
@@ -347,7 +370,7 @@ class StateServer:
         snap = self.snapshot
         if req["what"] == "manifest":
             if snap is None:
-                await stream.send_msg({"t": "state-none", "v": 1})
+                await stream.send_frame(STATE_NONE.build())
                 return
             await stream.send_frame(self._envelope)
         elif req["what"] == "chunk":
@@ -366,8 +389,16 @@ class StateServer:
 
 
 async def fetch_manifest(node: Node, peer: str, *, timeout: float) -> Manifest | None:
-    """Ask ``peer`` for its manifest; ``None`` when it has no state. Checks the signature and signer."""
-    with trio.fail_after(timeout):
+    """Ask ``peer`` for its manifest; ``None`` when it has no state. Checks the signature and signer.
+
+    Raises :class:`PeerTimeout` (never ``trio.TooSlowError``), :class:`PeerUnreachable`,
+    :class:`PeerGone` or :class:`RemoteProtocolError` naming ``peer``.
+
+    Example::
+
+        manifest = await fetch_manifest(node, peer, timeout=5.0)
+    """
+    with deadline(timeout, "the state manifest request", peer=peer):
         stream = await node.open_stream(peer, PROTOCOL, timeout=timeout, max_frame=MAX_MANIFEST)
         try:
             await stream.send_frame(REQUEST.build(what="manifest"))
@@ -375,14 +406,15 @@ async def fetch_manifest(node: Node, peer: str, *, timeout: float) -> Manifest |
         finally:
             await stream.close()
     obj = decode(raw, max_size=MAX_MANIFEST, peer=peer)
-    if isinstance(obj, dict) and obj.get("t") == "state-none":
+    if isinstance(obj, dict) and obj.get("t") == STATE_NONE.type:
+        STATE_NONE.validate(obj, peer=peer)
         return None
     msg = open_signed(raw, kind=MANIFEST_KIND, max_size=MAX_MANIFEST, peer=peer, expected_signer=peer)
     return Manifest.from_body(msg.body, peer=peer)
 
 
 async def _fetch_chunk(node: Node, peer: str, digest: bytes, index: int, size: int, timeout: float) -> bytes:
-    with trio.fail_after(timeout):
+    with deadline(timeout, f"state chunk {index}", peer=peer):
         stream = await node.open_stream(peer, PROTOCOL, timeout=timeout)
         try:
             await stream.send_frame(REQUEST.build(what="chunk", digest=digest, index=index))
@@ -390,7 +422,7 @@ async def _fetch_chunk(node: Node, peer: str, digest: bytes, index: int, size: i
             if head["index"] != index:
                 raise IntegrityError(f"asked for chunk {index}, got {head['index']}", peer=peer)
             if not head["ok"]:
-                raise PeerGone(f"{peer} no longer serves that state")
+                raise PeerGone(f"{peer} no longer serves that state", peer=peer)
             return await stream.recv_frame(size)
         finally:
             await stream.close()
@@ -419,55 +451,52 @@ async def download_state(
     """
     start = time.perf_counter()
     dl = StateDownload(min_agree=min_agree, inflight_per_peer=inflight_per_peer, max_bytes=max_bytes)
-    try:
-        with trio.fail_after(timeout):
+    with deadline(timeout, "the state download"):
 
-            async def ask(peer: str) -> None:
-                try:
-                    m = await fetch_manifest(node, peer, timeout=request_timeout)
-                except (P2PComputeError, trio.TooSlowError) as exc:
-                    dl.failed[peer] = f"manifest: {type(exc).__name__}: {exc}"
-                    if isinstance(exc, RemoteProtocolError):
-                        dl.blamed[peer] = str(exc)
-                    return
-                if m is not None:
-                    dl.offer(peer, m)
-
-            async with trio.open_nursery() as nursery:
-                for p in dict.fromkeys(peers):
-                    nursery.start_soon(ask, p)
-            manifest = dl.choose()
-
-            async def get(peer: str, index: int, wake: trio.MemorySendChannel[None]) -> None:
-                s, e = manifest.chunk_span(index)
-                try:
-                    data = await _fetch_chunk(node, peer, manifest.digest, index, e - s, request_timeout)
-                except RemoteProtocolError as exc:
-                    dl.request_failed(peer, index, str(exc))
+        async def ask(peer: str) -> None:
+            try:
+                m = await fetch_manifest(node, peer, timeout=request_timeout)
+            except P2PComputeError as exc:
+                dl.failed[peer] = f"manifest: {type(exc).__name__}: {exc}"
+                if isinstance(exc, RemoteProtocolError):
                     dl.blamed[peer] = str(exc)
-                except (P2PComputeError, trio.TooSlowError) as exc:
-                    dl.request_failed(peer, index, f"{type(exc).__name__}: {exc}")
-                else:
-                    # A bad chunk is recorded in dl.blamed and goes back to the queue.
-                    with contextlib.suppress(IntegrityError):
-                        dl.chunk_received(peer, index, data)
-                await wake.send(None)
+                return
+            if m is not None:
+                dl.offer(peer, m)
 
-            send, recv = trio.open_memory_channel[None](math.inf)
-            async with trio.open_nursery() as nursery:
-                outstanding = 0
-                while not dl.done:
-                    for peer, index in dl.next_requests():
-                        outstanding += 1
-                        nursery.start_soon(get, peer, index, send)
-                    if dl.stuck and outstanding == 0:
-                        break
-                    if outstanding == 0:
-                        break
-                    await recv.receive()
-                    outstanding -= 1
-    except trio.TooSlowError:
-        raise PeerTimeout(f"state download did not finish within {timeout} s") from None
+        async with trio.open_nursery() as nursery:
+            for p in dict.fromkeys(peers):
+                nursery.start_soon(ask, p)
+        manifest = dl.choose()
+
+        async def get(peer: str, index: int, wake: trio.MemorySendChannel[None]) -> None:
+            s, e = manifest.chunk_span(index)
+            try:
+                data = await _fetch_chunk(node, peer, manifest.digest, index, e - s, request_timeout)
+            except RemoteProtocolError as exc:
+                dl.request_failed(peer, index, str(exc))
+                dl.blamed[peer] = str(exc)
+            except P2PComputeError as exc:
+                dl.request_failed(peer, index, f"{type(exc).__name__}: {exc}")
+            else:
+                # A bad chunk is recorded in dl.blamed and goes back to the queue.
+                with contextlib.suppress(IntegrityError):
+                    dl.chunk_received(peer, index, data)
+            await wake.send(None)
+
+        send, recv = trio.open_memory_channel[None](math.inf)
+        async with trio.open_nursery() as nursery:
+            outstanding = 0
+            while not dl.done:
+                for peer, index in dl.next_requests():
+                    outstanding += 1
+                    nursery.start_soon(get, peer, index, send)
+                if dl.stuck and outstanding == 0:
+                    break
+                if outstanding == 0:
+                    break
+                await recv.receive()
+                outstanding -= 1
     if not dl.done:
         raise IntegrityError(f"state download failed: every source failed ({dl.failed})")
     state = dl.result()

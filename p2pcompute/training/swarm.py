@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 import trio
 
+from p2pcompute.deadlines import deadline
 from p2pcompute.errors import (
     ConfigError,
     LocalProtocolError,
@@ -150,7 +151,7 @@ class SwarmDiLoCo(DiLoCo):
     async def astep(self, samples: float = 1.0) -> StepReport | None:
         report = await super().astep(samples)
         if report is not None and self.mode == "diloco":
-            self.swarm._publish(self)
+            await self.swarm._apublish(self)
             if report.participants == (self.averager.peer_id,) and self.swarm._network:
                 await self.swarm._resync(self)
         return report
@@ -326,13 +327,9 @@ class Swarm:
             raise LocalProtocolError("the swarm is not running (use `with Swarm(...)` or start())")
 
         async def bounded() -> T:
-            if timeout is None:
+            with deadline(timeout, "the call"):
                 return await fn()
-            try:
-                with trio.fail_after(timeout):
-                    return await fn()
-            except trio.TooSlowError:
-                raise PeerTimeout(f"call did not finish within {timeout} s") from None
+            raise AssertionError("unreachable: deadline() raises when it cancels the body")
 
         try:
             return trio.from_thread.run(bounded, trio_token=self._token)
@@ -393,12 +390,12 @@ class Swarm:
             opt.load_state(load_checkpoint(checkpoint))
         if join and self._network:
             self.call(lambda: self._join(opt, join_timeout))
-        self._publish(opt)
+        self.call(lambda: self._apublish(opt))
         return opt
 
-    def _publish(self, opt: DiLoCo) -> None:
+    async def _apublish(self, opt: DiLoCo) -> None:
         if self.server is not None:
-            self.server.publish(opt.export_state())
+            await self.server.apublish(opt.export_state())
 
     async def _offers(self) -> dict[str, tuple[int, bytes]]:
         peers = await self._peer_ids()
@@ -407,7 +404,7 @@ class Swarm:
         async def ask(peer: str) -> None:
             try:
                 m = await fetch_manifest(self.node, peer, timeout=5.0)
-            except (P2PComputeError, trio.TooSlowError):
+            except P2PComputeError:
                 return
             if m is not None:
                 offers[peer] = (m.step, m.digest)
@@ -451,7 +448,7 @@ class Swarm:
         if state.step < opt.outer_step:
             return False
         opt.load_state(_shared_only(state))
-        self._publish(opt)
+        await self._apublish(opt)
         log.info("downloaded state of step %d from %s", state.step, sorted(report.sources))
         return True
 
