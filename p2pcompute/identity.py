@@ -52,7 +52,7 @@ class Identity:
     def from_seed(cls, seed: bytes) -> Identity:
         """The identity whose 32-byte Ed25519 private seed is ``seed`` (deterministic; for tests)."""
         if len(seed) != 32:
-            raise ValueError("an Ed25519 seed is 32 bytes")
+            raise KeyFileError("an Ed25519 seed is 32 bytes")
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
     @classmethod

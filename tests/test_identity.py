@@ -40,3 +40,8 @@ def test_garbage_and_missing_files(tmp_path: Path) -> None:
         Identity.load(tmp_path / "missing.key")
     with pytest.raises(KeyFileError):
         Identity.load(tmp_path)
+
+
+def test_a_short_seed_is_a_typed_error() -> None:
+    with pytest.raises(KeyFileError, match="32 bytes"):
+        Identity.from_seed(b"short")

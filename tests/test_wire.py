@@ -129,3 +129,11 @@ def test_peer_id_matches_py_libp2p(key: bytes) -> None:
 
     prefix = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
     assert peer_id_from_public_key(key) == ID(prefix + key).to_base58()
+
+
+def test_a_short_public_key_is_a_typed_local_error() -> None:
+    from p2pcompute.errors import LocalProtocolError
+    from p2pcompute.wire.signing import peer_id_from_public_key
+
+    with pytest.raises(LocalProtocolError):
+        peer_id_from_public_key(b"\x01" * 31)

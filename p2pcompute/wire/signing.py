@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from p2pcompute.errors import BadSignature
+from p2pcompute.errors import BadSignature, LocalProtocolError
 from p2pcompute.wire.codec import Field, Schema, decode
 
 DOMAIN = b"p2pcompute-signed-v1\x00"
@@ -47,7 +47,7 @@ def peer_id_from_public_key(public_key: bytes) -> str:
         True
     """
     if len(public_key) != 32:
-        raise ValueError("an Ed25519 public key is 32 bytes")
+        raise LocalProtocolError("an Ed25519 public key is 32 bytes")
     return _peer_id(bytes(public_key))
 
 
