@@ -397,7 +397,7 @@ class Discovery:
                     break
                 adverts.append(raw)
                 room -= len(raw) + 8
-            await stream.send_msg(PEERS_RESPONSE.validate({"t": "peers", "v": 1, "adverts": adverts}))
+            await stream.send_frame(PEERS_RESPONSE.build(adverts=adverts))
 
     def _offer_px(self, raw: bytes, *, sender: str | None, blame: str | None) -> bool:
         try:
@@ -413,11 +413,13 @@ class Discovery:
     async def exchange_peers(self, peer_id: str, *, timeout: float | None = None) -> int:
         """Push our advert to ``peer_id`` and pull its sample of adverts; return how many were accepted.
 
-        Example::
+        Raises :class:`LocalProtocolError` (before anything is sent) when our request would
+        not pass its own schema. Example::
 
             accepted = await discovery.exchange_peers(peer)
         """
         timeout = timeout or self.config.dial_timeout
+        request = PEERS_REQUEST.build(limit=self.config.px_limit, advert=self.current_advert)
         self.stats["px_requested"] += 1
         rec = self.peers.get(peer_id)
         stream = await self.net.open_stream(
@@ -430,14 +432,7 @@ class Discovery:
         accepted = 0
         try:
             with deadline(timeout, "peer exchange", peer=peer_id):
-                await stream.send_msg(
-                    {
-                        "t": "peers_req",
-                        "v": 1,
-                        "limit": self.config.px_limit,
-                        **({"advert": self.current_advert} if self.current_advert else {}),
-                    }
-                )
+                await stream.send_frame(request)
                 resp = await stream.recv_msg(PEERS_RESPONSE)
         except (PeerTimeout, RemoteProtocolError):
             await stream.reset()
