@@ -290,3 +290,21 @@ async def test_garbage_on_the_pubsub_protocol_leaves_the_node_running() -> None:
             served = boot.statistics()["px_served"]
             await a.exchange_peers(boot.peer_id)
             assert boot.statistics()["px_served"] == served + 1
+
+
+async def test_an_invalid_peer_exchange_request_is_refused_before_it_is_sent() -> None:
+    """Messages are built through their schema: an over-long advert of ours is our bug, not the peer's."""
+    from p2pcompute.capacity.adverts import MAX_ADVERT_SIZE
+
+    with trio.fail_after(60):
+        async with (
+            open_node(role="bootstrap", capacity=TEST_CAPACITY) as boot,
+            # an observer publishes no advert of its own, so nothing replaces the one set below
+            open_node(bootstrap=boot.addrs, advertise=False, capacity=TEST_CAPACITY) as a,
+        ):
+            served = boot.statistics()["px_served"]
+            a._current_advert = b"x" * (MAX_ADVERT_SIZE + 1)
+            with pytest.raises(LocalProtocolError):
+                await a.exchange_peers(boot.peer_id)
+            assert boot.statistics()["px_served"] == served
+            assert boot.statistics()["handler_errors"] == 0

@@ -2,9 +2,9 @@
 
 A frame is a 4-byte big-endian length followed by that many bytes. The length is
 checked against the caller's cap before anything is buffered, so a peer cannot
-make us allocate more than we agreed to. py-libp2p's stream exceptions are
-translated here into :class:`~p2pcompute.errors.PeerGone` /
-:class:`~p2pcompute.errors.MessageTooLarge`; callers never see libp2p internals.
+make us allocate more than we agreed to (:class:`~p2pcompute.errors.MessageTooLarge`).
+py-libp2p's stream exceptions become :class:`~p2pcompute.errors.PeerGone` naming the
+peer, through :mod:`p2pcompute.overlay.failures`; callers never see libp2p internals.
 
 py-libp2p 0.8.1 resets a yamux writer whose reader pauses for more than 5 s
 (notes: pitfall P2), so readers of long transfers must keep draining.
@@ -16,6 +16,7 @@ import struct
 from typing import Any, Protocol
 
 from p2pcompute.errors import MessageTooLarge, PeerGone, RemoteProtocolError
+from p2pcompute.overlay.failures import dead_stream_ok, stream_io
 from p2pcompute.wire.codec import Schema, decode, encode
 
 _LEN = struct.Struct(">I")
@@ -32,14 +33,6 @@ class RawStream(Protocol):
     async def close(self) -> None: ...
 
     async def reset(self) -> None: ...
-
-
-def _is_stream_failure(exc: BaseException) -> bool:
-    # Imported lazily: libp2p's exception classes live deep in its tree.
-    from libp2p.network.stream.exceptions import StreamError
-    from libp2p.stream_muxer.exceptions import MuxedStreamError
-
-    return isinstance(exc, StreamError | MuxedStreamError | ConnectionError | OSError)
 
 
 class FramedStream:
@@ -66,20 +59,12 @@ class FramedStream:
 
         Raises :class:`PeerGone` when the stream ends or fails first.
         """
-        from libp2p.network.stream.exceptions import StreamEOF
-
         need = len(buf)
         while len(self._buf) < need:
-            try:
+            with stream_io(self.peer, "reading"):
                 chunk = await self.raw.read(max(need - len(self._buf), 65536))
-            except StreamEOF:
-                raise PeerGone(f"stream from {self.peer} ended early") from None
-            except Exception as exc:
-                if _is_stream_failure(exc):
-                    raise PeerGone(f"stream from {self.peer} failed: {exc!r}") from None
-                raise
             if not chunk:
-                raise PeerGone(f"stream from {self.peer} ended early")
+                raise PeerGone(f"stream with {self.peer} ended early (reading)", peer=self.peer)
             self._buf += chunk
         buf[:] = memoryview(self._buf)[:need]
         del self._buf[:need]
@@ -91,12 +76,8 @@ class FramedStream:
 
     async def write_raw(self, data: bytes | bytearray | memoryview) -> None:
         """Write bytes as they are (no length prefix); :class:`PeerGone` when the stream fails."""
-        try:
+        with stream_io(self.peer, "writing"):
             await self.raw.write(bytes(data))
-        except Exception as exc:
-            if _is_stream_failure(exc):
-                raise PeerGone(f"stream to {self.peer} failed: {exc!r}") from None
-            raise
 
     async def recv_frame(self, max_size: int | None = None) -> bytes:
         """Read one frame; its length must not exceed ``max_size`` (default: the stream's cap)."""
@@ -126,19 +107,13 @@ class FramedStream:
 
     async def close(self) -> None:
         """Close our side politely; errors from an already dead stream are ignored."""
-        try:
+        with dead_stream_ok():
             await self.raw.close()
-        except Exception as exc:
-            if not _is_stream_failure(exc):
-                raise
 
     async def reset(self) -> None:
         """Abort the stream in both directions."""
-        try:
+        with dead_stream_ok():
             await self.raw.reset()
-        except Exception as exc:
-            if not _is_stream_failure(exc):
-                raise
 
 
 __all__ = ["DEFAULT_MAX_FRAME", "FramedStream", "RawStream", "RemoteProtocolError"]
