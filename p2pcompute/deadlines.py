@@ -7,9 +7,8 @@ finish, naming the peer when one is given. ``None`` means no deadline, so option
 need no second code path. :func:`give_up_after` is the quiet variant for best-effort work
 (a heartbeat, an offer) whose caller only needs to know whether it finished.
 
-py-libp2p's exceptions are mapped in one place too, :mod:`p2pcompute.overlay.streams`
-(streams) and :mod:`p2pcompute.overlay.node` (dials); this module imports only trio and
-:mod:`p2pcompute.errors`.
+py-libp2p's exceptions are mapped in one place too, :mod:`p2pcompute.overlay.failures`, which
+uses this module for its timeouts; this module imports only trio and :mod:`p2pcompute.errors`.
 """
 
 from __future__ import annotations
