@@ -9,7 +9,8 @@ death measurements fill the plan in, before or during a round. Points:
 * ``snapshot``: the round's pristine copy of the caller's tensors is taken, no attempt yet;
 * ``round_start``: an attempt's transfers are about to start;
 * ``contribution_start`` / ``contribution_sent``: before and after one contribution's send;
-* ``reduce``: our part is reduced, before it is finalised and sent.
+* ``reduce``: our part is reduced, before it is finalised and sent;
+* ``send_refused``: a receiver refused one of our sends because it is full (before the backoff).
 
 Imports :mod:`p2pcompute.errors` only.
 """
@@ -24,7 +25,7 @@ Hook = Callable[[], Awaitable[None]]
 
 #: the points a hook may be attached to
 POINTS = frozenset(
-    {"snapshot", "round_start", "contribution_start", "contribution_sent", "reduce"}
+    {"snapshot", "round_start", "contribution_start", "contribution_sent", "reduce", "send_refused"}
 )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -60,18 +61,22 @@ from p2pcompute.errors import (
     PeerUnreachable,
     ProtocolError,
     RemoteProtocolError,
+    ResourceLimitExceeded,
 )
 from p2pcompute.tensors import codecs
 
 log = logging.getLogger(__name__)
 
 CODECS = ("none", "fp16", "bf16", "int8")
-_TRANSFER_ERRORS = (PeerGone, PeerTimeout, PeerUnreachable, ProtocolError)
+# ResourceLimitExceeded is honest ("I am full"): never blamed; a send refused so is retried first
+_TRANSFER_ERRORS = (PeerGone, PeerTimeout, PeerUnreachable, ProtocolError, ResourceLimitExceeded)
 _MAX_REMEMBERED = 512
 _ROUNDTRIP_CHUNK = 1 << 20  # elements; a multiple of the int8 block
 _OFFLOAD_BYTES = 1 << 20  # tensor work on at least this many bytes runs in a worker thread
 _PROGRESS_EVERY = 0.2  # seconds between progress reports from a contribution's worker thread
 _STATUS_FIRST = 1.0  # at most this long a failed attempt's transfers wait for its status to go out
+_BUSY_FIRST = 0.05  # first backoff after a receiver refused a send because it is full
+_BUSY_MAX = 1.0  # the backoff doubles up to this
 
 Tell = Callable[[str, bytes], Awaitable[None]]
 
@@ -381,20 +386,46 @@ class RoundDriver:
         return f"{self.round_id}/{self.rc.attempts}/{att.plan.digest()}/{kind}"
 
     def _failed(self, att: AttemptCore, peer: str, exc: BaseException) -> None:
+        # only provably bad data from that very peer is blamed; a timeout, a broken connection
+        # or an honest "I am full" (ResourceLimitExceeded) only makes it a suspect
         blame = isinstance(exc, IntegrityError | RemoteProtocolError) and getattr(exc, "peer", None) == peer
+        if blame:
+            self.stats["blamed"] += 1
         log.debug("collective %s: transfer with %s failed: %r", self.round_id, peer, exc)
         self._apply(att.peer_failed(peer, trio.current_time(), repr(exc), blame=blame))
 
     async def _send(
         self, att: AttemptCore, peer: str, kind: str, tensors: Mapping[str, torch.Tensor]
     ) -> bool:
-        """``lane.send`` to ``peer``; True once it is through, False when it failed (reported)."""
-        try:
-            await self.lane.send(peer, self._tag(att, kind), tensors, codec=self.codec)
-        except _TRANSFER_ERRORS as exc:
-            self._failed(att, peer, exc)
-            return False
-        return True
+        """``lane.send`` to ``peer``; True once it is through, False when it failed (reported).
+
+        A receiver that is full refuses honestly (``ResourceLimitExceeded``): we back off (50 ms,
+        doubling to 1 s, jittered) and send again for up to ``sender_timeout`` after the first
+        refusal, when a receiver waiting for us would give up on us anyway; only then is the
+        peer counted as failed for this attempt, and never blamed.
+        """
+        give_up_at: float | None = None
+        backoff = _BUSY_FIRST
+        while True:
+            try:
+                await self.lane.send(peer, self._tag(att, kind), tensors, codec=self.codec)
+                return True
+            except ResourceLimitExceeded as exc:
+                self.stats["busy_refusals"] += 1
+                now = trio.current_time()
+                if give_up_at is None:
+                    give_up_at = now + att.timeouts.sender_timeout
+                await self.faults.at("send_refused")
+                pause = backoff * random.uniform(0.5, 1.0)
+                if now + pause >= give_up_at:
+                    self._failed(att, peer, exc)
+                    return False
+                log.debug("collective %s: %s is full; sending again in %.2f s", self.round_id, peer, pause)
+                await trio.sleep(pause)
+                backoff = min(2 * backoff, _BUSY_MAX)
+            except _TRANSFER_ERRORS as exc:
+                self._failed(att, peer, exc)
+                return False
 
     async def _send_contribution(self, att: AttemptCore, reducer: str) -> None:
         start, end = att.plan.part_of(reducer)

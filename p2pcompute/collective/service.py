@@ -135,11 +135,12 @@ class Collective:
         self.rounds.scratch.clear()
 
     def statistics(self) -> dict[str, int]:
-        """Counters: rejected adverts and messages, rounds averaged and failed, ...
+        """Counters: rejected adverts and messages, rounds averaged and failed, peers blamed
+        (``blamed``), sends refused by a full receiver (``busy_refusals``), ...
 
         Example::
 
-            print(coll.statistics().get("rounds_failed", 0))
+            assert coll.statistics().get("blamed", 0) == 0
         """
         return dict(self.stats)
 
