@@ -36,6 +36,7 @@ from p2pcompute.collective.messages import HELLO, MAX_REQUEST, PROTOCOL, READY
 from p2pcompute.collective.plan import layout_digest
 from p2pcompute.collective.roundcore import RoundOutcome, RoundStatus, Timeouts
 from p2pcompute.collective.rounds import CODECS, Rounds, flat_dtype
+from p2pcompute.deadlines import give_up_after
 from p2pcompute.errors import ConfigError, RemoteProtocolError
 from p2pcompute.overlay.streams import FramedStream
 
@@ -285,7 +286,7 @@ async def open_collective(node: Any, lane: Any, **options: Any) -> AsyncIterator
                 background.cancel_scope.cancel()
                 coll._background = None
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+        with trio.CancelScope(shield=True), give_up_after(2.0):
             await coll.links.close()
 
 
