@@ -96,11 +96,24 @@ class MatchDriver:
         self._pulling = 0
 
     def kick(self) -> None:
-        """Wake the driver: the core has news (a vote, a candidate, an answer)."""
+        """Wake the driver: the core has news (a vote, a candidate, an answer).
+
+        Example::
+
+            match.core.on_vote(peer, digest, seq, trio.current_time())
+            match.kick()
+        """
         self._kick.set()
 
     async def run(self) -> Formed | NoGroup:
-        """Run until the core has a result (formed, or no group by the deadline)."""
+        """Run until the core has a result (formed, or no group by the deadline).
+
+        Example::
+
+            result = await driver.run()
+            if isinstance(result, Formed):
+                print([c.peer_id for c in result.members])
+        """
         core = self.core
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._republish)
@@ -269,7 +282,12 @@ class Matchmaker:
 
     # -- inbound
     def answer_hello(self, peer: str, msg: dict[str, Any]) -> bytes:
-        """Take a validated hello (a vote, or a pull when its digest is empty); our answer."""
+        """Take a validated hello (a vote, or a pull when its digest is empty); our answer.
+
+        Example::
+
+            await stream.send_frame(mm.answer_hello(peer, HELLO.validate(raw, peer=peer)))
+        """
         self.absorb_many(msg["adverts"], peer)
         match = self._matches.get((msg["run"], msg["round"]))
         if match is None:
@@ -286,7 +304,12 @@ class Matchmaker:
         return reply
 
     def answer_ready(self, peer: str, msg: dict[str, Any]) -> bytes:
-        """Take a validated ready; our answer (refused, accepted, or accepted and committed)."""
+        """Take a validated ready; our answer (refused, accepted, or accepted and committed).
+
+        Example::
+
+            await stream.send_frame(mm.answer_ready(peer, READY.validate(raw, peer=peer)))
+        """
         match = self._matches.get((msg["run"], msg["round"]))
         if match is not None:
             ok = match.core.on_ready(peer, msg["digest"], trio.current_time())
@@ -297,16 +320,31 @@ class Matchmaker:
         return READY_ACK.build(ok=ok, committed=committed)
 
     async def on_join(self, sender: str, data: bytes) -> None:
-        """A join advert gossiped on a run's topic."""
+        """A join advert gossiped on a run's topic.
+
+        Example::
+
+            node.subscribe("collective/run", mm.on_join)
+        """
         self.absorb(data, via=sender)
 
     def absorb_many(self, adverts: list[bytes], via: str) -> None:
-        """Take adverts carried in a hello or an answer from ``via``."""
+        """Take adverts carried in a hello or an answer from ``via``.
+
+        Example::
+
+            mm.absorb_many(ack["adverts"], peer)
+        """
         for raw in adverts:
             self.absorb(raw, via=via)
 
     def absorb(self, raw: bytes, *, via: str) -> None:
-        """Verify one signed advert and remember it (or feed it to the running match)."""
+        """Verify one signed advert and remember it (or feed it to the running match).
+
+        Example::
+
+            mm.absorb(raw_advert, via=sender)    # a bad one is counted, never raised
+        """
         try:
             body = open_join(raw, via=via)
         except ProtocolError as exc:
@@ -344,7 +382,12 @@ class Matchmaker:
         timeout: float = 30.0,
         patience: float | None = None,
     ) -> Formed | NoGroup:
-        """See :meth:`p2pcompute.collective.Collective.form_group`."""
+        """See :meth:`p2pcompute.collective.Collective.form_group`.
+
+        Example::
+
+            group = await mm.form_group("run", "step-3", layout=tensors_layout(params))
+        """
         if not (math.isfinite(weight) and weight >= 0):
             raise ConfigError("weight must be finite and >= 0")
         if len(layout) != 32:

@@ -118,18 +118,33 @@ class Scratch:
         self._kept: dict[str, torch.Tensor] = {}
 
     def take(self, kind: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A buffer of at least ``n`` elements: the one the last round gave back, or a new one."""
+        """A buffer of at least ``n`` elements: the one the last round gave back, or a new one.
+
+        Example::
+
+            acc = scratch.take("acc", 1024, torch.float32, torch.device("cpu"))[:1024]
+        """
         buf = self._kept.pop(kind, None)
         if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < n:
             buf = torch.empty(n, dtype=dtype, device=device)
         return buf
 
     def give(self, kind: str, buf: torch.Tensor) -> None:
-        """Keep ``buf`` for the next round (one per kind: a round's worth, its tensors plus a part)."""
+        """Keep ``buf`` for the next round (one per kind: a round's worth, its tensors plus a part).
+
+        Example::
+
+            scratch.give("acc", buf)
+        """
         self._kept[kind] = buf
 
     def clear(self) -> None:
-        """Free every kept buffer."""
+        """Free every kept buffer.
+
+        Example::
+
+            scratch.clear()
+        """
         self._kept.clear()
 
 
@@ -195,14 +210,24 @@ class RoundDriver:
 
     # -- control messages
     def on_status(self, peer: str, msg: Mapping[str, Any]) -> None:
-        """A validated ``coll.status`` from ``peer``."""
+        """A validated ``coll.status`` from ``peer``.
+
+        Example::
+
+            driver.on_status(peer, STATUS.validate(raw, peer=peer))
+        """
         status = Status(msg["ok"], frozenset(msg["suspects"]), frozenset(msg["blamed"]), msg["leaving"])
         log.debug("collective %s: status from %s for attempt %s: %s",
                   self.round_id, peer, msg["attempt"], status)
         self._apply(self.rc.on_status(msg["attempt"], msg["digest"], peer, status, trio.current_time()))
 
     def on_left(self, peer: str) -> None:
-        """``peer`` announced it left the round."""
+        """``peer`` announced it left the round.
+
+        Example::
+
+            driver.on_left(peer)
+        """
         self._apply(self.rc.on_left(peer, trio.current_time()))
 
     def _message(self, action: SendStatus | AnnounceLeft) -> bytes:
@@ -268,7 +293,12 @@ class RoundDriver:
 
     # -- the round
     async def run(self) -> RoundOutcome:
-        """Run attempts until the core decides; the round's outcome."""
+        """Run attempts until the core decides; the round's outcome.
+
+        Example::
+
+            outcome = await driver.run()     # the caller's tensors hold the average if outcome.ok
+        """
         try:
             return await self._run()
         finally:
@@ -571,7 +601,12 @@ class Rounds:
         )
 
     def route(self, round_id: str, peer: str, msg: Mapping[str, Any]) -> None:
-        """Hand a validated status or leave from ``peer`` to its round (held if it has not begun)."""
+        """Hand a validated status or leave from ``peer`` to its round (held if it has not begun).
+
+        Example::
+
+            rounds.route(msg["round"], peer, msg)
+        """
         rnd = self._rounds.get(round_id)
         if rnd is not None:
             _deliver(rnd, peer, msg)
@@ -596,7 +631,12 @@ class Rounds:
         min_size: int = 2,
         max_attempts: int = 3,
     ) -> RoundOutcome:
-        """See :meth:`p2pcompute.collective.Collective.all_reduce`."""
+        """See :meth:`p2pcompute.collective.Collective.all_reduce`.
+
+        Example::
+
+            result = await rounds.all_reduce(group, "run", "step-3", params, codec="bf16")
+        """
         if codec not in CODECS:
             raise ConfigError(f"unknown codec {codec!r}; use one of {', '.join(CODECS)}")
         members = [c.peer_id for c in group.members]
