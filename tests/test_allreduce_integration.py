@@ -27,6 +27,7 @@ from p2pcompute.collective import (
     open_collective,
     tensors_layout,
 )
+from p2pcompute.collective.faults import FaultPlan
 from p2pcompute.errors import P2PComputeError
 from p2pcompute.overlay import Node, open_node
 from p2pcompute.tensors import open_lane
@@ -41,7 +42,9 @@ NODE_OPTS: dict[str, Any] = {"capacity": TEST_CAPACITY}
 class Peer:
     index: int
     node: Node | None = None
+    lane: Any = None
     coll: Collective | None = None
+    faults: FaultPlan = field(default_factory=FaultPlan)  # the collective's test seam
     life: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled = the peer crashed
     call: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled = its call cancelled
     result: RoundOutcome | None = None
@@ -65,8 +68,12 @@ async def run_peers(
     bandwidths: list[float] | None = None,
     timeouts: Timeouts = FAST,
     lane_opts: dict[str, Any] | None = None,
+    lane_opts_of: dict[int, dict[str, Any]] | None = None,
 ) -> float:
-    """Start every peer (node, lane, collective), run ``body`` on all at once; returns the start time."""
+    """Start every peer (node, lane, collective), run ``body`` on all at once; returns the start time.
+
+    ``lane_opts`` go to every peer's lane, ``lane_opts_of[i]`` (on top) to peer ``i``'s only.
+    """
     up = trio.Semaphore(0)
     go = trio.Event()
     done = trio.Event()
@@ -75,13 +82,14 @@ async def run_peers(
 
     async def one(p: Peer) -> None:
         with p.life:
+            lane_kw = {**(lane_opts or {}), **(lane_opts_of or {}).get(p.index, {})}
             async with open_node(bootstrap=boot.addrs, **NODE_OPTS) as node, open_lane(
-                node.host, node.identity, **(lane_opts or {})
+                node.host, node.identity, **lane_kw
             ) as lane, open_collective(
                 node, lane, timeouts=timeouts, settle=0.3,
-                bandwidth=bandwidths[p.index] if bandwidths else 1.0,
+                bandwidth=bandwidths[p.index] if bandwidths else 1.0, faults=p.faults,
             ) as coll:
-                p.node, p.coll = node, coll
+                p.node, p.lane, p.coll = node, lane, coll
                 up.release()
                 await go.wait()
                 with p.call:
@@ -252,8 +260,7 @@ async def test_fault_survivors_finish_exactly(fault: str) -> None:
     with trio.fail_after(GUARD):
         async with swarm(n) as (boot, peers):
             async def crash(p: Peer) -> None:
-                assert p.coll is not None
-                p.coll._silent_exit = True
+                p.faults.silent_exit = True
                 p.life.cancel()
                 await trio.sleep_forever()
 
@@ -264,13 +271,11 @@ async def test_fault_survivors_finish_exactly(fault: str) -> None:
                 # sends, no reduction, no answers (its node and lane stay up)
                 sent[0] += 1
                 if sent[0] > 1:
-                    assert p.coll is not None
-                    p.coll._muted = True
+                    p.faults.muted = True
                     await trio.sleep_forever()
 
             async def frozen(p: Peer) -> None:
-                assert p.coll is not None
-                if p.coll._muted:
+                if p.faults.muted:
                     await trio.sleep_forever()
 
             async def cancel(p: Peer) -> None:
@@ -290,7 +295,8 @@ async def test_fault_survivors_finish_exactly(fault: str) -> None:
                         # cancelled before its first attempt began (while copying its input)
                         "cancel_before": {"snapshot": lambda: cancel(p)},
                     }[fault]
-                    p.coll._faults.update(hooks)
+                    for point, hook in hooks.items():
+                        p.faults.on(point, hook)
                 group = await p.coll.form_group(
                     "faults", "round-1", layout=tensors_layout(p.tensors), weight=weights[p.index],
                     target=n, min_size=2, timeout=60,
@@ -349,8 +355,8 @@ async def test_concurrent_joiners_end_as_one_swarm_and_no_group_is_clear() -> No
 async def test_idle_control_links_are_closed_and_forgotten() -> None:
     """A control link to a peer we stopped talking to is closed by the next sweep (peers come
     and go; it would otherwise stay open for the node's life)."""
+    from p2pcompute.collective.links import _LINK_IDLE
     from p2pcompute.collective.messages import LEFT
-    from p2pcompute.collective.service import _LINK_IDLE
 
     with trio.fail_after(GUARD):
         async with open_node(role="bootstrap", **NODE_OPTS) as boot, contextlib.AsyncExitStack() as stack:
@@ -360,13 +366,14 @@ async def test_idle_control_links_are_closed_and_forgotten() -> None:
                 lane = await stack.enter_async_context(open_lane(node.host, node.identity))
                 colls.append(await stack.enter_async_context(open_collective(node, lane)))
             a, b, c = colls
+            links = a.links
             note = LEFT.build(round="nobody's")  # routed to no round: ignored by the receiver
-            await a._tell(b.peer_id, note)
-            assert set(a._links) == {b.peer_id}
-            stream, _ = a._links[b.peer_id]
-            a._links[b.peer_id] = (stream, trio.current_time() - 2 * _LINK_IDLE)  # long idle
-            a._next_prune = 0.0  # and the sweep (at most every _LINK_IDLE / 4) is due
-            await a._tell(c.peer_id, note)
-            assert set(a._links) == {c.peer_id}
-            assert set(a._link_locks) == {c.peer_id}
+            await links.tell(b.peer_id, note)
+            assert set(links._links) == {b.peer_id}
+            stream, _ = links._links[b.peer_id]
+            links._links[b.peer_id] = (stream, trio.current_time() - 2 * _LINK_IDLE)  # long idle
+            links._next_prune = 0.0  # and the sweep (at most every _LINK_IDLE / 4) is due
+            await links.tell(c.peer_id, note)
+            assert set(links._links) == {c.peer_id}
+            assert set(links._link_locks) == {c.peer_id}
             assert a.statistics().get("tell_failures", 0) == 0
