@@ -144,6 +144,7 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
 
     from p2pcompute.capacity.model import Capacity
     from p2pcompute.collective import Formed, Timeouts, open_collective
+    from p2pcompute.collective.faults import FaultPlan
     from p2pcompute.overlay import open_node
     from p2pcompute.tensors import open_lane
 
@@ -164,7 +165,10 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
             open_node(bootstrap=[boot_file.read_text()], capacity=cap, listen=listen)
         )
         lane = await stack.enter_async_context(open_lane(node.host, node.identity))
-        coll = await stack.enter_async_context(open_collective(node, lane, timeouts=timeouts))
+        faults = FaultPlan()
+        coll = await stack.enter_async_context(
+            open_collective(node, lane, timeouts=timeouts, faults=faults)
+        )
         (rendezvous / f"peer{index}").write_text(node.addrs[0])
         with trio.fail_after(60):
             while len(list(rendezvous.glob("peer*"))) < n:
@@ -187,7 +191,7 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
                 if fault == "crash":
                     os._exit(1)
                 os.kill(os.getpid(), signal.SIGSTOP)
-            coll._faults["contribution_sent"] = die
+            faults.on("contribution_sent", die)
         for codec in codecs:
             rows: dict[str, list[float]] = {"seconds": [], "match_seconds": [], "cpu_seconds": []}
             for r in range(rounds + (0 if fault else 1)):  # one warm-up round unless measuring a death

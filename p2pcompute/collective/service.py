@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import trio
 
-from p2pcompute.collective.faults import FaultPlan, Hook
+from p2pcompute.collective.faults import FaultPlan
 from p2pcompute.collective.links import _LINK_IDLE as _LINK_IDLE  # re-exported: tests import it here
 from p2pcompute.collective.links import CONTROL_KINDS, ControlLinks
 from p2pcompute.collective.matchcore import Formed, NoGroup
@@ -116,11 +116,6 @@ class Collective:
             READY.type: self._on_ready,
             **{kind: self._on_control for kind in CONTROL_KINDS},
         }
-
-    @property
-    def _faults(self) -> dict[str, Hook]:
-        """The fault plan's hooks (the older spelling; benchmarks/allreduce.py sets one)."""
-        return self.faults.hooks
 
     def release_buffers(self) -> None:
         """Free the scratch buffers kept between rounds (about the averaged tensors' size).
