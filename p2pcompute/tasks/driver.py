@@ -298,7 +298,8 @@ class TaskService:
 
     # -- provider side
 
-    def _pdo(self, actions: list[core.Action]) -> None:
+    def _pdo(self, actions: list[core.Action], *, wake: bool = True) -> None:
+        """Perform the provider core's actions; ``wake`` the clock (an event may move its deadline)."""
         assert self._nursery is not None
         for a in actions:
             if isinstance(a, core.SendOffer):
@@ -315,7 +316,8 @@ class TaskService:
                     scope.cancel()
             # SendGrant / SendReject / StartRun / SendResult / SendError are handled inline
             # by the lease handler, which owns that stream.
-        self._p_wake.set()
+        if wake:
+            self._p_wake.set()
 
     async def _on_request(self, sender: str, data: bytes) -> None:
         if self.provider is None:
@@ -360,7 +362,8 @@ class TaskService:
                 await self._p_wake.wait()
             self._p_wake = trio.Event()
             if self.provider is not None:
-                self._pdo(self.provider.tick(trio.current_time()))
+                # the clock's own tick must not re-arm the clock: it would never sleep again
+                self._pdo(self.provider.tick(trio.current_time()), wake=False)
 
     async def _on_lease_stream(self, stream: FramedStream) -> None:
         scope = trio.CancelScope()
@@ -776,7 +779,7 @@ class _Job:
                     with trio.move_on_at(deadline if deadline is not None else math.inf):
                         await self.wake.wait()
                     self.wake = trio.Event()
-                    self.do(self.core.tick(trio.current_time()))
+                    self.do(self.core.tick(trio.current_time()), wake=False)
             finally:
                 for rid in list(svc._jobs):
                     if svc._jobs[rid] is self:
@@ -786,7 +789,8 @@ class _Job:
                 nursery.cancel_scope.cancel()
         return self.results
 
-    def do(self, actions: list[core.Action]) -> None:
+    def do(self, actions: list[core.Action], *, wake: bool = True) -> None:
+        """Perform the requester core's actions; ``wake`` the job's clock unless it is the caller."""
         assert self.nursery is not None
         svc = self.service
         for a in actions:
@@ -821,7 +825,8 @@ class _Job:
             elif isinstance(a, core.ItemFailed):
                 self.results[a.item] = a.reason
                 self._progress()
-        self.wake.set()
+        if wake:
+            self.wake.set()
 
     def _progress(self) -> None:
         self.finished += 1
