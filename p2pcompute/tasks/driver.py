@@ -36,6 +36,7 @@ import trio.lowlevel
 
 from p2pcompute.errors import (
     IntegrityError,
+    LocalProtocolError,
     MalformedMessage,
     P2PComputeError,
     PeerGone,
@@ -728,7 +729,7 @@ class TaskService:
 
 def _lane(lane: TensorLane | None) -> TensorLane:
     if lane is None:
-        raise RuntimeError("no tensor lane")  # unreachable: via_lane implies a lane
+        raise LocalProtocolError("no tensor lane")  # unreachable: via_lane implies a lane
     return lane
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from p2pcompute.errors import BadSignature, MalformedMessage, StaleMessage
+from p2pcompute.errors import BadSignature, LocalProtocolError, MalformedMessage, StaleMessage
 from p2pcompute.wire.codec import Field, Schema, decode
 from p2pcompute.wire.signing import Signer, open_signed, seal_signed
 
@@ -235,7 +235,7 @@ def open_request(
 def seal_offer(offer: Offer, signer: Signer) -> bytes:
     """Sign an offer (the signer must be ``offer.provider``)."""
     if signer_peer_id(signer) != offer.provider:
-        raise ValueError("an offer is signed by its provider")
+        raise LocalProtocolError("an offer is signed by its provider")
     return seal_signed(OFFER_KIND, offer.body(), signer)
 
 

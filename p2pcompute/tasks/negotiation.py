@@ -41,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
+from p2pcompute.errors import ConfigError, LocalProtocolError
 from p2pcompute.tasks.messages import Offer, Resources, TaskRequest
 
 IdFactory = Callable[[], bytes]
@@ -276,7 +277,7 @@ class ProviderCore:
         new_id: IdFactory = _random_id,
     ) -> None:
         if config.capacity < 1:
-            raise ValueError("capacity must be at least 1")
+            raise ConfigError("capacity must be at least 1")
         self.peer_id = peer_id
         self.kinds = dict(kinds)
         self.config = config
@@ -507,7 +508,7 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         if self.items < 1 or self.parallel < 1 or self.retries < 0:
-            raise ValueError("items and parallel must be >= 1, retries >= 0")
+            raise ConfigError("items and parallel must be >= 1, retries >= 0")
 
 
 class ItemStatus(enum.Enum):
@@ -647,7 +648,7 @@ class RequesterCore:
     def start(self, now: float) -> list[Action]:
         """Begin the job: publish the first request."""
         if self._started:
-            raise RuntimeError("job already started")
+            raise LocalProtocolError("job already started")
         self._started = True
         self._deadline = now + self.spec.deadline
         out: list[Action] = []
