@@ -58,7 +58,8 @@ async def test_provider_clock_sleeps_between_deadlines(autojump_clock: trio.test
     stats: Counter[str] = Counter()
     config = n.ProviderConfig(heartbeat=1.0, lease_ttl=5.0, offer_valid_for=10.0)
     core = n.ProviderCore(me.peer_id, {"k": n.KindTerms(Resources(), 0.0)}, config)
-    side = ProviderSide(core, ProviderContext(registry, me, None, stats.update, record), send_offer=send_offer)
+    ctx = ProviderContext(registry, me, None, lambda stat: stats.update([stat]), record)
+    side = ProviderSide(core, ctx, send_offer=send_offer)
     request = TaskRequest(b"\x01" * 16, buyer.peer_id, "k", Resources(), 1.0, 1, 60.0, 0, time.time())
     with trio.CancelScope() as spin_guard:
         counter = ClockSteps(spin_guard)
