@@ -1,6 +1,7 @@
 """One error boundary: the public entry points of p2pcompute.tasks raise only p2pcompute.errors.
 
-Each of these used to raise a bare ValueError, TypeError or RuntimeError.
+Each of these used to raise a bare ValueError, TypeError or RuntimeError (the service ones
+through the registry, the params check and the cores' config checks).
 """
 
 from __future__ import annotations
@@ -8,11 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
+from conftest import TEST_CAPACITY
 from test_ledger import PROVIDER, make_receipt
 
 from p2pcompute.errors import ConfigError, LocalProtocolError, P2PComputeError
 from p2pcompute.identity import Identity
+from p2pcompute.overlay import open_node
 from p2pcompute.tasks import negotiation as n
+from p2pcompute.tasks.builtin import builtin_registry
+from p2pcompute.tasks.driver import open_tasks
+from p2pcompute.tasks.frames import need_lane
 from p2pcompute.tasks.ledger import Ledger
 from p2pcompute.tasks.messages import Offer, Resources, seal_offer
 from p2pcompute.tasks.registry import TaskRegistry, check_params
@@ -73,3 +80,23 @@ def test_core_misuse_is_a_config_or_local_protocol_error() -> None:
 def test_every_error_here_is_in_the_hierarchy() -> None:
     assert issubclass(ConfigError, P2PComputeError)
     assert issubclass(LocalProtocolError, P2PComputeError)
+
+
+def test_a_lease_without_a_lane_is_a_local_protocol_error() -> None:
+    with pytest.raises(LocalProtocolError, match="lane"):
+        need_lane(None)
+
+
+async def test_service_entry_points_refuse_misuse_with_the_hierarchy() -> None:
+    with trio.fail_after(60):
+        async with open_node(capacity=TEST_CAPACITY) as node:
+            with pytest.raises(ConfigError):
+                async with open_tasks(node, builtin_registry(), capacity=0):
+                    pass
+            async with open_tasks(node) as tasks:
+                with pytest.raises(LocalProtocolError):
+                    await tasks.run_task("matmul", {}, {"o": object()})
+                with pytest.raises(ConfigError):
+                    await tasks.run_task("matmul", {}, {}, parallel=0)
+                with pytest.raises(ConfigError):
+                    await tasks.map_tasks("matmul", [({}, {})], retries=-1)

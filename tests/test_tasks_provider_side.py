@@ -23,8 +23,8 @@ from p2pcompute.errors import LocalProtocolError
 from p2pcompute.identity import Identity
 from p2pcompute.tasks import messages
 from p2pcompute.tasks import negotiation as n
-from p2pcompute.tasks.messages import Offer, Resources, TaskRequest, seal_request
-from p2pcompute.tasks.provider import ProviderContext, ProviderSide, reason_text
+from p2pcompute.tasks.messages import Offer, Resources, TaskRequest, reason_text, seal_request
+from p2pcompute.tasks.provider import ProviderContext, ProviderSide
 from p2pcompute.tasks.receipts import Receipt
 from p2pcompute.tasks.registry import TaskRegistry
 

@@ -381,6 +381,17 @@ def parse_lease_message(
     return schema.validate(obj, peer=peer)
 
 
+def reason_text(reason: str) -> str:
+    """``reason`` cut to what a ``task-error`` / ``task-reject`` / ``task-cancel`` may carry.
+
+    Example::
+
+        >>> len(reason_text("x" * 5000))
+        1000
+    """
+    return reason[: min(1000, MAX_REASON)]
+
+
 # --------------------------------------------------------------------------- tensors in frames
 
 #: dtypes a peer may send; anything else is refused before allocation.

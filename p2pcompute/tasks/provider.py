@@ -51,12 +51,12 @@ from p2pcompute.tasks.messages import (
     GRANT,
     HEARTBEAT,
     MAX_PARAMS,
-    MAX_REASON,
     REJECT,
     RESULT,
     Offer,
     open_request,
     parse_lease_message,
+    reason_text,
 )
 from p2pcompute.tasks.receipts import (
     Receipt,
@@ -87,17 +87,6 @@ _LEASE_ACTIONS = (
     core.SendError,
 )
 _Outgoing = bytes | Callable[["FramedStream"], Awaitable[None]]
-
-
-def reason_text(reason: str) -> str:
-    """``reason`` cut to what a ``task-error`` / ``task-reject`` / ``task-cancel`` may carry.
-
-    Example::
-
-        >>> len(reason_text("x" * 5000))
-        1000
-    """
-    return reason[: min(1000, MAX_REASON)]
 
 
 @dataclass(frozen=True)
@@ -573,5 +562,4 @@ __all__ = [
     "ProviderLease",
     "ProviderSide",
     "public_key_of",
-    "reason_text",
 ]

@@ -51,9 +51,9 @@ from p2pcompute.tasks.messages import (
     Resources,
     TaskRequest,
     parse_lease_message,
+    reason_text,
     seal_request,
 )
-from p2pcompute.tasks.provider import reason_text
 from p2pcompute.tasks.receipts import Receipt, countersign, params_digest, tensor_digest
 from p2pcompute.tasks.registry import check_params
 from p2pcompute.wire.codec import decode
