@@ -384,12 +384,15 @@ def parse_lease_message(
 def reason_text(reason: str) -> str:
     """``reason`` cut to what a ``task-error`` / ``task-reject`` / ``task-cancel`` may carry.
 
+    The cut is at 1000 UTF-8 bytes (never inside a character), so that a reason in any
+    script fits the message's byte cap and its building never fails.
+
     Example::
 
-        >>> len(reason_text("x" * 5000))
-        1000
+        >>> len(reason_text("x" * 5000)), len(reason_text("\u00e9" * 5000).encode())
+        (1000, 1000)
     """
-    return reason[: min(1000, MAX_REASON)]
+    return reason.encode("utf-8", "replace")[: min(1000, MAX_REASON)].decode("utf-8", "ignore")
 
 
 # --------------------------------------------------------------------------- tensors in frames

@@ -29,6 +29,7 @@ import trio
 from p2pcompute.deadlines import give_up_after
 from p2pcompute.errors import (
     IntegrityError,
+    LocalProtocolError,
     MalformedMessage,
     P2PComputeError,
     PeerGone,
@@ -200,7 +201,18 @@ class ProviderLease:
     # -- the executor
 
     def execute(self, action: core.Action) -> None:
-        """Carry out one action of the core about this lease (the only place they are acted on)."""
+        """Carry out one action of the core about this lease (the only place they are acted on).
+
+        A message our own code cannot build (:class:`LocalProtocolError`, a bug) ends this
+        lease, not the provider: the error is logged and the lease's scope cancelled.
+        """
+        try:
+            self._execute(action)
+        except LocalProtocolError:
+            log.exception("lease %s: cannot carry out %s", self.lease_id.hex(), type(action).__name__)
+            self.scope.cancel()
+
+    def _execute(self, action: core.Action) -> None:
         lid = self.lease_id
         if isinstance(action, core.SendGrant):
             self._send(
