@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from p2pcompute.errors import BadSignature, ConfigError
+from p2pcompute.errors import BadSignature, ConfigError, LocalProtocolError
 from p2pcompute.identity import Identity
 from p2pcompute.tasks.ledger import Ledger, LedgerCorrupt, summarise, verify_ledger
 from p2pcompute.tasks.messages import Resources
@@ -95,7 +95,7 @@ def test_append_verify_reopen(tmp_path: Path) -> None:
         assert len(ledger) == 4
         assert ledger.head == report.head
         assert make_receipt(2).lease_id in ledger
-        with pytest.raises(ValueError, match="owner"):
+        with pytest.raises(LocalProtocolError, match="owner"):
             ledger.append(make_receipt(9), "requester")  # this receipt names us as provider
     totals = summarise(report.entries)
     assert totals[REQUESTER.peer_id].sold == 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from p2pcompute.errors import TaskFailed
 from p2pcompute.identity import Identity
 from p2pcompute.overlay import Node, open_node
 from p2pcompute.tasks import Resources, TaskRegistry, verify_ledger, verify_matmul_bench
-from p2pcompute.tasks.driver import OFFER_PROTOCOL, TaskService, open_tasks, serve_tasks
+from p2pcompute.tasks.driver import OFFER_PROTOCOL, ProviderFaults, TaskService, open_tasks, serve_tasks
 from p2pcompute.tasks.messages import Offer, seal_offer
 from p2pcompute.tasks.receipts import ReceiptBody
 
@@ -191,18 +192,15 @@ async def test_forged_offers_are_refused_and_the_task_still_runs() -> None:
 
 
 async def test_dishonest_receipt_is_refused_and_work_moves_on(tmp_path: Path) -> None:
+    # the liar claims a higher price than it offered
+    def inflate(body: ReceiptBody) -> bytes:
+        return replace(body, price=body.price + 100.0).encode()
+
     with trio.fail_after(120):
         async with (
             open_node(role="bootstrap", **NODE_OPTS) as boot,
-            provider(boot, ledger=tmp_path / "liar.jsonl") as (_liar_node, liar),
+            provider(boot, ledger=tmp_path / "liar.jsonl", faults=ProviderFaults(receipt_body=inflate)),
         ):
-            # the liar claims a higher price than it offered
-            def inflate(body: ReceiptBody) -> bytes:
-                from dataclasses import replace
-
-                return replace(body, price=body.price + 100.0).encode()
-
-            liar._receipt_body_bytes = inflate  # type: ignore[method-assign]
             async with open_node(bootstrap=boot.addrs, **NODE_OPTS) as rnode, open_tasks(rnode) as tasks:
                 await tasks.wait_for_providers(1, timeout=30)
                 with pytest.raises(TaskFailed, match="receipt field price"):

@@ -12,7 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pcompute.errors import BadSignature, ConfigError, MalformedMessage, StaleMessage, UnsupportedVersion
+from p2pcompute.errors import (
+    BadSignature,
+    ConfigError,
+    LocalProtocolError,
+    MalformedMessage,
+    StaleMessage,
+    UnsupportedVersion,
+)
 from p2pcompute.identity import Identity
 from p2pcompute.tasks import (
     TaskRegistry,
@@ -97,12 +104,14 @@ def test_registry_sync_async_unknown_and_bad_names() -> None:
     assert reg.names() == ["ascale", "scale"]
     with pytest.raises(UnknownTaskKind, match="nope"):
         reg.get("nope")
-    with pytest.raises(ValueError, match="already"):
+    with pytest.raises(ConfigError, match="already"):
         reg.register("scale", scale)
     for bad in ("", "has space", "x" * 65, "semi;colon"):
-        with pytest.raises(ValueError, match="bad task kind"):
+        with pytest.raises(ConfigError, match="bad task kind"):
             reg.register(bad, scale)
-    with pytest.raises(ValueError, match="price"):
+    with pytest.raises(ConfigError, match="callable"):
+        reg.register("notfn", 3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="price"):
         reg.register("neg", scale, price=-1)
     merged = builtin_registry().merged(reg)
     assert {"matmul", "matmul-bench", "scale", "ascale"} <= set(merged.names())
@@ -130,9 +139,11 @@ def test_load_registry_from_operator_module(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_params_and_outputs_are_checked() -> None:
     assert check_params({"n": 1, "s": "x", "l": [1.5]})
-    with pytest.raises(TypeError):
+    with pytest.raises(LocalProtocolError):
         check_params({"f": object()})
-    with pytest.raises(ValueError, match="cap"):
+    with pytest.raises(LocalProtocolError, match="mapping"):
+        check_params([1, 2])  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="cap"):
         check_params({"b": b"x" * 70000})
     out = normalise_output("k", ({"y": torch.ones(1)}, {"seconds": 1.0}))
     assert out.info == {"seconds": 1.0}
@@ -180,7 +191,7 @@ def test_signed_offer_roundtrip_and_forgeries() -> None:
         open_offer(raw, peer=ALICE.peer_id)  # signer is not the sender
     with pytest.raises(BadSignature, match="another requester"):
         open_offer(raw, peer=BOB.peer_id, expected_requester=BOB.peer_id)
-    with pytest.raises(ValueError, match="signed by its provider"):
+    with pytest.raises(LocalProtocolError, match="signed by its provider"):
         seal_offer(offer(), ALICE)  # only the provider signs its offer
     mallory = Identity.generate()
     with pytest.raises(BadSignature):

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pcompute._fsutil import atomic_write, fsync_directory
-from p2pcompute.errors import ConfigError, P2PComputeError, ProtocolError
+from p2pcompute.errors import ConfigError, LocalProtocolError, P2PComputeError, ProtocolError
 from p2pcompute.tasks.receipts import Receipt, open_receipt
 
 FORMAT = "p2pcompute-ledger/1"
@@ -288,12 +288,12 @@ class Ledger:
         Blocking (write + fsync): call it from a thread in async code.
         """
         if self._fd < 0:
-            raise ValueError("ledger is closed")
+            raise LocalProtocolError("ledger is closed")
         if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}")
+            raise LocalProtocolError(f"role must be one of {ROLES}")
         party = receipt.body.provider if role == "provider" else receipt.body.requester
         if party != self.owner:
-            raise ValueError(f"this receipt does not name the ledger owner as {role}")
+            raise LocalProtocolError(f"this receipt does not name the ledger owner as {role}")
         entry: dict[str, Any] = {
             "type": "receipt",
             "seq": self._count + 1,

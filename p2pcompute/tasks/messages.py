@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from p2pcompute.errors import BadSignature, MalformedMessage, StaleMessage
+from p2pcompute.errors import BadSignature, LocalProtocolError, MalformedMessage, StaleMessage
 from p2pcompute.wire.codec import Field, Schema, decode
 from p2pcompute.wire.signing import Signer, open_signed, seal_signed
 
@@ -235,7 +235,7 @@ def open_request(
 def seal_offer(offer: Offer, signer: Signer) -> bytes:
     """Sign an offer (the signer must be ``offer.provider``)."""
     if signer_peer_id(signer) != offer.provider:
-        raise ValueError("an offer is signed by its provider")
+        raise LocalProtocolError("an offer is signed by its provider")
     return seal_signed(OFFER_KIND, offer.body(), signer)
 
 
@@ -379,6 +379,20 @@ def parse_lease_message(
     if schema is None or (allowed is not None and kind not in allowed):
         raise MalformedMessage(f"unexpected lease message type {kind!r}", peer=peer)
     return schema.validate(obj, peer=peer)
+
+
+def reason_text(reason: str) -> str:
+    """``reason`` cut to what a ``task-error`` / ``task-reject`` / ``task-cancel`` may carry.
+
+    The cut is at 1000 UTF-8 bytes (never inside a character), so that a reason in any
+    script fits the message's byte cap and its building never fails.
+
+    Example::
+
+        >>> len(reason_text("x" * 5000)), len(reason_text("\u00e9" * 5000).encode())
+        (1000, 1000)
+    """
+    return reason.encode("utf-8", "replace")[: min(1000, MAX_REASON)].decode("utf-8", "ignore")
 
 
 # --------------------------------------------------------------------------- tensors in frames

@@ -21,7 +21,7 @@ from typing import Any, TypeAlias
 
 import torch
 
-from p2pcompute.errors import ConfigError, P2PComputeError
+from p2pcompute.errors import ConfigError, LocalProtocolError, P2PComputeError
 from p2pcompute.tasks.messages import MAX_KIND_LEN, MAX_PARAMS, Resources
 from p2pcompute.wire.codec import encode
 
@@ -84,13 +84,13 @@ def check_params(params: Mapping[str, Any]) -> bytes:
         True
     """
     if not isinstance(params, Mapping):
-        raise TypeError("task params must be a mapping")
+        raise LocalProtocolError("task params must be a mapping")
     try:
         data = encode(dict(params))
     except (TypeError, ValueError, OverflowError) as exc:
-        raise TypeError(f"task params are not msgpack-able: {exc}") from None
+        raise LocalProtocolError(f"task params are not msgpack-able: {exc}") from None
     if len(data) > MAX_PARAMS:
-        raise ValueError(f"task params take {len(data)} bytes, over the cap of {MAX_PARAMS}")
+        raise LocalProtocolError(f"task params take {len(data)} bytes, over the cap of {MAX_PARAMS}")
     return data
 
 
@@ -109,7 +109,7 @@ def normalise_output(kind: str, value: Any) -> TaskOutput:
         raise TaskError(f"task {kind!r} returned info that is not a mapping")
     try:
         check_params(info)
-    except (TypeError, ValueError) as exc:
+    except LocalProtocolError as exc:
         raise TaskError(f"task {kind!r} returned bad info: {exc}") from None
     return TaskOutput(dict(value), dict(info))
 
@@ -144,13 +144,13 @@ class TaskRegistry:
     ) -> TaskKind:
         """Bind ``name`` to ``function``; a name can be registered once."""
         if not isinstance(name, str) or not _KIND_RE.match(name) or len(name) > MAX_KIND_LEN:
-            raise ValueError(f"bad task kind name {name!r} (letters, digits, _ . : / -, at most 64)")
+            raise ConfigError(f"bad task kind name {name!r} (letters, digits, _ . : / -, at most 64)")
         if name in self._kinds:
-            raise ValueError(f"task kind {name!r} is already registered")
+            raise ConfigError(f"task kind {name!r} is already registered")
         if not callable(function):
-            raise TypeError("a task function must be callable")
+            raise ConfigError("a task function must be callable")
         if price < 0 or price != price:
-            raise ValueError("a price is a non-negative number")
+            raise ConfigError("a price is a non-negative number")
         kind = TaskKind(
             name,
             function,

@@ -1,0 +1,320 @@
+"""The provider's sans-IO negotiation core: offers, leases and run slots.
+
+No I/O, no clock: the driver (:mod:`p2pcompute.tasks.provider`) feeds it verified
+messages and the time and carries out the returned actions. A lease's life is the
+table :data:`PROVIDER_LEASE`: it starts ACTIVE at the grant and ends by the first of
+run ok (DONE), run failed (FAILED), cancel (CANCELLED) or expiry (EXPIRED); any other
+event for it is ignored. Its run slot is freed only when the run has really stopped.
+
+Imports :mod:`p2pcompute.tasks.actions`, :mod:`p2pcompute.tasks.messages`, errors.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from p2pcompute.errors import ConfigError
+from p2pcompute.tasks.actions import (
+    AbortRun,
+    Action,
+    Bounded,
+    IdFactory,
+    Outcome,
+    SendError,
+    SendGrant,
+    SendHeartbeat,
+    SendOffer,
+    SendReject,
+    SendResult,
+    StartRun,
+    random_id,
+)
+from p2pcompute.tasks.messages import Offer, Resources, TaskRequest
+
+
+@dataclass(frozen=True)
+class KindTerms:
+    """What a provider asks for one kind: the resources a run needs and its price."""
+
+    needs: Resources = Resources()  # noqa: RUF009 (frozen, immutable)
+    price: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """Provider policy. ``capacity`` is how many runs may be in progress at once."""
+
+    capacity: int = 1
+    resources: Resources = Resources(cpus=1.0)  # noqa: RUF009 (frozen, immutable)
+    heartbeat: float = 1.0
+    lease_ttl: float = 5.0
+    offer_valid_for: float = 10.0
+    max_offers: int = 4096
+    memory: int = 4096  # remembered request ids / ended leases (duplicates and late messages)
+    max_input_bytes: int = 1 << 30
+
+
+class ProviderEvent(enum.Enum):
+    """What can end a provider's lease."""
+
+    CANCEL = "cancel"  # the requester cancelled, or its stream died
+    EXPIRE = "expire"  # no traffic from the requester for lease_ttl
+    RUN_OK = "run ok"
+    RUN_FAILED = "run failed"
+
+
+#: The provider's lease life as data: a lease is live from its grant until the first of
+#: these events ends it with the given outcome; a lease that has ended ignores them all.
+PROVIDER_LEASE: dict[ProviderEvent, Outcome] = {
+    ProviderEvent.CANCEL: Outcome.CANCELLED,
+    ProviderEvent.EXPIRE: Outcome.EXPIRED,
+    ProviderEvent.RUN_OK: Outcome.DONE,
+    ProviderEvent.RUN_FAILED: Outcome.FAILED,
+}
+
+
+@dataclass
+class _PLease:
+    lease_id: bytes
+    requester: str
+    offer_id: bytes
+    kind: str
+    price: float
+    expires: float
+    next_heartbeat: float
+    seq: int = 0
+
+
+@dataclass
+class _POffer:
+    offer: Offer
+    expires: float
+    active: int = 0
+
+
+class ProviderCore:
+    """A provider's negotiation state: its offers, leases and run slots.
+
+    Example::
+
+        core = ProviderCore(me, {"matmul": KindTerms()}, ProviderConfig(capacity=2))
+        for action in core.handle_request(request, now=trio.current_time()):
+            ...   # SendOffer -> sign and stream it to the requester
+    """
+
+    def __init__(
+        self,
+        peer_id: str,
+        kinds: Mapping[str, KindTerms],
+        config: ProviderConfig = ProviderConfig(),
+        *,
+        new_id: IdFactory = random_id,
+    ) -> None:
+        if config.capacity < 1:
+            raise ConfigError("capacity must be at least 1")
+        self.peer_id = peer_id
+        self.kinds = dict(kinds)
+        self.config = config
+        self._new_id = new_id
+        self._offers: OrderedDict[bytes, _POffer] = OrderedDict()
+        self._leases: dict[bytes, _PLease] = {}
+        self._running: set[bytes] = set()  # runs started and not yet stopped (holds the slots)
+        self._ended = Bounded(config.memory)
+        self._seen_requests = Bounded(config.memory)
+        self.stats: dict[str, int] = {
+            "offers": 0,
+            "granted": 0,
+            "rejected": 0,
+            "done": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "expired": 0,
+            "ignored": 0,
+        }
+
+    # -- queries
+
+    @property
+    def running(self) -> frozenset[bytes]:
+        return frozenset(self._running)
+
+    @property
+    def active_leases(self) -> frozenset[bytes]:
+        return frozenset(self._leases)
+
+    def free_slots(self) -> int:
+        return self.config.capacity - len(self._running)
+
+    def lease_requester(self, lease_id: bytes) -> str | None:
+        lease = self._leases.get(lease_id)
+        return lease.requester if lease else None
+
+    def outcome(self, lease_id: bytes) -> Outcome | None:
+        return self._ended.get(lease_id)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time :meth:`tick` has something to do (None: nothing pending)."""
+        times = [min(lease.expires, lease.next_heartbeat) for lease in self._leases.values()]
+        if self._offers:
+            times.append(next(iter(self._offers.values())).expires)
+        return min(times) if times else None
+
+    def statistics(self) -> dict[str, int]:
+        return {**self.stats, "running": len(self._running), "leases": len(self._leases)}
+
+    # -- events
+
+    def handle_request(self, request: TaskRequest, now: float) -> list[Action]:
+        """A verified request arrived: offer if we serve the kind, fit the needs, price and have room."""
+        if request.request_id in self._seen_requests or request.requester == self.peer_id:
+            self.stats["ignored"] += 1
+            return []
+        self._seen_requests.put(request.request_id, Outcome.DONE)
+        terms = self.kinds.get(request.kind)
+        free = self.free_slots()
+        if (
+            terms is None
+            or free <= 0
+            or terms.price > request.max_price
+            or not terms.needs.merge(request.needs).fits_in(self.config.resources)
+            or request.input_bytes > self.config.max_input_bytes
+            or request.deadline_in <= 0
+        ):
+            return []
+        self._expire_offers(now)
+        if len(self._offers) >= self.config.max_offers:
+            return []
+        offer = Offer(
+            offer_id=self._new_id(),
+            request_id=request.request_id,
+            provider=self.peer_id,
+            requester=request.requester,
+            kind=request.kind,
+            price=terms.price,
+            expected_start=0.0,
+            slots=max(1, min(request.count, free)),
+            free=free,
+            capacity=self.config.capacity,
+            resources=self.config.resources,
+            valid_for=self.config.offer_valid_for,
+            heartbeat=self.config.heartbeat,
+            lease_ttl=self.config.lease_ttl,
+        )
+        # an offer stays acceptable a little past valid_for: the requester counts from receipt
+        keep = self.config.offer_valid_for + self.config.lease_ttl
+        self._offers[offer.offer_id] = _POffer(offer, now + keep)
+        self.stats["offers"] += 1
+        return [SendOffer(request.requester, offer)]
+
+    def handle_accept(self, sender: str, lease_id: bytes, offer_id: bytes, now: float) -> list[Action]:
+        """``sender`` accepts our offer as lease ``lease_id``: grant it if we still can."""
+        if lease_id in self._leases or lease_id in self._ended:
+            self.stats["ignored"] += 1  # duplicate or late: never a second run
+            return []
+        self._expire_offers(now)
+        record = self._offers.get(offer_id)
+
+        def reject(reason: str, retryable: bool) -> list[Action]:
+            self._ended.put(lease_id, Outcome.REJECTED)
+            self.stats["rejected"] += 1
+            return [SendReject(sender, lease_id, reason, retryable)]
+
+        if record is None or record.offer.requester != sender:
+            return reject("unknown or expired offer", True)
+        if record.active >= record.offer.slots:
+            return reject("all slots of this offer are in use", True)
+        if self.free_slots() <= 0:
+            return reject("provider at capacity", True)
+        lease = _PLease(
+            lease_id,
+            sender,
+            offer_id,
+            record.offer.kind,
+            record.offer.price,
+            now + self.config.lease_ttl,
+            now + self.config.heartbeat,
+        )
+        record.active += 1
+        self._leases[lease_id] = lease
+        self._running.add(lease_id)
+        self.stats["granted"] += 1
+        return [
+            SendGrant(sender, lease_id, self.config.lease_ttl, self.config.heartbeat),
+            StartRun(lease_id, sender, lease.kind, offer_id, lease.price),
+        ]
+
+    def handle_heartbeat(self, sender: str, lease_id: bytes, now: float) -> list[Action]:
+        """The requester is alive (a heartbeat, or any traffic of the lease): extend it."""
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.requester != sender:
+            self.stats["ignored"] += 1
+            return []
+        lease.expires = max(lease.expires, now + self.config.lease_ttl)
+        return []
+
+    def handle_cancel(self, sender: str, lease_id: bytes, reason: str, now: float) -> list[Action]:
+        """The requester cancels (or its stream died): end the lease and abort the run."""
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.requester != sender:
+            self.stats["ignored"] += 1
+            return []
+        self._end(lease, ProviderEvent.CANCEL)
+        return [AbortRun(lease_id, f"cancelled by requester: {reason}")]
+
+    def run_succeeded(self, lease_id: bytes, now: float) -> list[Action]:
+        """The run finished with outputs. Sends the result if the lease is still alive."""
+        self._running.discard(lease_id)
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return []  # cancelled or expired meanwhile: the result is dropped
+        self._end(lease, ProviderEvent.RUN_OK)
+        return [SendResult(lease.requester, lease_id)]
+
+    def run_failed(self, lease_id: bytes, reason: str, retryable: bool, now: float) -> list[Action]:
+        """The run raised. Reports the error if the lease is still alive."""
+        self._running.discard(lease_id)
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return []
+        self._end(lease, ProviderEvent.RUN_FAILED)
+        return [SendError(lease.requester, lease_id, reason, retryable)]
+
+    def run_stopped(self, lease_id: bytes) -> None:
+        """An aborted run has really stopped: its slot is free again."""
+        self._running.discard(lease_id)
+
+    def tick(self, now: float) -> list[Action]:
+        """Expire silent leases, send due heartbeats, drop stale offers."""
+        out: list[Action] = []
+        for lease in list(self._leases.values()):
+            if now >= lease.expires:
+                self._end(lease, ProviderEvent.EXPIRE)
+                out.append(AbortRun(lease.lease_id, "lease expired: no heartbeat from the requester"))
+            elif now >= lease.next_heartbeat:
+                lease.seq += 1
+                lease.next_heartbeat = now + self.config.heartbeat  # no burst after a clock jump
+                out.append(SendHeartbeat(lease.requester, lease.lease_id, lease.seq))
+        self._expire_offers(now)
+        return out
+
+    # -- internals
+
+    def _end(self, lease: _PLease, event: ProviderEvent) -> None:
+        outcome = PROVIDER_LEASE[event]
+        del self._leases[lease.lease_id]
+        self._ended.put(lease.lease_id, outcome)
+        record = self._offers.get(lease.offer_id)
+        if record is not None:
+            record.active -= 1
+        self.stats[outcome.value] += 1
+
+    def _expire_offers(self, now: float) -> None:
+        for offer_id, record in list(self._offers.items()):
+            if record.expires <= now and record.active == 0:
+                del self._offers[offer_id]
+
+
+__all__ = ["PROVIDER_LEASE", "KindTerms", "ProviderConfig", "ProviderCore", "ProviderEvent"]
