@@ -76,7 +76,7 @@ async def run_peers(
     async def one(p: Peer) -> None:
         with p.life:
             async with open_node(bootstrap=boot.addrs, **NODE_OPTS) as node, open_lane(
-                node.host, node.identity, **(lane_opts or {})
+                node, **(lane_opts or {})
             ) as lane, open_collective(
                 node, lane, timeouts=timeouts, settle=0.3,
                 bandwidth=bandwidths[p.index] if bandwidths else 1.0,
@@ -357,7 +357,7 @@ async def test_idle_control_links_are_closed_and_forgotten() -> None:
             colls: list[Collective] = []
             for _ in range(3):
                 node = await stack.enter_async_context(open_node(bootstrap=boot.addrs, **NODE_OPTS))
-                lane = await stack.enter_async_context(open_lane(node.host, node.identity))
+                lane = await stack.enter_async_context(open_lane(node))
                 colls.append(await stack.enter_async_context(open_collective(node, lane)))
             a, b, c = colls
             note = LEFT.build(round="nobody's")  # routed to no round: ignored by the receiver
