@@ -23,6 +23,7 @@ from p2pcompute.errors import (
     PeerGone,
     PeerTimeout,
     RemoteProtocolError,
+    ResourceLimitExceeded,
 )
 from p2pcompute.identity import Identity
 from p2pcompute.overlay import Node, open_node
@@ -269,6 +270,32 @@ async def test_unclaimed_transfer_expires_and_sender_learns() -> None:
             with pytest.raises(PeerGone):
                 await a.send(b.peer_id, "nobody-asks", {"x": torch.zeros(10)})
             assert b.statistics().expired_unclaimed == 1
+
+
+async def test_a_full_receiver_refuses_as_busy_and_blames_nobody() -> None:
+    """Past max_parked_per_peer unclaimed transfers from one sender, the next is refused as busy:
+    the sender gets ResourceLimitExceeded naming the receiver (an honest "I am full"), not the
+    RemoteProtocolError that would blame it; the parked one still arrives."""
+    opts: list[dict[str, Any]] = [{}, {"max_parked_per_peer": 1}]
+    with trio.fail_after(GUARD):
+        async with lanes(2, opts) as (a, b), trio.open_nursery() as nursery:
+            first_sent = trio.Event()
+
+            async def first() -> None:
+                await a.send(b.peer_id, "one", {"x": torch.ones(4)})
+                first_sent.set()
+
+            nursery.start_soon(first)
+            await b.wait_for_arrival(a.peer_id, "one", timeout=GUARD)
+            with pytest.raises(ResourceLimitExceeded) as refused:
+                await a.send(b.peer_id, "two", {"x": torch.zeros(4)})
+            assert not isinstance(refused.value, RemoteProtocolError)
+            assert refused.value.peer == b.peer_id
+            assert b.statistics().refused_busy == 1
+            assert b.statistics().parked == 1
+            got = await b.receive(a.peer_id, "one")
+            await first_sent.wait()
+            assert torch.equal(got["x"], torch.ones(4))
 
 
 async def test_cancelled_receiver_ends_sender_cleanly() -> None:
