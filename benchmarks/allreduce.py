@@ -164,7 +164,7 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
         node = await stack.enter_async_context(
             open_node(bootstrap=[boot_file.read_text()], capacity=cap, listen=listen)
         )
-        lane = await stack.enter_async_context(open_lane(node.host, node.identity))
+        lane = await stack.enter_async_context(open_lane(node))
         faults = FaultPlan()
         coll = await stack.enter_async_context(
             open_collective(node, lane, timeouts=timeouts, faults=faults)

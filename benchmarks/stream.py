@@ -125,10 +125,11 @@ def _new_host(seed_hex: str | None = None) -> tuple[Any, Any]:
     from libp2p.network.config import ConnectionConfig
 
     from p2pcompute.identity import Identity
+    from p2pcompute.overlay.host import libp2p_key_pair
 
     ident = Identity.from_seed(bytes.fromhex(seed_hex)) if seed_hex else Identity.generate()
     host = new_host(
-        key_pair=ident.libp2p_key_pair(), connection_config=ConnectionConfig(max_connections_per_peer=1)
+        key_pair=libp2p_key_pair(ident), connection_config=ConnectionConfig(max_connections_per_peer=1)
     )
     return host, ident
 
@@ -199,16 +200,14 @@ async def _libp2p_send(size: int, reps: int, addr: str) -> dict[str, Any]:
 
 
 async def _lane_recv(size: int, reps: int, sender: str) -> dict[str, Any]:
-    import multiaddr
-
+    from p2pcompute.overlay import open_node
     from p2pcompute.tensors import open_lane
 
     dst = _tensor(size, fill=False)
     base = _current_rss_mib()
-    host, ident = _new_host()
-    listen = [multiaddr.Multiaddr(f"/ip4/{_IP[0]}/tcp/0")]
-    async with host.run(listen_addrs=listen), open_lane(host, ident) as lane:
-        _emit({"ready": True, "addr": str(host.get_addrs()[0])})
+    listen = [f"/ip4/{_IP[0]}/tcp/0"]
+    async with open_node(None, listen=listen, advertise=False) as node, open_lane(node) as lane:
+        _emit({"ready": True, "addr": node.addrs[0]})
         await lane.receive(sender, "warm-up")
         cpu0 = time.process_time()
         for i in range(reps):
@@ -220,23 +219,21 @@ async def _lane_recv(size: int, reps: int, sender: str) -> dict[str, Any]:
 async def _lane_send(
     size: int, reps: int, addr: str, seed: str, codec: str, cipher: str | None
 ) -> dict[str, Any]:
-    import multiaddr
     import torch
-    from libp2p.peer.peerinfo import info_from_p2p_addr
 
+    from p2pcompute.identity import Identity
+    from p2pcompute.overlay import open_node
     from p2pcompute.tensors import open_lane
 
     src = _tensor(size, fill=True)
     base = _current_rss_mib()
-    host, ident = _new_host(seed)
+    ident = Identity.from_seed(bytes.fromhex(seed))
     times = []
     wire = 0
     used = ""
-    async with host.run(listen_addrs=[multiaddr.Multiaddr(f"/ip4/{_IP[0]}/tcp/0")]):
-        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        await host.connect(info)
-        async with open_lane(host, ident, ciphers=(cipher,) if cipher else None) as lane:
-            peer = str(info.peer_id)
+    async with open_node(ident, listen=[f"/ip4/{_IP[0]}/tcp/0"], advertise=False) as node:
+        peer = await node.connect(addr)
+        async with open_lane(node, ciphers=(cipher,) if cipher else None) as lane:
             await lane.send(peer, "warm-up", {"w": torch.zeros(16)})
             cpu0 = time.process_time()
             for i in range(reps):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -119,12 +118,6 @@ class Identity:
     def sign(self, data: bytes) -> bytes:
         """Ed25519 signature of ``data`` (64 bytes)."""
         return self._private.sign(data)
-
-    def libp2p_key_pair(self) -> Any:
-        """The same key as a py-libp2p ``KeyPair``, so the host's peer id equals ``peer_id``."""
-        from libp2p.crypto.ed25519 import create_new_key_pair
-
-        return create_new_key_pair(self.seed())
 
     def __repr__(self) -> str:
         return f"Identity({self.peer_id})"

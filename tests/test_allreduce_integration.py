@@ -84,7 +84,7 @@ async def run_peers(
         with p.life:
             lane_kw = {**(lane_opts or {}), **(lane_opts_of or {}).get(p.index, {})}
             async with open_node(bootstrap=boot.addrs, **NODE_OPTS) as node, open_lane(
-                node.host, node.identity, **lane_kw
+                node, **lane_kw
             ) as lane, open_collective(
                 node, lane, timeouts=timeouts, settle=0.3,
                 bandwidth=bandwidths[p.index] if bandwidths else 1.0, faults=p.faults,
@@ -363,7 +363,7 @@ async def test_idle_control_links_are_closed_and_forgotten() -> None:
             colls: list[Collective] = []
             for _ in range(3):
                 node = await stack.enter_async_context(open_node(bootstrap=boot.addrs, **NODE_OPTS))
-                lane = await stack.enter_async_context(open_lane(node.host, node.identity))
+                lane = await stack.enter_async_context(open_lane(node))
                 colls.append(await stack.enter_async_context(open_collective(node, lane)))
             a, b, c = colls
             links = a.links

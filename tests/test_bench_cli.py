@@ -92,9 +92,9 @@ async def link_pair(max_bytes: int) -> AsyncIterator[tuple[Node, TensorLane, str
     a, b = Identity.generate(), Identity.generate()
     async with (
         open_node(a, advertise=False) as server,
-        open_lane(server.host, a, bind="127.0.0.1", max_transfer_bytes=max_bytes) as server_lane,
+        open_lane(server, bind="127.0.0.1", max_transfer_bytes=max_bytes) as server_lane,
         open_node(b, advertise=False) as client,
-        open_lane(client.host, b, bind="127.0.0.1") as client_lane,
+        open_lane(client, bind="127.0.0.1") as client_lane,
     ):
 
         async def handler(stream: Any) -> None:

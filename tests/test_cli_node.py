@@ -114,7 +114,7 @@ async def _buy_tasks(bootstrap: str, provider: str) -> None:
     with trio.fail_after(90):
         async with (
             open_node(bootstrap=[bootstrap]) as node,
-            open_lane(node.host, node.identity) as lane,
+            open_lane(node) as lane,
             open_tasks(node, lane=lane) as tasks,
         ):
             await tasks.wait_for_providers(1, timeout=60)

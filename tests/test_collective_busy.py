@@ -51,7 +51,7 @@ async def test_a_full_reducer_is_not_blamed_and_the_round_completes() -> None:
             for i in range(n):
                 node = await stack.enter_async_context(open_node(bootstrap=boot.addrs, **NODE_OPTS))
                 tight = {"max_parked": 1, "max_parked_per_peer": 1} if i == full else {}
-                lane = await stack.enter_async_context(open_lane(node.host, node.identity, **tight))
+                lane = await stack.enter_async_context(open_lane(node, **tight))
                 coll = await stack.enter_async_context(
                     open_collective(node, lane, timeouts=Timeouts(), settle=0.3, faults=plans[i])
                 )

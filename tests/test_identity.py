@@ -9,6 +9,7 @@ import pytest
 
 from p2pcompute.errors import KeyFileError
 from p2pcompute.identity import Identity
+from p2pcompute.overlay.host import libp2p_key_pair
 
 
 def test_created_0600_and_stable(tmp_path: Path) -> None:
@@ -18,7 +19,7 @@ def test_created_0600_and_stable(tmp_path: Path) -> None:
     again = Identity.load_or_create(path)
     assert first.peer_id == again.peer_id
     assert first.peer_id.startswith("12D3KooW")
-    assert first.libp2p_key_pair().public_key.to_bytes() == first.public_key
+    assert libp2p_key_pair(first).public_key.to_bytes() == first.public_key
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])

@@ -256,10 +256,10 @@ async def test_inputs_and_outputs_over_the_tensor_lane() -> None:
         async with open_node(role="bootstrap", **NODE_OPTS) as boot:  # noqa: SIM117 (separate lifetimes)
             async with (
                 open_node(bootstrap=boot.addrs, **NODE_OPTS) as pnode,
-                open_lane(pnode.host, pnode.identity) as plane,
+                open_lane(pnode) as plane,
                 serve_tasks(pnode, lane=plane),
                 open_node(bootstrap=boot.addrs, **NODE_OPTS) as rnode,
-                open_lane(rnode.host, rnode.identity) as rlane,
+                open_lane(rnode) as rlane,
                 open_tasks(rnode, lane=rlane) as tasks,
             ):
                 await tasks.wait_for_providers(1, timeout=30)

@@ -1,4 +1,4 @@
-"""The tensor lane end to end: real py-libp2p hosts and real TCP on 127.0.0.1, no mocks."""
+"""The tensor lane end to end: real overlay nodes (py-libp2p hosts) and real TCP on 127.0.0.1, no mocks."""
 
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-import multiaddr
 import pytest
 import torch
 import trio
-from libp2p import new_host
-from libp2p.network.config import ConnectionConfig
-from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from p2pcompute.errors import (
     IntegrityError,
@@ -27,34 +23,39 @@ from p2pcompute.errors import (
     PeerGone,
     PeerTimeout,
     RemoteProtocolError,
+    ResourceLimitExceeded,
 )
 from p2pcompute.identity import Identity
+from p2pcompute.overlay import Node, open_node
 from p2pcompute.tensors import TensorLane, open_lane
 from p2pcompute.tensors.codecs import TORCH_DTYPES, empty
 
 GUARD = 60  # absolute guard against hangs (not a speed bound)
-LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+
+
+def node(identity: Identity | None = None, listen: str = "/ip4/127.0.0.1/tcp/0") -> Any:
+    """A quiet overlay node (no adverts, no capacity probe) for the lane to run on."""
+    return open_node(identity, listen=[listen], advertise=False)
+
+
+@contextlib.asynccontextmanager
+async def nodes(n: int) -> AsyncIterator[list[Node]]:
+    """``n`` nodes, all connected to each other."""
+    async with contextlib.AsyncExitStack() as stack:
+        result = [await stack.enter_async_context(node()) for _ in range(n)]
+        for i, a in enumerate(result):
+            for b in result[i + 1 :]:
+                await a.connect(b.addrs[0])
+        yield result
 
 
 @contextlib.asynccontextmanager
 async def lanes(n: int = 2, options: list[dict[str, Any]] | None = None) -> AsyncIterator[list[TensorLane]]:
-    """``n`` hosts, all connected to each other, each running a lane."""
+    """``n`` nodes, all connected to each other, each running a lane."""
     opts = options or [{} for _ in range(n)]
-    idents = [Identity.generate() for _ in range(n)]
-    hosts = [
-        new_host(key_pair=i.libp2p_key_pair(), connection_config=ConnectionConfig(max_connections_per_peer=1))
-        for i in idents
-    ]
     async with contextlib.AsyncExitStack() as stack:
-        for h in hosts:
-            await stack.enter_async_context(h.run(listen_addrs=LISTEN))
-        for i, a in enumerate(hosts):
-            for b in hosts[i + 1 :]:
-                await a.connect(info_from_p2p_addr(b.get_addrs()[0]))
-        result = []
-        for h, ident, o in zip(hosts, idents, opts, strict=True):
-            result.append(await stack.enter_async_context(open_lane(h, ident, **o)))
-        yield result
+        ns = await stack.enter_async_context(nodes(n))
+        yield [await stack.enter_async_context(open_lane(nd, **o)) for nd, o in zip(ns, opts, strict=True)]
 
 
 async def transfer(
@@ -271,6 +272,32 @@ async def test_unclaimed_transfer_expires_and_sender_learns() -> None:
             assert b.statistics().expired_unclaimed == 1
 
 
+async def test_a_full_receiver_refuses_as_busy_and_blames_nobody() -> None:
+    """Past max_parked_per_peer unclaimed transfers from one sender, the next is refused as busy:
+    the sender gets ResourceLimitExceeded naming the receiver (an honest "I am full"), not the
+    RemoteProtocolError that would blame it; the parked one still arrives."""
+    opts: list[dict[str, Any]] = [{}, {"max_parked_per_peer": 1}]
+    with trio.fail_after(GUARD):
+        async with lanes(2, opts) as (a, b), trio.open_nursery() as nursery:
+            first_sent = trio.Event()
+
+            async def first() -> None:
+                await a.send(b.peer_id, "one", {"x": torch.ones(4)})
+                first_sent.set()
+
+            nursery.start_soon(first)
+            await b.wait_for_arrival(a.peer_id, "one", timeout=GUARD)
+            with pytest.raises(ResourceLimitExceeded) as refused:
+                await a.send(b.peer_id, "two", {"x": torch.zeros(4)})
+            assert not isinstance(refused.value, RemoteProtocolError)
+            assert refused.value.peer == b.peer_id
+            assert b.statistics().refused_busy == 1
+            assert b.statistics().parked == 1
+            got = await b.receive(a.peer_id, "one")
+            await first_sent.wait()
+            assert torch.equal(got["x"], torch.ones(4))
+
+
 async def test_cancelled_receiver_ends_sender_cleanly() -> None:
     x = {"x": torch.randn(4_000_000)}
     with trio.fail_after(GUARD):
@@ -408,7 +435,7 @@ async def test_stranger_on_data_port_learns_nothing_and_cannot_disturb() -> None
         async with lanes() as (a, b):
             await transfer(a, b, {"warm": torch.zeros(1)}, tag="warm-up")  # establishes the session
             addr = b.data_addrs[0]
-            session_id = next(iter(b._by_id))  # even a stranger who sniffed the session id
+            session_id = next(iter(b._sessions.by_id))  # even a stranger who sniffed the session id
             replies: list[bytes] = []
 
             async def stranger(preamble: bytes) -> None:
@@ -436,23 +463,18 @@ async def test_stranger_on_data_port_learns_nothing_and_cannot_disturb() -> None
 
 KILLED_SENDER = textwrap.dedent(
     """
-    import sys, trio, torch, multiaddr
-    from libp2p import new_host
-    from libp2p.network.config import ConnectionConfig
-    from libp2p.peer.peerinfo import info_from_p2p_addr
+    import sys, trio, torch
     from p2pcompute.identity import Identity
+    from p2pcompute.overlay import open_node
     from p2pcompute.tensors import open_lane
 
     async def main():
         ident = Identity.from_seed(bytes.fromhex(sys.argv[1]))
-        host = new_host(key_pair=ident.libp2p_key_pair(),
-                        connection_config=ConnectionConfig(max_connections_per_peer=1))
-        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-            info = info_from_p2p_addr(multiaddr.Multiaddr(sys.argv[2]))
-            await host.connect(info)
-            async with open_lane(host, ident) as lane:
+        async with open_node(ident, advertise=False) as node:
+            peer = await node.connect(sys.argv[2])
+            async with open_lane(node) as lane:
                 print("ready", flush=True)
-                await lane.send(str(info.peer_id), "x", {"x": torch.randn(50_000_000)})
+                await lane.send(peer, "x", {"x": torch.randn(50_000_000)})
     trio.run(main)
     """
 )
@@ -464,7 +486,7 @@ async def test_peer_killed_or_frozen_mid_transfer_gives_typed_error_quickly(faul
     sender_id = Identity.from_seed(seed).peer_id
     with trio.fail_after(GUARD):
         async with lanes(1, [{"stall_timeout": 2.0 if fault == "stop" else 30.0}]) as (b,):
-            addr = f"{b.host.get_addrs()[0]}"
+            addr = b.node.addrs[0]
             env = {**os.environ, "PYTHONPATH": os.getcwd()}
             proc = subprocess.Popen(
                 [sys.executable, "-c", KILLED_SENDER, seed.hex(), addr], env=env, stdout=subprocess.PIPE
@@ -496,26 +518,19 @@ async def test_peer_killed_or_frozen_mid_transfer_gives_typed_error_quickly(faul
                 proc.stdout.close()
 
 
-async def test_lane_requires_the_hosts_identity() -> None:
+async def test_lane_takes_its_identity_from_the_node() -> None:
     ident = Identity.generate()
-    host = new_host(key_pair=Identity.generate().libp2p_key_pair())
     with trio.fail_after(GUARD):
-        async with host.run(listen_addrs=LISTEN):
-            with pytest.raises(Exception, match="identity"):
-                async with open_lane(host, ident):
-                    pass
+        async with node(ident) as nd, open_lane(nd) as lane:
+            assert lane.identity is ident
+            assert lane.peer_id == nd.peer_id == ident.peer_id
 
 
 async def test_sender_recovers_when_the_receiver_lane_restarted() -> None:
-    ia, ib = Identity.generate(), Identity.generate()
-    cfg = ConnectionConfig(max_connections_per_peer=1)
-    ha = new_host(key_pair=ia.libp2p_key_pair(), connection_config=cfg)
-    hb = new_host(key_pair=ib.libp2p_key_pair(), connection_config=cfg)
     with trio.fail_after(GUARD):
-        async with ha.run(listen_addrs=LISTEN), hb.run(listen_addrs=LISTEN), open_lane(ha, ia) as a:
-            await ha.connect(info_from_p2p_addr(hb.get_addrs()[0]))
+        async with nodes(2) as (na, nb), open_lane(na) as a:
             for round_ in range(2):  # the second lane on b knows nothing of a's cached session
-                async with open_lane(hb, ib) as b:
+                async with open_lane(nb) as b:
                     got = await transfer(a, b, {"x": torch.full((5,), float(round_))}, tag=f"r{round_}")
                     assert torch.equal(got["x"], torch.full((5,), float(round_)))
 
@@ -558,17 +573,11 @@ async def test_lane_leaves_torch_threads_alone() -> None:
     assert torch.get_num_threads() == before
 
 
-async def test_lane_listens_where_the_host_listens() -> None:
-    # by default the data port follows the host's listen address, so a peer that can reach the
-    # host reaches the lane too (it used to bind 127.0.0.1 whatever the host did)
-    ident = Identity.generate()
-    host = new_host(
-        key_pair=ident.libp2p_key_pair(), connection_config=ConnectionConfig(max_connections_per_peer=1)
-    )
+async def test_lane_listens_where_the_node_listens() -> None:
+    # by default the data port follows the node's listen address, so a peer that can reach the
+    # node reaches the lane too (it used to bind 127.0.0.1 whatever the node did)
     with trio.fail_after(GUARD):
-        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.2/tcp/0")]), open_lane(
-            host, ident
-        ) as lane:
+        async with node(listen="/ip4/127.0.0.2/tcp/0") as nd, open_lane(nd) as lane:
             assert [h for h, _ in lane.data_addrs] == ["127.0.0.2"]
             assert lane._listener is not None
             assert lane._listener.getsockname()[0] == "127.0.0.2"
@@ -584,7 +593,7 @@ async def test_receivers_that_give_up_leave_nothing_behind() -> None:
                 await b.receive(a.peer_id, "never", timeout=0.2)
             with trio.move_on_after(0.2):
                 await b.wait_for_arrival(a.peer_id, "never-either", timeout=GUARD)
-            assert not b._arrivals
+            assert not b._inbox.arrivals
             got: list[torch.Tensor] = []
             async with trio.open_nursery() as nursery:
                 quitter = trio.CancelScope()
@@ -599,9 +608,9 @@ async def test_receivers_that_give_up_leave_nothing_behind() -> None:
                 nursery.start_soon(give_up)
                 nursery.start_soon(stay)
                 key = (a.peer_id, "late")
-                while key not in b._arrivals or b._arrivals[key].statistics().tasks_waiting < 2:
+                while key not in b._inbox.arrivals or b._inbox.arrivals[key].statistics().tasks_waiting < 2:
                     await trio.lowlevel.checkpoint()  # until both wait on the one event
                 quitter.cancel()
                 await a.send(b.peer_id, "late", {"x": x})
             assert torch.equal(got[0], x)
-            assert not b._arrivals
+            assert not b._inbox.arrivals

@@ -369,7 +369,7 @@ def cmd_link(args: argparse.Namespace) -> int:
         async def serve() -> None:
             async with (
                 open_node(ident, listen=[args.listen], **node_opts) as node,
-                open_lane(node.host, ident, bind=args.bind, max_transfer_bytes=max_bytes) as lane,
+                open_lane(node, bind=args.bind, max_transfer_bytes=max_bytes) as lane,
             ):
 
                 async def handler(stream: FramedStream) -> None:
@@ -390,7 +390,7 @@ def cmd_link(args: argparse.Namespace) -> int:
     async def client() -> None:
         async with (
             open_node(ident, listen=[args.listen], **node_opts) as node,
-            open_lane(node.host, ident, bind=args.bind, max_transfer_bytes=max(sizes)) as lane,
+            open_lane(node, bind=args.bind, max_transfer_bytes=max(sizes)) as lane,
         ):
             peer_id = await node.connect(args.peer, timeout=args.connect_timeout)
             result = await measure_link(

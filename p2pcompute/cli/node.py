@@ -169,7 +169,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with (
             open_node(ident, listen=[args.listen], bootstrap=args.bootstrap, **_node_options(args)) as node,
-            open_lane(node.host, node.identity, bind=_lane_bind(args.listen)) as lane,
+            open_lane(node, bind=_lane_bind(args.listen)) as lane,
             serve_tasks(node, registry, capacity=args.task_slots, ledger=args.ledger, lane=lane),
         ):
             print(node.addrs[0] if node.addrs else node.peer_id, flush=True)

@@ -58,7 +58,7 @@ class Collective:
 
     Example::
 
-        async with open_node(ident) as node, open_lane(node.host, ident) as lane, \\
+        async with open_node(ident) as node, open_lane(node) as lane, \\
                 open_collective(node, lane) as coll:
             result = await coll.average("my-run", f"step-{step}", list(model.parameters()),
                                         weight=samples_seen, target=4, min_size=2)

@@ -122,7 +122,7 @@ class Libp2pStack:
             dial_timeout=config.dial_timeout,
         )
         self.host: Any = new_host(
-            key_pair=identity.libp2p_key_pair(),
+            key_pair=libp2p_key_pair(identity),
             connection_config=conn_cfg,
             muxer_preference="YAMUX",
             disable_identify_address_discovery=True,
@@ -475,3 +475,17 @@ __all__ = [
     "leaves",
     "single_leaf",
 ]
+
+
+def libp2p_key_pair(identity: Identity) -> Any:
+    """``identity``'s key as a py-libp2p ``KeyPair``, so a host's peer id equals ``identity.peer_id``.
+
+    Lives here, not on :class:`~p2pcompute.identity.Identity`, so that py-libp2p stays inside the overlay.
+
+    Example::
+
+        host = new_host(key_pair=libp2p_key_pair(Identity.generate()))
+    """
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    return create_new_key_pair(identity.seed())

@@ -1,8 +1,8 @@
 """The tensor data plane: encrypted, verified transfers of torch tensors between peers.
 
 Owns the data lane (:func:`open_lane`, :class:`TensorLane`), tensor codecs and
-CUDA staging. Uses :mod:`p2pcompute.wire`, :mod:`p2pcompute.identity` and
-:mod:`p2pcompute.overlay.streams`; imports nothing above the overlay.
+CUDA staging. Uses :mod:`p2pcompute.wire` and the overlay's :class:`~p2pcompute.overlay.Node`
+(streams to peers); imports nothing above the overlay, and never py-libp2p itself.
 """
 
 from p2pcompute.tensors.lane import LaneStatistics as LaneStatistics

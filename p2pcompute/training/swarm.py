@@ -297,7 +297,7 @@ class Swarm:
                               swarm=self.swarm_name, **self.node_options)
                 )
                 self.addrs = list(self.node.addrs)
-                self.lane = await stack.enter_async_context(open_lane(self.node.host, self.identity))
+                self.lane = await stack.enter_async_context(open_lane(self.node))
                 options = {"timeouts": Timeouts(), **self.collective_options}
                 self.collective = await stack.enter_async_context(
                     open_collective(self.node, self.lane, **options)
