@@ -1,4 +1,4 @@
-"""The averaging seam between training and the network, and an in-process group for tests.
+"""The averaging seam between training and the network, and a group of one.
 
 Training never talks to the network directly: :class:`~p2pcompute.training.diloco.DiLoCo`
 calls an :class:`Averager`, which replaces a list of tensors *in place* by the weighted
