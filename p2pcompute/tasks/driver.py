@@ -227,11 +227,11 @@ class TaskService:
     # -- requester side
 
     async def _on_offer_stream(self, stream: FramedStream) -> None:
-        with deadline(10, "reading an offer", peer=stream.peer):
-            raw = await stream.recv_frame(8192)
         try:
+            with deadline(10, "reading an offer", peer=stream.peer):
+                raw = await stream.recv_frame(8192)
             offer = open_offer(raw, peer=stream.peer, expected_requester=self.peer_id)
-        except ProtocolError:
+        except ProtocolError:  # (an oversized frame too) the node's stream handler blames the peer
             self._bump("bad_offers")
             raise
         job = self._routes.get(offer.request_id)
