@@ -76,6 +76,7 @@ class NegotiationMachine(RuleBasedStateMachine):
             accept_timeout=3.0,
             lease_ttl=4.0,
             rerequest_interval=0.5,
+            result_timeout=10.0,
         )
         self.requester = n.RequesterCore(R, spec, new_id=self.new_id)
         self.items = items

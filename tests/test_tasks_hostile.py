@@ -190,6 +190,28 @@ def test_a_lingering_run_frees_its_slot_within_budget() -> None:
     assert core.free_slots() == 1
 
 
+def test_a_provider_that_heartbeats_but_never_answers_is_set_aside() -> None:
+    counter = iter(range(1, 10_000))
+    new_id = lambda: next(counter).to_bytes(16, "big")  # noqa: E731
+    spec = n.JobSpec("k", offer_window=0.0, result_timeout=20.0, deadline=300.0, retries=1)
+    r = n.RequesterCore("r", spec, new_id=new_id)
+    p = n.ProviderCore("p", {"k": n.KindTerms()}, n.ProviderConfig(lease_ttl=4.0), new_id=new_id)
+    (pub,) = r.start(0.0)
+    (offer,) = p.handle_request(pub.request, 0.0)
+    assert isinstance(offer, n.SendOffer)
+    (accept,) = [a for a in r.handle_offer(offer.offer, 0.0) + r.tick(0.0) if isinstance(a, n.SendAccept)]
+    r.handle_grant("p", accept.lease_id, 1.0)
+    t, lost = 1.0, []
+    while not lost:
+        t += 1.0
+        r.handle_heartbeat("p", accept.lease_id, t)  # alive, but the result never comes
+        lost = [a for a in r.tick(t) if isinstance(a, n.CloseLease)]
+        assert t < 100, "the lease waits for its result until the job's deadline"
+    assert t == 21.0
+    assert "no result within 20 s" in lost[0].reason
+    assert r.statistics()["excluded"] == 1
+
+
 # --------------------------------------------------------------------------- matmul-bench
 
 

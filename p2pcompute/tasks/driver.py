@@ -273,6 +273,7 @@ class TaskService:
         enough_offers: int | None = None,
         lease_ttl: float = 10.0,
         accept_timeout: float = 5.0,
+        result_timeout: float | None = None,
         max_output_bytes: int = 1 << 30,
         progress: ProgressFn | None = None,
         return_exceptions: bool = False,
@@ -281,7 +282,9 @@ class TaskService:
 
         At most ``parallel`` leases run at once; offers are reused while valid, so one
         request round can feed many items. ``progress(done, total)`` is called after each
-        item. A failed item raises :class:`TaskFailed` (or, with ``return_exceptions``,
+        item. ``result_timeout`` (seconds from a grant to the result and its outputs; ``None``:
+        only ``deadline``) sets aside a provider that keeps a lease alive without answering.
+        A failed item raises :class:`TaskFailed` (or, with ``return_exceptions``,
         takes its place in the list). Bad params raise :class:`LocalProtocolError`, bad
         options :class:`ConfigError`.
 
@@ -305,6 +308,7 @@ class TaskService:
             offer_window=offer_window,
             enough_offers=enough_offers,
             accept_timeout=accept_timeout,
+            result_timeout=result_timeout,
             lease_ttl=lease_ttl,
         )
         job = RequesterJob(
