@@ -190,6 +190,22 @@ def test_a_lingering_run_frees_its_slot_within_budget() -> None:
     assert core.free_slots() == 1
 
 
+def test_a_request_flood_cannot_crowd_others_out_of_the_offer_table() -> None:
+    core = _core(capacity=2, max_offers=20, max_offers_per_requester=8)
+    flood = [_offer(core, "flooder", rid=i) for i in range(1, 101)]
+    assert all(o is not None for o in flood)  # it keeps getting offers: its newest replace its oldest
+    assert sum(r.offer.requester == "flooder" for r in core._offers.values()) == 8
+    assert core.statistics()["offers_replaced"] == 92
+    honest = _offer(core, "honest", rid=1000)
+    assert honest is not None
+    out = core.handle_accept("honest", b"H" * 16, honest.offer_id, 0.0)
+    assert any(isinstance(a, n.SendGrant) for a in out)
+    # a replaced offer is gone: accepting it is an honest refusal, not a grant
+    assert flood[0] is not None
+    (reject,) = core.handle_accept("flooder", b"F" * 16, flood[0].offer_id, 0.0)
+    assert isinstance(reject, n.SendReject)
+
+
 def test_a_provider_that_heartbeats_but_never_answers_is_set_aside() -> None:
     counter = iter(range(1, 10_000))
     new_id = lambda: next(counter).to_bytes(16, "big")  # noqa: E731

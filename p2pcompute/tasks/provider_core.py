@@ -61,6 +61,9 @@ class ProviderConfig:
       has to deliver all its inputs (heartbeats do not extend it); past it the lease ends
       (a retryable ``task-error``) and its slot is freed. ``result_deadline`` + output
       bytes / ``input_rate`` bounds the delivery of a result the same way.
+    * ``max_offers_per_requester``: open offers kept for one requester (of ``max_offers`` in
+      all); a new request from a requester at the cap replaces its oldest unused offer, so
+      that one identity flooding requests cannot crowd the others out of the offer table.
     * ``accept_deadline``: how long a new lease stream may take to send its accept;
       ``receipt_deadline``: how long the provider waits for the co-signed receipt.
     * ``max_lingering_bytes``: memory that cancelled runs still stopping (a worker thread
@@ -78,6 +81,7 @@ class ProviderConfig:
     lease_ttl: float = 5.0
     offer_valid_for: float = 10.0
     max_offers: int = 4096
+    max_offers_per_requester: int = 64
     memory: int = 4096  # remembered request ids / ended leases (duplicates and late messages)
     max_input_bytes: int = 1 << 30
     max_leases_per_requester: int | None = None
@@ -91,6 +95,8 @@ class ProviderConfig:
     def __post_init__(self) -> None:
         if self.max_leases_per_requester is not None and self.max_leases_per_requester < 1:
             raise ConfigError("max_leases_per_requester must be at least 1")
+        if self.max_offers_per_requester < 1 or self.max_offers < 1:
+            raise ConfigError("max_offers and max_offers_per_requester must be at least 1")
         times = (self.input_deadline, self.result_deadline, self.accept_deadline, self.receipt_deadline)
         if not all(t > 0 for t in times) or not self.input_rate > 0:
             raise ConfigError("deadlines and input_rate must be positive")
@@ -198,6 +204,7 @@ class ProviderCore:
             "expired": 0,
             "ignored": 0,
             "busy_refusals": 0,
+            "offers_replaced": 0,
             "input_timeouts": 0,
         }
 
@@ -272,7 +279,7 @@ class ProviderCore:
             self.stats["busy_refusals"] += 1  # this requester holds its share: no offer
             return []
         self._expire_offers(now)
-        if len(self._offers) >= self.config.max_offers:
+        if not self._room_for_offer(request.requester):
             return []
         offer = Offer(
             offer_id=self._new_id(),
@@ -437,6 +444,17 @@ class ProviderCore:
         if record is not None:
             record.active -= 1
         self.stats[outcome.value] += 1
+
+    def _room_for_offer(self, requester: str) -> bool:
+        """Whether one more offer to ``requester`` fits; at its cap, its oldest unused offer goes."""
+        mine = [oid for oid, r in self._offers.items() if r.offer.requester == requester]
+        if len(mine) >= self.config.max_offers_per_requester:
+            unused = [oid for oid in mine if self._offers[oid].active == 0]
+            if not unused:
+                return False
+            del self._offers[unused[0]]  # insertion order: the oldest
+            self.stats["offers_replaced"] += 1
+        return len(self._offers) < self.config.max_offers
 
     def _lingering_over_budget(self) -> int:
         """Lingering runs beyond the budget (count and bytes): each of them still takes a slot."""
