@@ -495,3 +495,29 @@ async def test_a_lying_provider_is_blamed_by_the_requester() -> None:
                 )
             assert tasks.stats["bad_receipts"] == 1
             assert tasks.stats["blamed"] == 1  # the stream was ours: no handler of ours saw it
+
+
+async def test_a_peer_cannot_park_unlimited_lease_streams() -> None:
+    with trio.fail_after(90):
+        async with _market(_echo_registry(), capacity=1, accept_deadline=60.0) as (pnode, psvc, rogue, _h):
+            assert psvc.provider is not None
+            limit = psvc.provider.config.streams_per_requester  # 8 for one slot
+            parked = []
+            for _ in range(limit + 2):
+                parked.append(await rogue.node.open_stream(pnode.peer_id, LEASE_PROTOCOL, timeout=10))
+            closed: list[FramedStream] = []
+
+            async def watch_closed(stream: FramedStream) -> None:
+                with trio.move_on_after(5):
+                    try:
+                        await stream.recv_frame()
+                    except PeerGone:
+                        closed.append(stream)  # closed by the provider at once, not after 60 s
+
+            async with trio.open_nursery() as nursery:
+                for stream in parked:
+                    nursery.start_soon(watch_closed, stream)
+            assert len(closed) == 2
+            assert psvc.provider.statistics()["busy_refusals"] == 2
+            for stream in parked:
+                await stream.close()

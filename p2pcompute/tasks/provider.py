@@ -551,6 +551,7 @@ class ProviderSide:
         self._send_offer = send_offer
         self._leases: dict[bytes, ProviderLease] = {}
         self._scopes: set[trio.CancelScope] = set()
+        self._streams: dict[str, int] = {}  # open lease streams per peer
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.closed = False
@@ -598,7 +599,16 @@ class ProviderSide:
         self.do(self.core.handle_request(request, trio.current_time()))
 
     async def on_lease_stream(self, stream: FramedStream) -> None:
-        """A requester opened a lease stream: read its accept and serve the lease."""
+        """A requester opened a lease stream: read its accept and serve the lease.
+
+        A peer with ``config.streams_per_requester`` lease streams open already gets this
+        one closed at once, unread (an honest requester needs one per lease).
+        """
+        peer = stream.peer or ""
+        if self._streams.get(peer, 0) >= self.core.config.streams_per_requester:
+            self.core.stats["busy_refusals"] += 1
+            return  # the node closes the stream
+        self._streams[peer] = self._streams.get(peer, 0) + 1
         scope = trio.CancelScope()
         self._scopes.add(scope)
         try:
@@ -606,6 +616,9 @@ class ProviderSide:
                 await self._lease(stream)
         finally:
             self._scopes.discard(scope)
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
 
     async def _lease(self, stream: FramedStream) -> None:
         peer = stream.peer

@@ -64,6 +64,8 @@ class ProviderConfig:
     * ``max_offers_per_requester``: open offers kept for one requester (of ``max_offers`` in
       all); a new request from a requester at the cap replaces its oldest unused offer, so
       that one identity flooding requests cannot crowd the others out of the offer table.
+    * ``max_lease_streams_per_requester``: lease streams one peer may have open at once
+      (``None``: ``4 * per_requester + 4``); more are closed at once, unread.
     * ``accept_deadline``: how long a new lease stream may take to send its accept;
       ``receipt_deadline``: how long the provider waits for the co-signed receipt.
     * ``max_lingering_bytes``: memory that cancelled runs still stopping (a worker thread
@@ -91,6 +93,7 @@ class ProviderConfig:
     accept_deadline: float = 30.0
     receipt_deadline: float = 30.0
     max_lingering_bytes: int = 1 << 30
+    max_lease_streams_per_requester: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_leases_per_requester is not None and self.max_leases_per_requester < 1:
@@ -107,6 +110,13 @@ class ProviderConfig:
         if self.max_leases_per_requester is not None:
             return self.max_leases_per_requester
         return max(1, (self.capacity + 1) // 2)
+
+    @property
+    def streams_per_requester(self) -> int:
+        """Lease streams one peer may have open (``max_lease_streams_per_requester`` or a default)."""
+        if self.max_lease_streams_per_requester is not None:
+            return self.max_lease_streams_per_requester
+        return 4 * self.per_requester + 4
 
     def input_seconds(self, input_bytes: int) -> float:
         """Seconds a granted lease has to deliver ``input_bytes`` of inputs.
