@@ -41,7 +41,7 @@ MAX_BENCH_BYTES = 512 << 20
 #: Price of one ``matmul-bench`` run (of at most MAX_BENCH_FLOPS), like a registered kind's.
 BENCH_PRICE = 0.01
 #: Largest chunk (flops) computed between two checks of the cancel flag on a CPU.
-_CHUNK_FLOPS = 1 << 32
+_CHUNK_FLOPS = 1 << 30
 
 
 def _device(params: Mapping[str, Any]) -> torch.device:
