@@ -13,13 +13,13 @@ def ids() -> n.IdFactory:
     return lambda: next(counter).to_bytes(16, "big")
 
 
-def provider(pid: str, new_id: n.IdFactory, *, capacity: int = 1, price: float = 0.0) -> n.ProviderCore:
-    return n.ProviderCore(
-        pid,
-        {"k": n.KindTerms(Resources(cpus=1), price)},
-        n.ProviderConfig(capacity=capacity, heartbeat=1.0, lease_ttl=4.0),
-        new_id=new_id,
+def provider(
+    pid: str, new_id: n.IdFactory, *, capacity: int = 1, price: float = 0.0, per_requester: int | None = None
+) -> n.ProviderCore:
+    config = n.ProviderConfig(
+        capacity=capacity, heartbeat=1.0, lease_ttl=4.0, max_leases_per_requester=per_requester
     )
+    return n.ProviderCore(pid, {"k": n.KindTerms(Resources(cpus=1), price)}, config, new_id=new_id)
 
 
 def only(actions: list[n.Action], kind: type) -> list:
@@ -181,7 +181,8 @@ def test_deadline_ends_job_with_no_providers() -> None:
 
 def test_map_spreads_items_over_providers() -> None:
     new_id = ids()
-    ps = {name: provider(name, new_id, capacity=2) for name in ("a", "b", "c")}
+    # every slot may go to this one requester (the default would leave one of two free)
+    ps = {name: provider(name, new_id, capacity=2, per_requester=2) for name in ("a", "b", "c")}
     r = n.RequesterCore("r", n.JobSpec("k", items=6, parallel=6, offer_window=0.2), new_id=new_id)
     (pub,) = r.start(0.0)
     out: list[n.Action] = []

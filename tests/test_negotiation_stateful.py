@@ -40,6 +40,7 @@ class NegotiationMachine(RuleBasedStateMachine):
         self.dead: set[str] = set()
         self.runs: list[tuple[str, bytes]] = []  # runs in progress (provider, lease)
         self.aborting: list[tuple[str, bytes]] = []  # aborted, not yet stopped
+        self.lingering: list[tuple[str, bytes]] = []  # aborted, slot handed back, thread still running
         self.started: Counter[bytes] = Counter()
         self.delivered: Counter[int] = Counter()
         self.failed: set[int] = set()
@@ -60,7 +61,9 @@ class NegotiationMachine(RuleBasedStateMachine):
             self.providers[pid] = n.ProviderCore(
                 pid,
                 {"k": n.KindTerms(Resources(cpus=1), price=float(i))},
-                n.ProviderConfig(capacity=capacity, heartbeat=1.0, lease_ttl=4.0, offer_valid_for=5.0),
+                n.ProviderConfig(
+                    capacity=capacity, heartbeat=1.0, lease_ttl=4.0, offer_valid_for=5.0, input_deadline=3.0
+                ),
                 new_id=self.new_id,
             )
         spec = n.JobSpec(
@@ -73,6 +76,7 @@ class NegotiationMachine(RuleBasedStateMachine):
             accept_timeout=3.0,
             lease_ttl=4.0,
             rerequest_interval=0.5,
+            result_timeout=10.0,
         )
         self.requester = n.RequesterCore(R, spec, new_id=self.new_id)
         self.items = items
@@ -161,8 +165,12 @@ class NegotiationMachine(RuleBasedStateMachine):
         if m.kind == "request":
             out = p.handle_request(m.args[0], now)
         elif m.kind == "accept":
-            out = p.handle_accept(m.src, m.args[0], m.args[1], now)
-        elif m.kind in ("hb", "inputs"):
+            out = p.handle_accept(m.src, m.args[0], m.args[1], now, inputs=64)
+        elif m.kind == "inputs":
+            if p.lease_requester(m.args[0]) == m.src:
+                p.inputs_received(m.args[0])
+            out = p.handle_heartbeat(m.src, m.args[0], now)
+        elif m.kind == "hb":
             out = p.handle_heartbeat(m.src, m.args[0], now)
         elif m.kind == "cancel":
             out = p.handle_cancel(m.src, m.args[0], m.args[1], now)
@@ -226,6 +234,20 @@ class NegotiationMachine(RuleBasedStateMachine):
         pid, lease = self.aborting.pop(data.draw(st.integers(0, len(self.aborting) - 1)))
         self.providers[pid].run_stopped(lease)
 
+    @precondition(lambda self: self.aborting)
+    @rule(data=st.data())
+    def abandon_aborted(self, data: st.DataObject) -> None:
+        """An aborted run's worker thread is still finishing a chunk: its slot is handed back."""
+        pid, lease = self.aborting.pop(data.draw(st.integers(0, len(self.aborting) - 1)))
+        self.providers[pid].run_abandoned(lease, 100)
+        self.lingering.append((pid, lease))
+
+    @precondition(lambda self: self.lingering)
+    @rule(data=st.data())
+    def stop_lingering(self, data: st.DataObject) -> None:
+        pid, lease = self.lingering.pop(data.draw(st.integers(0, len(self.lingering) - 1)))
+        self.providers[pid].run_stopped(lease)
+
     @rule(data=st.data(), chance=st.integers(0, 3))
     def kill_provider(self, data: st.DataObject, chance: int) -> None:
         if chance == 0:  # rarer than other faults, so that work also gets done
@@ -243,6 +265,8 @@ class NegotiationMachine(RuleBasedStateMachine):
         for p in self.providers.values():
             assert len(p.running) <= p.config.capacity
             assert p.free_slots() >= 0
+            # lingering threads beyond the budget keep their slots: never over twice the capacity
+            assert len(p.running) + len(p.lingering) <= 2 * p.config.capacity
 
     @invariant()
     def nothing_twice(self) -> None:
@@ -260,9 +284,10 @@ class NegotiationMachine(RuleBasedStateMachine):
         for _ in range(600):
             while self.net:
                 self._deliver(self.net.pop(0))
-            for pid, lease in list(self.aborting):
-                self.aborting.remove((pid, lease))
+            for pid, lease in list(self.aborting) + list(self.lingering):
                 self.providers[pid].run_stopped(lease)
+            self.aborting.clear()
+            self.lingering.clear()
             live = [p for pid, p in self.providers.items() if pid not in self.dead]
             if (
                 (self.requester.done or not requester_alive)
@@ -283,6 +308,7 @@ class NegotiationMachine(RuleBasedStateMachine):
             if pid not in self.dead:
                 assert not p.active_leases, f"{pid} kept a lease forever"
                 assert not p.running, f"{pid} kept a slot forever"
+                assert not p.lingering, f"{pid} kept a lingering run forever"
 
 
 NegotiationMachine.TestCase.settings = settings(

@@ -6,6 +6,14 @@ and returns a few sampled entries of the product; :func:`verify_matmul_bench`
 recomputes those entries locally, so a provider that skipped the work (or ran a
 smaller problem) is caught, and the reported time is what the requester paid for.
 
+A bench is a small request for a lot of work, so it is bounded and priced: at most
+:data:`MAX_BENCH_FLOPS` (``2 n^3`` per product, warm-up included) and
+:data:`MAX_BENCH_BYTES` of matrices per run, for :data:`BENCH_PRICE` per run (an offer is
+quoted before the params are known, so the price covers the largest run allowed). The
+products are computed in chunks of rows (on a CPU) or one product at a time (on a GPU),
+with the run's cancel flag checked in between, so a run whose lease is gone stops
+within one short chunk.
+
 Imports :mod:`p2pcompute.tasks.registry` and torch only.
 """
 
@@ -18,7 +26,7 @@ from typing import Any
 import torch
 
 from p2pcompute.tasks.messages import Resources
-from p2pcompute.tasks.registry import TaskError, TaskRegistry
+from p2pcompute.tasks.registry import TaskError, TaskRegistry, check_cancelled
 
 MATMUL = "matmul"
 MATMUL_BENCH = "matmul-bench"
@@ -26,6 +34,14 @@ _BENCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 _MAX_N = 16384
 _MAX_REPEATS = 1000
 _MAX_CHECKS = 64
+#: Most floating-point operations one ``matmul-bench`` run may ask for (16 products of n=4096).
+MAX_BENCH_FLOPS = 2 * 4096**3 * 16
+#: Most bytes of matrices one run may hold (the seeded float32 pair, then a, b and c).
+MAX_BENCH_BYTES = 512 << 20
+#: Price of one ``matmul-bench`` run (of at most MAX_BENCH_FLOPS), like a registered kind's.
+BENCH_PRICE = 0.01
+#: Largest chunk (flops) computed between two checks of the cancel flag on a CPU.
+_CHUNK_FLOPS = 1 << 30
 
 
 def _device(params: Mapping[str, Any]) -> torch.device:
@@ -69,6 +85,34 @@ def bench_problem(
     return a, b, where
 
 
+def bench_flops(n: int, repeats: int) -> int:
+    """Floating-point operations of a ``matmul-bench`` run: ``repeats`` timed products and a warm-up.
+
+    Example::
+
+        >>> bench_flops(1024, 3) == 2 * 1024**3 * 4
+        True
+    """
+    return 2 * n**3 * (repeats + 1)
+
+
+def bench_memory(n: int, dtype: str) -> int:
+    """Bytes of matrices a ``matmul-bench`` run holds: the float32 pair it seeds, then a, b and c.
+
+    Example::
+
+        >>> bench_memory(1024, "float32") == 1024 * 1024 * 20
+        True
+    """
+    size = torch.empty((), dtype=_BENCH_DTYPES.get(dtype, torch.float32)).element_size()
+    return n * n * (2 * 4 + 3 * size)
+
+
+def _bench_memory_of(params: Mapping[str, Any]) -> int:
+    n, _, dtype, _, _ = _bench_params(params)
+    return bench_memory(n, dtype)
+
+
 def _bench_params(params: Mapping[str, Any]) -> tuple[int, int, str, int, int]:
     try:
         n = int(params.get("n", 1024))
@@ -82,25 +126,42 @@ def _bench_params(params: Mapping[str, Any]) -> tuple[int, int, str, int, int]:
         raise TaskError(f"matmul-bench: n in 1..{_MAX_N}, repeats in 1..{_MAX_REPEATS}, checks 1..64")
     if dtype not in _BENCH_DTYPES:
         raise TaskError(f"matmul-bench: dtype must be one of {sorted(_BENCH_DTYPES)}")
+    if bench_flops(n, repeats) > MAX_BENCH_FLOPS:
+        raise TaskError(f"matmul-bench: 2 n^3 (repeats + 1) over the cap of {MAX_BENCH_FLOPS:.3g} flops")
+    if bench_memory(n, dtype) > MAX_BENCH_BYTES:
+        raise TaskError(f"matmul-bench: n={n} needs over {MAX_BENCH_BYTES >> 20} MiB of matrices")
     return n, repeats, dtype, seed, checks
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, device: torch.device) -> None:
+    """``out = a @ b``, checking the run's cancel flag between chunks (row blocks on a CPU)."""
+    n = a.shape[0]
+    rows = n if device.type == "cuda" else max(1, min(n, _CHUNK_FLOPS // max(1, 2 * n * n)))
+    for start in range(0, n, rows):
+        check_cancelled()
+        torch.matmul(a[start : start + rows], b, out=out[start : start + rows])
 
 
 def matmul_bench(
     tensors: dict[str, torch.Tensor], params: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Time ``repeats`` n x n products of seeded matrices; return sampled entries and the speed."""
+    """Time ``repeats`` n x n products of seeded matrices; return sampled entries and the speed.
+
+    Stops (:class:`TaskError`, retryable) at the next chunk once its run is cancelled.
+    """
     if tensors:
         raise TaskError("matmul-bench takes no input tensors (the matrices come from the seed)")
     n, repeats, dtype, seed, checks = _bench_params(params)
     device = _device(params)
     a, b, where = bench_problem(n, dtype, seed, checks)
     a, b = a.to(device), b.to(device)
-    c = a @ b  # warm-up (and the product whose entries are checked)
+    c = torch.empty_like(a)
+    _product(a, b, c, device)  # warm-up (and the product whose entries are checked)
     _sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        c = a @ b
+        _product(a, b, c, device)
         _sync(device)
         times.append(time.perf_counter() - t0)
     times.sort()
@@ -140,8 +201,8 @@ def verify_matmul_bench(
     return bool(torch.all((got.double() - want).abs() <= tol * (n**0.5) + 1e-6))
 
 
-def builtin_registry() -> TaskRegistry:
-    """A fresh registry holding the built-in kinds (``matmul``, ``matmul-bench``).
+def builtin_registry(*, bench_price: float = BENCH_PRICE) -> TaskRegistry:
+    """A fresh registry holding the built-in kinds (``matmul``, ``matmul-bench`` at ``bench_price``).
 
     Example::
 
@@ -153,8 +214,9 @@ def builtin_registry() -> TaskRegistry:
         MATMUL_BENCH,
         matmul_bench,
         needs=Resources(cpus=1),
-        price=0.0,
+        price=bench_price,
         max_output_bytes=1 << 16,
         description="timed seeded n x n matmul; sampled entries let the requester verify it",
+        memory=_bench_memory_of,
     )
     return reg

@@ -89,15 +89,31 @@ class TaskService:
         self.lane = lane
         self._ledger_lock = trio.Lock()
         self._routes: dict[bytes, RequesterJob] = {}
-        self.stats: dict[str, int] = {"bad_requests": 0, "bad_offers": 0, "bad_receipts": 0, "receipts": 0}
+        self.stats: dict[str, int] = {
+            "bad_requests": 0,
+            "bad_offers": 0,
+            "bad_receipts": 0,
+            "receipts": 0,
+            "blamed": 0,
+        }
         self._stats_changed = trio.Event()
         self._requester = RequesterContext(
-            node, self.identity, lane, self._routes, TOPIC, LEASE_PROTOCOL, self._bump, self._append
+            node,
+            self.identity,
+            lane,
+            self._routes,
+            TOPIC,
+            LEASE_PROTOCOL,
+            self._bump,
+            self._append,
+            self._blame,
         )
         self._side: ProviderSide | None = None
         if registry is not None:
             terms = {k.name: core.KindTerms(k.needs, k.price) for k in registry}
-            ctx = ProviderContext(registry, self.identity, lane, self._bump, self._append, faults)
+            ctx = ProviderContext(
+                registry, self.identity, lane, self._bump, self._append, faults, self._blame
+            )
             self._side = ProviderSide(
                 core.ProviderCore(self.peer_id, terms, config), ctx, send_offer=self._send_offer
             )
@@ -133,6 +149,19 @@ class TaskService:
         if self.provider is not None:
             out["provider"] = self.provider.statistics()
         return out
+
+    def _blame(self, peer: str, reason: str) -> None:
+        """Report ``peer``'s protocol offence where no stream handler can raise it.
+
+        Offences on streams that a peer opened to us are raised as :class:`RemoteProtocolError`
+        from the handler (the node's handler wrapper counts them). A bad gossiped request, or a
+        bad result on a lease stream we opened, is reported here: counted in ``blamed`` and
+        passed to the node's ``blame(peer, reason)`` when the node offers one.
+        """
+        self._bump("blamed")
+        hook = getattr(self.node, "blame", None)
+        if callable(hook):
+            hook(peer, reason)
 
     def _bump(self, stat: str) -> None:
         self.stats[stat] += 1
@@ -198,11 +227,11 @@ class TaskService:
     # -- requester side
 
     async def _on_offer_stream(self, stream: FramedStream) -> None:
-        with deadline(10, "reading an offer", peer=stream.peer):
-            raw = await stream.recv_frame(8192)
         try:
+            with deadline(10, "reading an offer", peer=stream.peer):
+                raw = await stream.recv_frame(8192)
             offer = open_offer(raw, peer=stream.peer, expected_requester=self.peer_id)
-        except ProtocolError:
+        except ProtocolError:  # (an oversized frame too) the node's stream handler blames the peer
             self._bump("bad_offers")
             raise
         job = self._routes.get(offer.request_id)
@@ -244,6 +273,7 @@ class TaskService:
         enough_offers: int | None = None,
         lease_ttl: float = 10.0,
         accept_timeout: float = 5.0,
+        result_timeout: float | None = None,
         max_output_bytes: int = 1 << 30,
         progress: ProgressFn | None = None,
         return_exceptions: bool = False,
@@ -252,7 +282,9 @@ class TaskService:
 
         At most ``parallel`` leases run at once; offers are reused while valid, so one
         request round can feed many items. ``progress(done, total)`` is called after each
-        item. A failed item raises :class:`TaskFailed` (or, with ``return_exceptions``,
+        item. ``result_timeout`` (seconds from a grant to the result and its outputs; ``None``:
+        only ``deadline``) sets aside a provider that keeps a lease alive without answering.
+        A failed item raises :class:`TaskFailed` (or, with ``return_exceptions``,
         takes its place in the list). Bad params raise :class:`LocalProtocolError`, bad
         options :class:`ConfigError`.
 
@@ -276,6 +308,7 @@ class TaskService:
             offer_window=offer_window,
             enough_offers=enough_offers,
             accept_timeout=accept_timeout,
+            result_timeout=result_timeout,
             lease_ttl=lease_ttl,
         )
         job = RequesterJob(
@@ -307,6 +340,12 @@ async def open_tasks(
     lease_ttl: float = 5.0,
     offer_valid_for: float = 10.0,
     max_input_bytes: int = 1 << 30,
+    max_leases_per_requester: int | None = None,
+    input_deadline: float = 30.0,
+    input_rate: float = float(1 << 20),
+    result_deadline: float = 30.0,
+    accept_deadline: float = 30.0,
+    receipt_deadline: float = 30.0,
     faults: ProviderFaults = NO_FAULTS,
 ) -> AsyncIterator[TaskService]:
     """Run the task service on ``node`` for the ``async with`` block.
@@ -316,6 +355,8 @@ async def open_tasks(
     records every dual-signed receipt. ``lane`` (from :func:`p2pcompute.tensors.open_lane`)
     carries inputs and outputs; without it they travel in capped frames on the lease stream.
     ``faults`` is a test seam (:class:`ProviderFaults`): deliberate misbehaviour, none by default.
+    ``max_leases_per_requester`` and the deadlines are those of
+    :class:`~p2pcompute.tasks.negotiation.ProviderConfig` (docs/tasks.md, "Deadlines and limits").
 
     Example::
 
@@ -332,6 +373,12 @@ async def open_tasks(
         lease_ttl=lease_ttl,
         offer_valid_for=offer_valid_for,
         max_input_bytes=max_input_bytes,
+        max_leases_per_requester=max_leases_per_requester,
+        input_deadline=input_deadline,
+        input_rate=input_rate,
+        result_deadline=result_deadline,
+        accept_deadline=accept_deadline,
+        receipt_deadline=receipt_deadline,
     )
     service = TaskService(node, registry, config, ledger=ledger, lane=lane, faults=faults)
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from p2pcompute.errors import (
     PeerTimeout,
     ProtocolError,
     RemoteProtocolError,
+    StaleMessage,
 )
 from p2pcompute.tasks import negotiation as core
 from p2pcompute.tasks.frames import (
@@ -67,7 +69,14 @@ from p2pcompute.tasks.receipts import (
     sign_body,
     tensor_digest,
 )
-from p2pcompute.tasks.registry import TaskError, TaskKind, TaskRegistry, check_params, normalise_output
+from p2pcompute.tasks.registry import (
+    TaskError,
+    TaskKind,
+    TaskRegistry,
+    call_cancellable,
+    check_params,
+    normalise_output,
+)
 from p2pcompute.wire.codec import decode
 from p2pcompute.wire.signing import Signer
 
@@ -116,12 +125,17 @@ class ProviderFaults:
 NO_FAULTS = ProviderFaults()
 
 
+def no_blame(peer: str, reason: str) -> None:
+    """The default ``blame`` hook: record nothing (the counters still count)."""
+
+
 @dataclass(frozen=True)
 class ProviderContext:
-    """What every lease of one provider shares: kinds, key, data lane, fault plan and two sinks.
+    """What every lease of one provider shares: kinds, key, data lane, fault plan and three sinks.
 
     ``bump(stat)`` counts an event (``receipts``, ``bad_receipts`` ...); ``record(receipt, role)``
-    appends a co-signed receipt to the ledger.
+    appends a co-signed receipt to the ledger; ``blame(peer, reason)`` reports a peer's offence
+    where no stream handler can raise it (a gossiped request).
 
     Example::
 
@@ -134,6 +148,7 @@ class ProviderContext:
     bump: Callable[[str], None]
     record: Callable[[Receipt, str], Awaitable[None]]
     faults: ProviderFaults = NO_FAULTS
+    blame: Callable[[str, str], None] = no_blame
 
 
 @dataclass
@@ -197,6 +212,10 @@ class ProviderLease:
         self._receipt_ready = trio.Event()
         self._result: _Result | None = None
         self._result_sent = False
+        self._fault: RemoteProtocolError | None = None  # the requester's first offence, raised at the end
+        self._thread_alive = False  # a sync kind's worker thread is running
+        self._abandoned = False  # ... and its slot was handed back before it stopped
+        self.memory = 0  # bytes the run holds (accounted while an abandoned thread stops)
 
     # -- the executor
 
@@ -264,10 +283,36 @@ class ProviderLease:
     def _lost(self, reason: str) -> None:
         self._do(self.core.handle_cancel(self.peer, self.lease_id, reason, trio.current_time()))
 
+    def _offence(self, exc: RemoteProtocolError, stat: str = "bad_requests") -> None:
+        """Count the requester's offence once; :meth:`serve` raises it when the lease is over."""
+        if self._fault is None:
+            self._fault = exc
+            self.ctx.bump(stat)
+
+    def release(self) -> None:
+        """The lease is over: free its run slot, or hand it back while a worker thread still stops.
+
+        A worker thread that is still finishing a chunk (it checks its cancel flag between
+        chunks) is accounted by the core as lingering (:meth:`ProviderCore.run_abandoned`)
+        until it really stops.
+        """
+        if self.start is None:
+            return
+        if self._thread_alive:
+            self._abandoned = True
+            self.core.run_abandoned(self.lease_id, self.memory)
+        else:
+            self.core.run_stopped(self.lease_id)
+
     # -- the lease's life
 
     async def serve(self) -> None:
-        """Serve the lease to its end: grant or reject, inputs, the run, result and receipt."""
+        """Serve the lease to its end: grant or reject, inputs, the run, result and receipt.
+
+        Raises the requester's first protocol offence (:class:`RemoteProtocolError` naming it)
+        once the lease is over, so that the node's stream handler counts it against that peer.
+        """
+        config = self.core.config
         with self.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
@@ -275,10 +320,16 @@ class ProviderLease:
                     nursery.start_soon(self._reader)
                     await self._run(self.start)
                 self._out_tx.close()
-                await self._drained.wait()
-                if self._result_sent:
+                out_bytes = self._result.body.output_bytes if self._result_sent and self._result else 0
+                with give_up_after(config.result_seconds(out_bytes)) as drain:
+                    await self._drained.wait()
+                if drain.cancelled_caught:
+                    log.info("lease %s: %s does not read its result", self.lease_id.hex(), self.peer)
+                elif self._result_sent:
                     await self._settle()
                 nursery.cancel_scope.cancel()
+        if self._fault is not None:
+            raise self._fault
 
     async def _writer(self) -> None:
         try:
@@ -304,6 +355,7 @@ class ProviderLease:
                 if kind == "task-tensors" and not self.via_lane and not self._inputs_ready.is_set():
                     cap = min(self.accept["input_bytes"], self.core.config.max_input_bytes)
                     self._inputs = await recv_tensors(self.stream, raw, cap=cap, touch=self._touch)
+                    self.core.inputs_received(lid)
                     self._inputs_ready.set()
                     continue
                 m = parse_lease_message(raw, peer=peer, allowed=_FROM_REQUESTER)
@@ -316,6 +368,8 @@ class ProviderLease:
                     self._receipt_ready.set()
                     return
         except (PeerGone, RemoteProtocolError) as exc:
+            if isinstance(exc, RemoteProtocolError):
+                self._offence(exc)
             self._lost(f"stream lost: {exc}")
             self._input_error = exc
             self._inputs_ready.set()
@@ -344,7 +398,8 @@ class ProviderLease:
         self._do(actions)
         if outputs and self.via_lane and any(isinstance(a, core.SendResult) for a in actions):
             tag = f"task/{self.lease_id.hex()}/out"
-            await need_lane(self.ctx.lane).send(self.peer, tag, outputs, timeout=600)
+            wait = self.core.config.result_seconds(sum(nbytes(t) for t in outputs.values()))
+            await need_lane(self.ctx.lane).send(self.peer, tag, outputs, timeout=wait)
 
     async def _compute(self, kind: TaskKind) -> tuple[dict[str, torch.Tensor], dict[str, Any], float]:
         """Receive the inputs and run ``kind``; a failure to report is raised as :class:`_Failure`."""
@@ -352,12 +407,15 @@ class ProviderLease:
         try:
             params = decode(acc["params"], max_size=MAX_PARAMS, peer=peer)
             if not isinstance(params, dict):
-                raise TaskError("params must be a map")
+                raise MalformedMessage("task params are not a map", peer=peer)
+            self.memory = kind.run_memory(params, acc["input_bytes"])
             if acc["input_digest"] == EMPTY_DIGEST:
                 tensors: dict[str, torch.Tensor] = {}
             elif self.via_lane:
                 tag = f"task/{self.lease_id.hex()}/in"
-                tensors = await need_lane(self.ctx.lane).receive(peer, tag, timeout=600)
+                wait = self.core.config.input_seconds(acc["input_bytes"])
+                tensors = await need_lane(self.ctx.lane).receive(peer, tag, timeout=wait)
+                self.core.inputs_received(self.lease_id)
             else:
                 await self._inputs_ready.wait()
                 if self._input_error is not None:
@@ -365,23 +423,58 @@ class ProviderLease:
                 assert self._inputs is not None
                 tensors = self._inputs
             if tensor_digest(tensors) != acc["input_digest"]:
-                raise TaskError("inputs do not match the accepted digest")
+                raise IntegrityError("inputs do not match the accepted digest", peer=peer)
             started = time.time()
             if kind.is_async:
                 value = await kind.function(tensors, params)  # type: ignore[misc]
             else:
-                value = await trio.to_thread.run_sync(kind.function, tensors, params)
+                value = await self._in_thread(kind, tensors, params)
             result = normalise_output(kind.name, value)
             if sum(nbytes(t) for t in result.tensors.values()) > kind.max_output_bytes:
                 raise TaskError("outputs over the kind's cap")
             return result.tensors, result.info, started
         except TaskError as exc:
             raise _Failure(str(exc), exc.retryable) from None
+        except RemoteProtocolError as exc:  # the requester's fault: reported, then counted against it
+            self._offence(exc)
+            raise _Failure(f"bad inputs: {exc}", False) from None
         except (PeerGone, PeerTimeout, ProtocolError) as exc:
             raise _Failure(f"inputs not received: {exc}", True) from None
         except Exception as exc:  # the operator's task code may raise anything: report, keep serving
             log.info("task %s raised", kind.name, exc_info=True)
             raise _Failure(f"{type(exc).__name__}: {exc}", False) from None
+
+    async def _in_thread(
+        self, kind: TaskKind, tensors: dict[str, torch.Tensor], params: dict[str, Any]
+    ) -> Any:
+        """Run a sync kind in a worker thread that is abandoned (not waited for) when cancelled.
+
+        The thread's cancel flag is set as soon as this returns or is cancelled; a kind that
+        checks it (:func:`~p2pcompute.tasks.registry.check_cancelled`) stops at its next chunk.
+        When the thread really ends, an abandoned run's lingering slot is released.
+        """
+        flag = threading.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def stopped() -> None:  # in the trio thread, once the worker has returned
+            self._thread_alive = False
+            if self._abandoned:
+                self.core.run_stopped(self.lease_id)
+                self._do([])  # wake the clock: a slot may be free again
+
+        def body() -> Any:
+            try:
+                return call_cancellable(flag, kind.function, tensors, params)
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(stopped)
+
+        self._thread_alive = True
+        try:
+            # (mypy misreads run_sync's keyword-only arguments after *args: Unpack[Ts])
+            return await trio.to_thread.run_sync(body, abandon_on_cancel=True)  # type: ignore[call-arg]
+        finally:
+            flag.set()
 
     def _sign(
         self,
@@ -412,8 +505,8 @@ class ProviderLease:
         return _Result(outputs, check_params(info), body, body_bytes, sign_body(body_bytes, self.ctx.signer))
 
     async def _settle(self) -> None:
-        """Wait (30 s) for the requester's co-signed receipt; check it and record it."""
-        with give_up_after(30):
+        """Wait (``receipt_deadline``, 30 s) for the requester's co-signed receipt; check and record it."""
+        with give_up_after(self.core.config.receipt_deadline):
             await self._receipt_ready.wait()
         if self._receipt is None or self._result is None:
             log.info("lease %s: no receipt from %s", self.lease_id.hex(), self.peer)
@@ -423,7 +516,10 @@ class ProviderLease:
             if receipt.body_bytes != self._result.body_bytes or receipt.provider_sig != self._result.sig:
                 raise IntegrityError("receipt differs from the one we signed", peer=self.peer)
         except ProtocolError as exc:
-            self.ctx.bump("bad_receipts")
+            if isinstance(exc, RemoteProtocolError):
+                self._offence(exc, "bad_receipts")
+            else:  # pragma: no cover - opening a receipt raises only the peer's errors
+                self.ctx.bump("bad_receipts")
             log.info("lease %s: bad receipt: %s", self.lease_id.hex(), exc)
             return
         self.ctx.bump("receipts")
@@ -455,6 +551,7 @@ class ProviderSide:
         self._send_offer = send_offer
         self._leases: dict[bytes, ProviderLease] = {}
         self._scopes: set[trio.CancelScope] = set()
+        self._streams: dict[str, int] = {}  # open lease streams per peer
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.closed = False
@@ -495,11 +592,23 @@ class ProviderSide:
         except ProtocolError as exc:
             self.ctx.bump("bad_requests")
             log.info("task request refused: %s", exc)
+            # stale gossip may be replayed by anyone: not blamed on its signer
+            if isinstance(exc, RemoteProtocolError) and not isinstance(exc, StaleMessage):
+                self.ctx.blame(sender, f"bad task request: {exc}")
             return
         self.do(self.core.handle_request(request, trio.current_time()))
 
     async def on_lease_stream(self, stream: FramedStream) -> None:
-        """A requester opened a lease stream: read its accept and serve the lease."""
+        """A requester opened a lease stream: read its accept and serve the lease.
+
+        A peer with ``config.streams_per_requester`` lease streams open already gets this
+        one closed at once, unread (an honest requester needs one per lease).
+        """
+        peer = stream.peer or ""
+        if self._streams.get(peer, 0) >= self.core.config.streams_per_requester:
+            self.core.stats["busy_refusals"] += 1
+            return  # the node closes the stream
+        self._streams[peer] = self._streams.get(peer, 0) + 1
         scope = trio.CancelScope()
         self._scopes.add(scope)
         try:
@@ -507,30 +616,38 @@ class ProviderSide:
                 await self._lease(stream)
         finally:
             self._scopes.discard(scope)
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
 
     async def _lease(self, stream: FramedStream) -> None:
         peer = stream.peer
         if self.closed or peer is None:
             return
         acc: dict[str, Any] | None = None
-        with give_up_after(30):
-            acc = ACCEPT.parse(await stream.recv_frame(ACCEPT.max_size), peer=peer)
+        with give_up_after(self.core.config.accept_deadline):
+            try:
+                acc = ACCEPT.parse(await stream.recv_frame(ACCEPT.max_size), peer=peer)
+            except RemoteProtocolError:
+                self.ctx.bump("bad_requests")
+                raise  # the node's stream handler counts it against the peer
         if acc is None:
             return  # an idle stream: drop it
         lease_id = acc["lease_id"]
+        inputs = None if acc["input_digest"] == EMPTY_DIGEST else acc["input_bytes"]
         if lease_id in self._leases:  # the same accept on a second stream: never a second run
             self.do(self.core.handle_accept(peer, lease_id, acc["offer_id"], trio.current_time()))
             return
         lease = ProviderLease(stream, acc, self.ctx, self.core, self.do)
         self._leases[lease_id] = lease
         try:
-            self.do(self.core.handle_accept(peer, lease_id, acc["offer_id"], trio.current_time()))
+            now = trio.current_time()
+            self.do(self.core.handle_accept(peer, lease_id, acc["offer_id"], now, inputs=inputs))
             await lease.serve()
         finally:
             if self._leases.get(lease_id) is lease:
                 del self._leases[lease_id]
-            if lease.start is not None:
-                self.core.run_stopped(lease_id)
+            lease.release()
             self._wake.set()
 
     def close(self) -> None:
@@ -573,5 +690,6 @@ __all__ = [
     "ProviderFaults",
     "ProviderLease",
     "ProviderSide",
+    "no_blame",
     "public_key_of",
 ]

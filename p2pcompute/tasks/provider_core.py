@@ -3,8 +3,12 @@
 No I/O, no clock: the driver (:mod:`p2pcompute.tasks.provider`) feeds it verified
 messages and the time and carries out the returned actions. A lease's life is the
 table :data:`PROVIDER_LEASE`: it starts ACTIVE at the grant and ends by the first of
-run ok (DONE), run failed (FAILED), cancel (CANCELLED) or expiry (EXPIRED); any other
-event for it is ignored. Its run slot is freed only when the run has really stopped.
+run ok (DONE), run failed (FAILED), cancel (CANCELLED) or expiry (EXPIRED: no heartbeat
+for ``lease_ttl``, or its inputs not all in by the input deadline); any other event for it
+is ignored. Its run slot is freed when the run has really stopped, or, for a worker thread
+still finishing a chunk, as soon as the lease ended while such lingering runs stay within
+their budget (:meth:`ProviderCore.run_abandoned`). One requester holds at most
+``config.per_requester`` live leases.
 
 Imports :mod:`p2pcompute.tasks.actions`, :mod:`p2pcompute.tasks.messages`, errors.
 """
@@ -45,7 +49,33 @@ class KindTerms:
 
 @dataclass(frozen=True)
 class ProviderConfig:
-    """Provider policy. ``capacity`` is how many runs may be in progress at once."""
+    """Provider policy. ``capacity`` is how many runs may be in progress at once.
+
+    Limits against a greedy or stalling requester (docs/tasks.md, "Deadlines and limits"):
+
+    * ``max_leases_per_requester``: live leases one requester may hold at once; ``None``
+      means half the slots, rounded up (``(capacity + 1) // 2``), so that with two or more
+      slots one identity never holds them all. Past it, offers stop and accepts are
+      refused with a retryable ``task-reject``.
+    * ``input_deadline`` + declared input bytes / ``input_rate``: the time a granted lease
+      has to deliver all its inputs (heartbeats do not extend it); past it the lease ends
+      (a retryable ``task-error``) and its slot is freed. ``result_deadline`` + output
+      bytes / ``input_rate`` bounds the delivery of a result the same way.
+    * ``max_offers_per_requester``: open offers kept for one requester (of ``max_offers`` in
+      all); a new request from a requester at the cap replaces its oldest unused offer, so
+      that one identity flooding requests cannot crowd the others out of the offer table.
+    * ``max_lease_streams_per_requester``: lease streams one peer may have open at once
+      (``None``: ``4 * per_requester + 4``); more are closed at once, unread.
+    * ``accept_deadline``: how long a new lease stream may take to send its accept;
+      ``receipt_deadline``: how long the provider waits for the co-signed receipt.
+    * ``max_lingering_bytes``: memory that cancelled runs still stopping (a worker thread
+      finishing its chunk) may hold while their slots are already free again; at most
+      ``capacity`` such runs, any beyond keep their slot until they stop.
+
+    Example::
+
+        ProviderConfig(capacity=4, max_leases_per_requester=2, input_deadline=10.0)
+    """
 
     capacity: int = 1
     resources: Resources = Resources(cpus=1.0)  # noqa: RUF009 (frozen, immutable)
@@ -53,15 +83,61 @@ class ProviderConfig:
     lease_ttl: float = 5.0
     offer_valid_for: float = 10.0
     max_offers: int = 4096
+    max_offers_per_requester: int = 64
     memory: int = 4096  # remembered request ids / ended leases (duplicates and late messages)
     max_input_bytes: int = 1 << 30
+    max_leases_per_requester: int | None = None
+    input_deadline: float = 30.0
+    input_rate: float = float(1 << 20)
+    result_deadline: float = 30.0
+    accept_deadline: float = 30.0
+    receipt_deadline: float = 30.0
+    max_lingering_bytes: int = 1 << 30
+    max_lease_streams_per_requester: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_leases_per_requester is not None and self.max_leases_per_requester < 1:
+            raise ConfigError("max_leases_per_requester must be at least 1")
+        if self.max_offers_per_requester < 1 or self.max_offers < 1:
+            raise ConfigError("max_offers and max_offers_per_requester must be at least 1")
+        times = (self.input_deadline, self.result_deadline, self.accept_deadline, self.receipt_deadline)
+        if not all(t > 0 for t in times) or not self.input_rate > 0:
+            raise ConfigError("deadlines and input_rate must be positive")
+
+    @property
+    def per_requester(self) -> int:
+        """Live leases one requester may hold (``max_leases_per_requester`` or half the slots)."""
+        if self.max_leases_per_requester is not None:
+            return self.max_leases_per_requester
+        return max(1, (self.capacity + 1) // 2)
+
+    @property
+    def streams_per_requester(self) -> int:
+        """Lease streams one peer may have open (``max_lease_streams_per_requester`` or a default)."""
+        if self.max_lease_streams_per_requester is not None:
+            return self.max_lease_streams_per_requester
+        return 4 * self.per_requester + 4
+
+    def input_seconds(self, input_bytes: int) -> float:
+        """Seconds a granted lease has to deliver ``input_bytes`` of inputs.
+
+        Example::
+
+            >>> ProviderConfig().input_seconds(1 << 20)
+            31.0
+        """
+        return self.input_deadline + min(input_bytes, self.max_input_bytes) / self.input_rate
+
+    def result_seconds(self, output_bytes: int) -> float:
+        """Seconds the provider spends at most delivering a result of ``output_bytes``."""
+        return self.result_deadline + output_bytes / self.input_rate
 
 
 class ProviderEvent(enum.Enum):
     """What can end a provider's lease."""
 
     CANCEL = "cancel"  # the requester cancelled, or its stream died
-    EXPIRE = "expire"  # no traffic from the requester for lease_ttl
+    EXPIRE = "expire"  # no traffic from the requester for lease_ttl, or inputs late
     RUN_OK = "run ok"
     RUN_FAILED = "run failed"
 
@@ -86,6 +162,8 @@ class _PLease:
     expires: float
     next_heartbeat: float
     seq: int = 0
+    granted: float = 0.0
+    inputs_due: float | None = None  # the input deadline, until the inputs have arrived
 
 
 @dataclass
@@ -122,6 +200,8 @@ class ProviderCore:
         self._offers: OrderedDict[bytes, _POffer] = OrderedDict()
         self._leases: dict[bytes, _PLease] = {}
         self._running: set[bytes] = set()  # runs started and not yet stopped (holds the slots)
+        # runs whose lease ended while their worker thread still finishes a chunk: lease -> bytes
+        self._lingering: dict[bytes, int] = {}
         self._ended = Bounded(config.memory)
         self._seen_requests = Bounded(config.memory)
         self.stats: dict[str, int] = {
@@ -133,6 +213,9 @@ class ProviderCore:
             "cancelled": 0,
             "expired": 0,
             "ignored": 0,
+            "busy_refusals": 0,
+            "offers_replaced": 0,
+            "input_timeouts": 0,
         }
 
     # -- queries
@@ -146,7 +229,17 @@ class ProviderCore:
         return frozenset(self._leases)
 
     def free_slots(self) -> int:
-        return self.config.capacity - len(self._running)
+        """Slots free for a new run: capacity minus runs in progress and lingering runs over budget."""
+        return self.config.capacity - len(self._running) - self._lingering_over_budget()
+
+    def held_by(self, requester: str) -> int:
+        """Live leases ``requester`` holds here (capped by ``config.per_requester``)."""
+        return sum(1 for lease in self._leases.values() if lease.requester == requester)
+
+    @property
+    def lingering(self) -> dict[bytes, int]:
+        """Cancelled runs still stopping whose slot is already free: lease id -> bytes held."""
+        return dict(self._lingering)
 
     def lease_requester(self, lease_id: bytes) -> str | None:
         lease = self._leases.get(lease_id)
@@ -158,12 +251,19 @@ class ProviderCore:
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`tick` has something to do (None: nothing pending)."""
         times = [min(lease.expires, lease.next_heartbeat) for lease in self._leases.values()]
+        times += [lease.inputs_due for lease in self._leases.values() if lease.inputs_due is not None]
         if self._offers:
             times.append(next(iter(self._offers.values())).expires)
         return min(times) if times else None
 
     def statistics(self) -> dict[str, int]:
-        return {**self.stats, "running": len(self._running), "leases": len(self._leases)}
+        return {
+            **self.stats,
+            "running": len(self._running),
+            "leases": len(self._leases),
+            "lingering": len(self._lingering),
+            "lingering_bytes": sum(self._lingering.values()),
+        }
 
     # -- events
 
@@ -184,8 +284,12 @@ class ProviderCore:
             or request.deadline_in <= 0
         ):
             return []
+        room = self.config.per_requester - self.held_by(request.requester)
+        if room <= 0:
+            self.stats["busy_refusals"] += 1  # this requester holds its share: no offer
+            return []
         self._expire_offers(now)
-        if len(self._offers) >= self.config.max_offers:
+        if not self._room_for_offer(request.requester):
             return []
         offer = Offer(
             offer_id=self._new_id(),
@@ -195,7 +299,7 @@ class ProviderCore:
             kind=request.kind,
             price=terms.price,
             expected_start=0.0,
-            slots=max(1, min(request.count, free)),
+            slots=max(1, min(request.count, free, room)),
             free=free,
             capacity=self.config.capacity,
             resources=self.config.resources,
@@ -209,8 +313,16 @@ class ProviderCore:
         self.stats["offers"] += 1
         return [SendOffer(request.requester, offer)]
 
-    def handle_accept(self, sender: str, lease_id: bytes, offer_id: bytes, now: float) -> list[Action]:
-        """``sender`` accepts our offer as lease ``lease_id``: grant it if we still can."""
+    def handle_accept(
+        self, sender: str, lease_id: bytes, offer_id: bytes, now: float, *, inputs: int | None = None
+    ) -> list[Action]:
+        """``sender`` accepts our offer as lease ``lease_id``: grant it if we still can.
+
+        ``inputs`` is the byte count of the inputs the lease will send (``None``: it sends
+        none); they must all arrive by ``config.input_seconds(inputs)`` after the grant
+        (:meth:`inputs_received`), heartbeats or not. A requester that already holds
+        ``config.per_requester`` leases is refused with a retryable reject.
+        """
         if lease_id in self._leases or lease_id in self._ended:
             self.stats["ignored"] += 1  # duplicate or late: never a second run
             return []
@@ -228,6 +340,11 @@ class ProviderCore:
             return reject("all slots of this offer are in use", True)
         if self.free_slots() <= 0:
             return reject("provider at capacity", True)
+        if self.held_by(sender) >= self.config.per_requester:
+            self.stats["busy_refusals"] += 1
+            return reject(f"busy: at most {self.config.per_requester} leases per requester", True)
+        if inputs is not None and inputs > self.config.max_input_bytes:
+            return reject(f"inputs of {inputs} bytes over the cap of {self.config.max_input_bytes}", False)
         lease = _PLease(
             lease_id,
             sender,
@@ -236,7 +353,10 @@ class ProviderCore:
             record.offer.price,
             now + self.config.lease_ttl,
             now + self.config.heartbeat,
+            granted=now,
         )
+        if inputs is not None:
+            lease.inputs_due = now + self.config.input_seconds(inputs)
         record.active += 1
         self._leases[lease_id] = lease
         self._running.add(lease_id)
@@ -254,6 +374,12 @@ class ProviderCore:
             return []
         lease.expires = max(lease.expires, now + self.config.lease_ttl)
         return []
+
+    def inputs_received(self, lease_id: bytes) -> None:
+        """All inputs of ``lease_id`` arrived: its input deadline no longer applies."""
+        lease = self._leases.get(lease_id)
+        if lease is not None:
+            lease.inputs_due = None
 
     def handle_cancel(self, sender: str, lease_id: bytes, reason: str, now: float) -> list[Action]:
         """The requester cancels (or its stream died): end the lease and abort the run."""
@@ -283,14 +409,32 @@ class ProviderCore:
         return [SendError(lease.requester, lease_id, reason, retryable)]
 
     def run_stopped(self, lease_id: bytes) -> None:
-        """An aborted run has really stopped: its slot is free again."""
+        """An aborted run has really stopped: its slot is free again (a lingering run is forgotten)."""
         self._running.discard(lease_id)
+        self._lingering.pop(lease_id, None)
+
+    def run_abandoned(self, lease_id: bytes, memory: int) -> None:
+        """The lease of a run has ended but its worker thread is still finishing a chunk.
+
+        Its slot is free at once while the lingering runs stay within budget (at most
+        ``capacity`` of them, holding at most ``config.max_lingering_bytes`` together);
+        ``memory`` (bytes) is accounted until :meth:`run_stopped`.
+        """
+        if lease_id in self._running and lease_id not in self._leases:
+            self._running.discard(lease_id)
+            self._lingering[lease_id] = max(0, memory)
 
     def tick(self, now: float) -> list[Action]:
         """Expire silent leases, send due heartbeats, drop stale offers."""
         out: list[Action] = []
         for lease in list(self._leases.values()):
-            if now >= lease.expires:
+            if lease.inputs_due is not None and now >= lease.inputs_due:
+                self._end(lease, ProviderEvent.EXPIRE)
+                self.stats["input_timeouts"] += 1
+                reason = f"inputs not received within {lease.inputs_due - lease.granted:g} s"
+                out.append(SendError(lease.requester, lease.lease_id, reason, True))
+                out.append(AbortRun(lease.lease_id, reason))
+            elif now >= lease.expires:
                 self._end(lease, ProviderEvent.EXPIRE)
                 out.append(AbortRun(lease.lease_id, "lease expired: no heartbeat from the requester"))
             elif now >= lease.next_heartbeat:
@@ -310,6 +454,26 @@ class ProviderCore:
         if record is not None:
             record.active -= 1
         self.stats[outcome.value] += 1
+
+    def _room_for_offer(self, requester: str) -> bool:
+        """Whether one more offer to ``requester`` fits; at its cap, its oldest unused offer goes."""
+        mine = [oid for oid, r in self._offers.items() if r.offer.requester == requester]
+        if len(mine) >= self.config.max_offers_per_requester:
+            unused = [oid for oid in mine if self._offers[oid].active == 0]
+            if not unused:
+                return False
+            del self._offers[unused[0]]  # insertion order: the oldest
+            self.stats["offers_replaced"] += 1
+        return len(self._offers) < self.config.max_offers
+
+    def _lingering_over_budget(self) -> int:
+        """Lingering runs beyond the budget (count and bytes): each of them still takes a slot."""
+        over, count, held = 0, 0, 0
+        for memory in self._lingering.values():
+            count, held = count + 1, held + memory
+            if count > self.config.capacity or held > self.config.max_lingering_bytes:
+                over += 1
+        return over
 
     def _expire_offers(self, now: float) -> None:
         for offer_id, record in list(self._offers.items()):

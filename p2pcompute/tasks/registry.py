@@ -12,12 +12,15 @@ Imports :mod:`p2pcompute.tasks.messages`, :mod:`p2pcompute.errors`, :mod:`p2pcom
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
+import logging
 import re
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import torch
 
@@ -32,7 +35,16 @@ TaskFunction: TypeAlias = Callable[
     [dict[str, torch.Tensor], dict[str, Any]], TaskReturn | Awaitable[TaskReturn]
 ]
 
+log = logging.getLogger(__name__)
+
+MemoryFunction: TypeAlias = Callable[[Mapping[str, Any]], int]
+_T = TypeVar("_T")
+
 _KIND_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+#: The cancel flag of the run executing in this thread (set by the provider around a sync kind).
+_CANCEL_FLAG: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "p2pcompute_task_cancel", default=None
+)
 
 
 class UnknownTaskKind(P2PComputeError):
@@ -51,9 +63,61 @@ class TaskError(P2PComputeError):
         self.retryable = retryable
 
 
+def run_cancelled() -> bool:
+    """True when the run calling this (a sync kind in its worker thread) has been cancelled.
+
+    A run is cancelled when its lease is cancelled or expires; the provider stops waiting for
+    the worker thread and frees the slot, and the thread should stop at its next chunk.
+    Outside a run it is always False.
+
+    Example::
+
+        for block in blocks:
+            if run_cancelled():
+                break
+            work(block)
+    """
+    flag = _CANCEL_FLAG.get()
+    return flag is not None and flag.is_set()
+
+
+def check_cancelled() -> None:
+    """Raise :class:`TaskError` (retryable) when this run has been cancelled (:func:`run_cancelled`).
+
+    Call it between chunks of a long sync task, so that a run whose lease is gone stops soon.
+
+    Example::
+
+        for _ in range(repeats):
+            check_cancelled()
+            c = a @ b
+    """
+    if run_cancelled():
+        raise TaskError("run cancelled: its lease has ended", retryable=True)
+
+
+def call_cancellable(flag: threading.Event, function: Callable[..., _T], *args: Any) -> _T:
+    """Call ``function(*args)`` with ``flag`` as the run's cancel flag (what :func:`run_cancelled` reads).
+
+    Example::
+
+        flag = threading.Event()
+        value = await trio.to_thread.run_sync(call_cancellable, flag, kind.function, tensors, params)
+    """
+    token = _CANCEL_FLAG.set(flag)
+    try:
+        return function(*args)
+    finally:
+        _CANCEL_FLAG.reset(token)
+
+
 @dataclass(frozen=True)
 class TaskKind:
-    """One registered kind: name, function, what one run needs, its price and output cap."""
+    """One registered kind: name, function, what one run needs, its price and output cap.
+
+    ``memory(params)`` (optional) estimates the bytes one run with these params holds; the
+    provider accounts it while a cancelled run is still stopping.
+    """
 
     name: str
     function: TaskFunction
@@ -61,10 +125,25 @@ class TaskKind:
     price: float
     max_output_bytes: int
     description: str
+    memory: MemoryFunction | None = None
 
     @property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.function)
+
+    def run_memory(self, params: Mapping[str, Any], input_bytes: int) -> int:
+        """Bytes one run holds: the kind's ``memory(params)``, else its inputs and declared GPU memory.
+
+        Example::
+
+            kind.run_memory({"n": 1024}, 0)
+        """
+        if self.memory is not None:
+            try:
+                return max(0, int(self.memory(params)))
+            except Exception:  # an estimate must never break a run: fall back
+                log.info("memory estimate of task %s failed", self.name, exc_info=True)
+        return max(0, input_bytes) + self.needs.gpu_memory
 
 
 @dataclass(frozen=True)
@@ -141,8 +220,12 @@ class TaskRegistry:
         price: float = 0.0,
         max_output_bytes: int = 1 << 30,
         description: str = "",
+        memory: MemoryFunction | None = None,
     ) -> TaskKind:
-        """Bind ``name`` to ``function``; a name can be registered once."""
+        """Bind ``name`` to ``function``; a name can be registered once.
+
+        ``memory(params)`` optionally estimates the bytes one run holds (see :class:`TaskKind`).
+        """
         if not isinstance(name, str) or not _KIND_RE.match(name) or len(name) > MAX_KIND_LEN:
             raise ConfigError(f"bad task kind name {name!r} (letters, digits, _ . : / -, at most 64)")
         if name in self._kinds:
@@ -158,6 +241,7 @@ class TaskRegistry:
             float(price),
             int(max_output_bytes),
             description or (inspect.getdoc(function) or "").split("\n")[0],
+            memory,
         )
         self._kinds[name] = kind
         return kind
@@ -170,6 +254,7 @@ class TaskRegistry:
         price: float = 0.0,
         max_output_bytes: int = 1 << 30,
         description: str = "",
+        memory: MemoryFunction | None = None,
     ) -> Callable[[TaskFunction], TaskFunction]:
         """Decorator form of :meth:`register`; returns the function unchanged."""
 
@@ -181,6 +266,7 @@ class TaskRegistry:
                 price=price,
                 max_output_bytes=max_output_bytes,
                 description=description,
+                memory=memory,
             )
             return function
 
@@ -216,6 +302,7 @@ class TaskRegistry:
                 price=kind.price,
                 max_output_bytes=kind.max_output_bytes,
                 description=kind.description,
+                memory=kind.memory,
             )
         return out
 

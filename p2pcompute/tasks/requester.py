@@ -121,7 +121,9 @@ class RequesterContext:
     """What every job of one requester shares.
 
     ``routes`` maps request ids to the job that published them (offers are routed by it);
-    ``bump(stat)`` counts an event; ``record(receipt, role)`` appends to the ledger.
+    ``bump(stat)`` counts an event; ``record(receipt, role)`` appends to the ledger;
+    ``blame(peer, reason)`` reports a provider's protocol offence on a lease stream we opened
+    (no stream handler of ours sees those).
 
     Example::
 
@@ -137,6 +139,7 @@ class RequesterContext:
     lease_protocol: str
     bump: Callable[[str], None]
     record: Callable[[Receipt, str], Awaitable[None]]
+    blame: Callable[[str, str], None] = lambda peer, reason: None
 
 
 @dataclass
@@ -308,6 +311,8 @@ class RequesterJob:
                     )
                 await self._read_lease(stream, accept, io)
             except (PeerGone, RemoteProtocolError) as exc:
+                if isinstance(exc, RemoteProtocolError):
+                    self.ctx.blame(accept.to, f"bad lease message: {exc}")
                 self._lost(lease_id, f"lease stream failed: {exc}")
             finally:
                 with trio.CancelScope(shield=True), give_up_after(1):
@@ -400,6 +405,8 @@ class RequesterJob:
             )
         except (RemoteProtocolError, PeerGone) as exc:
             self.ctx.bump("bad_receipts")
+            if isinstance(exc, RemoteProtocolError):
+                self.ctx.blame(provider, f"bad result: {exc}")
             log.info("result of lease %s from %s refused: %s", lease_id.hex(), provider, exc)
             self.do(
                 self.core.handle_error(provider, lease_id, f"bad result: {exc}", True, trio.current_time())

@@ -43,7 +43,9 @@ class JobSpec:
     """One job: ``items`` runs of ``kind``, at most ``parallel`` at once.
 
     Times are seconds. ``retries`` bounds the failed attempts per item after the first;
-    ``deadline`` bounds the whole job from :meth:`RequesterCore.start`.
+    ``deadline`` bounds the whole job from :meth:`RequesterCore.start`; ``result_timeout``
+    (``None``: only the job's deadline) bounds each lease from its grant to its result, so
+    a provider that heartbeats but never answers is set aside and the item retried.
     """
 
     kind: str
@@ -61,10 +63,13 @@ class JobSpec:
     rerequest_max_interval: float = 8.0
     input_bytes: int = 0
     exclude_for: float = 30.0
+    result_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.items < 1 or self.parallel < 1 or self.retries < 0:
             raise ConfigError("items and parallel must be >= 1, retries >= 0")
+        if self.result_timeout is not None and not self.result_timeout > 0:
+            raise ConfigError("result_timeout must be positive (or None)")
 
 
 class ItemStatus(enum.Enum):
@@ -137,6 +142,7 @@ class _RLease:
     heartbeat: float
     next_heartbeat: float
     seq: int = 0
+    result_due: float = math.inf  # from the grant, when the job has a result_timeout
 
 
 @dataclass
@@ -217,7 +223,7 @@ class RequesterCore:
             return None
         times = [self._deadline]
         for lease in self._leases.values():
-            times.append(lease.expires)
+            times.append(min(lease.expires, lease.result_due))
             if lease.state is LeaseState.ACTIVE:
                 times.append(lease.next_heartbeat)
         if self._window_end is not None:
@@ -281,6 +287,8 @@ class RequesterCore:
         lease.state = state
         lease.expires = now + self.spec.lease_ttl
         lease.next_heartbeat = now + lease.heartbeat
+        if self.spec.result_timeout is not None:
+            lease.result_due = now + self.spec.result_timeout
         self.stats["grants"] += 1
         return [SendInputs(sender, lease_id, lease.item)]
 
@@ -375,9 +383,12 @@ class RequesterCore:
             return self.cancel(now, f"deadline of {self.spec.deadline:g} s passed")
         out: list[Action] = []
         for lease in list(self._leases.values()):
-            if now >= lease.expires:
+            if now >= min(lease.expires, lease.result_due):
                 self.stats["timeouts"] += 1
-                what = "no grant" if lease.state is LeaseState.ACCEPTING else "no heartbeat"
+                if now >= lease.result_due:
+                    what = f"no result within {self.spec.result_timeout:g} s"
+                else:
+                    what = "no grant" if lease.state is LeaseState.ACCEPTING else "no heartbeat"
                 out += self._lose(lease, f"provider timed out ({what})", now)
             elif lease.state is LeaseState.ACTIVE and now >= lease.next_heartbeat:
                 lease.seq += 1
