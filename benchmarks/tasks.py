@@ -76,7 +76,7 @@ async def _provider(
     """A provider node (built-in kinds plus ``registry``) that also answers the echo baseline."""
     async with (
         open_node(bootstrap=bootstrap, listen=listen_addrs(), **OPTS) as node,
-        serve_tasks(node, registry, capacity=2) as svc,
+        serve_tasks(node, registry, capacity=2, max_leases_per_requester=2) as svc,
     ):
 
         async def echo(stream: FramedStream) -> None:
