@@ -36,12 +36,19 @@ KEEP_PER_PEER = 4  # sessions kept per peer (docs/protocol/tensors.md)
 
 
 class StaleSession(Exception):
-    """The receiver closed the connection instead of sending a challenge: it does not know the session.
+    """No challenge came back for the preamble: the connection closed or reset (the receiver may
+    not know the session, or it dropped the connection unread: a flood, a cap) or, with
+    ``timed_out``, no answer came within the handshake time.
 
-    Internal to the lane: the sender forgets the session and shakes hands once more. Example::
+    Internal to the lane: the sender forgets the session and shakes hands once more, and falls
+    back to the relay path when a direct connection fails so again (or times out). Example::
 
-        raise StaleSession
+        raise StaleSession(timed_out=True)
     """
+
+    def __init__(self, *, timed_out: bool = False) -> None:
+        super().__init__("timed out" if timed_out else "closed before the challenge")
+        self.timed_out = timed_out
 
 
 @dataclass(eq=False)
