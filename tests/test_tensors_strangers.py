@@ -294,3 +294,21 @@ async def test_garbage_on_the_data_port_never_stops_the_lane() -> None:
             path, got = await honest_transfer(a, b, "after-garbage", x)
             assert path == "direct"
             assert torch.equal(got, x)
+
+
+async def test_many_identities_cannot_grow_the_session_table() -> None:
+    """Every identity that shakes hands used to leave sessions (and a lock) behind for good; now
+    at most ``max_session_peers`` peers keep sessions, the least recently used losing theirs,
+    and a peer that lost its session simply shakes hands again."""
+    x = torch.randn(1000)
+    with trio.fail_after(GUARD):
+        async with lanes(4, [{"max_session_peers": 2}, {}, {}, {}]) as (b, p1, p2, p3):
+            for p in (p1, p2, p3):
+                _path, got = await honest_transfer(p, b, "hello", x)
+                assert torch.equal(got, x)
+            assert set(b._sessions.by_peer) == {p2.peer_id, p3.peer_id}
+            assert len(b._sessions.by_id) <= 2 * 4
+            assert not p1._sessions.locks  # the handshake lock went with the handshake
+            _path, got = await honest_transfer(p1, b, "again", x)  # its old session is gone
+            assert torch.equal(got, x)
+            assert set(b._sessions.by_peer) == {p3.peer_id, p1.peer_id}

@@ -245,6 +245,7 @@ class Inbox:
         _, header, body = await read_record(conn, (KIND_OPEN,), MAX_CONTROL_BODY)
         plain = opener.open(header, body)
         manifest = parse_manifest(plain, peer=session.peer, max_bytes=MANIFEST_SANITY_BYTES)
+        self.sessions.touch(session.peer)
         return Incoming(session.peer, manifest, conn, opener, RecordSealer(r2s, cipher), "direct")
 
     async def serve(self, conn: Conn, path: str, expected_peer: str | None) -> None:

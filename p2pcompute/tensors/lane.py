@@ -43,7 +43,13 @@ from p2pcompute.errors import ConfigError, LocalProtocolError, PeerGone, Resourc
 from p2pcompute.tensors import codecs, conns
 from p2pcompute.tensors.conns import Conn, StreamConn, TcpConn
 from p2pcompute.tensors.inbound import PROTO_DATA, Inbox
-from p2pcompute.tensors.sessions import PROTO_SESSION, Session, Sessions, StaleSession
+from p2pcompute.tensors.sessions import (
+    MAX_SESSION_PEERS,
+    PROTO_SESSION,
+    Session,
+    Sessions,
+    StaleSession,
+)
 from p2pcompute.tensors.transfers import OnChunk, receive_transfer, send_transfer
 from p2pcompute.wire.lanekeys import HELLO, available_ciphers, check_ciphers
 from p2pcompute.wire.shards import (
@@ -147,6 +153,7 @@ class TensorLane:
         max_parked_per_peer: int = 8,
         max_pending_auth: int = 64,
         max_pending_auth_per_source: int = 8,
+        max_session_peers: int = MAX_SESSION_PEERS,
         force_staging: bool = False,
     ) -> None:
         self.ciphers = available_ciphers() if ciphers is None else check_ciphers(ciphers)
@@ -158,6 +165,7 @@ class TensorLane:
             "max_pending_auth": max_pending_auth,
             "max_pending_auth_per_source": max_pending_auth_per_source,
             "max_transfer_bytes": max_transfer_bytes,
+            "max_session_peers": max_session_peers,
         }
         for name, cap in caps.items():
             if not isinstance(cap, int) or cap < 1:
@@ -197,6 +205,7 @@ class TensorLane:
             addrs=lambda: self.data_addrs,
             connect_timeout=connect_timeout,
             auth_timeout=auth_timeout,
+            max_peers=max_session_peers,
         )
         self._inbox = Inbox(
             self._sessions,
@@ -530,6 +539,8 @@ async def open_lane(
       ``hold_timeout=30.0`` s each; a full lot evicts the oldest of the peer holding the most
       for a newcomer holding fewer. Refused or evicted senders get ``ResourceLimitExceeded``.
     * ``max_transfer_bytes=64 GiB`` per transfer (larger: ``ResourceLimitExceeded``).
+    * ``max_session_peers=1024`` peers whose lane sessions are kept (least recently used go
+      first; such a peer shakes hands again on its next transfer).
 
     Example::
 
