@@ -31,6 +31,8 @@ from p2pcompute.wire.shards import HEADER, HEADER_SIZE, TAG_SIZE
 
 log = logging.getLogger(__name__)
 
+CONTROL_READ_CHUNK = 64 << 10  # a control record's body is read in pieces of at least this, doubling
+
 DRAIN_TIMEOUT = 2.0  # at most this long a cancelled bulk transfer waits for its thread to stop
 
 USER_THREADS = [torch.get_num_threads()]  # the setting the lane leaves behind (see in_worker)
@@ -198,7 +200,10 @@ class StreamConn:
 async def read_record(
     conn: Conn, kinds: tuple[int, ...], max_body: int, *, first_stall: float | None = None
 ) -> tuple[int, bytes, bytearray]:
-    """Read one whole record; ``first_stall`` allows a longer wait for its header (the claim wait).
+    """Read one whole control record; ``first_stall`` allows a longer wait for its header (the claim wait).
+
+    The body is read in pieces (64 KiB, then doubling), so memory follows the bytes received,
+    not the length the header claims.
 
     Example::
 
@@ -211,8 +216,13 @@ async def read_record(
         raise MalformedMessage(f"lane record of kind {kind}, expected one of {kinds}", peer=conn.peer)
     if length < TAG_SIZE or length > max_body:
         raise MalformedMessage(f"lane record body of {length} bytes (cap {max_body})", peer=conn.peer)
-    body = bytearray(length)
-    await conn.recv_exactly_into(memoryview(body))
+    # Control records only (OPEN may claim up to 8 MiB before it authenticates): the buffer grows
+    # with the bytes that arrive, so a stranger's claimed length costs us nothing it did not send.
+    body = bytearray()
+    while len(body) < length:
+        piece = bytearray(min(length - len(body), max(CONTROL_READ_CHUNK, len(body))))
+        await conn.recv_exactly_into(memoryview(piece))
+        body += piece
     return kind, bytes(header), body
 
 

@@ -39,11 +39,17 @@ import torch
 import trio
 
 from p2pcompute.deadlines import deadline, give_up_after
-from p2pcompute.errors import LocalProtocolError, PeerGone, ResourceLimitExceeded
+from p2pcompute.errors import ConfigError, LocalProtocolError, PeerGone, ResourceLimitExceeded
 from p2pcompute.tensors import codecs, conns
 from p2pcompute.tensors.conns import Conn, StreamConn, TcpConn
 from p2pcompute.tensors.inbound import PROTO_DATA, Inbox
-from p2pcompute.tensors.sessions import PROTO_SESSION, Session, Sessions, StaleSession
+from p2pcompute.tensors.sessions import (
+    MAX_SESSION_PEERS,
+    PROTO_SESSION,
+    Session,
+    Sessions,
+    StaleSession,
+)
 from p2pcompute.tensors.transfers import OnChunk, receive_transfer, send_transfer
 from p2pcompute.wire.lanekeys import HELLO, available_ciphers, check_ciphers
 from p2pcompute.wire.shards import (
@@ -84,6 +90,15 @@ class TransferReport:
 class LaneStatistics:
     """Counters of a lane (see :meth:`TensorLane.statistics`).
 
+    Receiving side: ``parked`` and ``pending_auth`` are current counts; ``rejected_connections``
+    counts every inbound connection dropped before it authenticated, among them
+    ``dropped_at_accept`` (a pending-authentication cap was full) and ``auth_timeouts`` (no
+    preamble or OPEN in time); ``refused_busy`` (the lot or the sender's share was full),
+    ``evicted_unclaimed`` (a parked transfer made room for a peer holding fewer) and
+    ``refused_too_large`` (over ``max_transfer_bytes``) count busy refusals of authenticated
+    transfers. Sending side: ``direct_fallbacks`` counts sends that gave up the direct path
+    for the relay one.
+
     Example::
 
         stats = lane.statistics()
@@ -96,10 +111,16 @@ class LaneStatistics:
     bytes_received: int = 0
     sessions: int = 0
     parked: int = 0
+    pending_auth: int = 0
     rejected_connections: int = 0
+    dropped_at_accept: int = 0
+    auth_timeouts: int = 0
     refused_busy: int = 0
+    evicted_unclaimed: int = 0
+    refused_too_large: int = 0
     expired_unclaimed: int = 0
     relay_transfers: int = 0
+    direct_fallbacks: int = 0
 
 
 class TensorLane:
@@ -122,19 +143,44 @@ class TensorLane:
         advertise: list[tuple[str, int]] | None = None,
         record_size: int = DEFAULT_RECORD_SIZE,
         stall_timeout: float = 30.0,
+        preamble_timeout: float = 2.0,
         auth_timeout: float = 10.0,
-        hold_timeout: float = 60.0,
+        hold_timeout: float = 30.0,
         claim_timeout: float = 120.0,
         connect_timeout: float = 5.0,
         max_transfer_bytes: int = 64 << 30,
         max_parked: int = 64,
-        max_parked_per_peer: int = 16,
+        max_parked_per_peer: int = 8,
         max_pending_auth: int = 64,
+        max_pending_auth_per_source: int = 8,
+        max_session_peers: int = MAX_SESSION_PEERS,
         force_staging: bool = False,
     ) -> None:
         self.ciphers = available_ciphers() if ciphers is None else check_ciphers(ciphers)
         if not MIN_RECORD_SIZE <= record_size <= MAX_RECORD_SIZE:
             raise LocalProtocolError(f"record_size must be in [{MIN_RECORD_SIZE}, {MAX_RECORD_SIZE}]")
+        caps: dict[str, int] = {
+            "max_parked": max_parked,
+            "max_parked_per_peer": max_parked_per_peer,
+            "max_pending_auth": max_pending_auth,
+            "max_pending_auth_per_source": max_pending_auth_per_source,
+            "max_transfer_bytes": max_transfer_bytes,
+            "max_session_peers": max_session_peers,
+        }
+        for name, cap in caps.items():
+            if not isinstance(cap, int) or cap < 1:
+                raise ConfigError(f"{name} must be a positive integer, not {cap!r}")
+        times: dict[str, float] = {
+            "stall_timeout": stall_timeout,
+            "preamble_timeout": preamble_timeout,
+            "auth_timeout": auth_timeout,
+            "hold_timeout": hold_timeout,
+            "claim_timeout": claim_timeout,
+            "connect_timeout": connect_timeout,
+        }
+        for name, seconds in times.items():
+            if not isinstance(seconds, int | float) or not seconds > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, not {seconds!r}")
         conns.USER_THREADS[0] = torch.get_num_threads()  # the user's thread: what workers restore
         self.node = node
         self.identity = node.identity
@@ -144,6 +190,7 @@ class TensorLane:
         self.advertise = advertise
         self.record_size = record_size
         self.stall_timeout = stall_timeout
+        self.preamble_timeout = preamble_timeout
         self.auth_timeout = auth_timeout
         self.hold_timeout = hold_timeout
         self.claim_timeout = claim_timeout
@@ -158,16 +205,19 @@ class TensorLane:
             addrs=lambda: self.data_addrs,
             connect_timeout=connect_timeout,
             auth_timeout=auth_timeout,
+            max_peers=max_session_peers,
         )
         self._inbox = Inbox(
             self._sessions,
             stall_timeout=stall_timeout,
+            preamble_timeout=preamble_timeout,
             auth_timeout=auth_timeout,
             hold_timeout=hold_timeout,
             max_transfer_bytes=max_transfer_bytes,
             max_parked=max_parked,
             max_parked_per_peer=max_parked_per_peer,
             max_pending_auth=max_pending_auth,
+            max_pending_auth_per_source=max_pending_auth_per_source,
         )
         # bulk loops (one per direct transfer) block on their peers; bounded by max_parked, sessions
         self._bulk_threads = trio.CapacityLimiter(1024)
@@ -214,7 +264,8 @@ class TensorLane:
             self.node.remove_stream_handler(proto)
 
     def statistics(self) -> LaneStatistics:
-        """Counters: transfers, bytes, sessions, parked and rejected connections, busy refusals.
+        """Counters: transfers, bytes, sessions, parked and rejected connections, busy refusals
+        (see :class:`LaneStatistics`).
 
         Example::
 
@@ -224,9 +275,9 @@ class TensorLane:
         stats = self._stats
         stats.sessions = len(self._sessions)
         stats.parked = self._inbox.parked_count()
-        stats.rejected_connections = counters.rejected_connections
-        stats.refused_busy = counters.refused_busy
-        stats.expired_unclaimed = counters.expired_unclaimed
+        stats.pending_auth = self._inbox.pending_count()
+        for name, value in vars(counters).items():
+            setattr(stats, name, value)
         return LaneStatistics(**vars(stats))
 
     # -- public API -----------------------------------------------------------------------------------
@@ -260,7 +311,14 @@ class TensorLane:
         (costs about 1 CPU-s/GB per side). The sender may start before the receiver
         asks; it waits (holding no payload in flight) until the receiver claims the
         transfer. Raises PeerUnreachable, PeerGone, PeerTimeout, RemoteProtocolError, or
-        ResourceLimitExceeded when the receiver is full (too many unclaimed transfers).
+        ResourceLimitExceeded when the receiver is full (too many unclaimed transfers, or the
+        transfer is over its ``max_transfer_bytes``).
+
+        The transfer goes over a direct connection when one of the receiver's addresses
+        connects and answers; when the direct connection fails before the receiver has
+        answered anything (closed or reset unread even after a fresh session, or no answer
+        within ``auth_timeout``: the receiver's port may be flooded or filtered), the same
+        bytes go over the relay path (an overlay stream). ``report.path`` says which.
 
         Example::
 
@@ -282,9 +340,11 @@ class TensorLane:
         open_body = manifest.build()
         start = time.perf_counter()
         with deadline(timeout, f"sending {tag!r}", peer=peer_id):
-            for attempt in (1, 2):
+            direct = self.direct
+            renewed = False
+            while True:
                 session = await self._sessions.get(peer_id)
-                conn, path = await self._connect(peer_id, session)
+                conn, path = await self._connect(peer_id, session, direct=direct)
                 try:
                     total, records = await send_transfer(
                         conn,
@@ -298,11 +358,19 @@ class TensorLane:
                         limiter=self._bulk_threads,
                     )
                     break
-                except StaleSession:
-                    # The peer no longer knows this session (it restarted): forget it, shake hands again.
-                    self._sessions.forget(session)
-                    if attempt == 2:
+                except StaleSession as exc:
+                    # No challenge came back: not a verdict on this transfer (that would be sealed).
+                    if path == "direct" and (exc.timed_out or renewed):
+                        # The direct path is blocked (a flooded or filtered port): relay instead.
+                        log.info("lane: direct path to %s failed (%s); sending %r relayed", peer_id, exc, tag)
+                        self._stats.direct_fallbacks += 1
+                        direct = False
+                        continue
+                    if renewed:
                         raise PeerGone(f"{peer_id} refused the lane session twice", peer=peer_id) from None
+                    # The peer may no longer know this session (it restarted): shake hands again.
+                    self._sessions.forget(session)
+                    renewed = True
                 finally:
                     with trio.CancelScope(shield=True):
                         await conn.aclose()
@@ -312,9 +380,9 @@ class TensorLane:
             self._stats.relay_transfers += 1
         return TransferReport(total, time.perf_counter() - start, path, records, session.keys.cipher)
 
-    async def _connect(self, peer: str, session: Session) -> tuple[Conn, str]:
+    async def _connect(self, peer: str, session: Session, *, direct: bool) -> tuple[Conn, str]:
         """A direct connection to one of the peer's data addresses, else a relay stream."""
-        for host, port in session.keys.peer_addrs if self.direct else ():
+        for host, port in session.keys.peer_addrs if direct else ():
             sock = await self._dial(peer, host, port)
             if sock is not None:
                 return TcpConn(sock, peer=peer, stall=self.stall_timeout), "direct"
@@ -454,9 +522,25 @@ async def open_lane(
     protocols on the node; everything stops on exit. Options:
     ``ciphers=("aes-256-gcm",)`` (record ciphers to offer, in order of preference; default: every
     one this process has, AES-256-OCB3 first), ``direct=False`` (never dial or accept direct TCP:
-    relay path only), ``advertise=[(host, port)]``, ``record_size``, ``stall_timeout``, ``hold_timeout``,
-    ``claim_timeout``, ``max_transfer_bytes``, ``max_parked``, ``max_parked_per_peer`` (see
-    :class:`TensorLane`).
+    relay path only), ``advertise=[(host, port)]``, ``record_size``, ``stall_timeout`` (30 s without
+    progress on a connection), ``connect_timeout`` (5 s per direct dial), ``claim_timeout`` (120 s a
+    sender waits for the receiver to claim), ``force_staging``.
+
+    Caps that keep an open swarm from exhausting the lane (docs/design/data-plane.md, "Caps";
+    each refuses only the newest excess, and honest work goes on):
+
+    * ``preamble_timeout=2.0``: seconds a new connection has to send its first 24 bytes;
+      ``auth_timeout=10.0``: seconds to finish authenticating (preamble, challenge, OPEN).
+    * ``max_pending_auth=64`` connections authenticating at once, ``max_pending_auth_per_source=8``
+      from one IPv4 address / IPv6 /64 (relay streams: per peer, in a queue of their own); one
+      over a cap is closed at accept, and a sender whose direct connection is closed so
+      falls back to the relay path.
+    * ``max_parked=64`` unclaimed transfers, ``max_parked_per_peer=8`` from one sender,
+      ``hold_timeout=30.0`` s each; a full lot evicts the oldest of the peer holding the most
+      for a newcomer holding fewer. Refused or evicted senders get ``ResourceLimitExceeded``.
+    * ``max_transfer_bytes=64 GiB`` per transfer (larger: ``ResourceLimitExceeded``).
+    * ``max_session_peers=1024`` peers whose lane sessions are kept (least recently used go
+      first; such a peer shakes hands again on its next transfer).
 
     Example::
 

@@ -33,15 +33,23 @@ log = logging.getLogger(__name__)
 PROTO_SESSION = "/p2pcompute/lane/1.0.0"
 
 KEEP_PER_PEER = 4  # sessions kept per peer (docs/protocol/tensors.md)
+MAX_SESSION_PEERS = 1024  # peers with sessions kept; past it the least recently used peer's go
 
 
 class StaleSession(Exception):
-    """The receiver closed the connection instead of sending a challenge: it does not know the session.
+    """No challenge came back for the preamble: the connection closed or reset (the receiver may
+    not know the session, or it dropped the connection unread: a flood, a cap) or, with
+    ``timed_out``, no answer came within the handshake time.
 
-    Internal to the lane: the sender forgets the session and shakes hands once more. Example::
+    Internal to the lane: the sender forgets the session and shakes hands once more, and falls
+    back to the relay path when a direct connection fails so again (or times out). Example::
 
-        raise StaleSession
+        raise StaleSession(timed_out=True)
     """
+
+    def __init__(self, *, timed_out: bool = False) -> None:
+        super().__init__("timed out" if timed_out else "closed before the challenge")
+        self.timed_out = timed_out
 
 
 @dataclass(eq=False)
@@ -62,7 +70,10 @@ class Sessions:
     """The sessions a lane has with its peers, and the trio driver of their handshakes.
 
     ``addrs`` returns the direct data addresses to tell peers (read at each handshake, as the
-    listener may start after this object).
+    listener may start after this object). Sessions are kept for at most ``max_peers`` peers:
+    past that, the peer whose sessions were used longest ago loses them (a swarm of identities
+    that each shake hands once cannot grow the table; a peer that loses its session shakes
+    hands again on its next transfer).
 
     Example::
 
@@ -80,8 +91,10 @@ class Sessions:
         addrs: Callable[[], list[tuple[str, int]]],
         connect_timeout: float,
         auth_timeout: float,
+        max_peers: int = MAX_SESSION_PEERS,
     ) -> None:
         self.node = node
+        self.max_peers = max_peers
         self.local_id = node.peer_id
         self.ciphers = ciphers
         self.addrs = addrs
@@ -108,7 +121,18 @@ class Sessions:
         while len(queue) > KEEP_PER_PEER:
             old = queue.popleft()
             self.by_id.pop(old.keys.session_id, None)
+        self.touch(peer)
+        while len(self.by_peer) > self.max_peers:
+            stale = next(iter(self.by_peer))  # used longest ago
+            for old in self.by_peer.pop(stale):
+                self.by_id.pop(old.keys.session_id, None)
         return session
+
+    def touch(self, peer: str) -> None:
+        """Mark ``peer``'s sessions as just used (the least recently used peer's go first)."""
+        queue = self.by_peer.pop(peer, None)
+        if queue is not None:
+            self.by_peer[peer] = queue
 
     def forget(self, session: Session) -> None:
         """Drop ``session`` (the peer no longer knows it)."""
@@ -136,23 +160,28 @@ class Sessions:
         """
         queue = self.by_peer.get(peer)
         if queue:
+            self.touch(peer)
             return queue[-1]
         lock = self.locks.setdefault(peer, trio.Lock())
-        async with lock:
-            queue = self.by_peer.get(peer)
-            if queue:
-                return queue[-1]
-            stream = await self.node.open_stream(
-                peer, PROTO_SESSION, timeout=self.connect_timeout, max_frame=HELLO.max_size
-            )
-            try:
-                shake = self._handshake(peer, initiator=True)
-                with deadline(self.auth_timeout, "lane handshake", peer=peer):
-                    await stream.send_frame(shake.hello)
-                    keys = shake.finish(await stream.recv_frame(HELLO.max_size))
-            finally:
-                await stream.close()
-            return self.register(peer, keys)
+        try:
+            async with lock:
+                queue = self.by_peer.get(peer)
+                if queue:
+                    return queue[-1]
+                stream = await self.node.open_stream(
+                    peer, PROTO_SESSION, timeout=self.connect_timeout, max_frame=HELLO.max_size
+                )
+                try:
+                    shake = self._handshake(peer, initiator=True)
+                    with deadline(self.auth_timeout, "lane handshake", peer=peer):
+                        await stream.send_frame(shake.hello)
+                        keys = shake.finish(await stream.recv_frame(HELLO.max_size))
+                finally:
+                    await stream.close()
+                return self.register(peer, keys)
+        finally:
+            if self.locks.get(peer) is lock and not lock.locked() and not lock.statistics().tasks_waiting:
+                del self.locks[peer]  # one lock per peer being shaken hands with, not per peer ever seen
 
     async def serve(self, stream: FramedStream) -> None:
         """Answer a handshake a peer opened (the :data:`PROTO_SESSION` handler); failures are logged."""

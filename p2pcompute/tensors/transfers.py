@@ -23,6 +23,7 @@ import trio
 from p2pcompute.errors import (
     IntegrityError,
     PeerGone,
+    PeerTimeout,
     ProtocolError,
     RemoteProtocolError,
     ResourceLimitExceeded,
@@ -131,7 +132,8 @@ async def send_transfer(
 ) -> tuple[int, int]:
     """Send one transfer on ``conn``; return (payload bytes, records) once the receiver acknowledged.
 
-    Raises :class:`StaleSession` when the receiver does not know the session,
+    Raises :class:`StaleSession` when no challenge comes back (the receiver does not know the
+    session, or dropped the connection before reading it; ``timed_out``: no answer in time),
     :class:`ResourceLimitExceeded` when it is full (an honest busy refusal),
     :class:`RemoteProtocolError` when it refused or rejected the transfer, and the connection's
     :class:`PeerGone`/:class:`PeerTimeout`.
@@ -143,12 +145,14 @@ async def send_transfer(
                                              force_staging=False, limiter=limiter)
     """
     peer = session.peer
-    await conn.send_all(MAGIC + session.keys.session_id)
     challenge = bytearray(CHALLENGE_SIZE)
     try:
+        await conn.send_all(MAGIC + session.keys.session_id)
         await conn.recv_exactly_into(memoryview(challenge), stall=auth_timeout)
     except PeerGone:
         raise StaleSession from None
+    except PeerTimeout:
+        raise StaleSession(timed_out=True) from None
     s2r, r2s = transfer_keys(session.keys.send_base, bytes(challenge))
     sealer = RecordSealer(s2r, session.keys.cipher)
     opener = RecordOpener(r2s, session.keys.cipher, peer=peer)
