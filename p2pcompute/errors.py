@@ -97,11 +97,13 @@ class ResourceLimitExceeded(P2PComputeError):
 
     Raised locally when *we* refuse work, and on the sending side when a peer refused our work
     because *it* is full (``peer`` names it). A refusal for want of room is honest: it is never
-    blamed on the peer that said it, unlike :class:`RemoteProtocolError`.
+    blamed on the peer that said it, unlike :class:`RemoteProtocolError`. ``retryable`` is
+    false when trying again cannot help (the work is over a fixed cap, not a passing shortage).
     """
 
-    def __init__(self, message: str, *, peer: str | None = None) -> None:
+    def __init__(self, message: str, *, peer: str | None = None, retryable: bool = True) -> None:
         self.peer = peer
+        self.retryable = retryable
         super().__init__(message)
 
 

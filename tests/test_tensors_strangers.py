@@ -190,6 +190,7 @@ async def test_a_transfer_over_the_size_cap_is_refused_as_busy() -> None:
             with pytest.raises(ResourceLimitExceeded) as refused:
                 await a.send(b.peer_id, "big", {"x": torch.zeros(1000)})
             assert refused.value.peer == b.peer_id
+            assert not refused.value.retryable  # over a fixed cap: the collective must not retry it
             assert b.statistics().refused_too_large == 1
             _path, got = await honest_transfer(a, b, "small", torch.ones(10))
             assert torch.equal(got, torch.ones(10))

@@ -442,6 +442,9 @@ class RoundDriver:
                 return True
             except ResourceLimitExceeded as exc:
                 self.stats["busy_refusals"] += 1
+                if not exc.retryable:  # over the receiver's size cap: waiting cannot help
+                    self._failed(att, peer, exc)
+                    return False
                 now = trio.current_time()
                 if give_up_at is None:
                     give_up_at = now + att.timeouts.sender_timeout

@@ -98,7 +98,9 @@ class InboundCounters:
     expired_unclaimed: int = 0
 
 
-async def refuse(incoming: Incoming, reason: str, *, timeout: float, busy: bool = False) -> None:
+async def refuse(
+    incoming: Incoming, reason: str, *, timeout: float, busy: bool = False, too_large: bool = False
+) -> None:
     """Tell the sender, best effort within ``timeout``, that its transfer is refused (``busy``: we are full).
 
     Example::
@@ -108,6 +110,8 @@ async def refuse(incoming: Incoming, reason: str, *, timeout: float, busy: bool 
     fields: dict[str, Any] = {"ok": False, "error": reason[:1000]}
     if busy:
         fields["busy"] = True
+    if too_large:
+        fields["busy"] = fields["too_large"] = True
     with give_up_after(timeout), suppress(PeerGone, PeerTimeout):
         await incoming.conn.send_all(incoming.sealer.seal(KIND_ACK, ACK.build(**fields)))
 
@@ -295,7 +299,7 @@ class Inbox:
         if total > self.max_transfer_bytes:
             self.counters.refused_too_large += 1
             reason = f"transfer of {total} bytes is over the cap of {self.max_transfer_bytes}"
-            await refuse(incoming, reason, timeout=self.auth_timeout, busy=True)
+            await refuse(incoming, reason, timeout=self.auth_timeout, too_large=True)
             return
         offer = self.lot.offer(peer, tag, incoming)
         if not offer.parked:

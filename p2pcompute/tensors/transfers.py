@@ -165,9 +165,12 @@ async def send_transfer(
         refusal = ACK.parse(opener.open(header, body), peer=peer)
         if refusal.get("busy"):
             # The receiver is full: an honest answer, so nobody is blamed for it.
+            too_large = bool(refusal.get("too_large"))
+            what = "cannot take" if too_large else "is full and refused"
             raise ResourceLimitExceeded(
-                f"{peer} is full and refused transfer {manifest.tag!r}: {refusal.get('error', '')}",
+                f"{peer} {what} transfer {manifest.tag!r}: {refusal.get('error', '')}",
                 peer=peer,
+                retryable=not too_large,
             )
         raise RemoteProtocolError(f"receiver refused transfer: {refusal['error']}", peer=peer)
     GO.parse(opener.open(header, body), peer=peer)

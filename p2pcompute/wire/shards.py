@@ -211,6 +211,8 @@ ACK = Schema(
         Field("error", str, optional=True, max_len=1024),
         # a refusal for want of room (parked transfers, memory): honest, retry later, blame no one
         Field("busy", bool, optional=True),
+        # with busy: the transfer is over the receiver's size cap, so a retry cannot succeed
+        Field("too_large", bool, optional=True),
     ),
 )
 
