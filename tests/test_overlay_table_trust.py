@@ -176,3 +176,15 @@ def test_verified_peers_are_never_evicted_and_caps_hold(steps: list[tuple[int, b
                 for ip in address_groups(rec.addrs)[0]:
                     per_ip[ip] = per_ip.get(ip, 0) + 1
         assert all(n <= 2 for n in per_ip.values())
+
+
+def test_junk_without_counted_addresses_is_one_crowd() -> None:
+    """Entries with no counted address (none, or loopback) are evicted as one crowd, so they
+    cannot keep an unverified newcomer with a real address out of a full table."""
+    t = table(max_peers=20)
+    for i in range(40):
+        t.offer(adv(ident(i), addr="/ip4/127.0.0.1/tcp/1"), sender=ident(i).peer_id)
+    assert len(t) == 20
+    newcomer = ident(999)
+    assert t.offer(adv(newcomer, addr="/ip4/203.0.113.5/tcp/1"), sender=newcomer.peer_id)[0] == "new"
+    assert newcomer.peer_id in t

@@ -290,7 +290,9 @@ class Node:
         limit: int | None = None,
         include_bootstrap: bool = False,
     ) -> list[PeerRecord]:
-        """Live peers whose capacity matches, best first (most free memory on matching GPUs).
+        """Live peers whose capacity matches: peers verified by a connection of ours first, then
+        those a bootstrap node vouched for, then the rest (anyone can claim a big GPU); best
+        first within each tier (most free memory on matching GPUs).
 
         Memory figures are bytes; ``gpus`` is how many GPUs must match the per-GPU
         criteria. See :class:`~p2pcompute.capacity.model.CapacityQuery`.

@@ -42,6 +42,9 @@ from p2pcompute.errors import BadSignature, RemoteProtocolError, StaleMessage
 Outcome = Literal["new", "updated", "duplicate", "own", "dropped"]
 
 VERIFIED, INTRODUCED, UNVERIFIED = 2, 1, 0
+# entries without a counted address (none, or only exempt ones) form one crowd for eviction;
+# the per-subnet cap does not apply to it (loopback test swarms run many nodes on one host)
+_BARE = "-"
 DEFAULT_MAX_TTL = 900.0
 DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
 
@@ -316,22 +319,23 @@ class PeerTable:
     def _group(self, peer_id: str, groups: tuple[set[str], set[str]]) -> None:
         self._groups[peer_id] = groups
         self._ip_count.update(groups[0])
-        self._net_count.update(groups[1])
+        self._net_count.update(groups[1] or {_BARE})
 
     def _ungroup(self, peer_id: str) -> None:
         groups = self._groups.pop(peer_id, None)
         if groups is None:
             return
+        nets = groups[1] or {_BARE}
         self._ip_count.subtract(groups[0])
-        self._net_count.subtract(groups[1])
-        for counter, keys in ((self._ip_count, groups[0]), (self._net_count, groups[1])):
+        self._net_count.subtract(nets)
+        for counter, keys in ((self._ip_count, groups[0]), (self._net_count, nets)):
             for k in keys:
                 if counter[k] <= 0:
                     del counter[k]
 
     def _crowd_key(self, peer_id: str) -> tuple[int, int]:
-        nets = self._groups.get(peer_id, (set(), set()))[1]
-        return (max((self._net_count[n] for n in nets), default=0), self._entered.get(peer_id, 0))
+        nets = self._groups.get(peer_id, (set(), set()))[1] or {_BARE}
+        return (max(self._net_count[n] for n in nets), self._entered.get(peer_id, 0))
 
     def _make_room(self, tier: int, groups: tuple[set[str], set[str]]) -> bool:
         """Evict one unverified record so an entry of ``tier`` fits; False when the newcomer
@@ -341,7 +345,7 @@ class PeerTable:
             return False
         victim = max(victims, key=lambda r: self._crowd_key(r.peer_id))
         if tier == UNVERIFIED:
-            mine = max((self._net_count[n] + 1 for n in groups[1]), default=1)
+            mine = max(self._net_count[n] + 1 for n in groups[1] or {_BARE})
             if mine > self._crowd_key(victim.peer_id)[0]:
                 return False
         self.remove(victim.peer_id)
