@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import cache
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -188,3 +189,24 @@ def test_junk_without_counted_addresses_is_one_crowd() -> None:
     newcomer = ident(999)
     assert t.offer(adv(newcomer, addr="/ip4/203.0.113.5/tcp/1"), sender=newcomer.peer_id)[0] == "new"
     assert newcomer.peer_id in t
+
+
+def test_vouching_applies_to_an_entry_that_came_by_gossip_first() -> None:
+    """A bootstrap node's list often repeats an advert gossip delivered already (same bytes, or
+    an older sequence): the vouch must still count."""
+    t = table()
+    t.introducers.add(BOOT.peer_id)
+    p, q = ident(1), ident(2)
+    first = adv(p, addr=fake_addr(1))
+    t.offer(first, sender=p.peer_id)  # by gossip: unverified
+    assert t.trust(t.get(p.peer_id)) == UNVERIFIED  # type: ignore[arg-type]
+    assert t.offer(first, blame=BOOT.peer_id, introduced=True, count_stale=False)[0] == "duplicate"
+    assert t.trust(t.get(p.peer_id)) == INTRODUCED  # type: ignore[arg-type]
+    t.offer(adv(q, addr=fake_addr(2), seq=2), sender=q.peer_id)
+    with pytest.raises(StaleMessage):
+        t.offer(adv(q, addr=fake_addr(2), seq=1), blame=BOOT.peer_id, introduced=True, count_stale=False)
+    assert t.trust(t.get(q.peer_id)) == INTRODUCED  # type: ignore[arg-type]
+    # a list from anyone else vouches for nothing
+    r = ident(3)
+    t.offer(adv(r, addr=fake_addr(3)), blame=ident(4).peer_id, introduced=True)
+    assert t.trust(t.get(r.peer_id)) == UNVERIFIED  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ import random
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from p2pcompute.capacity.adverts import DEFAULT_MAX_SKEW, Advert, open_advert
@@ -202,6 +202,8 @@ class PeerTable:
         known = self._by_raw.get(bytes(raw))
         if known is not None and (sender is None or sender == known.peer_id) and known.expires > now:
             # byte-identical to an advert we checked and hold (peer exchange repeats them): no re-check
+            if introduced:
+                self._vouch(known.peer_id, who)
             return "duplicate", known
         try:
             advert = open_advert(
@@ -226,11 +228,15 @@ class PeerTable:
         last = self._last_seq.get(advert.peer_id)
         if current is not None and advert.seq == current.seq:
             if advert.raw == current.advert:
+                if introducer is not None:
+                    self._vouch(advert.peer_id, introducer)
                 return "duplicate"
             raise BadSignature(
                 f"two different adverts with sequence {advert.seq} from {advert.peer_id}", peer=who
             )
         if last is not None and advert.seq <= last:
+            if introducer is not None:  # an older advert still vouches for the same identity
+                self._vouch(advert.peer_id, introducer)
             raise StaleMessage(
                 f"advert sequence {advert.seq} not above {last} from {advert.peer_id}", peer=who
             )
@@ -309,6 +315,12 @@ class PeerTable:
             verified = [r for r in table.alive() if table.trust(r) == VERIFIED]
         """
         return self._tier(rec.peer_id, rec.introducer)
+
+    def _vouch(self, peer_id: str, introducer: str | None) -> None:
+        """A bootstrap node vouched for an entry we already hold (it may have come by gossip)."""
+        rec = self._records.get(peer_id)
+        if rec is not None and rec.introducer is None and introducer is not None:
+            self._records[peer_id] = replace(rec, introducer=introducer)
 
     def _crowded(self, groups: tuple[set[str], set[str]]) -> bool:
         ips, nets = groups
