@@ -93,11 +93,21 @@ class CappedBuffers(dict[int, bytearray]):
         super().__setitem__(key, value)
 
     def total(self) -> int:
-        """Unread bytes held for all streams of the connection."""
+        """Unread bytes held for all streams of the connection.
+
+        Example::
+
+            muxer.stream_buffers.total()     # 0 on an idle connection
+        """
         return sum(len(b) for b in self.values())
 
     def trip(self, kind: str) -> None:
-        """Stop buffering and report ``kind`` (once)."""
+        """Stop buffering and report ``kind`` (once).
+
+        Example::
+
+            buffers.trip("connection")
+        """
         if not self.tripped:
             self.tripped = True
             self.on_exceeded(kind)

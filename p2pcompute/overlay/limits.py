@@ -37,7 +37,12 @@ class RateLimiter:
         self.refused = 0
 
     def allow(self, key: Hashable, now: float, cost: float = 1.0) -> bool:
-        """Spend ``cost`` tokens of ``key``'s bucket at time ``now``; False (and counted) when short."""
+        """Spend ``cost`` tokens of ``key``'s bucket at time ``now``; False (and counted) when short.
+
+        Example::
+
+            RateLimiter(rate=1.0, burst=1).allow("peer", now=0.0)     # True
+        """
         tokens, last = self._buckets.get(key, (self.burst, now))
         tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
         ok = tokens >= cost
@@ -74,7 +79,12 @@ class Occupancy:
         self.refused = 0
 
     def acquire(self, key: Hashable) -> bool:
-        """Take one slot of ``key``; False (and counted) when it already holds ``cap``."""
+        """Take one slot of ``key``; False (and counted) when it already holds ``cap``.
+
+        Example::
+
+            Occupancy(cap=1).acquire("peer")     # True
+        """
         if self._used[key] >= self.cap:
             self.refused += 1
             if not self._used[key]:
@@ -84,13 +94,23 @@ class Occupancy:
         return True
 
     def release(self, key: Hashable) -> None:
-        """Give back one slot of ``key`` (forgetting the key when it reaches zero)."""
+        """Give back one slot of ``key`` (forgetting the key when it reaches zero).
+
+        Example::
+
+            streams.release(peer)
+        """
         self._used[key] -= 1
         if self._used[key] <= 0:
             del self._used[key]
 
     def used(self, key: Hashable) -> int:
-        """Slots of ``key`` in use."""
+        """Slots of ``key`` in use.
+
+        Example::
+
+            streams.used(peer)     # 0
+        """
         return self._used.get(key, 0)
 
     def __len__(self) -> int:

@@ -297,7 +297,12 @@ class PeerTable:
             self._connected.popitem(last=False)
 
     def is_verified(self, peer_id: str) -> bool:
-        """True when a connection of ours checked ``peer_id`` and no offence is counted against it."""
+        """True when a connection of ours checked ``peer_id`` and no offence is counted against it.
+
+        Example::
+
+            table.is_verified(peer)     # False for a stranger known only by its advert
+        """
         return peer_id in self._connected and self.offence_total(peer_id) == 0
 
     def _tier(self, peer_id: str, introducer: str | None) -> int:
@@ -479,7 +484,12 @@ class PeerTable:
         return dict(total)
 
     def offence_total(self, peer_id: str, *, include_stale: bool = False) -> int:
-        """How many rejections are counted against ``peer_id`` (stale ones only when asked)."""
+        """How many rejections are counted against ``peer_id`` (stale ones only when asked).
+
+        Example::
+
+            table.offence_total(peer)     # 0
+        """
         counts = self._offences.get(peer_id, Counter())
         return sum(n for kind, n in counts.items() if include_stale or kind != "stale")
 
