@@ -42,7 +42,8 @@ class NodeConfig:
       ``max_connections_per_ip``.
     * Connections: ``max_connections`` (1000) in all, one per peer,
       ``max_connections_per_ip`` (16); the newest excess connection is closed.
-    * Streams we serve: ``max_streams_per_peer`` (64) at once per peer,
+    * Streams we serve: ``max_streams_per_peer`` (64) at once per peer (one connection
+      per peer, so also per connection),
       ``max_streams_per_protocol`` (512) at once per protocol, and a token bucket per
       peer and protocol of ``stream_rate`` (20/s) with bursts of ``stream_burst`` (100).
       An excess stream is reset; nobody is blamed (``streams_refused``).
