@@ -249,3 +249,18 @@ async def test_data_past_the_yamux_window_is_bounded() -> None:
             # and the victim still serves an honest peer
             honest = _boot
             assert await honest.exchange_peers(victim.peer_id) >= 1
+
+
+async def test_peer_lists_are_taken_only_from_peers_in_good_standing() -> None:
+    from p2pcompute.errors import MalformedMessage
+
+    with trio.fail_after(90):
+        async with open_swarm(1) as (boot, (a,)):
+            for i in range(10):
+                peer, raw = forged(
+                    i, boot.swarm, addr="/ip4/127.0.0.1/tcp/9", ttl=60.0, capacity=TEST_CAPACITY
+                )
+                boot.peers.offer(raw, sender=peer)
+            a.peers.count_offence(boot.peer_id, MalformedMessage("earlier junk", peer=boot.peer_id))
+            assert await a.exchange_peers(boot.peer_id) <= 1  # its own advert at most
+            assert not any(forged(i, boot.swarm, addr="")[0] in a.peers for i in range(10))
