@@ -29,8 +29,29 @@ class NodeConfig:
     Adverts: ``advertise``, ``role``, ``advert_interval``, ``advert_ttl``,
     ``probe_interval``, ``capacity`` (fixed, skips probing), ``announce`` (addresses
     to advertise instead of the listen addresses), ``max_skew`` (clock skew tolerated).
-    Abuse: ``offence_limit`` rejected messages (not counting stale ones) before a
-    peer is blacklisted.
+    Abuse (docs/design/threat-model.md explains each against its attacker):
+
+    * ``offence_limit`` (20): rejected messages (malformed frames on any of our
+      protocols, forged or malformed gossip; not stale ones) before a peer is
+      blacklisted. Offences also lower the peer's GossipSub score
+      (``gossip_scoring``, on: application score ``-offence_weight`` (10) per offence).
+    * Peer table: ``max_peers`` (4096) entries; ``max_advert_ttl`` (900 s) caps the
+      lifetime any advert gets (its own and others'); unverified entries are capped at ``table_per_ip`` (8)
+      per advertised IP and ``table_per_subnet`` (32) per /24 (IPv6 /48);
+      ``exempt_networks`` (loopback) are not counted by these caps nor by
+      ``max_connections_per_ip``.
+    * Connections: ``max_connections`` (1000) in all, one per peer,
+      ``max_connections_per_ip`` (16); the newest excess connection is closed.
+    * Streams we serve: ``max_streams_per_peer`` (64) at once per peer (one connection
+      per peer, so also per connection),
+      ``max_streams_per_protocol`` (512) at once per protocol, and a token bucket per
+      peer and protocol of ``stream_rate`` (20/s) with bursts of ``stream_burst`` (100).
+      An excess stream is reset; nobody is blamed (``streams_refused``).
+    * Buffers: ``max_stream_buffer`` (16 MiB + 256 KiB, yamux's largest window) of
+      unread bytes per stream, ``max_connection_buffer`` (128 MiB) per connection; past
+      either the connection is closed (past the stream's, the peer broke the window and
+      an offence is counted). After a handler returns, at most ``max_frame`` bytes are
+      read and discarded for ``dial_timeout`` seconds before the stream is reset.
 
     Example::
 
@@ -59,6 +80,20 @@ class NodeConfig:
     offence_limit: int = 20
     handler_queue: int = 256
     max_connections: int = 1000
+    max_connections_per_ip: int = 16
+    max_peers: int = 4096
+    max_advert_ttl: float = 900.0
+    table_per_ip: int = 8
+    table_per_subnet: int = 32
+    exempt_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_streams_per_peer: int = 64
+    max_streams_per_protocol: int = 512
+    stream_rate: float = 20.0
+    stream_burst: int = 100
+    max_stream_buffer: int = (16 << 20) + (256 << 10)
+    max_connection_buffer: int = 128 << 20
+    gossip_scoring: bool = True
+    offence_weight: float = 10.0
 
     def check(self) -> NodeConfig:
         """Return ``self`` when every field is in range; raise :class:`ConfigError` otherwise.
@@ -78,6 +113,9 @@ class NodeConfig:
             "advert_ttl",
             "probe_interval",
             "expire_interval",
+            "max_advert_ttl",
+            "stream_rate",
+            "offence_weight",
         )
         for name in positive:
             value = getattr(self, name)
@@ -91,6 +129,32 @@ class NodeConfig:
             raise ConfigError(f"px_limit must be within 0..{MAX_PX_ADVERTS}")
         if self.target_connections < 0 or self.handler_queue < 1 or self.max_message_size < 1:
             raise ConfigError("target_connections, handler_queue and max_message_size must be positive")
+        if self.advert_ttl > self.max_advert_ttl:
+            raise ConfigError("advert_ttl must not exceed max_advert_ttl (others would cut it)")
+        caps = (
+            "max_connections",
+            "max_connections_per_ip",
+            "max_peers",
+            "table_per_ip",
+            "table_per_subnet",
+            "max_streams_per_peer",
+            "max_streams_per_protocol",
+            "stream_burst",
+            "max_stream_buffer",
+            "max_connection_buffer",
+            "offence_limit",
+        )
+        for name in caps:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"{name} must be a positive integer, not {value!r}")
+        import ipaddress
+
+        for net in self.exempt_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"exempt_networks: {net!r} is not a network") from None
         return self
 
 
@@ -105,8 +169,9 @@ def node_config(**tuning: Any) -> NodeConfig:
     unknown = sorted(set(tuning) - names)
     if unknown:
         raise ConfigError(f"unknown node option(s): {', '.join(unknown)}")
-    if "announce" in tuning:
-        tuning["announce"] = tuple(tuning["announce"])
+    for name in ("announce", "exempt_networks"):
+        if name in tuning:
+            tuning[name] = tuple(tuning[name])
     return replace(NodeConfig(), **tuning).check()
 
 

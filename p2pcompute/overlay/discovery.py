@@ -47,6 +47,7 @@ from p2pcompute.identity import Identity
 from p2pcompute.overlay.config import NodeConfig
 from p2pcompute.overlay.failures import peer_of
 from p2pcompute.overlay.messages import (
+    MAX_PX_ADVERTS,
     PEERS_REQUEST,
     PEERS_RESPONSE,
     advert_topic,
@@ -177,6 +178,7 @@ class Discovery:
             if peer == self.peer_id:
                 continue
             self.bootstrap_ids.add(peer)
+            self.peers.introducers.add(peer)
             try:
                 await self.net.dial(addr)
             except (PeerUnreachable, PeerTimeout) as exc:
@@ -201,14 +203,16 @@ class Discovery:
         need = self.config.target_connections - len(others)
         if need <= 0:
             return
+        # verified peers first, then those a bootstrap node introduced, then strangers (whom
+        # anyone can mint by the thousand); random within each tier
         candidates = [
             r
-            for r in self.peers.alive()
+            for r in self.peers.by_trust(rng=self._rng)
             if r.peer_id not in connected
             and r.peer_id not in self.net.banned
             and r.peer_id not in self.bootstrap_ids
         ]
-        chosen = self._rng.sample(candidates, min(need, len(candidates)))
+        chosen = candidates[:need]
         if not chosen:
             return
 
@@ -387,21 +391,27 @@ class Discovery:
             if req["advert"] is not None:
                 self._offer_px(req["advert"], sender=stream.peer, blame=stream.peer)
             self.stats["px_served"] += 1
-            limit = req["limit"]
-            candidates = [] if self.current_advert is None else [self.current_advert]
-            candidates += self.peers.sample_adverts(None, limit, self._rng)
+            own = [] if self.current_advert is None else [self.current_advert]
+            # our own advert plus ``limit`` others must still fit the reply's schema
+            limit = min(req["limit"], MAX_PX_ADVERTS - len(own))
+            sample, vouched = self.peers.verified_sample(None, limit, self._rng)
             adverts: list[bytes] = []
             room = PEERS_RESPONSE.max_size - 1024  # msgpack framing of the list stays well inside
-            for raw in candidates[: limit + 1]:
+            for raw in own + sample:
                 if len(raw) + 8 > room:
                     break
                 adverts.append(raw)
                 room -= len(raw) + 8
-            await stream.send_frame(PEERS_RESPONSE.build(adverts=adverts))
+            vouched = min(vouched, len(adverts) - len(own))
+            await stream.send_frame(PEERS_RESPONSE.build(adverts=adverts, vouched=vouched or None))
 
-    def _offer_px(self, raw: bytes, *, sender: str | None, blame: str | None) -> bool:
+    def _offer_px(
+        self, raw: bytes, *, sender: str | None, blame: str | None, introduced: bool = False
+    ) -> bool:
         try:
-            outcome, _ = self.peers.offer(raw, sender=sender, blame=blame, count_stale=False)
+            outcome, _ = self.peers.offer(
+                raw, sender=sender, blame=blame, count_stale=False, introduced=introduced
+            )
         except RemoteProtocolError as exc:
             log.debug("rejected advert from peer exchange with %s: %s", blame, exc)
             self.blame(blame)
@@ -439,8 +449,16 @@ class Discovery:
             raise
         finally:
             await stream.close()
-        for raw in resp["adverts"][: self.config.px_limit + 1]:
-            if len(raw) <= MAX_ADVERT_SIZE and self._offer_px(raw, sender=None, blame=peer_id):
+        if self.peers.offence_total(peer_id) > 0:
+            # lists are taken only from peers in good standing (like GossipSub's accept-PX
+            # threshold); its own advert, first in the list, is still checked on its own
+            resp["adverts"] = resp["adverts"][:1]
+        # a bootstrap node vouches for its own advert and the verified peers it lists first
+        vouched = 1 + (resp["vouched"] or 0) if peer_id in self.bootstrap_ids else 0
+        for i, raw in enumerate(resp["adverts"][: self.config.px_limit + 1]):
+            if len(raw) <= MAX_ADVERT_SIZE and self._offer_px(
+                raw, sender=None, blame=peer_id, introduced=i < vouched
+            ):
                 accepted += 1
         return accepted
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
+
+import trio
 
 from p2pcompute.errors import (
     ConfigError,
@@ -27,8 +30,10 @@ from p2pcompute.errors import (
     RemoteProtocolError,
 )
 from p2pcompute.identity import Identity
+from p2pcompute.overlay import guards
 from p2pcompute.overlay.config import NodeConfig
 from p2pcompute.overlay.failures import parse_multiaddr, peer_info, reaching, to_peer_id
+from p2pcompute.overlay.limits import Occupancy, RateLimiter
 from p2pcompute.overlay.streams import DEFAULT_MAX_FRAME, FramedStream
 
 log = logging.getLogger(__name__)
@@ -80,10 +85,14 @@ class Libp2pSubscription:
 class Libp2pStack:
     """A py-libp2p host with GossipSub, configured and guarded the way the overlay needs.
 
-    ``stats`` is the node's counter dict (``dials``, ``dial_failures``, ``handler_errors``
-    are counted here); ``on_connections`` is called when a connection opens or closes;
-    ``on_malformed_rpc(peer, error)`` when a peer sends bytes that are no pubsub RPC.
-    Peers in :attr:`banned` are neither dialed nor served.
+    ``stats`` is the node's counter dict (``dials``, ``dial_failures``, ``handler_errors``,
+    ``streams_refused``, ``connections_refused`` and ``buffer_overflows`` are counted here);
+    ``on_connections`` is called when a connection opens or closes;
+    ``on_malformed_rpc(peer, error)`` whenever a peer is caught breaking a protocol (bytes
+    that are no pubsub RPC, a gossip message with a bad signature, a stream handler's
+    :class:`RemoteProtocolError`, a broken yamux window); ``app_score(peer)`` is GossipSub's
+    application-specific score of a peer. Peers in :attr:`banned` are neither dialed nor
+    served. The limits of :class:`NodeConfig` (connections, streams, buffers) apply here.
 
     Example::
 
@@ -100,7 +109,8 @@ class Libp2pStack:
         *,
         stats: dict[str, int],
         on_connections: Callable[[], None],
-        on_malformed_rpc: Callable[[str, MalformedMessage], None],
+        on_malformed_rpc: Callable[[str, RemoteProtocolError], None],
+        app_score: Callable[[str], float] = lambda _peer: 0.0,
     ) -> None:
         from libp2p import new_host
         from libp2p.network.config import ConnectionConfig
@@ -113,6 +123,12 @@ class Libp2pStack:
         self.banned: set[str] = set()
         self.listening = False
         self._on_malformed_rpc = on_malformed_rpc
+        self._nursery: trio.Nursery | None = None
+        self._rates = RateLimiter(rate=config.stream_rate, burst=config.stream_burst)
+        self._peer_streams = Occupancy(config.max_streams_per_peer)
+        self._protocol_streams = Occupancy(config.max_streams_per_protocol)
+        self._conn_ips: dict[int, str] = {}  # id(SwarmConn) -> remote IP, for the per-IP cap
+        self._ip_conns: Counter[str] = Counter()
         conn_cfg = ConnectionConfig(
             max_connections_per_peer=1,  # else every dial waits 250 ms (notes P1)
             max_connections=config.max_connections,
@@ -143,6 +159,7 @@ class Libp2pStack:
             heartbeat_interval=config.heartbeat_interval,  # type: ignore[arg-type]
             spam_protection_enabled=True,
             max_messages_per_topic_per_second=config.topic_rate_limit,
+            score_params=guards.score_params(app_score) if config.gossip_scoring else None,
         )
         self.pubsub: Any = Pubsub(
             self.host,
@@ -156,7 +173,65 @@ class Libp2pStack:
         # Our handler runs theirs and turns such an error into an offence of that peer.
         for protocol in self.gossipsub.get_protocols():
             self.host.set_stream_handler(protocol, self._guarded_pubsub_stream)
-        network.register_notifee(_connection_watch(on_connections))
+        guards.guard_signatures(self.pubsub, on_malformed_rpc)
+        network.register_notifee(_connection_watch(on_connections, self._on_connected, self._on_disconnected))
+
+    def flood_publish(self, topics: set[str]) -> None:
+        """Send our own messages on ``topics`` (full ids) to every subscribed peer above the
+        publish threshold, not just our GossipSub mesh. Example::
+
+            stack.flood_publish({advert_topic("lab")})
+        """
+        guards.flood_own_messages(self.gossipsub, self.host.get_id(), topics)
+
+    # -- connection admission -------------------------------------------------------------------
+
+    def _on_connected(self, conn: Any) -> None:
+        peer = str(conn.muxed_conn.peer_id.to_base58())
+        if peer in self.banned:
+            self._close_soon(conn, "banned")
+            return
+        guards.cap_buffers(
+            conn.muxed_conn,
+            per_stream=self.config.max_stream_buffer,
+            per_connection=self.config.max_connection_buffer,
+            on_exceeded=lambda kind: self._overflow(conn, peer, kind),
+        )
+        ip = guards.remote_ip(conn)
+        if ip is None or guards.is_exempt(ip, self.config.exempt_networks):
+            return
+        self._conn_ips[id(conn)] = ip
+        self._ip_conns[ip] += 1
+        if self.gossipsub.scorer is not None:
+            with contextlib.suppress(Exception):
+                self.gossipsub.scorer.add_peer_ip(conn.muxed_conn.peer_id, ip)
+        if self._ip_conns[ip] > self.config.max_connections_per_ip:
+            self._close_soon(conn, f"more than {self.config.max_connections_per_ip} connections from {ip}")
+
+    def _on_disconnected(self, conn: Any) -> None:
+        ip = self._conn_ips.pop(id(conn), None)
+        if ip is not None:
+            self._ip_conns[ip] -= 1
+            if self._ip_conns[ip] <= 0:
+                del self._ip_conns[ip]
+
+    def _overflow(self, conn: Any, peer: str, kind: str) -> None:
+        self.stats["buffer_overflows"] = self.stats.get("buffer_overflows", 0) + 1
+        if kind == "stream":  # more unread bytes than any yamux window allows: flow control broken
+            self._on_malformed_rpc(peer, MalformedMessage("sent past the yamux receive window", peer=peer))
+        self._close_soon(conn, f"unread bytes past the {kind} cap")
+
+    def _close_soon(self, conn: Any, why: str) -> None:
+        self.stats["connections_refused"] = self.stats.get("connections_refused", 0) + 1
+        log.info("closing the connection with %s: %s", conn.muxed_conn.peer_id, why)
+        if self._nursery is None:
+            return
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+        self._nursery.start_soon(close)
 
     @contextlib.asynccontextmanager
     async def run(self, listen: Sequence[str]) -> AsyncIterator[None]:
@@ -171,11 +246,16 @@ class Libp2pStack:
         from libp2p.tools.anyio_service import background_trio_service
 
         listen_addrs = [parse_multiaddr(a) for a in listen]
-        async with self.host.run(listen_addrs=listen_addrs):
+        async with self.host.run(listen_addrs=listen_addrs), trio.open_nursery() as nursery:
+            self._nursery = nursery
             self.listening = True
-            async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
-                await self.pubsub.wait_until_ready()
-                yield
+            try:
+                async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
+                    await self.pubsub.wait_until_ready()
+                    yield
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
 
     # -- addresses and connections ----------------------------------------------------------------
 
@@ -258,6 +338,12 @@ class Libp2pStack:
         self.banned.add(peer)
         with contextlib.suppress(Exception):  # py-libp2p: best effort, the set above is what counts
             self.pubsub.add_to_blacklist(to_peer_id(peer))
+        if self._nursery is not None and peer in self.connected_peers():
+            self._nursery.start_soon(self._disconnect, peer)
+
+    async def _disconnect(self, peer: str) -> None:
+        with contextlib.suppress(Exception):  # best effort: the peer is refused anyway
+            await self.host.disconnect(to_peer_id(peer))
 
     # -- streams ----------------------------------------------------------------------------------
 
@@ -266,8 +352,14 @@ class Libp2pStack:
     ) -> None:
         """Serve ``protocol`` with ``await handler(stream)``; the stream is closed after it.
 
-        A :class:`RemoteProtocolError` resets the stream; every error is logged and counted
-        (``handler_errors``), never fatal. Banned peers are reset at once. Example::
+        A :class:`RemoteProtocolError` resets the stream and is counted against the peer
+        (``on_malformed_rpc``); every error is logged and counted (``handler_errors``), never
+        fatal. Banned peers are reset at once; so is a stream over the peer's rate
+        (``stream_rate``/``stream_burst`` per peer and protocol) or over the caps of streams
+        served at once per peer and per protocol (``streams_refused``; nobody is blamed).
+        After the handler returns we close our side and read-and-discard at most
+        ``max_frame`` bytes for ``dial_timeout`` seconds, then reset: nothing the peer keeps
+        sending piles up in the muxer. Example::
 
             stack.set_stream_handler("/p2pcompute/echo/1", echo)
         """
@@ -278,22 +370,63 @@ class Libp2pStack:
             if peer in self.banned:
                 await stream.reset()
                 return
-            try:
-                await handler(stream)
-            except RemoteProtocolError as exc:
-                self.stats["handler_errors"] += 1
-                log.info("stream %s from %s: %s", protocol, peer, exc)
-                await stream.reset()
+            if not self._rates.allow((peer, protocol), trio.current_time()):
+                await self._refuse(stream, protocol, "rate")
                 return
-            except P2PComputeError as exc:
-                self.stats["handler_errors"] += 1
-                log.info("stream %s from %s ended: %s", protocol, peer, exc)
-            except Exception:
-                self.stats["handler_errors"] += 1
-                log.exception("handler for %s failed on a stream from %s", protocol, peer)
-            await stream.close()
+            if not self._peer_streams.acquire(peer):
+                await self._refuse(stream, protocol, "streams per peer")
+                return
+            try:
+                if not self._protocol_streams.acquire(protocol):
+                    await self._refuse(stream, protocol, "streams per protocol")
+                    return
+                try:
+                    await self._serve(stream, protocol, handler)
+                finally:
+                    self._protocol_streams.release(protocol)
+            finally:
+                self._peer_streams.release(peer)
 
         self.host.set_stream_handler(protocol, _wrapped)
+
+    async def _refuse(self, stream: FramedStream, protocol: str, why: str) -> None:
+        # ResourceLimitExceeded semantics: an honest "I am full", nobody is blamed
+        self.stats["streams_refused"] = self.stats.get("streams_refused", 0) + 1
+        log.debug("refusing a %s stream from %s: %s", protocol, stream.peer, why)
+        await stream.reset()
+
+    async def _serve(self, stream: FramedStream, protocol: str, handler: StreamHandler) -> None:
+        peer = stream.peer or "?"
+        try:
+            await handler(stream)
+        except RemoteProtocolError as exc:
+            self.stats["handler_errors"] += 1
+            log.info("stream %s from %s: %s", protocol, peer, exc)
+            await stream.reset()
+            self._on_malformed_rpc(peer, exc if exc.peer == peer else _blamed(exc, peer))
+            return
+        except P2PComputeError as exc:
+            self.stats["handler_errors"] += 1
+            log.info("stream %s from %s ended: %s", protocol, peer, exc)
+        except Exception:
+            self.stats["handler_errors"] += 1
+            log.exception("handler for %s failed on a stream from %s", protocol, peer)
+        await stream.close()
+        await self._drain(stream)
+
+    async def _drain(self, stream: FramedStream) -> None:
+        """Read and discard what the peer still sends (bounded), then let the stream go."""
+        budget = stream.max_frame
+        with trio.move_on_after(self.config.dial_timeout):
+            try:
+                while budget > 0:
+                    chunk = await stream.raw.read(65536)
+                    if not chunk:
+                        return
+                    budget -= len(chunk)
+            except Exception:  # EOF, reset, connection gone: the stream is finished
+                return
+        await stream.reset()
 
     def remove_stream_handler(self, protocol: str) -> None:
         """Stop serving ``protocol`` (a no-op when not served or when the host has stopped).
@@ -398,15 +531,28 @@ class Libp2pStack:
                 self._on_malformed_rpc(peer, MalformedMessage(f"malformed pubsub RPC: {exc}", peer=peer))
 
 
-def _connection_watch(notify: Callable[[], None]) -> Any:
-    """A py-libp2p notifee: a connection that opens or closes calls ``notify()``."""
+def _blamed(exc: RemoteProtocolError, peer: str) -> RemoteProtocolError:
+    """``exc`` as the same kind of error naming ``peer`` (the stream's sender is the one to blame)."""
+    try:
+        return type(exc)(str(exc), peer=peer)
+    except TypeError:
+        return RemoteProtocolError(str(exc), peer=peer)
+
+
+def _connection_watch(
+    notify: Callable[[], None], opened: Callable[[Any], None], closed: Callable[[Any], None]
+) -> Any:
+    """A py-libp2p notifee: a connection that opens or closes calls ``opened(conn)`` or
+    ``closed(conn)``, then ``notify()``."""
     from libp2p.abc import INotifee
 
     class ConnectionWatch(INotifee):
         async def connected(self, network: Any, conn: Any) -> None:
+            opened(conn)
             notify()
 
         async def disconnected(self, network: Any, conn: Any) -> None:
+            closed(conn)
             notify()
 
         async def opened_stream(self, network: Any, stream: Any) -> None:

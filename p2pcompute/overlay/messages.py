@@ -3,7 +3,8 @@
 Peer exchange (``/p2pcompute/<swarm>/peers/1.0.0``) is a push-pull of signed adverts
 over one stream: the dialer sends ``peers_req`` (its own advert, if it advertises,
 and how many adverts it wants); the listener answers ``peers`` (its own advert
-first, then a random sample of live peers' adverts) and closes. Each advert is
+first, then a sample of live peers' adverts, the peers it verified first, with ``vouched``
+saying how many those are) and closes. Each advert is
 checked on arrival exactly like one received by GossipSub, so a list is only as
 trustworthy as the signatures inside it, never as the peer that sent it.
 
@@ -35,7 +36,13 @@ PEERS_RESPONSE = Schema(
     "peers",
     1,
     max_size=MAX_PX_RESPONSE,
-    fields=(Field("adverts", list, max_len=MAX_PX_ADVERTS, item=bytes),),
+    fields=(
+        Field("adverts", list, max_len=MAX_PX_ADVERTS, item=bytes),
+        # how many adverts after the responder's own are of peers it has verified (held a
+        # connection to, no offence); omitted when none. A requester trusts this only from
+        # its bootstrap nodes (docs/design/threat-model.md).
+        Field("vouched", int, optional=True, min=1, max=MAX_PX_ADVERTS),
+    ),
 )
 
 _SWARM_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

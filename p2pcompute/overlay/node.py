@@ -86,14 +86,28 @@ class Node:
             "handler_errors": 0,
             "dropped_messages": 0,
             "banned": 0,
+            "streams_refused": 0,
+            "connections_refused": 0,
+            "buffer_overflows": 0,
         }
-        self.peers = PeerTable(self.peer_id, swarm, max_skew=config.max_skew, clock=clock)
+        self.peers = PeerTable(
+            self.peer_id,
+            swarm,
+            max_skew=config.max_skew,
+            clock=clock,
+            max_peers=config.max_peers,
+            max_ttl=config.max_advert_ttl,
+            max_per_ip=config.table_per_ip,
+            max_per_subnet=config.table_per_subnet,
+            exempt=config.exempt_networks,
+        )
         self._stack = Libp2pStack(
             identity,
             config,
             stats=self.stats,
-            on_connections=self._notify,
+            on_connections=self._on_connections,
             on_malformed_rpc=lambda peer, exc: self._discovery.report_offence(peer, exc),
+            app_score=lambda peer: -config.offence_weight * self.peers.offence_total(peer),
         )
         self.host: Any = self._stack.host  # for the tensor lane and tests; prefer the methods below
         self.pubsub: Any = self._stack.pubsub
@@ -276,7 +290,9 @@ class Node:
         limit: int | None = None,
         include_bootstrap: bool = False,
     ) -> list[PeerRecord]:
-        """Live peers whose capacity matches, best first (most free memory on matching GPUs).
+        """Live peers whose capacity matches: peers verified by a connection of ours first, then
+        those a bootstrap node vouched for, then the rest (anyone can claim a big GPU); best
+        first within each tier (most free memory on matching GPUs).
 
         Memory figures are bytes; ``gpus`` is how many GPUs must match the per-GPU
         criteria. See :class:`~p2pcompute.capacity.model.CapacityQuery`.
@@ -336,6 +352,11 @@ class Node:
         if scope.cancelled_caught:
             raise PeerTimeout(f"condition not met after {timeout} s")
 
+    def _on_connections(self) -> None:
+        # a connection authenticates its peer (secure channel): those peers become verified
+        self.peers.mark_connected(self._stack.connected_peers())
+        self._notify()
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
@@ -355,7 +376,9 @@ class Node:
         self._discovery.current_advert = raw
 
     def statistics(self) -> dict[str, Any]:
-        """Counters: adverts, exchanges, dials, drops, offences, connections, table size.
+        """Counters: adverts, exchanges, dials, drops, offences (``offences`` in all and
+        ``offences_by_kind``), refusals (``streams_refused``, ``connections_refused``,
+        ``buffer_overflows``), connections, table size (``peers``, ``verified``, ``dropped``).
 
         Example::
 
@@ -363,6 +386,7 @@ class Node:
         """
         out: dict[str, Any] = dict(self.stats)
         out.update(self.peers.statistics())
+        out["offences_by_kind"] = self.peers.offences_by_kind()
         out["connections"] = len(self._stack.connected_peers())
         out["advert_mesh"] = self._stack.mesh_size(self._advert_topic)
         return out
@@ -408,6 +432,7 @@ async def open_node(
     try:
         async with stack.run(listen):
             stack.set_topic_validator(node._advert_topic, node._validate_advert)
+            stack.flood_publish({node._advert_topic})
             async with trio.open_nursery() as nursery:
                 node._nursery = nursery
                 await node._discovery.start(nursery, bootstrap)

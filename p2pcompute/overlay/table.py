@@ -7,24 +7,46 @@ the last one seen from it. It stays alive until its advert's lifetime runs out
 :meth:`PeerTable.expire` periodically. Every rejected advert is counted against
 the peer that handed it to us (:meth:`PeerTable.offences`).
 
+Open swarms let anyone mint identities, so the table does not trust a signature alone
+(docs/design/threat-model.md, "Overlay"):
+
+* lifetimes are capped at ``max_ttl`` (a forged "valid for an hour" advert is not);
+* a peer is *verified* once we held a connection to it (its identity was checked by the
+  secure channel) and it has no offence counted; entries handed to us by a bootstrap node
+  are *introduced*; all others are *unverified*. :meth:`PeerTable.trust` gives the tier;
+  queries, peer-exchange samples and the dialer take higher tiers first;
+* unverified entries are capped per IP address (``max_per_ip``) and per /24 (IPv6 /48)
+  subnet (``max_per_subnet``) of the addresses they advertise (``exempt`` networks, by
+  default loopback, are not counted);
+* when the table is full a new entry may only evict an unverified one, taken from the
+  most crowded subnet (newest first); it never evicts a verified or introduced one.
+
 Time is passed in (``now``, wall-clock seconds), so tests drive expiry directly.
 Imports :mod:`p2pcompute.capacity` and :mod:`p2pcompute.errors` only.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from p2pcompute.capacity.adverts import DEFAULT_MAX_SKEW, Advert, open_advert
 from p2pcompute.capacity.model import Capacity, CapacityQuery
 from p2pcompute.errors import BadSignature, RemoteProtocolError, StaleMessage
 
-Outcome = Literal["new", "updated", "duplicate", "own"]
+Outcome = Literal["new", "updated", "duplicate", "own", "dropped"]
+
+VERIFIED, INTRODUCED, UNVERIFIED = 2, 1, 0
+# entries without a counted address (none, or only exempt ones) form one crowd for eviction;
+# the per-subnet cap does not apply to it (loopback test swarms run many nodes on one host)
+_BARE = "-"
+DEFAULT_MAX_TTL = 900.0
+DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
 
 _OFFENCE_KIND = {
     "MessageTooLarge": "oversized",
@@ -51,6 +73,43 @@ class PeerRecord:
     seq: int
     expires: float
     advert: bytes
+    introducer: str | None = None
+
+
+def address_groups(
+    addrs: Iterable[str], exempt: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()
+) -> tuple[set[str], set[str]]:
+    """The IP addresses and subnets (/24 for IPv4, /48 for IPv6) that ``addrs`` advertise.
+
+    Addresses inside an ``exempt`` network are left out; a DNS name counts as its own
+    "address" and "subnet". Example::
+
+        >>> address_groups(["/ip4/203.0.113.7/tcp/1", "/ip4/203.0.113.9/tcp/1"])[1]
+        {'203.0.113.0/24'}
+    """
+    ips: set[str] = set()
+    nets: set[str] = set()
+    for addr in list(addrs)[:16]:
+        parts = addr.split("/")
+        if len(parts) < 3:
+            continue
+        kind, host = parts[1], parts[2]
+        if kind in ("dns", "dns4", "dns6", "dnsaddr"):
+            ips.add(f"dns:{host}")
+            nets.add(f"dns:{host}")
+            continue
+        if kind not in ("ip4", "ip6"):
+            continue
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if any(ip.version == net.version and ip in net for net in exempt):
+            continue
+        ips.add(str(ip))
+        prefix = 24 if ip.version == 4 else 48
+        nets.add(str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False)))
+    return ips, nets
 
 
 def offence_kind(exc: RemoteProtocolError) -> str:
@@ -82,12 +141,30 @@ class PeerTable:
         max_peers: int = 4096,
         seq_memory: int = 16384,
         clock: Callable[[], float] = time.time,
+        max_ttl: float = DEFAULT_MAX_TTL,
+        max_per_ip: int = 8,
+        max_per_subnet: int = 32,
+        exempt: Sequence[str] = DEFAULT_EXEMPT,
     ) -> None:
         self.clock = clock
         self.self_id = self_id
         self.swarm = swarm
         self.max_skew = max_skew
         self.max_peers = max_peers
+        self.max_ttl = max_ttl
+        self.max_per_ip = max_per_ip
+        self.max_per_subnet = max_per_subnet
+        self._exempt = tuple(ipaddress.ip_network(n, strict=False) for n in exempt)
+        # peers whose identity a connection of ours checked (bounded, LRU); they stay
+        # verified after disconnecting, until an offence is counted against them
+        self._connected: OrderedDict[str, None] = OrderedDict()
+        self.introducers: set[str] = set()  # peers whose lists we trust more (bootstrap nodes)
+        self._ip_count: Counter[str] = Counter()
+        self._net_count: Counter[str] = Counter()
+        self._groups: dict[str, tuple[set[str], set[str]]] = {}
+        self._entered: dict[str, int] = {}  # insertion order of records, for eviction
+        self._ticks = 0
+        self.dropped = 0
         self._records: dict[str, PeerRecord] = {}
         self._by_raw: dict[bytes, Advert] = {}  # the advert bytes of each record
         # Highest sequence seen per peer, kept after expiry (bounded, LRU) to refuse replays.
@@ -108,6 +185,7 @@ class PeerTable:
         sender: str | None = None,
         blame: str | None = None,
         count_stale: bool = True,
+        introduced: bool = False,
     ) -> tuple[Outcome, Advert]:
         """Check an advert and, if it is new, enter it. Raises on rejection (and counts it).
 
@@ -115,18 +193,23 @@ class PeerTable:
         ``blame``: the peer that handed us the bytes (default ``sender``).
         ``count_stale``: whether an old sequence number counts as an offence (it does not
         for lists received by peer exchange, which may legitimately lag).
+        ``introduced``: ``blame`` vouches for the peer (a bootstrap node's verified peers);
+        it counts only when ``blame`` is one of :attr:`introducers`.
+        Returns ``"dropped"`` (not an offence) when the table keeps no room for the entry.
         """
         who = blame if blame is not None else sender
         now = self.clock() if now is None else now
         known = self._by_raw.get(bytes(raw))
         if known is not None and (sender is None or sender == known.peer_id) and known.expires > now:
             # byte-identical to an advert we checked and hold (peer exchange repeats them): no re-check
+            if introduced:
+                self._vouch(known.peer_id, who)
             return "duplicate", known
         try:
             advert = open_advert(
                 raw, swarm=self.swarm, now=now, sender=sender, blame=who, max_skew=self.max_skew
             )
-            outcome = self._enter(advert, now, who)
+            outcome = self._enter(advert, now, who, introducer=who if introduced else None)
         except StaleMessage as exc:
             if count_stale:
                 self._count(who, exc)
@@ -136,28 +219,45 @@ class PeerTable:
             raise
         return outcome, advert
 
-    def _enter(self, advert: Advert, now: float, who: str | None) -> Outcome:
+    def _enter(
+        self, advert: Advert, now: float, who: str | None, *, introducer: str | None = None
+    ) -> Outcome:
         if advert.peer_id == self.self_id:
             return "own"
         current = self._records.get(advert.peer_id)
         last = self._last_seq.get(advert.peer_id)
         if current is not None and advert.seq == current.seq:
             if advert.raw == current.advert:
+                if introducer is not None:
+                    self._vouch(advert.peer_id, introducer)
                 return "duplicate"
             raise BadSignature(
                 f"two different adverts with sequence {advert.seq} from {advert.peer_id}", peer=who
             )
         if last is not None and advert.seq <= last:
+            if introducer is not None:  # an older advert still vouches for the same identity
+                self._vouch(advert.peer_id, introducer)
             raise StaleMessage(
                 f"advert sequence {advert.seq} not above {last} from {advert.peer_id}", peer=who
             )
-        expires = min(now + advert.ttl, advert.expires + self.max_skew)
+        ttl = min(advert.ttl, self.max_ttl)
+        expires = min(now + ttl, advert.issued + ttl + self.max_skew)
         if expires <= now:
             raise StaleMessage(f"advert from {advert.peer_id} already expired", peer=who)
-        if current is None and len(self._records) >= self.max_peers:
-            self._evict_one()
-        if current is not None:
+        if current is None:
+            tier = self._tier(advert.peer_id, introducer)
+            groups = address_groups(advert.addrs, self._exempt)
+            if tier == UNVERIFIED and self._crowded(groups):
+                self.dropped += 1
+                return "dropped"
+            if len(self._records) >= self.max_peers and not self._make_room(tier, groups):
+                self.dropped += 1
+                return "dropped"
+        else:
             self._by_raw.pop(current.advert, None)
+            self._ungroup(advert.peer_id)
+            introducer = current.introducer if current.introducer is not None else introducer
+            groups = address_groups(advert.addrs, self._exempt)
         self._by_raw[advert.raw] = advert
         self._records[advert.peer_id] = PeerRecord(
             peer_id=advert.peer_id,
@@ -168,7 +268,12 @@ class PeerTable:
             seq=advert.seq,
             expires=expires,
             advert=advert.raw,
+            introducer=introducer,
         )
+        self._group(advert.peer_id, groups)
+        if current is None:
+            self._ticks += 1
+            self._entered[advert.peer_id] = self._ticks
         self._last_seq[advert.peer_id] = advert.seq
         self._last_seq.move_to_end(advert.peer_id)
         while len(self._last_seq) > self._seq_memory:
@@ -176,9 +281,92 @@ class PeerTable:
         self.accepted += 1
         return "new" if current is None else "updated"
 
-    def _evict_one(self) -> None:
-        victim = min(self._records.values(), key=lambda r: r.expires)
+    # -- trust and crowding ------------------------------------------------------------------------
+
+    def mark_connected(self, peer_ids: Iterable[str]) -> None:
+        """Record that a connection of ours authenticated each of ``peer_ids`` (they become verified).
+
+        Example::
+
+            table.mark_connected(stack.connected_peers())
+        """
+        for p in peer_ids:
+            self._connected[p] = None
+            self._connected.move_to_end(p)
+        while len(self._connected) > self._seq_memory:
+            self._connected.popitem(last=False)
+
+    def is_verified(self, peer_id: str) -> bool:
+        """True when a connection of ours checked ``peer_id`` and no offence is counted against it.
+
+        Example::
+
+            table.is_verified(peer)     # False for a stranger known only by its advert
+        """
+        return peer_id in self._connected and self.offence_total(peer_id) == 0
+
+    def _tier(self, peer_id: str, introducer: str | None) -> int:
+        if self.is_verified(peer_id):
+            return VERIFIED
+        if introducer is not None and introducer in self.introducers and self.offence_total(introducer) == 0:
+            return INTRODUCED
+        return UNVERIFIED
+
+    def trust(self, rec: PeerRecord) -> int:
+        """``VERIFIED`` (2), ``INTRODUCED`` (1, handed on by a bootstrap node) or ``UNVERIFIED`` (0).
+
+        Example::
+
+            verified = [r for r in table.alive() if table.trust(r) == VERIFIED]
+        """
+        return self._tier(rec.peer_id, rec.introducer)
+
+    def _vouch(self, peer_id: str, introducer: str | None) -> None:
+        """A bootstrap node vouched for an entry we already hold (it may have come by gossip)."""
+        rec = self._records.get(peer_id)
+        if rec is not None and rec.introducer is None and introducer is not None:
+            self._records[peer_id] = replace(rec, introducer=introducer)
+
+    def _crowded(self, groups: tuple[set[str], set[str]]) -> bool:
+        ips, nets = groups
+        return any(self._ip_count[i] >= self.max_per_ip for i in ips) or any(
+            self._net_count[n] >= self.max_per_subnet for n in nets
+        )
+
+    def _group(self, peer_id: str, groups: tuple[set[str], set[str]]) -> None:
+        self._groups[peer_id] = groups
+        self._ip_count.update(groups[0])
+        self._net_count.update(groups[1] or {_BARE})
+
+    def _ungroup(self, peer_id: str) -> None:
+        groups = self._groups.pop(peer_id, None)
+        if groups is None:
+            return
+        nets = groups[1] or {_BARE}
+        self._ip_count.subtract(groups[0])
+        self._net_count.subtract(nets)
+        for counter, keys in ((self._ip_count, groups[0]), (self._net_count, nets)):
+            for k in keys:
+                if counter[k] <= 0:
+                    del counter[k]
+
+    def _crowd_key(self, peer_id: str) -> tuple[int, int]:
+        nets = self._groups.get(peer_id, (set(), set()))[1] or {_BARE}
+        return (max(self._net_count[n] for n in nets), self._entered.get(peer_id, 0))
+
+    def _make_room(self, tier: int, groups: tuple[set[str], set[str]]) -> bool:
+        """Evict one unverified record so an entry of ``tier`` fits; False when the newcomer
+        should be dropped instead (nothing evictable, or it is the most crowded itself)."""
+        victims = [r for r in self._records.values() if self.trust(r) == UNVERIFIED]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda r: self._crowd_key(r.peer_id))
+        if tier == UNVERIFIED:
+            mine = max(self._net_count[n] + 1 for n in groups[1] or {_BARE})
+            if mine > self._crowd_key(victim.peer_id)[0]:
+                return False
         self.remove(victim.peer_id)
+        return True
 
     def _count(self, peer: str | None, exc: RemoteProtocolError) -> None:
         self.rejected += 1
@@ -211,14 +399,22 @@ class PeerTable:
         now = self.clock() if now is None else now
         gone = [p for p, r in self._records.items() if r.expires <= now]
         for p in gone:
-            self._by_raw.pop(self._records.pop(p).advert, None)
+            self.remove(p)
         self.expired += len(gone)
         return gone
 
     def remove(self, peer_id: str) -> None:
+        """Forget ``peer_id``'s record (its last sequence number is still remembered).
+
+        Example::
+
+            table.remove(banned_peer)
+        """
         rec = self._records.pop(peer_id, None)
         if rec is not None:
             self._by_raw.pop(rec.advert, None)
+            self._ungroup(peer_id)
+            self._entered.pop(peer_id, None)
 
     def find(
         self,
@@ -228,30 +424,72 @@ class PeerTable:
         roles: tuple[str, ...] = ("peer",),
         limit: int | None = None,
     ) -> list[PeerRecord]:
-        """Live records whose capacity matches ``query``, best first."""
+        """Live records whose capacity matches ``query``: verified peers first, then introduced,
+        then unverified ones; best capacity first within each tier (anyone can claim a big GPU)."""
         scored = []
         for rec in self.alive(now):
             if rec.role not in roles:
                 continue
             score = query.score(rec.capacity)
             if score is not None:
-                scored.append((score, rec.last_seen, rec.peer_id, rec))
-        scored.sort(key=lambda s: (s[0], s[1]), reverse=True)
+                scored.append((self.trust(rec), score, rec.last_seen, rec))
+        scored.sort(key=lambda s: (s[0], s[1], s[2]), reverse=True)
         out = [s[3] for s in scored]
         return out if limit is None else out[:limit]
 
     def sample_adverts(self, now: float | None, limit: int, rng: random.Random | None = None) -> list[bytes]:
-        """Up to ``limit`` raw adverts of live peers, chosen at random (for peer exchange)."""
+        """Up to ``limit`` raw adverts of live peers for peer exchange: verified peers first, then
+        introduced, then unverified ones, chosen at random within a tier."""
+        return [r.advert for r in self.by_trust(now, rng)[:limit]]
+
+    def verified_sample(
+        self, now: float | None, limit: int, rng: random.Random | None = None
+    ) -> tuple[list[bytes], int]:
+        """Like :meth:`sample_adverts`, with how many of the adverts (all first) are verified.
+
+        Example::
+
+            adverts, vouched = table.verified_sample(None, 100)
+        """
+        recs = self.by_trust(now, rng)[:limit]
+        return [r.advert for r in recs], sum(1 for r in recs if self.trust(r) == VERIFIED)
+
+    def by_trust(self, now: float | None = None, rng: random.Random | None = None) -> list[PeerRecord]:
+        """Live records, most trusted tier first, shuffled within each tier (the dial order).
+
+        Example::
+
+            for rec in table.by_trust():
+                ...   # dial verified peers before strangers
+        """
         live = self.alive(now)
-        if len(live) > limit:
-            live = (rng or random).sample(live, limit)
-        return [r.advert for r in live]
+        (rng or random).shuffle(live)
+        live.sort(key=self.trust, reverse=True)
+        return live
 
     def offences(self, peer_id: str) -> dict[str, int]:
         """Rejections counted against ``peer_id``, by kind."""
         return dict(self._offences.get(peer_id, {}))
 
+    def offences_by_kind(self) -> dict[str, int]:
+        """Rejections counted against all peers, by kind.
+
+        Example::
+
+            table.offences_by_kind()     # {'malformed': 3, 'forged': 1}
+        """
+        total: Counter[str] = Counter()
+        for counts in self._offences.values():
+            total.update(counts)
+        return dict(total)
+
     def offence_total(self, peer_id: str, *, include_stale: bool = False) -> int:
+        """How many rejections are counted against ``peer_id`` (stale ones only when asked).
+
+        Example::
+
+            table.offence_total(peer)     # 0
+        """
         counts = self._offences.get(peer_id, Counter())
         return sum(n for kind, n in counts.items() if include_stale or kind != "stale")
 
@@ -262,7 +500,20 @@ class PeerTable:
             "rejected": self.rejected,
             "expired": self.expired,
             "offending_peers": len(self._offences),
+            "offences": sum(sum(c.values()) for c in self._offences.values()),
+            "dropped": self.dropped,
+            "verified": sum(1 for r in self._records.values() if self.is_verified(r.peer_id)),
         }
 
 
-__all__ = ["Outcome", "PeerRecord", "PeerTable", "offence_kind"]
+__all__ = [
+    "DEFAULT_MAX_TTL",
+    "INTRODUCED",
+    "UNVERIFIED",
+    "VERIFIED",
+    "Outcome",
+    "PeerRecord",
+    "PeerTable",
+    "address_groups",
+    "offence_kind",
+]
