@@ -45,7 +45,7 @@ class NodeConfig:
     * Streams we serve: ``max_streams_per_peer`` (64) at once per peer (one connection
       per peer, so also per connection),
       ``max_streams_per_protocol`` (512) at once per protocol, and a token bucket per
-      peer and protocol of ``stream_rate`` (20/s) with bursts of ``stream_burst`` (100).
+      peer and protocol of ``stream_rate`` (100/s) with bursts of ``stream_burst`` (200).
       An excess stream is reset; nobody is blamed (``streams_refused``).
     * Buffers: ``max_stream_buffer`` (16 MiB + 256 KiB, yamux's largest window) of
       unread bytes per stream, ``max_connection_buffer`` (128 MiB) per connection; past
@@ -88,8 +88,8 @@ class NodeConfig:
     exempt_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_streams_per_peer: int = 64
     max_streams_per_protocol: int = 512
-    stream_rate: float = 20.0
-    stream_burst: int = 100
+    stream_rate: float = 100.0
+    stream_burst: int = 200
     max_stream_buffer: int = (16 << 20) + (256 << 10)
     max_connection_buffer: int = 128 << 20
     gossip_scoring: bool = True

@@ -36,7 +36,7 @@ import trio
 
 from p2pcompute.capacity.model import CapacityQuery
 from p2pcompute.deadlines import give_up_after
-from p2pcompute.errors import LocalProtocolError, PeerTimeout
+from p2pcompute.errors import LocalProtocolError, PeerTimeout, RemoteProtocolError
 from p2pcompute.identity import Identity
 from p2pcompute.overlay._logging import quiet_libp2p_logs
 from p2pcompute.overlay.config import NodeConfig, node_config
@@ -124,7 +124,11 @@ class Node:
             clock=clock,
         )
         self._topics = TopicRouter(
-            self._stack.subscribe, own_id=self.peer_id, queue=config.handler_queue, stats=self.stats
+            self._stack.subscribe,
+            own_id=self.peer_id,
+            queue=config.handler_queue,
+            stats=self.stats,
+            on_offence=self.report_offence,
         )
         self._advert_topic = self._discovery.advert_topic
 
@@ -374,6 +378,20 @@ class Node:
     @_current_advert.setter
     def _current_advert(self, raw: bytes | None) -> None:
         self._discovery.current_advert = raw
+
+    def report_offence(self, peer: str, exc: RemoteProtocolError) -> None:
+        """Count a protocol offence of ``peer`` (it feeds the peer's score; past ``offence_limit``
+        the peer is blacklisted and disconnected).
+
+        For offences no stream handler can raise: a bad reply on a stream *we* opened, a bad
+        result. Handlers of streams and topics need not call it: raising ``RemoteProtocolError``
+        naming the peer is counted for them.
+
+        Example::
+
+            node.report_offence(peer, MalformedMessage("result digest mismatch", peer=peer))
+        """
+        self._discovery.report_offence(peer, exc)
 
     def statistics(self) -> dict[str, Any]:
         """Counters: adverts, exchanges, dials, drops, offences (``offences`` in all and

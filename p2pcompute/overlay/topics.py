@@ -16,6 +16,8 @@ from typing import Protocol
 
 import trio
 
+from p2pcompute.errors import RemoteProtocolError
+
 log = logging.getLogger(__name__)
 
 TopicHandler = Callable[[str, bytes], Awaitable[None]]
@@ -31,7 +33,9 @@ class TopicRouter:
     """Routes the messages of subscribed topics to their handlers.
 
     ``subscribe(topic)`` opens the GossipSub subscription of a full topic id; ``own_id``
-    messages are not delivered; ``queue`` is how many messages may wait per topic.
+    messages are not delivered; ``queue`` is how many messages may wait per topic. A handler
+    that raises :class:`RemoteProtocolError` naming a peer has that peer's offence passed to
+    ``on_offence`` (gossip is signed by its origin, so the blame is attributable).
 
     Example::
 
@@ -46,8 +50,10 @@ class TopicRouter:
         own_id: str,
         queue: int,
         stats: dict[str, int],
+        on_offence: Callable[[str, RemoteProtocolError], None] | None = None,
     ) -> None:
         self._subscribe = subscribe
+        self._on_offence = on_offence
         self._own_id = own_id
         self._queue = queue
         self._stats = stats
@@ -85,6 +91,11 @@ class TopicRouter:
             for handler in list(self._handlers.get(topic, ())):
                 try:
                     await handler(sender, data)
+                except RemoteProtocolError as exc:
+                    self._stats["handler_errors"] += 1
+                    log.info("message on %s from %s refused: %s", topic, sender, exc)
+                    if self._on_offence is not None:
+                        self._on_offence(exc.peer or sender, exc)
                 except Exception:
                     self._stats["handler_errors"] += 1
                     log.exception("handler for %s failed on a message from %s", topic, sender)

@@ -34,7 +34,7 @@ import torch
 import trio
 
 from p2pcompute.deadlines import deadline
-from p2pcompute.errors import P2PComputeError, ProtocolError, TaskFailed
+from p2pcompute.errors import MalformedMessage, P2PComputeError, ProtocolError, TaskFailed
 from p2pcompute.overlay import FramedStream, Node
 from p2pcompute.tasks import negotiation as core
 from p2pcompute.tasks.builtin import builtin_registry
@@ -156,12 +156,10 @@ class TaskService:
         Offences on streams that a peer opened to us are raised as :class:`RemoteProtocolError`
         from the handler (the node's handler wrapper counts them). A bad gossiped request, or a
         bad result on a lease stream we opened, is reported here: counted in ``blamed`` and
-        passed to the node's ``blame(peer, reason)`` when the node offers one.
+        passed to :meth:`Node.report_offence`, which feeds the peer's score.
         """
         self._bump("blamed")
-        hook = getattr(self.node, "blame", None)
-        if callable(hook):
-            hook(peer, reason)
+        self.node.report_offence(peer, MalformedMessage(reason, peer=peer))
 
     def _bump(self, stat: str) -> None:
         self.stats[stat] += 1
