@@ -55,8 +55,11 @@ class Aggregator:
     ``kind``: ``"mean"`` (default), ``"centered_clip"`` or ``"trimmed_mean"``. CenteredClip:
     ``tau`` (``None``: ``tau_scale`` times the median distance to the coordinate-wise median),
     ``iterations``. Trimmed mean: ``trim`` (the share cut from each side). ``weight_cap``: robust
-    kinds cap each weight at this multiple of the median weight. ``blame_after``: a sender whose
-    contributions were clipped in this many consecutive rounds is blamed (``None``: never).
+    kinds cap each weight at this multiple of the median weight. A contribution counts as clipped
+    against its sender when its final clip factor is below ``count_below`` (it lay more than
+    ``tau / count_below`` from the centre: with ``tau`` the median distance, honest rows rarely
+    do); ``blame_after``: a sender counted so in this many consecutive rounds is blamed
+    (``None``: never).
 
     Example::
 
@@ -68,10 +71,11 @@ class Aggregator:
 
     kind: str = "mean"
     tau: float | None = None
-    tau_scale: float = 2.0
+    tau_scale: float = 1.0
     iterations: int = 3
     trim: float = 0.4
     weight_cap: float = 4.0
+    count_below: float = 0.5
     blame_after: int | None = 3
 
     def __post_init__(self) -> None:
@@ -87,6 +91,8 @@ class Aggregator:
             raise ConfigError("trim must be within [0, 0.5)")
         if not (math.isfinite(self.weight_cap) and self.weight_cap >= 1):
             raise ConfigError("weight_cap must be finite and >= 1")
+        if not 0 < self.count_below <= 1:
+            raise ConfigError("count_below must be within (0, 1]")
         if self.blame_after is not None and self.blame_after < 1:
             raise ConfigError("blame_after must be >= 1 or None")
 
@@ -113,10 +119,11 @@ class Aggregator:
 
 @dataclass(frozen=True)
 class Aggregated:
-    """What one aggregation did: the rows clipped in the last iteration and their clip factors.
+    """What one aggregation did: each row's clip factor at the last iteration.
 
     ``factors[i]`` is ``min(1, tau / ||x_i - v||)`` at the last iteration (1.0 for every row of
-    a mean or a trimmed mean); ``clipped`` lists the rows whose factor is below 1.
+    a mean or a trimmed mean); ``clipped`` lists the rows whose factor is below 1,
+    :meth:`counted` those below a threshold (``Aggregator.count_below``).
     """
 
     tau: float
@@ -124,7 +131,11 @@ class Aggregated:
 
     @property
     def clipped(self) -> tuple[int, ...]:
-        return tuple(i for i, f in enumerate(self.factors) if f < 1.0)
+        return self.counted(1.0)
+
+    def counted(self, below: float) -> tuple[int, ...]:
+        """The rows whose clip factor is below ``below`` (``1.0``: every clipped row)."""
+        return tuple(i for i, f in enumerate(self.factors) if f < below)
 
 
 def capped_weights(weights: Sequence[float], cap: float) -> list[float]:

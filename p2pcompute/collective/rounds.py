@@ -526,7 +526,7 @@ class RoundDriver:
 
         await _offload(rows, work)
         seen = {c for c in contributors if c != att.me}
-        clipped = {contributors[i] for i in done[0].clipped} & seen
+        clipped = {contributors[i] for i in done[0].counted(self.agg.count_below)} & seen
         self.clipped = tuple(sorted(clipped))
         self.stats["clipped_contributions"] += len(clipped)
         blame = self.ledger.record(
