@@ -8,14 +8,17 @@ Every configuration runs as separate processes (one per peer) on this machine:
   :class:`~p2pcompute.collective.Collective`; per round the peers form a group (timed apart)
   and ``all_reduce`` the tensor in place. Seconds per round are the all-reduce alone;
   ``bus_GBps`` is the data each peer sends and receives, ``2 (n-1)/n * bytes``, per second.
+* ``p2pc-<codec> aggregator=<kind>``: the same with a robust aggregator (every peer honest: what
+  robustness costs on the honest path; ``params.aggregator``). Default ``centered_clip``, on the
+  first codec only.
 * ``death``: 4 peers average; one dies while sending (``os._exit``) or hangs (``SIGSTOP``
   itself); the figure is wall time from its death to the last survivor's result.
 
 ``python -m benchmarks.allreduce [--quick] [--out PATH] [--sizes 16M,64M] [--peers 2,4]
-[--codecs none,fp16,bf16,int8] [--rounds 3]``. Diagnostics: ``P2PC_BENCH_TRACE=1`` prints each
-peer's collective timeline on stderr; ``P2PC_BENCH_PROFILE=PATH`` writes a cProfile of peer 0's
-event loop during the last round; ``cpu_seconds_all_peers`` is a round's CPU time summed over
-the processes (all threads).
+[--codecs none,fp16,bf16,int8] [--aggregators centered_clip,trimmed_mean] [--rounds 3]``.
+Diagnostics: ``P2PC_BENCH_TRACE=1`` prints each peer's collective timeline on stderr;
+``P2PC_BENCH_PROFILE=PATH`` writes a cProfile of peer 0's event loop during the last round;
+``cpu_seconds_all_peers`` is a round's CPU time summed over the processes (all threads).
 """
 
 from __future__ import annotations
@@ -192,12 +195,14 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
                     os._exit(1)
                 os.kill(os.getpid(), signal.SIGSTOP)
             faults.on("contribution_sent", die)
-        for codec in codecs:
+        for variant in codecs:  # "codec" (the mean) or "codec:aggregator"
+            codec, _, aggregator = variant.partition(":")
+            key = f"{codec}-{aggregator}" if aggregator else codec
             rows: dict[str, list[float]] = {"seconds": [], "match_seconds": [], "cpu_seconds": []}
             for r in range(rounds + (0 if fault else 1)):  # one warm-up round unless measuring a death
                 t.copy_(base)
                 m0 = time.perf_counter()
-                group = await coll.form_group("bench", f"{codec}-{r}", layout=_layout(t), target=n,
+                group = await coll.form_group("bench", f"{key}-{r}", layout=_layout(t), target=n,
                                               min_size=2, timeout=120)
                 if not isinstance(group, Formed):
                     report["error"] = f"no group: {group}"
@@ -208,7 +213,8 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
                 prof = cProfile.Profile() if profile_to else None
                 if prof is not None:
                     prof.enable()
-                res = await coll.all_reduce(group, "bench", f"{codec}-{r}", [t], codec=codec)
+                res = await coll.all_reduce(group, "bench", f"{key}-{r}", [t], codec=codec,
+                                            aggregator=aggregator or "mean")
                 if prof is not None:
                     prof.disable()
                     prof.dump_stats(profile_to)
@@ -224,7 +230,7 @@ async def _p2pc_main(index: int, n: int, size: int, codecs: list[str], rounds: i
                     rows["seconds"].append(a1 - a0)
                     rows["match_seconds"].append(a0 - m0)
                     rows["cpu_seconds"].append(c1 - c0)  # this process, all its threads
-            report["codecs"][codec] = rows
+            report["codecs"][variant] = rows
         report.update(death)
         print("RESULT " + json.dumps(report), flush=True)
         await trio.sleep(1.0)  # let the others finish talking to us
@@ -244,10 +250,12 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
     sizes = [_parse_size(s) for s in options.get("sizes") or (["1M"] if quick else ["16M", "64M"])]
     peers = [int(p) for p in options.get("peers") or ([2] if quick else [2, 4])]
     codecs = list(options.get("codecs") or (["none"] if quick else ["none", "fp16", "bf16", "int8"]))
+    aggregators = [a for a in options.get("aggregators") or ["centered_clip"] if a != "mean"]
     rounds = int(options.get("rounds") or (1 if quick else 3))
     deaths = not quick and not options.get("no_deaths")
     suite = SuiteResult("allreduce", primary_metric="seconds", higher_is_better=False,
-                        options={"sizes": sizes, "peers": peers, "codecs": codecs, "rounds": rounds})
+                        options={"sizes": sizes, "peers": peers, "codecs": codecs, "rounds": rounds,
+                                 "aggregators": aggregators})
     # under `--wan` worker i runs in peer i's namespace (gloo's and ours alike)
     layout = wan_layout()
     places: list[dict[str, Any]] | None = layout["peers"] if layout else None
@@ -280,8 +288,13 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
                     for k in range(len(results[0]["cpu_seconds"])):
                         gloo.add("cpu_seconds_all_peers", sum(r["cpu_seconds"][k] for r in results if r))
             rows = {c: suite.config(f"p2pc-{c} n={n} {label}", peers=n, size=size, codec=c) for c in codecs}
+            for a in aggregators:  # robust rows: the first codec, every peer honest
+                rows[f"{codecs[0]}:{a}"] = suite.config(
+                    f"p2pc-{codecs[0]} aggregator={a} n={n} {label}", peers=n, size=size, codec=codecs[0],
+                    aggregator=a,
+                )
             with tempfile.TemporaryDirectory() as tmp:
-                procs = [_spawn(["--p2pc-worker", str(i), str(n), str(size), ",".join(codecs), str(rounds),
+                procs = [_spawn(["--p2pc-worker", str(i), str(n), str(size), ",".join(rows), str(rounds),
                                  tmp, ""], peer=at(i)) for i in range(n)]
                 results = _collect(procs, timeout=1800)
             for res in results:
@@ -331,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated element counts (16M, 64M or integers)")
     parser.add_argument("--peers", help="comma-separated peer counts (default 2,4)")
     parser.add_argument("--codecs", help="comma-separated codecs (default none,fp16,bf16,int8)")
+    parser.add_argument("--aggregators", help="robust aggregators measured besides the mean, on the first "
+                        "codec (default centered_clip; also trimmed_mean)")
     parser.add_argument("--rounds", type=int, help="measured rounds per configuration (default 3)")
     parser.add_argument("--no-deaths", action="store_true", help="skip the peer-death measurement")
     parser.add_argument("--gloo-worker", nargs=5, help=argparse.SUPPRESS)
@@ -348,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         return text.split(",") if text else None
 
     result = run(args.quick, sizes=split(args.sizes), peers=split(args.peers), codecs=split(args.codecs),
-                 rounds=args.rounds, no_deaths=args.no_deaths)
+                 aggregators=split(args.aggregators), rounds=args.rounds, no_deaths=args.no_deaths)
     print(f"load average at the end: {os.getloadavg()}", flush=True)
     print_table(result, ["seconds", "bus_GBps", "match_seconds", "death_to_result_s"])
     write_results(result, args.out)

@@ -10,9 +10,12 @@ tests and benchmarks need no network, downloads or data files.
   own generator, so peers see different data.
 * :class:`LocalGroup`: simulated peers in one trio run that average for real (no network),
   rounding through the lane's own codecs, so the optimizer's math and the training
-  benchmark's byte and loss figures stand for the network's.
+  benchmark's byte and loss figures stand for the network's. A robust ``aggregator`` runs the
+  network's own :func:`~p2pcompute.collective.aggregate.aggregate` over the same parts (the flat
+  vector cut into one equal part per participant, as equal bandwidths cut it).
 
-Imports torch, trio, :mod:`p2pcompute.errors`, :mod:`p2pcompute.tensors.codecs` and
+Imports torch, trio, :mod:`p2pcompute.errors`, :mod:`p2pcompute.tensors.codecs`,
+:mod:`p2pcompute.collective.aggregate` / :mod:`~p2pcompute.collective.plan` (sans-IO) and
 :mod:`p2pcompute.training.averager`.
 """
 
@@ -25,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from p2pcompute.errors import LocalProtocolError
+from p2pcompute.collective.aggregate import Aggregator, ClipLedger, aggregate
+from p2pcompute.collective.plan import split_parts
+from p2pcompute.errors import LocalProtocolError, TaskFailed
 from p2pcompute.tensors.codecs import check_codec, roundtrip
 from p2pcompute.training.averager import AveragingOutcome, allreduce_bytes
 
@@ -219,6 +224,9 @@ class _Round:
     outcome_participants: tuple[str, ...] = ()
     excluded: tuple[str, ...] = ()
     compression: str = "none"
+    aggregator: Aggregator = field(default_factory=Aggregator)
+    clipped: tuple[str, ...] = ()
+    blamed: set[str] = field(default_factory=set)
 
 
 class LocalGroup:
@@ -228,7 +236,10 @@ class LocalGroup:
     when a member leaves, or when the round's ``timeout`` runs out (the late members are
     excluded, as the fault-tolerant all-reduce does). Every contributor then holds the same
     weighted mean, rounded through the codec as it would be on the wire. Bytes are those of
-    a butterfly all-reduce over the participants.
+    a butterfly all-reduce over the participants. With a robust ``aggregator`` (passed to
+    ``average``) every contributor holds the network's robust aggregate instead, and a sender
+    clipped in ``blame_after`` consecutive rounds is left out of the round (its call raises
+    :class:`~p2pcompute.errors.TaskFailed`), as the network's reducers blame it.
 
     Example::
 
@@ -243,6 +254,12 @@ class LocalGroup:
         self.members: set[str] = set()
         self._rounds: dict[int, _Round] = {}
         self.history: list[tuple[int, tuple[str, ...]]] = []
+        self.ledger = ClipLedger()  # per sender: rounds in which it was clipped, and its streak
+
+    @property
+    def clip_counts(self) -> dict[str, int]:
+        """Per sender, in how many rounds a robust aggregator clipped (a part of) its contribution."""
+        return dict(self.ledger.total)
 
     def join(self, peer_id: str) -> LocalAverager:
         """Add a member; it takes part from the next round it contributes to."""
@@ -262,9 +279,16 @@ class LocalGroup:
         if not force and not rnd.expected <= set(rnd.contributions):
             return
         present = sorted(p for p in rnd.contributions if p in self.members)
+        while present and rnd.aggregator.robust:
+            blamed = self._robust(rnd, present, str(rid))
+            if not blamed:
+                break
+            # as on the network: the attempt fails, and the next one runs without the blamed
+            rnd.blamed |= blamed
+            present = [p for p in present if p not in blamed]
         rnd.excluded = tuple(sorted(rnd.expected - set(present)))
         rnd.outcome_participants = tuple(present)
-        if present:
+        if present and not rnd.aggregator.robust:
             total = sum(rnd.contributions[p][0] for p in present)
             n_tensors = len(rnd.contributions[present[0]][1])
             for i in range(n_tensors):
@@ -280,6 +304,40 @@ class LocalGroup:
         del self._rounds[rid]
         rnd.done.set()
 
+    def _robust(self, rnd: _Round, present: list[str], round_key: str) -> set[str]:
+        """The network's aggregator over the network's parts: one per participant, equal sizes.
+
+        Applies the network's blame rule (one ledger for the whole group, where the network has
+        one per reducer): returns the senders to blame, without writing a result, or an empty
+        set after writing every participant's result.
+        """
+        first = rnd.contributions[present[0]][1]
+        work = first[0].dtype if first[0].dtype in (torch.float32, torch.float64) else torch.float32
+        rows = torch.stack(
+            [torch.cat([t.reshape(-1).to(work) for t in rnd.contributions[p][1]]) for p in present]
+        )
+        weights = [rnd.contributions[p][0] for p in present]
+        out = torch.empty(rows.shape[1], dtype=work)
+        clipped: set[str] = set()
+        for start, end in split_parts(rows.shape[1], [1.0] * len(present)):
+            if end > start:
+                res = aggregate(rows[:, start:end], weights, out[start:end], rnd.aggregator)
+                clipped |= {present[i] for i in res.counted(rnd.aggregator.count_below)}
+        rnd.clipped = tuple(sorted(clipped))
+        blame = self.ledger.record(
+            round_key, seen=set(present), clipped=clipped, blame_after=rnd.aggregator.blame_after
+        )
+        if blame:
+            return blame
+        offset = 0
+        for i, t in enumerate(first):
+            piece = out[offset : offset + t.numel()].view(t.shape).to(t.dtype)
+            offset += t.numel()
+            result = roundtrip(rnd.compression, piece)  # every participant receives the same bytes
+            for p in present:
+                rnd.contributions[p][2][i].copy_(result)
+        return set()
+
     async def _average(
         self,
         peer_id: str,
@@ -288,8 +346,10 @@ class LocalGroup:
         round_id: int,
         compression: str,
         timeout: float | None,
+        aggregator: str | Aggregator = "mean",
     ) -> AveragingOutcome:
         check_codec(compression)
+        agg = Aggregator.of(aggregator)
         if peer_id not in self.members:
             raise LocalProtocolError(f"{peer_id} is not a member of this group")
         if not weight > 0:
@@ -297,7 +357,7 @@ class LocalGroup:
         start = time.perf_counter()
         rnd = self._rounds.get(round_id)
         if rnd is None:
-            rnd = _Round(expected=set(self.members), compression=compression)
+            rnd = _Round(expected=set(self.members), compression=compression, aggregator=agg)
             self._rounds[round_id] = rnd
         rnd.expected.add(peer_id)
         sent = [roundtrip(compression, t) for t in tensors]
@@ -313,6 +373,8 @@ class LocalGroup:
                     self._maybe_finish(round_id, rnd, force=True)
         else:
             await trio.lowlevel.checkpoint()
+        if peer_id in rnd.blamed:  # its tensors are untouched, as for a member the others excluded
+            raise TaskFailed(f"{peer_id} was blamed: its contributions were clipped again and again")
         parts = rnd.outcome_participants
         nbytes = allreduce_bytes(tensors, compression, len(parts))
         total = sum(rnd.contributions[p][0] for p in parts)
@@ -323,6 +385,7 @@ class LocalGroup:
             seconds=time.perf_counter() - start,
             total_weight=total,
             excluded=rnd.excluded,
+            clipped=rnd.clipped,
         )
 
 
@@ -345,5 +408,8 @@ class LocalAverager:
         round_id: int,
         compression: str = "none",
         timeout: float | None = None,
+        aggregator: str | Aggregator = "mean",
     ) -> AveragingOutcome:
-        return await self._group._average(self._peer_id, tensors, weight, round_id, compression, timeout)
+        return await self._group._average(
+            self._peer_id, tensors, weight, round_id, compression, timeout, aggregator
+        )

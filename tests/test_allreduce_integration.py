@@ -377,3 +377,51 @@ async def test_idle_control_links_are_closed_and_forgotten() -> None:
             assert set(links._links) == {c.peer_id}
             assert set(links._link_locks) == {c.peer_id}
             assert a.statistics().get("tell_failures", 0) == 0
+
+
+@pytest.mark.parametrize("blame_after", [None, 1])
+async def test_a_byzantine_thousandfold_contribution_is_clipped(blame_after: int | None) -> None:
+    """One of four members sends -1000x a plausible contribution. With CenteredClip every honest
+    member ends bit-identical and close to the honest mean (the plain mean would be ~250x off);
+    every honest reducer clipped it. With ``blame_after=1`` it is blamed at once and the retry
+    runs without it."""
+    from p2pcompute.collective import Aggregator
+
+    n, byz = 4, 3
+    gen = torch.Generator().manual_seed(21)
+    base = torch.randn(40_001, generator=gen)
+    xs = [[base + 0.1 * torch.randn(40_001, generator=gen)] for _ in range(n)]
+    xs[byz] = [-1000 * xs[byz][0]]
+    spec = Aggregator("centered_clip", blame_after=blame_after)
+    with trio.fail_after(GUARD):
+        async with swarm(n) as (boot, peers):
+            async def body(p: Peer) -> RoundOutcome:
+                p.tensors = [t.clone() for t in xs[p.index]]
+                assert p.coll is not None
+                return await p.coll.average("robust", "r1", p.tensors, target=n, min_size=2,
+                                            matchmaking_timeout=60, aggregator=spec)
+            await run_peers(boot, peers, body, timeouts=Timeouts())
+    honest = [p for p in peers if p.index != byz]
+    byz_id = peers[byz].node.peer_id  # type: ignore[union-attr]
+    honest_mean = torch.stack([xs[p.index][0] for p in honest]).mean(0)
+    spread = max(float(torch.linalg.vector_norm(xs[p.index][0] - honest_mean)) for p in honest)
+    plain = torch.stack([xs[i][0] for i in range(n)]).mean(0)
+    assert float(torch.linalg.vector_norm(plain - honest_mean)) > 100 * spread
+    for p in honest:
+        r = p.result
+        assert r is not None
+        assert r.ok, r
+        assert torch.equal(p.tensors[0], honest[0].tensors[0])  # one reducer, the same bytes
+        assert float(torch.linalg.vector_norm(p.tensors[0] - honest_mean)) < spread
+        assert p.coll is not None
+        assert p.coll.clip_counts().get(byz_id) == 1, p.coll.clip_counts()
+        others = {q.node.peer_id for q in honest if q is not p}  # type: ignore[union-attr]
+        assert not others & set(p.coll.clip_counts())  # no honest sender was clipped
+        if blame_after is None:
+            assert r.attempts == 1
+            assert byz_id in r.participants
+            assert byz_id in r.clipped
+        else:
+            assert byz_id in r.excluded
+            assert "clipped" in r.reason
+            assert p.coll.statistics().get("clip_blamed") == 1

@@ -400,7 +400,9 @@ class RoundOutcome:
     On success every element of the result is the exact weighted average of the contributions
     of ``participants`` (whose weights sum to ``weight_total``); ``excluded`` are the group's
     members that were dropped, and ``reason`` says why earlier attempts failed (empty when the
-    first one succeeded). On failure the caller's tensors are left as they were.
+    first one succeeded). On failure the caller's tensors are left as they were. With a robust
+    aggregator, ``clipped`` names the senders whose contribution to our part we clipped
+    (their running counts: :meth:`p2pcompute.collective.Collective.clip_counts`).
     """
 
     status: RoundStatus
@@ -410,6 +412,7 @@ class RoundOutcome:
     weight_total: float = 0.0
     reason: str = ""
     group: tuple[str, ...] = ()
+    clipped: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -23,6 +23,7 @@ torch and trio.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import random
 import threading
@@ -34,6 +35,10 @@ import torch
 import trio
 import trio.lowlevel
 
+from p2pcompute.collective.aggregate import Aggregated, Aggregator, ClipLedger, aggregate
+from p2pcompute.collective.buffers import Scratch, flat_dtype
+from p2pcompute.collective.buffers import offload as _offload
+from p2pcompute.collective.buffers import roundtrip_part as _roundtrip
 from p2pcompute.collective.faults import FaultPlan
 from p2pcompute.collective.matchcore import Formed
 from p2pcompute.collective.messages import LEFT, STATUS
@@ -63,7 +68,6 @@ from p2pcompute.errors import (
     RemoteProtocolError,
     ResourceLimitExceeded,
 )
-from p2pcompute.tensors import codecs
 
 log = logging.getLogger(__name__)
 
@@ -71,81 +75,12 @@ CODECS = ("none", "fp16", "bf16", "int8")
 # ResourceLimitExceeded is honest ("I am full"): never blamed; a send refused so is retried first
 _TRANSFER_ERRORS = (PeerGone, PeerTimeout, PeerUnreachable, ProtocolError, ResourceLimitExceeded)
 _MAX_REMEMBERED = 512
-_ROUNDTRIP_CHUNK = 1 << 20  # elements; a multiple of the int8 block
-_OFFLOAD_BYTES = 1 << 20  # tensor work on at least this many bytes runs in a worker thread
 _PROGRESS_EVERY = 0.2  # seconds between progress reports from a contribution's worker thread
 _STATUS_FIRST = 1.0  # at most this long a failed attempt's transfers wait for its status to go out
 _BUSY_FIRST = 0.05  # first backoff after a receiver refused a send because it is full
 _BUSY_MAX = 1.0  # the backoff doubles up to this
 
 Tell = Callable[[str, bytes], Awaitable[None]]
-
-
-def flat_dtype(tensors: Sequence[torch.Tensor]) -> tuple[torch.dtype, torch.device]:
-    """The one dtype and device of a round's tensors; :class:`ConfigError` if they cannot average.
-
-    Example::
-
-        dtype, device = flat_dtype(list(model.parameters()))
-    """
-    if not tensors:
-        raise ConfigError("nothing to average: no tensors")
-    dtype, device = tensors[0].dtype, tensors[0].device
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise ConfigError("average() takes torch tensors")
-        if t.dtype != dtype or t.device != device:
-            raise ConfigError("all tensors of one round must share dtype and device")
-        if not t.is_contiguous():
-            raise ConfigError("tensors must be contiguous (their memory receives the average)")
-    if not dtype.is_floating_point:
-        raise ConfigError(f"only floating tensors can be averaged, not {dtype}")
-    return dtype, device
-
-
-class Scratch:
-    """Round buffers kept for the next round: fresh pages cost more than the copy (a 256 MB
-    buffer per round was 14% of all CPU time in the 4-peer benchmark).
-
-    Example::
-
-        buf = scratch.take("flat", n, torch.float32, torch.device("cpu"))
-        ...
-        scratch.give("flat", buf)
-    """
-
-    def __init__(self) -> None:
-        self._kept: dict[str, torch.Tensor] = {}
-
-    def take(self, kind: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A buffer of at least ``n`` elements: the one the last round gave back, or a new one.
-
-        Example::
-
-            acc = scratch.take("acc", 1024, torch.float32, torch.device("cpu"))[:1024]
-        """
-        buf = self._kept.pop(kind, None)
-        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < n:
-            buf = torch.empty(n, dtype=dtype, device=device)
-        return buf
-
-    def give(self, kind: str, buf: torch.Tensor) -> None:
-        """Keep ``buf`` for the next round (one per kind: a round's worth, its tensors plus a part).
-
-        Example::
-
-            scratch.give("acc", buf)
-        """
-        self._kept[kind] = buf
-
-    def clear(self) -> None:
-        """Free every kept buffer.
-
-        Example::
-
-            scratch.clear()
-        """
-        self._kept.clear()
 
 
 class RoundDriver:
@@ -171,7 +106,11 @@ class RoundDriver:
         scratch: Scratch,
         stats: collections.Counter[str],
         leave_timeout: float = 2.0,
+        aggregator: Aggregator | None = None,
+        ledger: ClipLedger | None = None,
     ) -> None:
+        self.agg = aggregator if aggregator is not None else Aggregator()
+        self.ledger = ledger if ledger is not None else ClipLedger()
         self.lane = lane
         self.tell = tell
         self.faults = faults
@@ -191,6 +130,10 @@ class RoundDriver:
         self._acc_base: torch.Tensor | None = None
         self.att: AttemptCore | None = None
         self.acc = self.flat[:0]
+        # robust aggregators: every contributor's slice of our part, one row each
+        self._rows_base: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.clipped: tuple[str, ...] = ()  # senders we clipped in the last aggregation
         self._acc_lock = threading.Lock()
         self._decided = trio.Event()
         self._outcome: Outcome | None = None
@@ -305,6 +248,8 @@ class RoundDriver:
             self.scratch.give("flat", self._flat_base)
             if self._acc_base is not None:
                 self.scratch.give("acc", self._acc_base)
+            if self._rows_base is not None:
+                self.scratch.give("rows", self._rows_base)
 
     async def _run(self) -> RoundOutcome:
         rc = self.rc
@@ -327,6 +272,8 @@ class RoundDriver:
         assert rc.result is not None
         if not rc.result.ok:
             self._restore()
+        elif self.agg.robust:
+            return dataclasses.replace(rc.result, clipped=self.clipped)
         return rc.result
 
     def _snapshot(self) -> None:
@@ -367,7 +314,11 @@ class RoundDriver:
         if self._acc_base is None or self._acc_base.numel() < end - start:
             self._acc_base = self.scratch.take("acc", end - start, self.dtype, self.device)
         acc = self.acc = self._acc_base[: end - start]
-        if att.me in plan.contributors:
+        self.rows = None
+        self.clipped = ()
+        if self.agg.robust:
+            await self._stack_rows(att, start, end)
+        elif att.me in plan.contributors:
             alpha = plan.weight_of(att.me) / plan.weight_total
             await _offload(acc, lambda: torch.mul(self.flat[start:end], alpha, out=acc))
         else:
@@ -381,6 +332,19 @@ class RoundDriver:
         self._transfers = None
         assert self._outcome is not None
         return self._outcome
+
+    async def _stack_rows(self, att: AttemptCore, start: int, end: int) -> None:
+        """Robust aggregators: a row per contributor for our part (about one copy of the tensors)."""
+        contributors = att.plan.contributors
+        n, m = len(contributors), end - start
+        work = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
+        base = self._rows_base
+        if base is None or base.dtype != work or base.numel() < n * m:
+            base = self._rows_base = self.scratch.take("rows", n * m, work, self.device)
+        rows = self.rows = base[: n * m].view(n, m)
+        if att.me in contributors:
+            mine = rows[contributors.index(att.me)]
+            await _offload(mine, lambda: mine.copy_(self.flat[start:end]))
 
     async def _run_transfers(self, att: AttemptCore, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         plan = att.plan
@@ -475,6 +439,17 @@ class RoundDriver:
         got = 0
         reported = [time.monotonic()]
         token = trio.lowlevel.current_trio_token()
+        land: Callable[[int, torch.Tensor], None]
+        if self.rows is not None:  # a robust aggregator: keep the contribution whole, in its row
+            row = self.rows[plan.contributors.index(sender)]
+
+            def land(first: int, values: torch.Tensor) -> None:
+                row[first : first + values.numel()].copy_(values)
+        else:
+
+            def land(first: int, values: torch.Tensor) -> None:
+                with lock:  # contributions land in one accumulator
+                    acc[first : first + values.numel()].add_(values, alpha=alpha)
 
         def progress() -> None:
             att.progress(sender, trio.current_time())
@@ -486,9 +461,7 @@ class RoundDriver:
             if name != "x" or values.dtype != acc.dtype or first != got or got + count > expected:
                 where = f"contribution shard {name!r} [{first}:+{count}]"
                 raise IntegrityError(f"{where} out of place", peer=sender)
-            values = values.to(acc.device, non_blocking=True)
-            with lock:  # contributions land in one accumulator
-                acc[first : first + count].add_(values, alpha=alpha)
+            land(first, values.to(acc.device, non_blocking=True))
             got += count
             now = time.monotonic()
             if now - reported[0] >= _PROGRESS_EVERY:  # the sender's inactivity timer, not per record
@@ -520,6 +493,8 @@ class RoundDriver:
 
     async def _finalize_part(self, att: AttemptCore) -> None:
         await self.faults.at("reduce")
+        if self.rows is not None and not await self._robust_reduce(att, self.rows):
+            return
         start, end = att.plan.part_of(att.me)
         shards = self._shards(start, end, self.acc)
 
@@ -536,6 +511,41 @@ class RoundDriver:
             assert self._transfers is not None
             self._transfers.start_soon(self._send, att, peer, "p", shards)
 
+    async def _robust_reduce(self, att: AttemptCore, rows: torch.Tensor) -> bool:
+        """Aggregate our part from its rows into the accumulator; count and blame clipped senders.
+
+        False when a sender passed the blame threshold: the attempt fails, without it next time.
+        """
+        contributors = att.plan.contributors
+        weights = [att.plan.weight_of(c) for c in contributors]
+        acc = self.acc
+        done: list[Aggregated] = []
+
+        def work() -> None:
+            out = acc if acc.dtype == rows.dtype else torch.empty_like(acc, dtype=rows.dtype)
+            done.append(aggregate(rows, weights, out, self.agg))
+            if out is not acc:
+                acc.copy_(out)
+
+        await _offload(rows, work)
+        seen = {c for c in contributors if c != att.me}
+        clipped = {contributors[i] for i in done[0].counted(self.agg.count_below)} & seen
+        self.clipped = tuple(sorted(clipped))
+        self.stats["clipped_contributions"] += len(clipped)
+        blame = self.ledger.record(
+            self.round_id, seen=seen, clipped=clipped, blame_after=self.agg.blame_after
+        )
+        if not blame:
+            return True
+        now = trio.current_time()
+        for peer in sorted(blame):
+            self.stats["blamed"] += 1
+            self.stats["clip_blamed"] += 1
+            why = f"its contributions were clipped in {self.ledger.streak.get(peer, 0)} consecutive rounds"
+            log.info("collective %s: blaming %s: %s", self.round_id, peer, why)
+            self._apply(att.peer_failed(peer, now, why, blame=True))
+        return False
+
     async def _receive_part(self, att: AttemptCore, reducer: str) -> None:
         start, end = att.plan.part_of(reducer)
         into = self._shards(start, end, None)
@@ -547,24 +557,6 @@ class RoundDriver:
             self._failed(att, reducer, exc)
             return
         self._apply(att.averaged_part_done(reducer, trio.current_time()))
-
-
-async def _offload(like: torch.Tensor, fn: Callable[[], Any]) -> None:
-    """Run ``fn`` (bulk tensor work as large as ``like``) off the event loop when it is large.
-
-    Not abandoned on cancellation: when this returns, ``fn`` has finished with its buffers.
-    """
-    if like.device.type == "cpu" and like.numel() * like.element_size() >= _OFFLOAD_BYTES:
-        await trio.to_thread.run_sync(fn)
-    else:
-        fn()
-
-
-def _roundtrip(codec: str, values: torch.Tensor) -> None:
-    """Replace ``values`` by what a receiver decodes from it under ``codec`` (bounded scratch)."""
-    for lo in range(0, values.numel(), _ROUNDTRIP_CHUNK):
-        piece = values[lo : lo + _ROUNDTRIP_CHUNK]
-        codecs.decode_into(codec, codecs.encode(codec, piece), piece)
 
 
 class Rounds:
@@ -597,6 +589,7 @@ class Rounds:
         self.timeouts = timeouts
         self.leave_timeout = leave_timeout
         self.scratch = Scratch()
+        self.ledger = ClipLedger()  # per-sender clip counts across rounds (robust aggregators)
         self._rounds: dict[str, RoundDriver] = {}
         self._closed_rounds: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._early: collections.OrderedDict[str, list[tuple[str, Mapping[str, Any]]]] = (
@@ -633,17 +626,22 @@ class Rounds:
         codec: str = "none",
         min_size: int = 2,
         max_attempts: int = 3,
+        aggregator: str | Aggregator = "mean",
     ) -> RoundOutcome:
         """See :meth:`p2pcompute.collective.Collective.all_reduce`.
 
         Example::
 
             result = await rounds.all_reduce(group, "run", "step-3", params, codec="bf16")
+            result = await rounds.all_reduce(group, "run", "step-4", params, aggregator="centered_clip")
         """
         if codec not in CODECS:
             raise ConfigError(f"unknown codec {codec!r}; use one of {', '.join(CODECS)}")
+        agg = Aggregator.of(aggregator)
         members = [c.peer_id for c in group.members]
         round_id = f"{run}|{round_key}|{group.digest}"
+        if agg.robust:  # members that aggregate differently never mix their transfers
+            round_id += f"|{agg.kind}"
         if round_id in self._rounds:
             raise ConfigError(f"round {round_id!r} is already running")
         rc = RoundCore(
@@ -659,6 +657,7 @@ class Rounds:
         rnd = RoundDriver(
             round_id, rc, tensors, codec, lane=self.lane, tell=self.tell, faults=self.faults,
             scratch=self.scratch, stats=self.stats, leave_timeout=self.leave_timeout,
+            aggregator=agg, ledger=self.ledger,
         )
         self._rounds[round_id] = rnd
         try:

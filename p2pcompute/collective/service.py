@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import trio
 
+from p2pcompute.collective.aggregate import Aggregator
 from p2pcompute.collective.faults import FaultPlan
 from p2pcompute.collective.links import _LINK_IDLE as _LINK_IDLE  # re-exported: tests import it here
 from p2pcompute.collective.links import CONTROL_KINDS, ControlLinks
@@ -130,9 +131,23 @@ class Collective:
         """
         self.rounds.scratch.clear()
 
+    def clip_counts(self) -> dict[str, int]:
+        """Per sender, in how many rounds a robust aggregator here clipped its contribution.
+
+        A sender clipped in ``Aggregator.blame_after`` consecutive rounds is blamed (and so
+        excluded from the round); ``statistics()["clip_blamed"]`` counts those blames.
+
+        Example::
+
+            suspicious = {p: n for p, n in coll.clip_counts().items() if n >= 3}
+        """
+        return dict(self.rounds.ledger.total)
+
     def statistics(self) -> dict[str, int]:
         """Counters: rejected adverts and messages, rounds averaged and failed, peers blamed
-        (``blamed``), sends refused by a full receiver (``busy_refusals``), ...
+        (``blamed``), sends refused by a full receiver (``busy_refusals``), contributions
+        clipped by a robust aggregator (``clipped_contributions``) and blames for it
+        (``clip_blamed``), ...
 
         Example::
 
@@ -199,18 +214,25 @@ class Collective:
         codec: str = "none",
         min_size: int = 2,
         max_attempts: int = 3,
+        aggregator: str | Aggregator = "mean",
     ) -> RoundOutcome:
         """Average ``tensors`` in place with ``group`` (weights and bandwidths from its adverts).
 
         On success every element is the exact weighted average over ``result.participants``
         (up to the codec's documented bound); otherwise ``tensors`` are left unchanged.
+        ``aggregator``: ``"mean"`` (that average), ``"centered_clip"`` or ``"trimmed_mean"``
+        (robust to a minority of Byzantine contributions; each reducer aggregates its part, see
+        :mod:`p2pcompute.collective.aggregate`), or an :class:`Aggregator` with its settings.
+        Every member of a group must name the same kind.
 
         Example::
 
             result = await coll.all_reduce(group, "run", "step-3", params, codec="bf16")
+            result = await coll.all_reduce(group, "run", "step-4", params, aggregator="centered_clip")
         """
         return await self.rounds.all_reduce(
-            group, run, round_key, tensors, codec=codec, min_size=min_size, max_attempts=max_attempts
+            group, run, round_key, tensors, codec=codec, min_size=min_size, max_attempts=max_attempts,
+            aggregator=aggregator,
         )
 
     async def average(
@@ -226,17 +248,20 @@ class Collective:
         patience: float | None = None,
         codec: str = "none",
         max_attempts: int = 3,
+        aggregator: str | Aggregator = "mean",
     ) -> RoundOutcome:
         """Form a group under ``run`` for ``round_key`` and average ``tensors`` in place with it.
 
         Returns a :class:`RoundOutcome`: ``AVERAGED`` (exact weighted average over
-        ``participants``), ``FAILED`` or ``NO_GROUP`` (tensors untouched in both).
+        ``participants``, or their robust aggregate with another ``aggregator``, see
+        :meth:`all_reduce`), ``FAILED`` or ``NO_GROUP`` (tensors untouched in both).
 
         Example::
 
             result = await coll.average("run", "step-3", list(model.parameters()), weight=1024)
         """
         flat_dtype(tensors)
+        Aggregator.of(aggregator)
         if codec not in CODECS:
             raise ConfigError(f"unknown codec {codec!r}; use one of {', '.join(CODECS)}")
         group = await self.form_group(
@@ -252,7 +277,8 @@ class Collective:
         if isinstance(group, NoGroup):
             return RoundOutcome(RoundStatus.NO_GROUP, reason=group.reason)
         return await self.all_reduce(
-            group, run, round_key, tensors, codec=codec, min_size=min_size, max_attempts=max_attempts
+            group, run, round_key, tensors, codec=codec, min_size=min_size, max_attempts=max_attempts,
+            aggregator=aggregator,
         )
 
 

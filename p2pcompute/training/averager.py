@@ -7,11 +7,17 @@ the fault-tolerant all-reduce of :mod:`p2pcompute.collective`; :class:`SoloAvera
 of one. An in-process group of simulated peers (real arithmetic, no network) for tests and the
 training benchmark is :class:`p2pcompute.testing.LocalGroup`.
 
+``aggregator`` names how each reducer combines the contributions (``"mean"``, the weighted
+mean; ``"centered_clip"`` or ``"trimmed_mean"``, robust to a minority of Byzantine peers; or an
+:class:`~p2pcompute.collective.aggregate.Aggregator`); the network and the in-memory group share
+one implementation, :func:`p2pcompute.collective.aggregate.aggregate`.
+
 ``compression`` names a wire codec ("none", "fp16", "bf16", "int8"). The codecs are those of
 :mod:`p2pcompute.tensors.codecs` (re-exported here as ``roundtrip``, ``wire_bytes`` and
 ``check_codec``), so a simulated group rounds exactly as the lane does, int8 blocks included.
 
-Imports torch, trio, :mod:`p2pcompute.errors` and :mod:`p2pcompute.tensors.codecs`.
+Imports torch, trio, :mod:`p2pcompute.errors`, :mod:`p2pcompute.tensors.codecs` and
+:mod:`p2pcompute.collective.aggregate` (sans-IO).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import trio
 
+from p2pcompute.collective.aggregate import Aggregator
 from p2pcompute.tensors import codecs
 
 CODECS = codecs.CODECS
@@ -35,7 +42,9 @@ class AveragingOutcome:
     """What one averaging round did, as seen by one peer.
 
     ``participants`` are the peer ids whose contributions are in the average (this peer
-    included); ``bytes_sent``/``bytes_received`` count payload bytes this peer moved.
+    included); ``bytes_sent``/``bytes_received`` count payload bytes this peer moved;
+    ``clipped``: the senders a robust aggregator clipped in this round (as far as this peer
+    saw: on the network, in the part it reduced).
     """
 
     participants: tuple[str, ...]
@@ -44,6 +53,7 @@ class AveragingOutcome:
     seconds: float = 0.0
     total_weight: float = 0.0
     excluded: tuple[str, ...] = ()
+    clipped: tuple[str, ...] = ()
 
 
 @runtime_checkable
@@ -71,6 +81,7 @@ class Averager(Protocol):
         round_id: int,
         compression: str = "none",
         timeout: float | None = None,
+        aggregator: str | Aggregator = "mean",
     ) -> AveragingOutcome: ...
 
 
@@ -128,8 +139,10 @@ class SoloAverager:
         round_id: int,
         compression: str = "none",
         timeout: float | None = None,
+        aggregator: str | Aggregator = "mean",
     ) -> AveragingOutcome:
         check_codec(compression)
+        Aggregator.of(aggregator)  # any aggregator of one contribution is that contribution
         await trio.lowlevel.checkpoint()
         if compression != "none":
             for t in tensors:

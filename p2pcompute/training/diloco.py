@@ -9,6 +9,10 @@ the *outer* optimizer (torch's SGD with Nesterov momentum by default) as the anc
 gradient, and copies the new anchor into the model. Every participant receives the same
 average and applies the same deterministic update, so peers stay bit-identical.
 
+``aggregator`` (``"mean"`` by default) picks how the group combines the pseudo-gradients:
+``"centered_clip"`` or ``"trimmed_mean"`` keep training on course when a minority of peers send
+garbage (see docs/design/averaging.md); it is passed to the averager only when it is not the mean.
+
 ``mode="per_step"`` is the classic data-parallel baseline: the gradients are averaged
 before every inner step and there is no outer optimizer.
 
@@ -33,6 +37,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import torch
 import trio
 
+from p2pcompute.collective.aggregate import Aggregator
 from p2pcompute.errors import ConfigError, LocalProtocolError, P2PComputeError
 from p2pcompute.training.averager import Averager, AveragingOutcome, allreduce_bytes, check_codec
 from p2pcompute.training.state import TrainingState, save_checkpoint
@@ -89,6 +94,7 @@ class DiLoCo:
         model = make_model()
         inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
         opt = DiLoCo(model, inner, swarm.averager, inner_steps=50, runner=swarm.call)
+        # among strangers: DiLoCo(..., aggregator="centered_clip")
         for x, y in batches:
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -114,6 +120,7 @@ class DiLoCo:
         anchor_device: str | torch.device | None = "cpu",
         runner: Runner | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        aggregator: str | Aggregator = "mean",
     ) -> None:
         if inner_steps < 1:
             raise ConfigError("inner_steps must be at least 1")
@@ -128,6 +135,9 @@ class DiLoCo:
         self.inner_steps = inner_steps
         self.mode: Mode = mode
         self.compression = check_codec(compression)
+        self.aggregator = Aggregator.of(aggregator)
+        # an averager that predates the option still works for the mean
+        self._avg_options: dict[str, Any] = {"aggregator": self.aggregator} if self.aggregator.robust else {}
         self.timeout = timeout
         self.runner = runner
         self.checkpoint = checkpoint
@@ -196,7 +206,7 @@ class DiLoCo:
         try:
             outcome = await self.averager.average(
                 deltas, weight=weight, round_id=self.outer_step, compression=self.compression,
-                timeout=self.timeout,
+                timeout=self.timeout, **self._avg_options,
             )
         except P2PComputeError as exc:
             # The round failed as a whole: step on our own pseudo-gradient so the local work is
@@ -237,7 +247,7 @@ class DiLoCo:
         try:
             outcome = await self.averager.average(
                 grads, weight=samples, round_id=self.total_inner_steps, compression=self.compression,
-                timeout=self.timeout,
+                timeout=self.timeout, **self._avg_options,
             )
         except P2PComputeError as exc:
             error = f"{type(exc).__name__}: {exc}"

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 import trio
 
+from p2pcompute.collective.aggregate import Aggregator
 from p2pcompute.deadlines import deadline
 from p2pcompute.errors import (
     ConfigError,
@@ -105,6 +106,7 @@ class CollectiveAverager:
         round_id: int,
         compression: str = "none",
         timeout: float | None = None,
+        aggregator: str | Aggregator = "mean",
     ) -> AveragingOutcome:
         check_codec(compression)
         if self.others is not None and self.others() == 0:
@@ -125,6 +127,7 @@ class CollectiveAverager:
             patience=self.patience,
             codec=compression,
             max_attempts=self.max_attempts,
+            aggregator=aggregator,
         )
         after = self.lane.statistics()
         sent = after.bytes_sent - before.bytes_sent
@@ -136,7 +139,8 @@ class CollectiveAverager:
             raise TaskFailed(f"averaging round {round_id} ended {self.last_reason} after {seconds:.1f} s")
         self.last_reason = ""
         return AveragingOutcome(
-            tuple(result.participants), sent, received, seconds, result.weight_total, tuple(result.excluded)
+            tuple(result.participants), sent, received, seconds, result.weight_total, tuple(result.excluded),
+            tuple(result.clipped),
         )
 
 
