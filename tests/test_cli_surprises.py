@@ -24,7 +24,8 @@ from p2pcompute.cli import build_parser
 from p2pcompute.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "p2pcompute.cli"]
+# -P: like the installed console script, the current folder is not on sys.path
+CLI = [sys.executable, "-P", "-m", "p2pcompute.cli"]
 GUARD = 90.0  # against hangs on a loaded machine; measures nothing
 NOBODY = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWMdXMwwcfpkBTSCFouMKZN3Y9BorymzzMCYy7JvBjMS9g"
 LOCAL = ("--listen", "/ip4/127.0.0.1/tcp/0")
@@ -416,3 +417,41 @@ def test_task_run_with_safetensors_files(tmp_path: Path) -> None:
     finally:
         codes = [p.stop() for p in reversed(procs)]
     assert codes == [0, 0]
+
+
+# ------------------------------------------------------------------------------ one key, two processes
+
+
+def test_two_processes_with_one_key_are_not_silently_merged(tmp_path: Path) -> None:
+    key = str(tmp_path / "shared.key")
+    fast = ("--advert-interval", "1")  # the identity check runs once per advert lifetime (3 s here)
+    boot = node("bootstrap", *LOCAL)
+    procs = [boot]
+    try:
+        addr = boot.wait_line(boot.out, lambda line: "/p2p/" in line)
+        first = node("peer", *LOCAL, "--bootstrap", addr, "--key", key, *fast)
+        procs.append(first)
+        first.wait_line(first.err, lambda line: "selling task kinds" in line)
+        second = node("peer", *LOCAL, "--bootstrap", addr, "--key", key, *fast)
+        procs.append(second)
+        second.wait_line(second.err, lambda line: "selling task kinds" in line)
+        # the older process finds the newer one's advert under its own peer id and stops
+        first.wait_line(first.err, lambda line: "another process" in line, timeout=60)
+        assert first.p.wait(30) == 3
+        errors = [line for line in first.err if "error:" in line]
+        assert len(errors) == 1
+        assert "another process uses this node's key" in errors[0]
+        assert second.p.poll() is None  # the other one carries on
+    finally:
+        codes = [p.stop() for p in reversed(procs)]
+    assert codes[0] == 0  # the second peer
+    assert not any("Traceback" in line for p in procs for line in p.err)
+
+
+def test_backoff_doubles_to_its_cap_and_resets() -> None:
+    from p2pcompute.cli.watch import Backoff
+
+    b = Backoff(5, 60)
+    assert [b.failed() for _ in range(6)] == [5, 10, 20, 40, 60, 60]
+    b.reset()
+    assert b.failed() == 5

@@ -8,14 +8,21 @@
 * ``status --bootstrap ADDR [--json]``: joins briefly without advertising and prints
   the live peers and their GPUs (a table, or a JSON list).
 
+Before a node starts, ``--listen`` is checked (:func:`p2pcompute.cli.preflight.check_listen`:
+TCP only, an address of this machine, a free port). A running ``peer`` watches its bootstrap
+nodes (:mod:`p2pcompute.cli.watch`): it warns and redials with back-off when they are gone,
+stops (exit 3) when another process runs with its key, and answers task-catalog requests
+(:mod:`p2pcompute.cli.task`). ``--log-format json`` makes every stderr line a JSON object.
+
 Errors are one line on stderr with the exit codes of :mod:`p2pcompute.cli`
-(3: bad multiaddr / key file, 4: bootstrap unreachable). Imports the overlay,
+(3: bad multiaddr / listen address / key file, 4: bootstrap unreachable). Imports the overlay,
 capacity and identity layers; nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 from collections.abc import Awaitable, Callable
@@ -200,7 +207,9 @@ def cmd_peer(args: argparse.Namespace) -> int:
                 f"joined swarm {args.swarm!r} as {node.peer_id}; selling task kinds: {kinds}",
                 peer=node.peer_id,
             )
-            nursery.start_soon(watch_bootstrap, node, args.bootstrap)
+            # the identity check asks once per advert lifetime (3 intervals; 30 s by default)
+            every = 3 * (args.advert_interval or 10.0)
+            nursery.start_soon(functools.partial(watch_bootstrap, identity_every=every), node, args.bootstrap)
             if args.show_peers is not None:
                 await _show_view(node, args.show_peers, args.wait)
             await trio.sleep_forever()
