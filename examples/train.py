@@ -11,7 +11,9 @@ The script is an ordinary synchronous PyTorch loop. The only p2pcompute lines ar
 inner optimizer: every ``--inner-steps`` steps the peers average what they learned and apply
 an outer Nesterov step. A peer that starts late downloads the current state from the others
 (hash-verified) and joins at their next outer step; a peer that restarts with the same
-``--checkpoint`` resumes from it. Ctrl-C stops it cleanly.
+``--checkpoint`` resumes from it. Ctrl-C (SIGINT) stops it cleanly: the peer leaves the swarm, the
+script prints one line on stderr and exits 130 (the shell's code for "interrupted", so a wrapper
+can tell an interrupted run from one that finished, which exits 0).
 """
 
 from __future__ import annotations
@@ -48,7 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-seed", type=int, default=None, help="seed of this peer's batches")
     parser.add_argument("--json", action="store_true", help="one JSON line per outer step")
     args = parser.parse_args(argv)
+    try:
+        return train(args)
+    except KeyboardInterrupt:
+        print("train.py: stopped by Ctrl-C", file=sys.stderr, flush=True)
+        return 130
 
+
+def train(args: argparse.Namespace) -> int:
+    """The training loop; returns 0 once ``--outer-steps`` outer steps are done."""
     torch.manual_seed(0)
     task = TeacherTask(seed=0)
     eval_set = task.eval_set()

@@ -23,6 +23,23 @@ from p2pcompute.wire.signing import peer_id_from_public_key
 KEY_FILE_MODE = 0o600
 
 
+def _make_private_dirs(folder: Path) -> None:
+    """Create ``folder`` and every missing parent with mode 0700 (``mkdir(parents=True)`` would make the
+    parents with the umask's mode, usually 0755); folders that exist are left as they are."""
+    missing = []
+    for d in (folder, *folder.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made meanwhile by someone else
+        else:
+            os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
+
+
 class Identity:
     """An Ed25519 key pair and the libp2p peer id it gives.
 
@@ -95,7 +112,7 @@ class Identity:
         """Write the key to ``path`` atomically with mode 0600, creating parent folders (0700)."""
         p = Path(path).expanduser()
         try:
-            p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _make_private_dirs(p.parent)
             atomic_write(p, self.private_pem(), mode=KEY_FILE_MODE)
         except OSError as exc:
             raise KeyFileError(f"cannot write key file {p}: {exc.strerror}") from None

@@ -165,6 +165,13 @@ async def serve_link(
                     tag=tag, ok=False, bytes=0, seconds=0.0, error=f"over the {max_bytes}-byte cap"
                 )
             )
+            if kind == "stream":
+                # the client streams its payload before it reads our answer: read it past (frames of
+                # at most FRAME bytes, nothing kept) so the stream stays in step and it sees the refusal
+                with deadline(op_timeout, f"bench-link refused stream of {nbytes} bytes", peer=peer):
+                    left = nbytes
+                    while left > 0:
+                        left -= len(await stream.recv_frame(min(FRAME, left)))
             continue
         start = time.perf_counter()
         path = None
@@ -353,6 +360,9 @@ def cmd_link(args: argparse.Namespace) -> int:
     """``bench link --serve`` or ``bench link --peer MULTIADDR``."""
     if bool(args.serve) == bool(args.peer):
         args.bench_parser.error("bench link needs exactly one of --peer MULTIADDR or --serve")
+    for option, value in (("--wan", args.wan), ("--suite-args", args.suite_args), ("--quick", args.quick)):
+        if value:
+            args.bench_parser.error(f"{option} applies to the benchmark suites, not to 'bench link'")
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if not sizes:
         raise ConfigError("--sizes lists no size")

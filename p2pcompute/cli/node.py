@@ -8,18 +8,23 @@
 * ``status --bootstrap ADDR [--json]``: joins briefly without advertising and prints
   the live peers and their GPUs (a table, or a JSON list).
 
+Before a node starts, ``--listen`` is checked (:func:`p2pcompute.cli.preflight.check_listen`:
+TCP only, an address of this machine, a free port). A running ``peer`` watches its bootstrap
+nodes (:mod:`p2pcompute.cli.watch`): it warns and redials with back-off when they are gone,
+stops (exit 3) when another process runs with its key, and answers task-catalog requests
+(:mod:`p2pcompute.cli.task`). ``--log-format json`` makes every stderr line a JSON object.
+
 Errors are one line on stderr with the exit codes of :mod:`p2pcompute.cli`
-(3: bad multiaddr / key file, 4: bootstrap unreachable). Imports the overlay,
+(3: bad multiaddr / listen address / key file, 4: bootstrap unreachable). Imports the overlay,
 capacity and identity layers; nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,22 +32,29 @@ import trio
 
 from p2pcompute.capacity.model import Capacity
 from p2pcompute.cli import EXIT_OK
+from p2pcompute.cli.logs import FORMATS, notice, setup_logging
+from p2pcompute.cli.preflight import check_listen, positive_int, positive_seconds, seconds
 from p2pcompute.errors import PeerTimeout
 from p2pcompute.identity import Identity
 from p2pcompute.overlay.node import Node, open_node, single_leaf
 from p2pcompute.overlay.table import PeerRecord
 
 
-def _identity(path: str | None) -> Identity:
+def identity_from(path: str | None) -> Identity:
+    """The identity in key file ``path`` (created 0600 when missing), or a fresh one without a path.
+
+    Example::
+
+        ident = identity_from(args.key)
+    """
     return Identity.load_or_create(path) if path else Identity.generate()
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _prepare(args: argparse.Namespace) -> Identity:
+    """What every node command does before it starts: logging, the listen address, the key."""
+    setup_logging(args.verbose, getattr(args, "log_format", "text"))
+    check_listen(args.listen)
+    return identity_from(args.key)
 
 
 def _gib(n: int) -> str:
@@ -109,7 +121,7 @@ async def _show_view(node: Node, n: int, timeout: float) -> None:
     try:
         found = await node.wait_for_peers(n, timeout=timeout)
     except PeerTimeout as exc:
-        print(f"p2pcompute: warning: {exc}", file=sys.stderr, flush=True)
+        notice("warning", str(exc))
         found = node.peers.alive()
     print(f"view of {node.peer_id}:", flush=True)
     print(format_table(found), flush=True)
@@ -127,7 +139,10 @@ def _node_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not 1.0 <= value <= 1200.0:
         raise argparse.ArgumentTypeError("must be between 1 and 1200 seconds")
     return value
@@ -135,8 +150,7 @@ def _seconds(text: str) -> float:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """Run a bootstrap node until SIGINT/SIGTERM."""
-    _setup_logging(args.verbose)
-    ident = _identity(args.key)
+    ident = _prepare(args)
 
     async def main() -> None:
         async with open_node(ident, listen=[args.listen], role="bootstrap", **_node_options(args)) as node:
@@ -148,8 +162,13 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _lane_bind(listen: str) -> str:
-    """The address the tensor lane listens on: the IP of ``--listen`` (0.0.0.0 stays 0.0.0.0)."""
+def lane_bind(listen: str) -> str:
+    """The address the tensor lane listens on: the IP of ``--listen`` (0.0.0.0 stays 0.0.0.0).
+
+    Example::
+
+        lane_bind("/ip4/127.0.0.1/tcp/0")     # '127.0.0.1'
+    """
     parts = listen.split("/")
     if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
         return parts[2]
@@ -159,27 +178,38 @@ def _lane_bind(listen: str) -> str:
 def cmd_peer(args: argparse.Namespace) -> int:
     """Join a swarm, advertise this machine's capacity, sell tasks and serve until SIGINT/SIGTERM."""
     # Imported here so that `bootstrap` and `status` do not pay for torch.
-    from p2pcompute.tasks import builtin_registry, load_registry, serve_tasks
+    from p2pcompute.cli.preflight import load_task_registry
+    from p2pcompute.cli.task import CATALOG_PROTOCOL, serve_catalog
+    from p2pcompute.cli.watch import watch_bootstrap
+    from p2pcompute.overlay.streams import FramedStream
+    from p2pcompute.tasks import builtin_registry, serve_tasks
     from p2pcompute.tensors import open_lane
 
-    _setup_logging(args.verbose)
-    ident = _identity(args.key)
-    registry = load_registry(args.tasks) if args.tasks else None  # ConfigError -> exit 3 before joining
+    ident = _prepare(args)
+    registry = load_task_registry(args.tasks) if args.tasks else None  # ConfigError -> exit 3 before joining
+    sold = builtin_registry() if registry is None else builtin_registry().merged(registry)
+
+    async def catalog(stream: FramedStream) -> None:
+        await serve_catalog(stream, sold)
 
     async def main() -> None:
         async with (
             open_node(ident, listen=[args.listen], bootstrap=args.bootstrap, **_node_options(args)) as node,
-            open_lane(node, bind=_lane_bind(args.listen)) as lane,
+            open_lane(node, bind=lane_bind(args.listen)) as lane,
             serve_tasks(node, registry, capacity=args.task_slots, ledger=args.ledger, lane=lane),
+            trio.open_nursery() as nursery,
         ):
+            node.set_stream_handler(CATALOG_PROTOCOL, catalog)
             print(node.addrs[0] if node.addrs else node.peer_id, flush=True)
-            sold = builtin_registry() if registry is None else builtin_registry().merged(registry)
             kinds = ", ".join(sold.names())
-            print(
+            notice(
+                "info",
                 f"joined swarm {args.swarm!r} as {node.peer_id}; selling task kinds: {kinds}",
-                file=sys.stderr,
-                flush=True,
+                peer=node.peer_id,
             )
+            # the identity check asks once per advert lifetime (3 intervals; 30 s by default)
+            every = 3 * (args.advert_interval or 10.0)
+            nursery.start_soon(functools.partial(watch_bootstrap, identity_every=every), node, args.bootstrap)
             if args.show_peers is not None:
                 await _show_view(node, args.show_peers, args.wait)
             await trio.sleep_forever()
@@ -190,8 +220,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Join briefly without advertising; print the live peers as a table or JSON."""
-    _setup_logging(args.verbose)
-    ident = _identity(args.key)
+    ident = _prepare(args)
     records: list[PeerRecord] = []
 
     async def main() -> None:
@@ -214,7 +243,9 @@ def _common(p: argparse.ArgumentParser, *, listen: str) -> None:
     p.add_argument("--listen", default=listen, help=f"multiaddr to listen on (default {listen})")
     p.add_argument("--key", help="Ed25519 key file (created with mode 0600 if missing; default: a fresh key)")
     p.add_argument("--swarm", default="default", help="swarm name (default: default)")
-    p.add_argument("--timeout", type=float, default=5.0, help="dial timeout in seconds (default 5)")
+    p.add_argument(
+        "--timeout", type=positive_seconds, default=5.0, help="dial timeout in seconds (default 5)"
+    )
     p.add_argument(
         "--announce",
         action="append",
@@ -228,6 +259,12 @@ def _common(p: argparse.ArgumentParser, *, listen: str) -> None:
         "receives N/S adverts a second in a swarm of N; raise it for large swarms",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text (default) or json: one JSON object per log line, for log collectors",
+    )
 
 
 def add_parsers(sub: Any) -> None:
@@ -240,9 +277,11 @@ def add_parsers(sub: Any) -> None:
     _common(p, listen="/ip4/0.0.0.0/tcp/0")
     p.add_argument("--bootstrap", action="append", required=True, help="bootstrap multiaddr (repeatable)")
     p.add_argument("--show-peers", type=int, metavar="N", help="print this peer's view once it knows N peers")
-    p.add_argument("--wait", type=float, default=30.0, help="how long --show-peers waits (default 30 s)")
+    p.add_argument("--wait", type=seconds, default=30.0, help="how long --show-peers waits (default 30 s)")
     p.add_argument("--tasks", metavar="MODULE:REGISTRY", help="also sell the task kinds of this registry")
-    p.add_argument("--task-slots", type=int, default=1, metavar="N", help="task runs at once (default 1)")
+    p.add_argument(
+        "--task-slots", type=positive_int, default=1, metavar="N", help="task runs at once (default 1)"
+    )
     p.add_argument("--ledger", metavar="FILE", help="append signed receipts to this ledger file")
     p.set_defaults(func=cmd_peer)
 
@@ -250,5 +289,5 @@ def add_parsers(sub: Any) -> None:
     _common(p, listen="/ip4/127.0.0.1/tcp/0")
     p.add_argument("--bootstrap", action="append", required=True, help="bootstrap multiaddr (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON (a list of peers)")
-    p.add_argument("--wait", type=float, default=2.0, help="seconds to listen for adverts (default 2)")
+    p.add_argument("--wait", type=seconds, default=2.0, help="seconds to listen for adverts (default 2)")
     p.set_defaults(func=cmd_status)
