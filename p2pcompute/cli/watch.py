@@ -1,8 +1,9 @@
 """Say so when a running peer loses its bootstrap nodes, and redial them with back-off.
 
 :class:`Backoff` is the sans-IO part (the delays); :func:`watch_bootstrap` is the trio driver the
-``peer`` command runs beside its node. While a bootstrap node is connected the watcher looks once
-every ``check_every`` seconds (a cheap table lookup); when none is, it dials them, and on failure
+``peer`` command runs beside its node. While a bootstrap node is connected the watcher sleeps until
+the node signals a connection change (or the next key check is due); when none is, it dials them,
+and on failure
 prints one line (``p2pcompute: warning: cannot reach bootstrap node ...; retrying in N s``) and
 sleeps N seconds, N doubling from ``first`` up to ``cap``; when one answers again it says so once.
 
@@ -17,6 +18,7 @@ sighting may be our own advert from before an address change, which our next adv
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -106,7 +108,6 @@ async def watch_bootstrap(
     node: Node,
     bootstrap: Sequence[str],
     *,
-    check_every: float = 10.0,
     first: float = 5.0,
     cap: float = 300.0,
     dial_timeout: float = 5.0,
@@ -139,7 +140,10 @@ async def watch_bootstrap(
             if trio.current_time() >= next_identity_check:
                 next_identity_check = trio.current_time() + identity_every
                 suspects = await _check_identity(node, sorted(connected)[0], dial_timeout, suspects)
-            await trio.sleep(min(check_every, max(0.0, next_identity_check - trio.current_time())))
+            # sleep until a bootstrap link drops (the node signals connection changes) or the
+            # next key check is due: no polling of local state
+            with trio.move_on_at(next_identity_check):
+                await node.wait_until(lambda: not ids & set(node.connected_peers()), timeout=math.inf)
             continue
         errors = []
         for addr in bootstrap:
