@@ -258,7 +258,12 @@ class LocalGroup:
 
     @property
     def clip_counts(self) -> dict[str, int]:
-        """Per sender, in how many rounds a robust aggregator clipped (a part of) its contribution."""
+        """Per sender, in how many rounds a robust aggregator clipped (a part of) its contribution.
+
+        Example::
+
+            assert group.clip_counts.get("peer7", 0) == 0   # never counted against it
+        """
         return dict(self.ledger.total)
 
     def join(self, peer_id: str) -> LocalAverager:

@@ -379,12 +379,12 @@ async def test_idle_control_links_are_closed_and_forgotten() -> None:
             assert a.statistics().get("tell_failures", 0) == 0
 
 
-@pytest.mark.parametrize("blame_after", [None, 1])
-async def test_a_byzantine_thousandfold_contribution_is_clipped(blame_after: int | None) -> None:
+@pytest.mark.parametrize(("blame_after", "codec"), [(None, "none"), (1, "none"), (None, "bf16")])
+async def test_a_byzantine_thousandfold_contribution_is_clipped(blame_after: int | None, codec: str) -> None:
     """One of four members sends -1000x a plausible contribution. With CenteredClip every honest
     member ends bit-identical and close to the honest mean (the plain mean would be ~250x off);
     every honest reducer clipped it. With ``blame_after=1`` it is blamed at once and the retry
-    runs without it."""
+    runs without it. With a lossy codec each reducer keeps what the others decode."""
     from p2pcompute.collective import Aggregator
 
     n, byz = 4, 3
@@ -399,7 +399,7 @@ async def test_a_byzantine_thousandfold_contribution_is_clipped(blame_after: int
                 p.tensors = [t.clone() for t in xs[p.index]]
                 assert p.coll is not None
                 return await p.coll.average("robust", "r1", p.tensors, target=n, min_size=2,
-                                            matchmaking_timeout=60, aggregator=spec)
+                                            matchmaking_timeout=60, aggregator=spec, codec=codec)
             await run_peers(boot, peers, body, timeouts=Timeouts())
     honest = [p for p in peers if p.index != byz]
     byz_id = peers[byz].node.peer_id  # type: ignore[union-attr]

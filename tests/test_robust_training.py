@@ -98,3 +98,30 @@ async def test_centered_clip_keeps_training_on_course_while_the_mean_diverges() 
     assert all(not byz & p for p in participants[2:]), participants
     # honest peers stay bit-identical
     assert len({o.state_digest() for o in opts[:HONEST]}) == 1
+
+
+async def test_local_group_robust_round_in_half_precision_and_with_a_codec() -> None:
+    """LocalGroup's robust path: float16 tensors (aggregated in float32), the int8 codec, one
+    outlier clipped and counted, every member holding the same bytes."""
+    group = LocalGroup()
+    avgs = [group.join(f"p{i}") for i in range(4)]
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, generator=g)
+    tensors = [[(base + 0.05 * torch.randn(300, generator=g)).half(), torch.ones(7, dtype=torch.half)]
+               for _ in range(4)]
+    tensors[3] = [t * -1000 for t in tensors[3]]
+    outcomes: dict[int, AveragingOutcome] = {}
+
+    async def one(i: int) -> None:
+        outcomes[i] = await avgs[i].average(tensors[i], weight=1.0, round_id=0, compression="int8",
+                                            aggregator="centered_clip")
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(one, i)
+    assert all(torch.equal(a, b) for t in tensors[1:] for a, b in zip(tensors[0], t, strict=True))
+    assert tensors[0][0].dtype == torch.half
+    assert float((tensors[0][0].float() - base).abs().max()) < 0.5
+    assert group.clip_counts == {"p3": 1}
+    assert outcomes[0].clipped == ("p3",)

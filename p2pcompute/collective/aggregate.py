@@ -124,6 +124,11 @@ class Aggregated:
     ``factors[i]`` is ``min(1, tau / ||x_i - v||)`` at the last iteration (1.0 for every row of
     a mean or a trimmed mean); ``clipped`` lists the rows whose factor is below 1,
     :meth:`counted` those below a threshold (``Aggregator.count_below``).
+
+    Example::
+
+        >>> Aggregated(tau=1.0, factors=(1.0, 0.9, 0.01)).counted(0.5)
+        (2,)
     """
 
     tau: float
@@ -134,7 +139,13 @@ class Aggregated:
         return self.counted(1.0)
 
     def counted(self, below: float) -> tuple[int, ...]:
-        """The rows whose clip factor is below ``below`` (``1.0``: every clipped row)."""
+        """The rows whose clip factor is below ``below`` (``1.0``: every clipped row).
+
+        Example::
+
+            >>> Aggregated(tau=1.0, factors=(1.0, 0.9)).counted(1.0)
+            (1,)
+        """
         return tuple(i for i, f in enumerate(self.factors) if f < below)
 
 
@@ -299,7 +310,16 @@ class ClipLedger:
     def record(
         self, round_id: str, *, seen: set[str], clipped: set[str], blame_after: int | None
     ) -> set[str]:
-        """Note one aggregation of round ``round_id``; the senders to blame now."""
+        """Note one aggregation of round ``round_id``; the senders to blame now.
+
+        ``seen``: the senders whose contributions were aggregated; ``clipped``: those counted
+        against them.
+
+        Example::
+
+            >>> ClipLedger().record("r1", seen={"a"}, clipped={"a"}, blame_after=1)
+            {'a'}
+        """
         blame: set[str] = set()
         for peer in seen:
             if self._last.get(peer) == round_id:
