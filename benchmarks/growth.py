@@ -73,6 +73,7 @@ async def _worker(n: int, timeout: float, out: dict[str, Any]) -> None:
         "capacity": cap,
         "advert_interval": REPUBLISH_S,
         "advert_ttl": 3 * REPUBLISH_S,
+        "max_advert_ttl": 3 * REPUBLISH_S,
         "dial_timeout": 60.0,
     }
     rss0, cpu0 = _rss_mib(), _cpu_s()
