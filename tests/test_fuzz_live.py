@@ -59,7 +59,7 @@ from p2pcompute.training.statesync import PROTOCOL as STATE_PROTOCOL
 from p2pcompute.training.statesync import StateServer
 
 GUARD = 110  # absolute guard against hangs (not a speed bound)
-EXAMPLES = 40  # hypothesis examples per protocol (and for the lane port)
+EXAMPLES = 80  # hypothesis examples per protocol (and for the lane port)
 PARALLEL = 16  # fuzz streams in flight at once
 POOL = 8  # attacker nodes; GossipSub garbage gets one blacklisted after offence_limit (20) frames
 LINGER = 0.5  # how long the attacker listens for a reply before resetting its stream
@@ -247,16 +247,15 @@ async def test_every_served_protocol_survives_fuzz() -> None:
                     async with limiter:
                         await attackers.send(protocol, data)
 
-                # framed protocols first, then GossipSub, whose garbage gets attackers blacklisted
-                for phase, corpus in (
-                    (sorted(set(protocols) - set(pubsub)), framed_corpus),
-                    (pubsub, pubsub_corpus),
-                ):
+                # one protocol at a time (PARALLEL streams of it at once), GossipSub last, as its
+                # garbage may get attackers blacklisted. All protocols at once made 170-282 of the
+                # 492 stream opens fail (SwarmException) in about 1 run in 3; see the report.
+                for protocol in [*sorted(set(protocols) - set(pubsub)), *pubsub]:
+                    corpus = pubsub_corpus if protocol in pubsub else framed_corpus
                     async with trio.open_nursery() as nursery:
-                        for protocol in phase:
-                            for _, data in corpus:
-                                nursery.start_soon(one, protocol, data)
-                            nursery.start_soon(one, protocol, big)
+                        for _, data in corpus:
+                            nursery.start_soon(one, protocol, data)
+                        nursery.start_soon(one, protocol, big)
                 lane_replies = await fuzz_lane_port(victim.lane.data_addrs[0], lane_corpus, limiter)
 
             # the node is up and serves honest peers as before
@@ -272,7 +271,8 @@ async def test_every_served_protocol_survives_fuzz() -> None:
         f"lane port replied {lane_replies} bytes; RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
     )
     assert sum(attackers.outcomes.values()) == sent
-    assert attackers.outcomes.get("open-refused", 0) <= sent // 20, attackers.refusals  # the fuzz got through
+    refused = {p: (len(r), r[0]) for p, r in attackers.refusals.items()}
+    assert attackers.outcomes.get("open-refused", 0) <= sent // 20, refused  # the fuzz got through
     assert rss_after - rss_before < RSS_BOUND_MIB
     # a stranger on the lane port learns at most one 32-byte challenge per known-session connection
     assert lane_replies <= 32 * sum(1 for label, _ in lane_corpus if label == "known-session-junk")
