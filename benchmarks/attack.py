@@ -48,7 +48,9 @@ from p2pcompute.tasks.driver import TOPIC as TASK_TOPIC
 from p2pcompute.tasks.driver import TaskService, open_tasks, serve_tasks
 
 CAP = Capacity(cpu_cores=2, ram_total=8 << 30, ram_available=4 << 30, platform="attack-bench")
-OPTS: dict[str, Any] = {"capacity": CAP, "advert_interval": 600.0, "advert_ttl": 1800.0}
+OPTS: dict[str, Any] = {
+    "capacity": CAP, "advert_interval": 600.0, "advert_ttl": 1800.0, "max_advert_ttl": 1800.0,
+}
 
 
 def _origin(msg: Any) -> str:
