@@ -264,3 +264,26 @@ async def test_peer_lists_are_taken_only_from_peers_in_good_standing() -> None:
             a.peers.count_offence(boot.peer_id, MalformedMessage("earlier junk", peer=boot.peer_id))
             assert await a.exchange_peers(boot.peer_id) <= 1  # its own advert at most
             assert not any(forged(i, boot.swarm, addr="")[0] in a.peers for i in range(10))
+
+
+async def test_a_gossip_message_whose_key_does_not_parse_is_an_offence_not_a_crash() -> None:
+    """Found by tests/test_fuzz_live.py: one signed message with a junk ``key`` made py-libp2p's
+    signature check raise inside pubsub's task, which ended the whole node."""
+    from attackers import uvarint
+    from libp2p.pubsub.pb import rpc_pb2
+
+    with trio.fail_after(60):
+        async with open_node(capacity=TEST_CAPACITY) as victim, open_node(advertise=False) as attacker:
+            await attacker.connect(victim.addrs[0])
+            rpc = rpc_pb2.RPC()
+            m = rpc.publish.add()
+            m.from_id, m.seqno, m.data = b"x", b"1", b""
+            m.topicIDs.append(advert_topic(victim.swarm))
+            m.signature, m.key = b"s", b"\xff"  # signed, with a key that is not a key
+            body = rpc.SerializeToString()
+            stream = await attacker.open_stream(victim.peer_id, "/meshsub/1.1.0")
+            await stream.write_raw(uvarint(len(body)) + body)
+            offences = victim.peers.offences
+            await victim.wait_until(lambda: sum(offences(attacker.peer_id).values()) >= 1, timeout=20)
+            # still up, still serving
+            assert await attacker.exchange_peers(victim.peer_id, timeout=10) >= 0
