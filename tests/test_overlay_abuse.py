@@ -287,3 +287,36 @@ async def test_a_gossip_message_whose_key_does_not_parse_is_an_offence_not_a_cra
             await victim.wait_until(lambda: sum(offences(attacker.peer_id).values()) >= 1, timeout=20)
             # still up, still serving
             assert await attacker.exchange_peers(victim.peer_id, timeout=10) >= 0
+
+
+async def test_a_half_sent_frame_cannot_hold_a_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the fuzz suite: collective, state and bench-link handlers kept a stream open for
+    minutes after 10 of a promised 100 bytes. A started frame must now finish in time."""
+    from p2pcompute.errors import PeerTimeout
+    from p2pcompute.overlay import streams
+
+    monkeypatch.setattr(streams, "FRAME_GRACE", 0.5)
+    ended: list[BaseException | None] = []
+    done = trio.Event()
+
+    async def handler(stream: FramedStream) -> None:
+        try:
+            await stream.recv_frame()
+            ended.append(None)
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+        finally:
+            done.set()
+
+    with trio.fail_after(60):
+        async with open_swarm(2) as (_boot, (victim, attacker)):
+            victim.set_stream_handler("/p2pcompute/test/slow/1", handler)
+            stream = await attacker.open_stream(victim.peer_id, "/p2pcompute/test/slow/1")
+            await stream.write_raw(struct.pack(">I", 100) + b"x" * 10)
+            start = trio.current_time()
+            with trio.fail_after(10):
+                await done.wait()
+            assert isinstance(ended[0], PeerTimeout)
+            assert trio.current_time() - start < 5
+            await stream.reset()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Protocol
 
+from p2pcompute.deadlines import deadline
 from p2pcompute.errors import MessageTooLarge, PeerGone, RemoteProtocolError
 from p2pcompute.overlay.failures import dead_stream_ok, stream_io
 from p2pcompute.wire.codec import Schema, decode, encode
@@ -33,6 +34,23 @@ class RawStream(Protocol):
     async def close(self) -> None: ...
 
     async def reset(self) -> None: ...
+
+
+#: A started frame must arrive at this rate at least, after a grace of FRAME_GRACE seconds: slow
+#: enough for any honest link (64 KiB/s), fast enough that a stranger cannot park half-sent frames.
+FRAME_GRACE = 10.0
+FRAME_MIN_RATE = 64 * 1024
+
+
+def frame_deadline(nbytes: int) -> float:
+    """Seconds allowed for the rest of a started frame of ``nbytes`` bytes to arrive.
+
+    Example::
+
+        >>> frame_deadline(1 << 20)
+        26.0
+    """
+    return FRAME_GRACE + nbytes / FRAME_MIN_RATE
 
 
 class FramedStream:
@@ -80,12 +98,25 @@ class FramedStream:
             await self.raw.write(bytes(data))
 
     async def recv_frame(self, max_size: int | None = None) -> bytes:
-        """Read one frame; its length must not exceed ``max_size`` (default: the stream's cap)."""
+        """Read one frame; its length must not exceed ``max_size`` (default: the stream's cap).
+
+        Waiting for a frame to *start* has no limit here (callers bound idle streams), but once
+        its first byte has come the rest must follow within :func:`frame_deadline` of its length:
+        a peer that announces 100 bytes and sends 10 cannot hold the stream open (:class:`PeerTimeout`).
+        """
         cap = self.max_frame if max_size is None else min(max_size, self.max_frame)
-        (length,) = _LEN.unpack(await self._read_exactly(_LEN.size))
+        while not self._buf:
+            with stream_io(self.peer, "reading"):
+                chunk = await self.raw.read(65536)
+            if not chunk:
+                raise PeerGone(f"stream with {self.peer} ended early (reading)", peer=self.peer)
+            self._buf += chunk
+        with deadline(frame_deadline(_LEN.size), "a frame's length", peer=self.peer):
+            (length,) = _LEN.unpack(await self._read_exactly(_LEN.size))
         if length > cap:
             raise MessageTooLarge(f"frame of {length} bytes exceeds the cap of {cap}", peer=self.peer)
-        return await self._read_exactly(length)
+        with deadline(frame_deadline(length), f"a {length}-byte frame", peer=self.peer):
+            return await self._read_exactly(length)
 
     async def send_frame(self, data: bytes | bytearray | memoryview) -> None:
         """Write one frame (length prefix and body in a single write)."""
@@ -116,4 +147,12 @@ class FramedStream:
             await self.raw.reset()
 
 
-__all__ = ["DEFAULT_MAX_FRAME", "FramedStream", "RawStream", "RemoteProtocolError"]
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "FRAME_GRACE",
+    "FRAME_MIN_RATE",
+    "FramedStream",
+    "RawStream",
+    "RemoteProtocolError",
+    "frame_deadline",
+]
