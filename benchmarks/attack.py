@@ -20,7 +20,7 @@ Figures per phase:
   honest requester to honest provider (target: attack within 2x quiet);
 * ``banned``: how many sybils the honest nodes have blacklisted by the end (sum over nodes).
 
-Runnable as ``python -m benchmarks.attack [--quick] [--honest 16] [--out PATH]``;
+Runnable as ``python -m benchmarks.attack [--quick] [--honest 8] [--out PATH]``;
 tests/test_attack_sybil.py runs :func:`measure` at a small scale.
 """
 
@@ -252,7 +252,7 @@ async def measure(
     return out
 
 
-def run(quick: bool = False, honest: int = 16, **options: Any) -> SuiteResult:
+def run(quick: bool = False, honest: int = 8, **options: Any) -> SuiteResult:
     """Run the suite and return its result. Example::
 
     result = run(quick=True)
@@ -296,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m benchmarks.attack [--quick] [--honest N] [--out PATH]``."""
     parser = argparse.ArgumentParser(prog="benchmarks.attack", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 honest nodes and 16 sybils")
-    parser.add_argument("--honest", type=int, default=16, help="honest nodes (sybils: 4 times as many)")
+    parser.add_argument(
+        "--honest", type=int, default=8, help="honest nodes (sybils: 4 times as many; default 8)"
+    )
     parser.add_argument("--out", default="bench-results", help="JSON file or folder")
     args = parser.parse_args(argv)
     result = run(args.quick, honest=args.honest)

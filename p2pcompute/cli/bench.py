@@ -459,7 +459,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Register ``bench`` on the ``p2pcompute`` parser."""
-    suites = ("stream", "allreduce", "overlay", "tasks", "training", "wan", "growth")
+    suites = ("stream", "allreduce", "overlay", "tasks", "training", "wan", "growth", "attack")
     p = sub.add_parser(
         "bench",
         help="run benchmark suites, or measure the link to a live peer",
