@@ -22,6 +22,9 @@ from p2pcompute.benchresults import load_results
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 PRESENT = [s for s in runner.SUITES if runner.suite_available(s)]
+# Smoke-run every suite but 'attack': tests/test_attack_sybil.py already runs its harness at the
+# same quick scale (4 honest nodes, 16 sybils, about 30 s), and the suite test would double it.
+SMOKED = [s for s in PRESENT if s != "attack"]
 SMOKE_TIMEOUT = 420  # generous: guards against hangs on a loaded 2-core machine, measures nothing
 
 GOOD = """
@@ -187,7 +190,7 @@ def test_every_issue_suite_is_present() -> None:
     assert {"stream", "allreduce", "overlay", "tasks", "training"} <= set(PRESENT)
 
 
-@pytest.mark.parametrize("suite", PRESENT)
+@pytest.mark.parametrize("suite", SMOKED)
 def test_smoke_every_present_suite(suite: str, tmp_path: Path) -> None:
     """Each suite in benchmarks/ runs at tiny sizes in its own process and writes schema-valid JSON."""
     out = tmp_path / f"{suite}.json"
