@@ -69,6 +69,14 @@ class IntegrityError(RemoteProtocolError):
     """Payload bytes whose digest, length, order or authentication tag is wrong."""
 
 
+class WorkRejected(RemoteProtocolError):
+    """Work a provider returned that failed the requester's check (a re-run of it disagreed).
+
+    Raised by a ``check`` given to :meth:`~p2pcompute.tasks.TaskService.map_tasks`: no
+    receipt is signed for that work and the provider is set aside.
+    """
+
+
 class PeerError(P2PComputeError):
     """Base of the errors about another peer that are *not* its fault (unreachable, slow, gone, busy).
 

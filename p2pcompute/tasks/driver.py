@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from p2pcompute.tasks.provider import NO_FAULTS, ProviderContext, ProviderFaults
 from p2pcompute.tasks.receipts import Receipt
 from p2pcompute.tasks.registry import TaskRegistry
 from p2pcompute.tasks.requester import (
+    CheckFn,
     ProgressFn,
     RequesterContext,
     RequesterJob,
@@ -275,6 +276,8 @@ class TaskService:
         max_output_bytes: int = 1 << 30,
         progress: ProgressFn | None = None,
         return_exceptions: bool = False,
+        providers: Collection[str] | None = None,
+        check: CheckFn | None = None,
     ) -> list[TaskResult | TaskFailed]:
         """Spread ``items`` (``(tensors, params)`` pairs) over many providers; results in item order.
 
@@ -282,6 +285,10 @@ class TaskService:
         request round can feed many items. ``progress(done, total)`` is called after each
         item. ``result_timeout`` (seconds from a grant to the result and its outputs; ``None``:
         only ``deadline``) sets aside a provider that keeps a lease alive without answering.
+        ``providers`` keeps only offers from these peers (a pinned session). ``check(outputs,
+        info, provider)`` runs on every result before its receipt is countersigned; raising
+        :class:`~p2pcompute.errors.WorkRejected` refuses the work (no receipt, the provider
+        set aside and blamed, the item retried elsewhere within ``retries``).
         A failed item raises :class:`TaskFailed` (or, with ``return_exceptions``,
         takes its place in the list). Bad params raise :class:`LocalProtocolError`, bad
         options :class:`ConfigError`.
@@ -308,9 +315,15 @@ class TaskService:
             accept_timeout=accept_timeout,
             result_timeout=result_timeout,
             lease_ttl=lease_ttl,
+            providers=None if providers is None else frozenset(providers),
         )
         job = RequesterJob(
-            self._requester, core.RequesterCore(self.peer_id, spec), prepared, max_output_bytes, progress
+            self._requester,
+            core.RequesterCore(self.peer_id, spec),
+            prepared,
+            max_output_bytes,
+            progress,
+            check,
         )
         results = await job.run()
         out: list[TaskResult | TaskFailed] = []

@@ -76,6 +76,7 @@ from p2pcompute.tasks.registry import (
     call_cancellable,
     check_params,
     normalise_output,
+    running_for,
 )
 from p2pcompute.wire.codec import decode
 from p2pcompute.wire.signing import Signer
@@ -425,10 +426,11 @@ class ProviderLease:
             if tensor_digest(tensors) != acc["input_digest"]:
                 raise IntegrityError("inputs do not match the accepted digest", peer=peer)
             started = time.time()
-            if kind.is_async:
-                value = await kind.function(tensors, params)  # type: ignore[misc]
-            else:
-                value = await self._in_thread(kind, tensors, params)
+            with running_for(peer):  # (trio.to_thread copies the context into the worker thread)
+                if kind.is_async:
+                    value = await kind.function(tensors, params)  # type: ignore[misc]
+                else:
+                    value = await self._in_thread(kind, tensors, params)
             result = normalise_output(kind.name, value)
             if sum(nbytes(t) for t in result.tensors.values()) > kind.max_output_bytes:
                 raise TaskError("outputs over the kind's cap")

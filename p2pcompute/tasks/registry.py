@@ -12,6 +12,7 @@ Imports :mod:`p2pcompute.tasks.messages`, :mod:`p2pcompute.errors`, :mod:`p2pcom
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import importlib
 import inspect
@@ -45,6 +46,39 @@ _KIND_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 _CANCEL_FLAG: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
     "p2pcompute_task_cancel", default=None
 )
+#: The peer id of the requester whose run executes here (set by the provider around every run).
+_REQUESTER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "p2pcompute_task_requester", default=None
+)
+
+
+def current_requester() -> str | None:
+    """The peer id of the requester whose run is executing (``None`` outside a run).
+
+    A kind that keeps state between runs (a training session's model, say) keys it by this,
+    so that one requester can never read or change what another one left there.
+
+    Example::
+
+        cache_key = (current_requester(), params["job"])
+    """
+    return _REQUESTER.get()
+
+
+@contextlib.contextmanager
+def running_for(requester: str) -> Iterator[None]:
+    """Set :func:`current_requester` for the body (the provider wraps every run in it).
+
+    Example::
+
+        with running_for(peer):
+            value = await kind.function(tensors, params)
+    """
+    token = _REQUESTER.set(requester)
+    try:
+        yield
+    finally:
+        _REQUESTER.reset(token)
 
 
 class UnknownTaskKind(P2PComputeError):

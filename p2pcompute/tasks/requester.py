@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import torch
 import trio
@@ -151,6 +151,11 @@ class _LeaseIO:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
+#: ``check(outputs, info, provider)``: raise :class:`~p2pcompute.errors.RemoteProtocolError`
+#: (e.g. :class:`~p2pcompute.errors.WorkRejected`) to refuse a result before its receipt is signed.
+CheckFn: TypeAlias = Callable[[dict[str, torch.Tensor], dict[str, Any], str], Awaitable[None]]
+
+
 class RequesterJob:
     """The trio side of one :class:`~p2pcompute.tasks.negotiation.RequesterCore`.
 
@@ -167,8 +172,10 @@ class RequesterJob:
         items: list[JobItem],
         max_output_bytes: int,
         progress: ProgressFn | None,
+        check: CheckFn | None = None,
     ) -> None:
         self.ctx = ctx
+        self.check = check
         self.core = requester
         self.items = items
         self.max_output_bytes = max_output_bytes
@@ -384,6 +391,8 @@ class RequesterJob:
             info = decode(m["info"], max_size=MAX_PARAMS, peer=provider)
             if not isinstance(info, dict):
                 raise MalformedMessage("result info is not a map", peer=provider)
+            if self.check is not None:  # before countersigning: refused work earns no receipt
+                await self.check(outputs, info, provider)
             receipt = countersign(
                 m["receipt_body"],
                 m["provider_sig"],
@@ -465,6 +474,7 @@ def job_spec(kind: str, items: list[JobItem], *, needs: Resources | None, **opti
 
 
 __all__ = [
+    "CheckFn",
     "JobItem",
     "Network",
     "ProgressFn",

@@ -46,6 +46,8 @@ class JobSpec:
     ``deadline`` bounds the whole job from :meth:`RequesterCore.start`; ``result_timeout``
     (``None``: only the job's deadline) bounds each lease from its grant to its result, so
     a provider that heartbeats but never answers is set aside and the item retried.
+    ``providers`` (``None``: anyone) keeps only offers from these peers: a training session
+    pins its segments to the worker that already holds its state.
     """
 
     kind: str
@@ -64,6 +66,7 @@ class JobSpec:
     input_bytes: int = 0
     exclude_for: float = 30.0
     result_timeout: float | None = None
+    providers: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.items < 1 or self.parallel < 1 or self.retries < 0:
@@ -256,6 +259,7 @@ class RequesterCore:
             or offer.requester != self.peer_id
             or offer.kind != self.spec.kind
             or offer.price > self.spec.max_price
+            or (self.spec.providers is not None and offer.provider not in self.spec.providers)
             or self._is_excluded(offer.provider, now)
             or not self.spec.needs.fits_in(offer.resources)
             or offer.heartbeat * 2 > self.spec.lease_ttl

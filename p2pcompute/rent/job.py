@@ -1,0 +1,517 @@
+"""The requester's side of renting: recruit workers by capacity, train on them, verify, pay.
+
+A :class:`RentJob` holds the model's global state (float32) and DiLoCo's outer optimizer
+(SGD with Nesterov momentum). One outer step (:meth:`RentJob.outer_step`):
+
+1. every worker slot runs one *segment* (:mod:`p2pcompute.rent.segment`) as a lease of the
+   ``train/<recipe>`` kind, pinned to that worker (the negotiation runs as for any task:
+   request, signed offer at the worker's price, accept, heartbeats, result, dual-signed
+   receipt). The state travels to a worker once; later segments carry only the outer
+   update, which the requester applies to its own copy the same way, so both hold the same
+   bits;
+2. each result is checked before its receipt is signed: names, shapes, dtypes, finiteness,
+   and for a sampled fraction (``verify_fraction``) a local re-run whose pseudo-gradient
+   must lie within ``tolerance`` (relative L2). Refused work earns no receipt; the worker
+   is excluded and the evidence (both digests and the distance) kept in :attr:`RentJob.evidence`;
+3. a slot whose worker died, stalled (``segment_timeout``) or cheated is given to a spare
+   (speed-checked with ``matmul-bench`` first) and its segment re-run there with the full
+   state; without a spare the step goes on with the others. The report says which;
+4. the mean pseudo-gradient feeds the outer optimizer; the report gives loss, workers,
+   bytes, seconds and price.
+
+Workers come from signed capacity adverts (:meth:`~p2pcompute.overlay.Node.find_peers` with
+the job's :class:`~p2pcompute.capacity.model.CapacityQuery`), among the peers that listen
+for tasks, each speed-checked before its first segment (``min_tflops``).
+
+Imports :mod:`p2pcompute.rent` (recipes, segment, worker), :mod:`p2pcompute.tasks`,
+:mod:`p2pcompute.overlay` (types) and :mod:`p2pcompute.capacity`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import trio
+
+from p2pcompute.capacity.model import CapacityQuery
+from p2pcompute.errors import ConfigError, TaskFailed, WorkRejected
+from p2pcompute.rent.recipes import Recipe
+from p2pcompute.rent.segment import (
+    CODEC_DTYPES,
+    DATA,
+    GRAD,
+    STATE,
+    UPDATE,
+    distance,
+    run_segment,
+    split_named,
+    state_digest,
+    state_of,
+)
+from p2pcompute.rent.worker import SEGMENT_VERSION, STATE_MISSING, kind_of
+from p2pcompute.tasks.builtin import MATMUL_BENCH, verify_matmul_bench
+from p2pcompute.tasks.frames import nbytes
+
+if TYPE_CHECKING:
+    from p2pcompute.overlay import Node
+    from p2pcompute.tasks.driver import TaskResult, TaskService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RentOptions:
+    """How a :class:`RentJob` recruits, trains and verifies.
+
+    * ``workers``: slots trained per outer step; ``query``: what a worker's advert must show;
+      ``max_price``: the most paid per segment (offers above it are ignored).
+    * ``inner_steps`` (H), ``outer_lr``, ``outer_momentum`` (DiLoCo's Nesterov outer step);
+      ``codec``: dtype of pseudo-gradients and outer updates on the wire (``fp32``, ``bf16``, ``fp16``).
+    * ``verify_fraction`` of segments re-run locally; ``tolerance``: the largest relative L2
+      distance accepted (docs/design/rent.md: 1e-5 between thread counts, 1.6e-3 from bf16
+      rounding, 0.29 for half the steps, 0.5 for a pseudo-gradient scaled by 0.5).
+    * ``bench``: ``matmul-bench`` params of the speed check, ``min_tflops`` to pass it.
+    * ``segment_timeout``: seconds a segment may take from its request to its result;
+      ``max_replacements``: spares tried per slot and outer step.
+
+    Example::
+
+        RentOptions(workers=3, query=CapacityQuery(gpus=1, min_gpu_memory=16 << 30), max_price=0.05)
+    """
+
+    workers: int = 2
+    query: CapacityQuery = CapacityQuery()  # noqa: RUF009 (frozen, immutable)
+    max_price: float = 1e18
+    inner_steps: int = 20
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    codec: str = "bf16"
+    verify_fraction: float = 0.1
+    tolerance: float = 0.02
+    bench: Mapping[str, Any] = field(default_factory=lambda: {"n": 256, "dtype": "float32", "repeats": 2})
+    min_tflops: float = 0.0
+    segment_timeout: float = 120.0
+    max_replacements: int = 2
+    verify_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.inner_steps < 1 or self.max_replacements < 0:
+            raise ConfigError("workers and inner_steps must be >= 1, max_replacements >= 0")
+        if self.codec not in CODEC_DTYPES:
+            raise ConfigError(f"codec must be one of {', '.join(CODEC_DTYPES)}")
+        if not 0.0 <= self.verify_fraction <= 1.0 or not self.tolerance > 0:
+            raise ConfigError("verify_fraction must lie in [0, 1] and tolerance be positive")
+        if not self.segment_timeout > 0:
+            raise ConfigError("segment_timeout must be positive")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Why a worker's segment was refused: what it returned against what a re-run gave."""
+
+    worker: str
+    outer_step: int
+    reason: str
+    returned_digest: str
+    recomputed_digest: str | None
+    distance: float | None
+    tolerance: float
+
+
+@dataclass
+class SegmentRecord:
+    """One segment attempt: who, how it ended, bytes each way, price, whether it was verified."""
+
+    slot: int
+    worker: str
+    outcome: str  # ok | rejected | failed
+    seconds: float
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    price: float = 0.0
+    verified: bool = False
+    distance: float | None = None
+    loss: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class OuterReport:
+    """One outer step: loss, the workers that contributed, replacements, bytes, seconds, price."""
+
+    outer_step: int
+    loss: float | None
+    workers: list[str]
+    segments: list[SegmentRecord]
+    replaced: list[tuple[str, str]]
+    dropped: list[int]
+    bytes_sent: int
+    bytes_received: int
+    seconds: float
+    price: float
+    eval_loss: float | None = None
+
+    def line(self, names: Mapping[str, str] | None = None) -> str:
+        """A one-line summary for a log or a terminal."""
+        name = (names or {}).get
+        loss = "n/a" if self.loss is None else f"{self.loss:.4f}"
+        if self.eval_loss is not None:
+            loss += f" (eval {self.eval_loss:.4f})"
+        extra = "".join(f", {name(a) or a[:8]} -> {name(b) or b[:8]}" for a, b in self.replaced)
+        extra += f", dropped slots {self.dropped}" if self.dropped else ""
+        checked = sum(s.verified for s in self.segments)
+        return (
+            f"outer step {self.outer_step}: loss {loss}, workers "
+            f"{', '.join(name(w) or w[:8] for w in self.workers)}{extra}; "
+            f"sent {self.bytes_sent / 1e6:.2f} MB, got {self.bytes_received / 1e6:.2f} MB, "
+            f"{self.seconds:.2f} s, paid {self.price:.4f}, verified {checked}"
+        )
+
+
+class RentJob:
+    """Train ``recipe`` with ``config`` on rented workers (see the module doc).
+
+    Example::
+
+        async with open_tasks(node, ledger="ledger.jsonl", lane=lane) as tasks:
+            job = RentJob(tasks, node, builtin_recipes()["lm"], {"layers": 2}, RentOptions(workers=3))
+            await job.recruit()
+            for step in range(10):
+                report = await job.outer_step([shard(step, i) for i in range(3)])
+                print(report.line())
+    """
+
+    def __init__(
+        self,
+        tasks: TaskService,
+        node: Node,
+        recipe: Recipe,
+        config: Mapping[str, Any],
+        options: RentOptions | None = None,
+        *,
+        evaluate: Callable[[torch.nn.Module], float] | None = None,
+    ) -> None:
+        self.tasks = tasks
+        self.node = node
+        self.recipe = recipe
+        self.options = options or RentOptions()
+        self.cfg, model = recipe.make(config)
+        self.evaluate = evaluate
+        self.job_id = secrets.token_hex(8)
+        self.state = state_of(model)
+        self._params = {k: v.clone() for k, v in self.state.items()}
+        self._outer = torch.optim.SGD(
+            list(self._params.values()),
+            lr=self.options.outer_lr,
+            momentum=self.options.outer_momentum,
+            nesterov=self.options.outer_momentum > 0,
+        )
+        self.version = 0
+        self._update: dict[str, torch.Tensor] | None = None  # version - 1 -> version
+        self.held: dict[str, int] = {}  # worker -> the version it holds
+        self.workers: list[str | None] = []
+        self.speeds: dict[str, float] = {}
+        self.excluded: dict[str, str] = {}
+        self.evidence: list[Evidence] = []
+        self.reports: list[OuterReport] = []
+        self.spent = 0.0
+        seed = self.options.verify_seed
+        self._rng: random.Random = random.SystemRandom() if seed is None else random.Random(seed)
+
+    # -- recruiting
+
+    def candidates(self) -> list[str]:
+        """Peers whose signed adverts match the query and that listen for tasks, best first."""
+        listening = set(self.tasks.providers())
+        q = self.options.query
+        found = self.node.find_peers(
+            gpus=q.gpus,
+            min_gpu_memory=q.min_gpu_memory,
+            min_free_memory=q.min_free_memory,
+            min_compute_capability=q.min_compute_capability,
+            gpu_name=q.gpu_name,
+            min_ram=q.min_ram,
+            cuda=q.cuda,
+        )
+        busy = {w for w in self.workers if w is not None}
+        return [
+            r.peer_id
+            for r in found
+            if r.peer_id in listening and r.peer_id not in self.excluded and r.peer_id not in busy
+        ]
+
+    async def speed_check(self, peer: str) -> float | None:
+        """Run ``matmul-bench`` on ``peer`` with a fresh seed; its TFLOP/s, or ``None`` if it failed."""
+        params = {**self.options.bench, "seed": secrets.randbelow(2**31)}
+        try:
+            r = await self.tasks.run_task(
+                MATMUL_BENCH,
+                {},
+                params,
+                providers=[peer],
+                retries=0,
+                deadline=30.0,
+                max_price=self.options.max_price,
+            )
+        except TaskFailed as exc:
+            log.info("speed check of %s failed: %s", peer, exc)
+            return None
+        self.spent += r.receipt.body.price
+        ok = await trio.to_thread.run_sync(verify_matmul_bench, params, r.outputs)
+        tflops = float(r.info.get("tflops", 0.0))
+        if not ok:
+            self._exclude(peer, "its matmul-bench result was wrong")
+            return None
+        if tflops < self.options.min_tflops:
+            self._exclude(peer, f"{tflops:.3f} TFLOP/s is under the {self.options.min_tflops} asked")
+            return None
+        self.speeds[peer] = tflops
+        return tflops
+
+    async def recruit(self, *, timeout: float = 30.0) -> list[str]:
+        """Fill the worker slots from matching, speed-checked peers (:class:`TaskFailed` if too few).
+
+        Example::
+
+            workers = await job.recruit(timeout=30)
+        """
+        want = self.options.workers
+        kept: list[str | None] = [w for w in self.workers if w is not None]
+        self.workers = kept[:want]
+        with trio.move_on_after(timeout):
+            while len(self.workers) < want:
+                found = await self._next_worker()
+                if found is None:
+                    await trio.sleep(0.25)  # adverts are still arriving
+                    continue
+                self.workers.append(found)
+        if len(self.workers) < want:
+            raise TaskFailed(
+                f"found {len(self.workers)} of {want} workers matching the query within {timeout:.0f} s"
+            )
+        return [w for w in self.workers if w is not None]
+
+    async def _next_worker(self) -> str | None:
+        for peer in self.candidates():
+            if peer in self.speeds or await self.speed_check(peer) is not None:
+                return peer
+        return None
+
+    def _exclude(self, peer: str, why: str) -> None:
+        log.warning("worker %s excluded: %s", peer, why)
+        self.excluded[peer] = why
+        self.held.pop(peer, None)
+
+    # -- training
+
+    def model(self) -> torch.nn.Module:
+        """A fresh model holding the current global state (float32, CPU)."""
+        _, model = self.recipe.make(self.cfg)
+        model.load_state_dict(self.state, strict=False)
+        return model
+
+    async def outer_step(self, shards: Sequence[Mapping[str, torch.Tensor]]) -> OuterReport:
+        """Train one outer step: one segment per worker slot on ``shards[slot]``, then the outer update.
+
+        Each shard holds ``inner_steps`` micro-batches along its first dimension.
+
+        Example::
+
+            report = await job.outer_step([{"tokens": t} for t in batches])
+        """
+        if not self.workers:
+            await self.recruit()
+        if len(shards) < len(self.workers):
+            raise ConfigError(f"{len(self.workers)} worker slots but {len(shards)} data shards")
+        t0 = time.monotonic()
+        step = len(self.reports)
+        records: list[SegmentRecord] = []
+        grads: dict[int, dict[str, torch.Tensor]] = {}
+        replaced: list[tuple[str, str]] = []
+        start = {k: v.clone() for k, v in self.state.items()}
+
+        async def slot_main(slot: int) -> None:
+            tries = 0
+            while True:
+                worker = self.workers[slot]
+                if worker is None:
+                    return
+                got = await self._segment(slot, worker, start, shards[slot], step, records)
+                if got is not None:
+                    grads[slot] = got
+                    return
+                if tries >= self.options.max_replacements:
+                    self.workers[slot] = None
+                    return
+                tries += 1
+                spare = await self._next_worker()
+                self.workers[slot] = spare
+                if spare is not None:
+                    replaced.append((worker, spare))
+                    log.warning("slot %d: worker %s replaced by %s", slot, worker, spare)
+
+        async with trio.open_nursery() as nursery:
+            for slot in range(len(self.workers)):
+                nursery.start_soon(slot_main, slot)
+        dropped = [i for i in range(len(self.workers)) if i not in grads]
+        self.workers = [w for w in self.workers if w is not None]  # (dropped slots close)
+        if grads:
+            self._apply([grads[i] for i in sorted(grads)])
+        ok = [r for r in records if r.outcome == "ok"]
+        report = OuterReport(
+            outer_step=step,
+            loss=sum(r.loss for r in ok if r.loss is not None) / len(ok) if ok else None,
+            workers=[r.worker for r in ok],
+            segments=records,
+            replaced=replaced,
+            dropped=dropped,
+            bytes_sent=sum(r.bytes_sent for r in records),
+            bytes_received=sum(r.bytes_received for r in records),
+            seconds=time.monotonic() - t0,
+            price=sum(r.price for r in records),
+        )
+        if self.evaluate is not None:
+            report.eval_loss = await trio.to_thread.run_sync(self.evaluate, self.model())
+        self.reports.append(report)
+        return report
+
+    def _inputs(self, worker: str, shard: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        held = self.held.get(worker)
+        tensors = {DATA + k: v for k, v in shard.items()}
+        if held == self.version:
+            return tensors, -1
+        if held is not None and held == self.version - 1 and self._update is not None:
+            tensors.update({UPDATE + k: v for k, v in self._update.items()})
+            return tensors, held
+        tensors.update({STATE + k: v for k, v in self.state.items()})
+        return tensors, -1
+
+    async def _segment(
+        self,
+        slot: int,
+        worker: str,
+        start: dict[str, torch.Tensor],
+        shard: Mapping[str, torch.Tensor],
+        step: int,
+        records: list[SegmentRecord],
+    ) -> dict[str, torch.Tensor] | None:
+        opts = self.options
+        sample = self._rng.random() < opts.verify_fraction
+        rec = SegmentRecord(slot, worker, "failed", 0.0)
+        records.append(rec)
+
+        async def check(outputs: dict[str, torch.Tensor], info: dict[str, Any], provider: str) -> None:
+            grad = split_named(outputs, GRAD)
+            dtype = CODEC_DTYPES[opts.codec]
+            returned = state_digest(grad)[:32]
+            bad = None
+            if set(grad) != set(start) or any(
+                g.shape != start[k].shape or g.dtype != dtype for k, g in grad.items()
+            ):
+                bad = "the pseudo-gradient does not fit the model"
+            elif not all(bool(torch.isfinite(g).all()) for g in grad.values()):
+                bad = "the pseudo-gradient is not finite"
+            elif info.get("steps") != opts.inner_steps:
+                bad = f"it reports {info.get('steps')!r} inner steps, not {opts.inner_steps}"
+            if bad is None and sample:
+                ref = await trio.to_thread.run_sync(
+                    lambda: run_segment(
+                        self.recipe, self.cfg, start, shard, opts.inner_steps, codec=opts.codec
+                    )
+                )
+                d = distance(grad, ref.grad)
+                rec.verified, rec.distance = True, d
+                if not d <= opts.tolerance:
+                    self.evidence.append(
+                        Evidence(
+                            worker,
+                            step,
+                            f"re-run differs by {d:.4g}",
+                            returned,
+                            state_digest(ref.grad)[:32],
+                            d,
+                            opts.tolerance,
+                        )
+                    )
+                    raise WorkRejected(
+                        f"segment of outer step {step} differs from its re-run by {d:.4g} "
+                        f"(tolerance {opts.tolerance})",
+                        peer=provider,
+                    )
+            if bad is not None:
+                self.evidence.append(Evidence(worker, step, bad, returned, None, None, opts.tolerance))
+                raise WorkRejected(f"segment of outer step {step}: {bad}", peer=provider)
+
+        for _attempt in range(2):  # a second time with the full state when the worker lost it
+            tensors, base = self._inputs(worker, shard)
+            params = {
+                "v": SEGMENT_VERSION,
+                "job": self.job_id,
+                "config": self.cfg,
+                "version": self.version,
+                "base": base,
+                "steps": opts.inner_steps,
+                "codec": opts.codec,
+            }
+            t0 = time.monotonic()
+            try:
+                r: TaskResult = await self.tasks.run_task(
+                    kind_of(self.recipe.name),
+                    tensors,
+                    params,
+                    providers=[worker],
+                    retries=0,
+                    max_price=opts.max_price,
+                    deadline=opts.segment_timeout,
+                    result_timeout=opts.segment_timeout,
+                    check=check,
+                )
+            except TaskFailed as exc:
+                rec.seconds = time.monotonic() - t0
+                rec.detail = str(exc)
+                if STATE_MISSING in str(exc) and worker not in self.excluded:
+                    self.held.pop(worker, None)
+                    continue
+                proof = [e for e in self.evidence if e.worker == worker and e.outer_step == step]
+                if proof:
+                    rec.outcome = "rejected"
+                    self._exclude(worker, f"work refused: {proof[-1].reason}")
+                else:
+                    self._exclude(worker, f"segment failed: {exc}")
+                return None
+            rec.seconds = time.monotonic() - t0
+            rec.outcome = "ok"
+            rec.bytes_sent = sum(nbytes(t) for t in tensors.values())
+            rec.bytes_received = sum(nbytes(t) for t in r.outputs.values())
+            rec.price = r.receipt.body.price
+            loss = r.info.get("loss_last")
+            rec.loss = float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
+            self.spent += rec.price
+            self.held[worker] = self.version
+            return {k: v.float() for k, v in split_named(r.outputs, GRAD).items()}
+        return None
+
+    def _apply(self, grads: list[dict[str, torch.Tensor]]) -> None:
+        old = {k: v.clone() for k, v in self._params.items()}
+        for k, p in self._params.items():
+            p.grad = torch.stack([g[k] for g in grads]).mean(dim=0)
+        self._outer.step()
+        dtype = CODEC_DTYPES[self.options.codec]
+        update = {k: (self._params[k] - old[k]).to(dtype) for k in old}
+        with torch.no_grad():
+            for k, p in self._params.items():
+                p.copy_(old[k] + update[k].float())  # exactly what every worker computes
+        self.state = {k: v.detach().clone() for k, v in self._params.items()}
+        self._update = update
+        self.version += 1
+
+
+__all__ = ["Evidence", "OuterReport", "RentJob", "RentOptions", "SegmentRecord"]
