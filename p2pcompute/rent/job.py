@@ -78,7 +78,8 @@ class RentOptions:
     * ``verify_fraction`` of segments re-run locally; ``tolerance``: the largest relative L2
       distance accepted (docs/design/rent.md: 1e-5 between thread counts, 1.6e-3 from bf16
       rounding, 0.29 for half the steps, 0.5 for a pseudo-gradient scaled by 0.5).
-    * ``bench``: ``matmul-bench`` params of the speed check, ``min_tflops`` to pass it.
+    * ``bench``: ``matmul-bench`` params of the speed check, ``min_tflops`` to pass it,
+      ``bench_timeout`` for it to come back (a peer that sells no tasks never offers).
     * ``segment_timeout``: seconds a segment may take from its request to its result;
       ``max_replacements``: spares tried per slot and outer step.
 
@@ -98,6 +99,7 @@ class RentOptions:
     tolerance: float = 0.02
     bench: Mapping[str, Any] = field(default_factory=lambda: {"n": 256, "dtype": "float32", "repeats": 2})
     min_tflops: float = 0.0
+    bench_timeout: float = 10.0
     segment_timeout: float = 120.0
     max_replacements: int = 2
     verify_seed: int | None = None
@@ -229,7 +231,7 @@ class RentJob:
     # -- recruiting
 
     def candidates(self) -> list[str]:
-        """Peers whose signed adverts match the query and that listen for tasks, best first."""
+        """Peers whose signed adverts match the query, best first, those known to sell tasks first."""
         listening = set(self.tasks.providers())
         q = self.options.query
         found = self.node.find_peers(
@@ -242,11 +244,9 @@ class RentJob:
             cuda=q.cuda,
         )
         busy = {w for w in self.workers if w is not None}
-        return [
-            r.peer_id
-            for r in found
-            if r.peer_id in listening and r.peer_id not in self.excluded and r.peer_id not in busy
-        ]
+        ids = [r.peer_id for r in found if r.peer_id not in self.excluded and r.peer_id not in busy]
+        # peers we know to listen for tasks first (those we are connected to), then the rest
+        return [p for p in ids if p in listening] + [p for p in ids if p not in listening]
 
     async def speed_check(self, peer: str) -> float | None:
         """Run ``matmul-bench`` on ``peer`` with a fresh seed; its TFLOP/s, or ``None`` if it failed."""
