@@ -7,10 +7,11 @@ loopback, in the same invocation over:
   destination tensor (the ceiling; the baseline ``raw_tcp``);
 * ``libp2p``: one py-libp2p stream (Noise + yamux), 1 MiB writes, reads copied into the
   destination tensor (the baseline ``libp2p``);
-* ``lane/<codec>``: :class:`p2pcompute.tensors.TensorLane` (AES-256-OCB3 records over a direct
-  TCP connection) with each codec, received ``into`` a preallocated tensor.
-* ``lane-gcm/none``: the same lane held to AES-256-GCM records (the cipher every OpenSSL has,
-  and the lane's only one before OCB3), to show what the cipher costs.
+* ``lane/<codec>``: :class:`p2pcompute.tensors.TensorLane` (AEAD records over a direct TCP
+  connection, the cipher the two processes chose by measurement) with each codec, received
+  ``into`` a preallocated tensor. The row's ``params`` name the ``cipher`` and ``cipher_why``.
+* ``lane-gcm/none``, ``lane-ocb3/none``, ``lane-chacha/none``: the same lane held to one cipher
+  (each this process has), to show what the choice is worth.
 
 Figures per configuration: ``mb_per_s`` (tensor MB / sender wall time until the receiver's
 acknowledgement; the primary metric), ``cpu_s_per_gb_send`` / ``cpu_s_per_gb_recv``,
@@ -32,6 +33,7 @@ import time
 from typing import Any
 
 from p2pcompute.benchresults import SuiteResult, peak_rss_mib, print_table, wan_layout, write_results
+from p2pcompute.wire.lanekeys import available_ciphers
 
 CHUNK = 1 << 20
 PROTO = "/p2pcompute/bench-stream/1.0.0"
@@ -230,7 +232,7 @@ async def _lane_send(
     ident = Identity.from_seed(bytes.fromhex(seed))
     times = []
     wire = 0
-    used = ""
+    used = why = ""
     async with open_node(ident, listen=[f"/ip4/{_IP[0]}/tcp/0"], advertise=False) as node:
         peer = await node.connect(addr)
         async with open_lane(node, ciphers=(cipher,) if cipher else None) as lane:
@@ -242,9 +244,11 @@ async def _lane_send(
                 times.append(time.perf_counter() - t0)
                 wire = report.bytes
                 used = report.cipher
+                why = report.cipher_why
             cpu = time.process_time() - cpu0
     return {
-        "times": times, "cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib(), "wire": wire, "cipher": used
+        "times": times, "cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib(),
+        "wire": wire, "cipher": used, "cipher_why": why,
     }
 
 
@@ -378,7 +382,9 @@ def run(
             *((f"lane/{c} {label}", "lane", c, reps, None, None) for c in codecs),
         ]
         if "none" in codecs and not quick:
-            plan.append((f"lane-gcm/none {label}", "lane", "none", reps, None, "aes-256-gcm"))
+            for cipher in available_ciphers():
+                short = cipher.split("-")[-1].replace("poly1305", "chacha")
+                plan.append((f"lane-{short}/none {label}", "lane", "none", reps, None, cipher))
         for name, kind, codec, n, baseline, cipher in plan:
             out = _pair(kind, size, n, codec, layout=layout, cipher=cipher)
             row = suite.config(name, size=size, kind=kind, codec=codec)
@@ -394,6 +400,7 @@ def run(
             if "wire" in out["send"]:
                 row.params["wire_bytes"] = out["send"]["wire"]
                 row.params["cipher"] = out["send"]["cipher"]
+                row.params["cipher_why"] = out["send"]["cipher_why"]
             print(f"  {name}: {row.median('mb_per_s'):.0f} MB/s", flush=True)
     suite.add_ratios()
     return suite

@@ -27,7 +27,7 @@ from p2pcompute.errors import (
 )
 from p2pcompute.identity import Identity
 from p2pcompute.overlay import Node, open_node
-from p2pcompute.tensors import TensorLane, open_lane
+from p2pcompute.tensors import TensorLane, TransferReport, open_lane
 from p2pcompute.tensors.codecs import TORCH_DTYPES, empty
 
 GUARD = 60  # absolute guard against hangs (not a speed bound)
@@ -209,27 +209,42 @@ async def test_relay_fallback_when_no_direct_path() -> None:
     assert torch.equal(got_c["x"], x["x"])
 
 
+NEW_CPU = {"aes-256-gcm": (9000, 8800), "aes-256-ocb3": (6000, 5900), "chacha20-poly1305": (3700, 3600)}
+OLD_CPU = {"aes-256-gcm": (2600, 2500), "aes-256-ocb3": (4300, 4200), "chacha20-poly1305": (3700, 3600)}
+
+
 @pytest.mark.parametrize("direct", [True, False])
 async def test_lanes_agree_on_a_record_cipher(direct: bool) -> None:
-    """The fastest cipher both offer: OCB3 between two default lanes, GCM with a GCM-only lane."""
+    """The cipher whose slower side measured fastest: GCM between two VAES hosts, OCB3 with an
+    older host, GCM with a GCM-only lane; both sides report the same choice and why."""
     x = {"x": torch.randn(300_000)}  # several records
     opts: list[dict[str, Any]] = [
-        {"direct": direct},
-        {"direct": direct},
-        {"direct": direct, "ciphers": ("aes-256-gcm",)},
+        {"direct": direct, "cipher_speeds": NEW_CPU},
+        {"direct": direct, "cipher_speeds": OLD_CPU},
+        {"direct": direct, "ciphers": ("aes-256-gcm",), "cipher_speeds": OLD_CPU},
+        {"direct": direct, "cipher_speeds": NEW_CPU},
     ]
     with trio.fail_after(GUARD):
-        async with lanes(3, opts) as (a, b, c):
-            reports: list[Any] = []
+        async with lanes(4, opts) as (a, b, c, d):
+            for src, dst, chosen in (
+                (a, b, "aes-256-ocb3"),
+                (a, c, "aes-256-gcm"),
+                (c, d, "aes-256-gcm"),
+                (d, a, "aes-256-gcm"),
+            ):
+                sent: list[TransferReport] = []
 
-            async def send(src: TensorLane, dst: TensorLane) -> None:
-                reports.append(await src.send(dst.peer_id, "t", x))
+                async def send(
+                    src: TensorLane = src, dst: TensorLane = dst, sent: list[TransferReport] = sent
+                ) -> None:
+                    sent.append(await src.send(dst.peer_id, "t", x))
 
-            for src, dst in ((a, b), (a, c), (c, b)):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(send, src, dst)
-                    got = await dst.receive(src.peer_id, "t")
-                assert torch.equal(got["x"], x["x"])
+                    nursery.start_soon(send)
+                    got = await dst.receive_chunks(src.peer_id, "t", lambda *_: None)
+                assert sent[0].cipher == got.cipher == chosen
+                assert sent[0].cipher_why == got.cipher_why
+                assert sent[0].cipher_why.startswith(chosen + ": slowest side")
 
 
 async def test_fan_out_and_fan_in_at_once() -> None:

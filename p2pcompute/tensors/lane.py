@@ -1,9 +1,10 @@
 """The tensor data lane: encrypted, verified tensor transfers between two peers.
 
 Control (the session key agreement) runs over an authenticated overlay stream; bulk payload
-goes over a direct TCP connection per transfer, in AES-256-OCB3 (or -GCM) records of up to
-1 MiB that are sealed from and opened straight into tensor memory. When no direct connection
-can be made, the same bytes travel over an overlay stream instead ("relay" path). See
+goes over a direct TCP connection per transfer, in AEAD records of up to 1 MiB (the cipher
+both sides measured fastest) that are sealed from and opened straight into tensor memory.
+When no direct connection can be made, the same bytes travel over an overlay stream instead
+("relay" path). See
 docs/design/data-plane.md for the design and docs/protocol/tensors.md for the wire format.
 
 One transfer, sender S and receiver R (all records sealed, see :mod:`p2pcompute.wire.lanekeys`)::
@@ -71,7 +72,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TransferReport:
     """What one transfer moved: encoded payload ``bytes``, wall ``seconds``, ``path`` ("direct"/"relay"),
-    and the record ``cipher`` the two lanes agreed on.
+    the record ``cipher`` the two lanes agreed on and ``cipher_why``, the measured figures that
+    chose it (the slowest of both sides' seal and open MB/s, and the runner-up).
 
     Example::
 
@@ -84,6 +86,7 @@ class TransferReport:
     path: str
     records: int = 0
     cipher: str = ""
+    cipher_why: str = ""
 
 
 @dataclass
@@ -139,6 +142,7 @@ class TensorLane:
         *,
         bind: str | None = None,
         ciphers: tuple[str, ...] | None = None,
+        cipher_speeds: Mapping[str, tuple[int, int]] | None = None,
         direct: bool = True,
         advertise: list[tuple[str, int]] | None = None,
         record_size: int = DEFAULT_RECORD_SIZE,
@@ -206,6 +210,7 @@ class TensorLane:
             connect_timeout=connect_timeout,
             auth_timeout=auth_timeout,
             max_peers=max_session_peers,
+            speeds=cipher_speeds,
         )
         self._inbox = Inbox(
             self._sessions,
@@ -378,7 +383,8 @@ class TensorLane:
         self._stats.bytes_sent += total
         if path == "relay":
             self._stats.relay_transfers += 1
-        return TransferReport(total, time.perf_counter() - start, path, records, session.keys.cipher)
+        keys = session.keys
+        return TransferReport(total, time.perf_counter() - start, path, records, keys.cipher, keys.cipher_why)
 
     async def _connect(self, peer: str, session: Session, *, direct: bool) -> tuple[Conn, str]:
         """A direct connection to one of the peer's data addresses, else a relay stream."""
@@ -469,7 +475,11 @@ class TensorLane:
         with deadline(timeout, f"receiving {tag!r}", peer=peer_id):
             _, report = await self._receive(peer_id, tag, None, None, on_chunk, threaded=threaded)
         return TransferReport(
-            report.bytes, time.perf_counter() - start, report.path, cipher=report.cipher
+            report.bytes,
+            time.perf_counter() - start,
+            report.path,
+            cipher=report.cipher,
+            cipher_why=report.cipher_why,
         )
 
     async def _receive(
@@ -501,7 +511,11 @@ class TensorLane:
         if incoming.path == "relay":
             self._stats.relay_transfers += 1
         report = TransferReport(
-            incoming.manifest.total_bytes, 0.0, incoming.path, cipher=incoming.opener.cipher
+            incoming.manifest.total_bytes,
+            0.0,
+            incoming.path,
+            cipher=incoming.opener.cipher,
+            cipher_why=incoming.cipher_why,
         )
         return result, report
 
@@ -520,8 +534,10 @@ async def open_lane(
     chosen by the OS; by default the IP the node listens on, or all interfaces when it listens
     on several, so peers that can reach the node can also reach the lane) and serves the lane's
     protocols on the node; everything stops on exit. Options:
-    ``ciphers=("aes-256-gcm",)`` (record ciphers to offer, in order of preference; default: every
-    one this process has, AES-256-OCB3 first), ``direct=False`` (never dial or accept direct TCP:
+    ``ciphers=("aes-256-gcm",)`` (record ciphers to offer; default: every one this process has;
+    the session takes the one whose slower side measured fastest, see
+    :func:`~p2pcompute.wire.lanekeys.cipher_speeds`), ``cipher_speeds={name: (seal, open)}``
+    (MB/s figures to advertise instead of measuring), ``direct=False`` (never dial or accept direct TCP:
     relay path only), ``advertise=[(host, port)]``, ``record_size``, ``stall_timeout`` (30 s without
     progress on a connection), ``connect_timeout`` (5 s per direct dial), ``claim_timeout`` (120 s a
     sender waits for the receiver to claim), ``force_staging``.
