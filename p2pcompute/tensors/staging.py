@@ -97,6 +97,12 @@ class Stager:
         """Whether ``plan`` is sealed straight from tensor memory (no staging or codec work)."""
         return self._direct_view(plan) is not None
 
+    @property
+    def host_only(self) -> bool:
+        """Every source is in CPU memory and staging is not forced: no copy waits on a device, so
+        records may be staged, sealed and sent in one blocking loop."""
+        return not self.force_staging and all(s.device.type == "cpu" for s in self.sources)
+
     def _stage(self, plan: RecordPlan, slot: int) -> Any:
         """Fill buffer ``slot`` with ``plan``'s encoded bytes; return a CUDA event (or None)."""
         buffer = self._buffers[slot]
@@ -204,6 +210,12 @@ class Lander:
             view = self._views[piece.shard] = codecs.byte_memoryview(land)
         size = DTYPE_SIZES[spec.dtype]
         return view[piece.start * size : piece.start * size + piece.nbytes]
+
+    @property
+    def host_only(self) -> bool:
+        """Every destination is in CPU memory and staging is not forced: records may be received,
+        opened and decoded in one blocking loop."""
+        return not self.force_staging and all(t.device.type == "cpu" for t in self.lands)
 
     def buffers(self, record_size: int) -> list[torch.Tensor]:
         """Two record buffers (pinned when landing on CUDA) for records that are not opened in place."""

@@ -92,8 +92,10 @@ class SendSteps:
         self.hashers = hashers
         self.views = [memoryview(bytearray(sealed_size(record_size))) for _ in range(2)]
         self.sealed = [0, 0]
-        # plain CPU tensors on a direct connection: one blocking loop in a worker thread
-        self.bulk = isinstance(conn, TcpConn) and all(stager.is_direct(p) for p in plans)
+        # CPU tensors (any codec) on a direct connection: one blocking loop in a worker thread.
+        # Encoding a record there costs what it costs in the pipelined loop's worker, without a
+        # thread hop and two event-loop wake-ups per record (docs/design/data-plane.md, "Codecs").
+        self.bulk = isinstance(conn, TcpConn) and stager.host_only
 
     def heavy(self, plan: RecordPlan) -> bool:
         """Staging that is more than a view of the source (codec, CUDA) is worth a thread."""
@@ -235,11 +237,10 @@ class ReceiveSteps:
         self.hashers = (
             [hashlib.sha256() for _ in manifest.shards] if manifest.digest == "sha256" else None
         )
-        plain_landing = lander is not None and all(lander.direct_target(p) is not None for p in plans)
-        # plain CPU destinations, or an on_chunk that may run in a worker thread: the whole
-        # transfer runs as one blocking loop in a worker thread
+        # CPU destinations (any codec), or an on_chunk that may run in a worker thread: the
+        # whole transfer runs as one blocking loop in a worker thread
         self.bulk = isinstance(incoming.conn, TcpConn) and (
-            plain_landing or (on_chunk is not None and threaded)
+            (lander is not None and lander.host_only) or (on_chunk is not None and threaded)
         )
 
     def heavy(self, plan: RecordPlan) -> bool:
