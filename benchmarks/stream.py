@@ -39,6 +39,40 @@ CHUNK = 1 << 20
 PROTO = "/p2pcompute/bench-stream/1.0.0"
 CODECS = ("none", "fp16", "bf16", "int8")
 _IP = ["127.0.0.1"]  # this worker's address: loopback, or its namespace's under --wan
+_PHASES: dict[str, float] = {}  # --budget: thread CPU seconds per step of the lane's record loops
+BUDGET_STEPS = ("stage", "seal", "send", "recv", "open", "land")
+
+
+def _instrument() -> None:
+    """``--budget``: time (thread CPU) every record step of the lane, by wrapping the step methods.
+
+    ``stage`` = encoding/copying a record's payload (``Stager.payload``; a view for codec none),
+    ``seal``/``open`` = the AEAD, ``send``/``recv`` = the socket calls (the kernel's copy),
+    ``land`` = decoding a record that was not opened in place (``Lander.scatter``). What the
+    process spent beyond their sum is Python, trio, the handshake and page faults.
+    """
+    from p2pcompute.tensors import staging, transfers
+    from p2pcompute.wire import lanekeys
+
+    def timed(cls: Any, method: str, step: str) -> None:
+        inner = getattr(cls, method)
+        clock = time.thread_time
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = clock()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                _PHASES[step] = _PHASES.get(step, 0.0) + clock() - t0
+
+        setattr(cls, method, wrapper)
+
+    timed(staging.Stager, "payload", "stage")
+    timed(lanekeys.RecordSealer, "seal_into", "seal")
+    timed(transfers.SendSteps, "wire_blocking", "send")
+    timed(transfers.ReceiveSteps, "wire_blocking", "recv")
+    timed(lanekeys.RecordOpener, "open_into", "open")
+    timed(staging.Lander, "scatter", "land")
 
 
 def _current_rss_mib() -> float:
@@ -211,11 +245,12 @@ async def _lane_recv(size: int, reps: int, sender: str) -> dict[str, Any]:
     async with open_node(None, listen=listen, advertise=False) as node, open_lane(node) as lane:
         _emit({"ready": True, "addr": node.addrs[0]})
         await lane.receive(sender, "warm-up")
+        _PHASES.clear()
         cpu0 = time.process_time()
         for i in range(reps):
             await lane.receive(sender, f"t{i}", into={"x": dst})
         cpu = time.process_time() - cpu0
-    return {"cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib()}
+    return {"cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib(), "phases": dict(_PHASES)}
 
 
 async def _lane_send(
@@ -237,6 +272,7 @@ async def _lane_send(
         peer = await node.connect(addr)
         async with open_lane(node, ciphers=(cipher,) if cipher else None) as lane:
             await lane.send(peer, "warm-up", {"w": torch.zeros(16)})
+            _PHASES.clear()
             cpu0 = time.process_time()
             for i in range(reps):
                 t0 = time.perf_counter()
@@ -248,7 +284,7 @@ async def _lane_send(
             cpu = time.process_time() - cpu0
     return {
         "times": times, "cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib(),
-        "wire": wire, "cipher": used, "cipher_why": why,
+        "wire": wire, "cipher": used, "cipher_why": why, "phases": dict(_PHASES),
     }
 
 
@@ -257,6 +293,8 @@ def _worker(spec: dict[str, Any]) -> int:
 
     kind, role, size, reps = spec["kind"], spec["role"], spec["size"], spec["reps"]
     _IP[0] = spec.get("ip", "127.0.0.1")
+    if spec.get("budget"):
+        _instrument()
     if role == "send" and spec.get("await_peer"):
         # started beside the receiver: import while it starts, then learn where it listens
         import libp2p  # noqa: F401
@@ -312,7 +350,7 @@ def _read_json(proc: subprocess.Popen[str], key: str) -> dict[str, Any]:
 
 def _pair(
     kind: str, size: int, reps: int, codec: str = "none", timeout: float = 900,
-    layout: dict[str, Any] | None = None, cipher: str | None = None,
+    layout: dict[str, Any] | None = None, cipher: str | None = None, budget: bool = False,
 ) -> dict[str, Any]:
     """One receiver and one sender process (peers 0 and 1 of the WAN ``layout`` when given)."""
     from p2pcompute.identity import Identity
@@ -321,7 +359,7 @@ def _pair(
     sender_id = Identity.from_seed(bytes.fromhex(seed)).peer_id
     where = [{"ip": p["addr"], "prefix": list(p["exec"])} for p in layout["peers"][:2]] if layout else None
     recv = _spawn(
-        {"kind": kind, "role": "recv", "size": size, "reps": reps, "sender": sender_id,
+        {"kind": kind, "role": "recv", "size": size, "reps": reps, "sender": sender_id, "budget": budget,
          **({"ip": where[0]["ip"]} if where else {})},
         prefix=where[0]["prefix"] if where else None,
     )
@@ -330,7 +368,8 @@ def _pair(
         # both start at once (each spends seconds importing torch); the sender waits for the address
         send = _spawn(
             {"kind": kind, "role": "send", "size": size, "reps": reps, "seed": seed, "codec": codec,
-             "cipher": cipher, "await_peer": True, **({"ip": where[1]["ip"]} if where else {})},
+             "cipher": cipher, "await_peer": True, "budget": budget,
+             **({"ip": where[1]["ip"]} if where else {})},
             stdin=True,
             prefix=where[1]["prefix"] if where else None,
         )
@@ -360,6 +399,7 @@ def run(
     reps: int = 3,
     libp2p_reps: int = 1,
     codecs: tuple[str, ...] = CODECS,
+    budget: bool = False,
     **_: Any,
 ) -> SuiteResult:
     """Measure every configuration at every size; returns the suite with ratios filled in."""
@@ -386,7 +426,7 @@ def run(
                 short = cipher.split("-")[-1].replace("poly1305", "chacha")
                 plan.append((f"lane-{short}/none {label}", "lane", "none", reps, None, cipher))
         for name, kind, codec, n, baseline, cipher in plan:
-            out = _pair(kind, size, n, codec, layout=layout, cipher=cipher)
+            out = _pair(kind, size, n, codec, layout=layout, cipher=cipher, budget=budget and kind == "lane")
             row = suite.config(name, size=size, kind=kind, codec=codec)
             row.baseline = baseline
             gb = size * n / 1e9
@@ -397,6 +437,13 @@ def run(
             for side in ("send", "recv"):
                 row.add(f"peak_rss_mib_{side}", out[side]["peak_rss"])
                 row.add(f"rss_over_tensor_mib_{side}", out[side]["peak_rss"] - out[side]["base_rss"])
+            if budget and kind == "lane":
+                for side in ("send", "recv"):
+                    phases = out[side].get("phases", {})
+                    for step in BUDGET_STEPS:
+                        if step in phases:
+                            row.add(f"{side}_{step}_s_per_gb", phases[step] / gb)
+                    row.add(f"{side}_other_s_per_gb", (out[side]["cpu"] - sum(phases.values())) / gb)
             if "wire" in out["send"]:
                 row.params["wire_bytes"] = out["send"]["wire"]
                 row.params["cipher"] = out["send"]["cipher"]
@@ -404,6 +451,22 @@ def run(
             print(f"  {name}: {row.median('mb_per_s'):.0f} MB/s", flush=True)
     suite.add_ratios()
     return suite
+
+
+def _print_budget(result: SuiteResult) -> None:
+    """The ``--budget`` table: CPU-s per GB of tensor, per record step, each side (medians)."""
+    steps = [*(f"send_{s}" for s in ("stage", "seal", "send", "other")),
+             *(f"recv_{s}" for s in ("recv", "open", "land", "other"))]
+    print("\nCPU-s per GB by step (thread CPU; other = process CPU minus the steps)")
+    print(f"{'config':26s} " + " ".join(f"{s:>11s}" for s in steps))
+    for row in result.configs:
+        if not any(f"{s}_s_per_gb" in row.samples for s in steps):
+            continue
+        cells = [
+            f"{row.median(s + '_s_per_gb'):11.3f}" if f"{s}_s_per_gb" in row.samples else f"{'-':>11s}"
+            for s in steps
+        ]
+        print(f"{row.name:26s} " + " ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--libp2p-reps", type=int, default=1)
     parser.add_argument("--codecs", default=",".join(CODECS))
+    parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="also time each record step of the lane (thread CPU-s per GB: stage, seal, send / recv, "
+        "open, land, other) and print them as a second table",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -422,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tuple(int(s) << 20 for s in args.sizes.split(",")) if args.sizes else None
     codecs = tuple(c for c in args.codecs.split(",") if c)
     print(f"load before: {os.getloadavg()}", flush=True)
-    result = run(args.quick, sizes=sizes, reps=args.reps, libp2p_reps=args.libp2p_reps, codecs=codecs)
+    result = run(
+        args.quick, sizes=sizes, reps=args.reps, libp2p_reps=args.libp2p_reps, codecs=codecs,
+        budget=args.budget,
+    )
     print(f"load after: {os.getloadavg()}", flush=True)
     print_table(
         result,
@@ -435,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib_recv",
         ],
     )
+    if args.budget:
+        _print_budget(result)
     path = write_results(result, args.out)
     print(f"wrote {path}")
     return 0
