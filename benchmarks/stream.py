@@ -39,6 +39,7 @@ CHUNK = 1 << 20
 PROTO = "/p2pcompute/bench-stream/1.0.0"
 CODECS = ("none", "fp16", "bf16", "int8")
 _IP = ["127.0.0.1"]  # this worker's address: loopback, or its namespace's under --wan
+_SEAL_THREADS: list[int | None] = [None]  # --seal-threads: the lanes' pool size (None: their default)
 _PHASES: dict[str, float] = {}  # --budget: thread CPU seconds per step of the lane's record loops
 BUDGET_STEPS = ("stage", "seal", "send", "recv", "open", "land")
 
@@ -242,7 +243,9 @@ async def _lane_recv(size: int, reps: int, sender: str) -> dict[str, Any]:
     dst = _tensor(size, fill=False)
     base = _current_rss_mib()
     listen = [f"/ip4/{_IP[0]}/tcp/0"]
-    async with open_node(None, listen=listen, advertise=False) as node, open_lane(node) as lane:
+    async with open_node(None, listen=listen, advertise=False) as node, open_lane(
+        node, seal_threads=_SEAL_THREADS[0]
+    ) as lane:
         _emit({"ready": True, "addr": node.addrs[0]})
         await lane.receive(sender, "warm-up")
         _PHASES.clear()
@@ -270,7 +273,8 @@ async def _lane_send(
     used = why = ""
     async with open_node(ident, listen=[f"/ip4/{_IP[0]}/tcp/0"], advertise=False) as node:
         peer = await node.connect(addr)
-        async with open_lane(node, ciphers=(cipher,) if cipher else None) as lane:
+        ciphers = (cipher,) if cipher else None
+        async with open_lane(node, ciphers=ciphers, seal_threads=_SEAL_THREADS[0]) as lane:
             await lane.send(peer, "warm-up", {"w": torch.zeros(16)})
             _PHASES.clear()
             cpu0 = time.process_time()
@@ -293,6 +297,7 @@ def _worker(spec: dict[str, Any]) -> int:
 
     kind, role, size, reps = spec["kind"], spec["role"], spec["size"], spec["reps"]
     _IP[0] = spec.get("ip", "127.0.0.1")
+    _SEAL_THREADS[0] = spec.get("seal_threads")
     if spec.get("budget"):
         _instrument()
     if role == "send" and spec.get("await_peer"):
@@ -351,6 +356,7 @@ def _read_json(proc: subprocess.Popen[str], key: str) -> dict[str, Any]:
 def _pair(
     kind: str, size: int, reps: int, codec: str = "none", timeout: float = 900,
     layout: dict[str, Any] | None = None, cipher: str | None = None, budget: bool = False,
+    seal_threads: int | None = None,
 ) -> dict[str, Any]:
     """One receiver and one sender process (peers 0 and 1 of the WAN ``layout`` when given)."""
     from p2pcompute.identity import Identity
@@ -360,6 +366,7 @@ def _pair(
     where = [{"ip": p["addr"], "prefix": list(p["exec"])} for p in layout["peers"][:2]] if layout else None
     recv = _spawn(
         {"kind": kind, "role": "recv", "size": size, "reps": reps, "sender": sender_id, "budget": budget,
+         "seal_threads": seal_threads,
          **({"ip": where[0]["ip"]} if where else {})},
         prefix=where[0]["prefix"] if where else None,
     )
@@ -368,7 +375,7 @@ def _pair(
         # both start at once (each spends seconds importing torch); the sender waits for the address
         send = _spawn(
             {"kind": kind, "role": "send", "size": size, "reps": reps, "seed": seed, "codec": codec,
-             "cipher": cipher, "await_peer": True, "budget": budget,
+             "cipher": cipher, "await_peer": True, "budget": budget, "seal_threads": seal_threads,
              **({"ip": where[1]["ip"]} if where else {})},
             stdin=True,
             prefix=where[1]["prefix"] if where else None,
@@ -400,6 +407,7 @@ def run(
     libp2p_reps: int = 1,
     codecs: tuple[str, ...] = CODECS,
     budget: bool = False,
+    seal_threads: int | None = None,
     **_: Any,
 ) -> SuiteResult:
     """Measure every configuration at every size; returns the suite with ratios filled in."""
@@ -412,7 +420,8 @@ def run(
     suite = SuiteResult(
         "stream",
         "mb_per_s",
-        options={"sizes": list(sizes), "reps": reps, "libp2p_reps": libp2p_reps, "codecs": list(codecs)},
+        options={"sizes": list(sizes), "reps": reps, "libp2p_reps": libp2p_reps, "codecs": list(codecs),
+             "seal_threads": seal_threads},
     )
     for size in sizes:
         label = f"{size >> 20}MiB"
@@ -426,8 +435,15 @@ def run(
                 short = cipher.split("-")[-1].replace("poly1305", "chacha")
                 plan.append((f"lane-{short}/none {label}", "lane", "none", reps, None, cipher))
         for name, kind, codec, n, baseline, cipher in plan:
-            out = _pair(kind, size, n, codec, layout=layout, cipher=cipher, budget=budget and kind == "lane")
-            row = suite.config(name, size=size, kind=kind, codec=codec)
+            out = _pair(
+                kind, size, n, codec, layout=layout, cipher=cipher, budget=budget and kind == "lane",
+                seal_threads=seal_threads,
+            )
+            if kind == "lane" and seal_threads is not None:
+                params_threads = {"seal_threads": seal_threads}
+            else:
+                params_threads = {}
+            row = suite.config(name, size=size, kind=kind, codec=codec, **params_threads)
             row.baseline = baseline
             gb = size * n / 1e9
             for seconds in out["send"]["times"]:
@@ -484,6 +500,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also time each record step of the lane (thread CPU-s per GB: stage, seal, send / recv, "
         "open, land, other) and print them as a second table",
     )
+    parser.add_argument(
+        "--seal-threads", type=int, default=None, metavar="N",
+        help="threads that seal/open each lane transfer's records (default: the lane's own choice, "
+        "1 below 8 cores)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -493,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load before: {os.getloadavg()}", flush=True)
     result = run(
         args.quick, sizes=sizes, reps=args.reps, libp2p_reps=args.libp2p_reps, codecs=codecs,
-        budget=args.budget,
+        budget=args.budget, seal_threads=args.seal_threads,
     )
     print(f"load after: {os.getloadavg()}", flush=True)
     print_table(

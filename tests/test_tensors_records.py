@@ -300,3 +300,39 @@ def test_in_memory_transfer_round_trips(
             if x.numel():
                 scale = float(x.float().abs().max())
                 assert float((y.float() - x.float()).abs().max()) <= tol * scale + 1e-6
+
+
+@pytest.mark.parametrize("cipher", available_ciphers())
+def test_records_sealed_out_of_order_by_forks_open_in_any_order(cipher: str) -> None:
+    """The seal pool's contract: counters reserved up front fix each record's nonce, so forks
+    may seal and open them in any order; a record under the wrong counter fails."""
+    key = os.urandom(32)
+    sealer, opener = RecordSealer(key, cipher), RecordOpener(key, cipher, peer="S")
+    control = sealer.seal(KIND_DATA, b"open")  # counter 0, sealed the ordinary way
+    first = sealer.reserve(4)
+    forks = [sealer.fork() for _ in range(2)]
+    wire: dict[int, bytes] = {}
+    for i in (3, 1, 0, 2):
+        out = memoryview(bytearray(HEADER_SIZE + 10 + 16))
+        n = forks[i % 2].seal_into(KIND_DATA, bytes([i]) * 10, out, first + i)
+        wire[i] = bytes(out[:n])
+    end = sealer.seal(KIND_DATA, b"end")  # after the reserved run
+    assert opener.open(control[:HEADER_SIZE], bytearray(control[HEADER_SIZE:])) == b"open"
+    base = opener.reserve(4)
+    readers = [opener.fork() for _ in range(3)]
+    for i in (2, 0, 3, 1):
+        r = wire[i]
+        out = bytearray(10)
+        readers[i % 3].open_into(r[:HEADER_SIZE], bytearray(r[HEADER_SIZE:]), out, base + i)
+        assert out == bytes([i]) * 10
+    assert opener.open(end[:HEADER_SIZE], bytearray(end[HEADER_SIZE:])) == b"end"
+    r = wire[1]
+    with pytest.raises(IntegrityError, match=f"record {base + 2} failed"):  # record 1 read as record 2
+        readers[0].open_into(r[:HEADER_SIZE], bytearray(r[HEADER_SIZE:]), bytearray(10), base + 2)
+
+
+def test_seal_threads_default_to_one_below_eight_cores() -> None:
+    from p2pcompute.tensors.lane import auto_seal_threads
+
+    assert [auto_seal_threads(c) for c in (1, 2, 4, 7, 8, 16, 64)] == [1, 1, 1, 1, 2, 4, 4]
+    assert auto_seal_threads() >= 1

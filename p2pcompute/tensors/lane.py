@@ -29,6 +29,7 @@ and :mod:`p2pcompute.tensors.codecs`. The lane speaks to peers only through the 
 from __future__ import annotations
 
 import logging
+import os
 import socket as _stdsocket
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -159,6 +160,7 @@ class TensorLane:
         max_pending_auth_per_source: int = 8,
         max_session_peers: int = MAX_SESSION_PEERS,
         force_staging: bool = False,
+        seal_threads: int | None = None,
     ) -> None:
         self.ciphers = available_ciphers() if ciphers is None else check_ciphers(ciphers)
         if not MIN_RECORD_SIZE <= record_size <= MAX_RECORD_SIZE:
@@ -185,6 +187,11 @@ class TensorLane:
         for name, seconds in times.items():
             if not isinstance(seconds, int | float) or not seconds > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, not {seconds!r}")
+        if seal_threads is None:
+            seal_threads = auto_seal_threads()
+        if not isinstance(seal_threads, int) or isinstance(seal_threads, bool) or not 1 <= seal_threads <= 64:
+            raise ConfigError(f"seal_threads must be an integer in [1, 64], not {seal_threads!r}")
+        self.seal_threads = seal_threads
         conns.USER_THREADS[0] = torch.get_num_threads()  # the user's thread: what workers restore
         self.node = node
         self.identity = node.identity
@@ -361,6 +368,7 @@ class TensorLane:
                         claim_timeout=self.claim_timeout,
                         force_staging=self.force_staging,
                         limiter=self._bulk_threads,
+                        workers=self.seal_threads,
                     )
                     break
                 except StaleSession as exc:
@@ -503,6 +511,7 @@ class TensorLane:
                 force_staging=self.force_staging,
                 auth_timeout=self.auth_timeout,
                 limiter=self._bulk_threads,
+                workers=self.seal_threads,
             )
         finally:
             incoming.done.set()
@@ -518,6 +527,27 @@ class TensorLane:
             cipher_why=incoming.cipher_why,
         )
         return result, report
+
+
+def auto_seal_threads(cores: int | None = None) -> int:
+    """Threads that seal (or open) one transfer's records by default: 1 below 8 cores, else a
+    quarter of the cores, at most 4.
+
+    On the 2-core machines we measure on, both peers' processes already keep both cores busy
+    (kernel copies and the AEAD), so a pool only adds hand-offs; a GPU host with 16 cores has
+    cores to spare for the cipher while one thread drives the socket (docs/design/data-plane.md,
+    "Threads"). ``open_lane(seal_threads=n)`` overrides it.
+
+    Example::
+
+        assert auto_seal_threads(2) == 1 and auto_seal_threads(16) == 4
+    """
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+    return 1 if cores < 8 else min(4, cores // 4)
 
 
 @asynccontextmanager
@@ -540,7 +570,9 @@ async def open_lane(
     (MB/s figures to advertise instead of measuring), ``direct=False`` (never dial or accept direct TCP:
     relay path only), ``advertise=[(host, port)]``, ``record_size``, ``stall_timeout`` (30 s without
     progress on a connection), ``connect_timeout`` (5 s per direct dial), ``claim_timeout`` (120 s a
-    sender waits for the receiver to claim), ``force_staging``.
+    sender waits for the receiver to claim), ``force_staging``, ``seal_threads`` (threads that
+    seal or open one direct CPU transfer's records; default :func:`auto_seal_threads`: 1 below
+    8 cores).
 
     Caps that keep an open swarm from exhausting the lane (docs/design/data-plane.md, "Caps";
     each refuses only the newest excess, and honest work goes on):

@@ -67,13 +67,14 @@ class Stager:
         record_size: int,
         *,
         force_staging: bool = False,
+        slots: int = 2,
     ) -> None:
         self.sources = sources
         self.shards = shards
         self.record_size = record_size
         self.force_staging = force_staging
         self._cuda = any(_is_cuda(s) for s in sources) and torch.cuda.is_available()
-        self._buffers = [_host_buffer(record_size, self._cuda) for _ in range(2)]
+        self._buffers = [_host_buffer(record_size, self._cuda) for _ in range(slots)]
         self._views = [codecs.byte_memoryview(b) for b in self._buffers]
         self._direct: dict[int, memoryview] = {}
         self._stream: Any = _new_stream() if self._cuda else None
@@ -217,9 +218,9 @@ class Lander:
         opened and decoded in one blocking loop."""
         return not self.force_staging and all(t.device.type == "cpu" for t in self.lands)
 
-    def buffers(self, record_size: int) -> list[torch.Tensor]:
-        """Two record buffers (pinned when landing on CUDA) for records that are not opened in place."""
-        return [_host_buffer(record_size, self._cuda) for _ in range(2)]
+    def buffers(self, record_size: int, count: int = 2) -> list[torch.Tensor]:
+        """``count`` record buffers (pinned when landing on CUDA) for records not opened in place."""
+        return [_host_buffer(record_size, self._cuda) for _ in range(count)]
 
     def scatter(self, plan: RecordPlan, plain: torch.Tensor) -> None:
         """Decode the record in ``plain`` into its destinations; returns once ``plain`` may be reused.

@@ -411,24 +411,47 @@ class RecordSealer:
         n = sealer.seal_into(KIND_DATA, payload_view, out_buffer)   # out_buffer[:n] goes on the wire
     """
 
-    __slots__ = ("_aead", "_count", "cipher")
+    __slots__ = ("_aead", "_count", "_key", "cipher")
 
     def __init__(self, key: bytes, cipher: str) -> None:
         self._aead = _aead(cipher, key)
+        self._key = key
         self.cipher = cipher
         self._count = 0
 
-    def seal_into(self, kind: int, plaintext: Any, out: memoryview) -> int:
-        """Write header + sealed ``plaintext`` into ``out``; return the bytes written."""
+    def reserve(self, n: int) -> int:
+        """Take the next ``n`` record counters (for records sealed out of order by
+        :meth:`fork` copies with ``counter=``); return the first.
+
+        Example::
+
+            first = sealer.reserve(len(plans))   # record i is sealed with counter=first + i
+        """
+        first = self._count
+        if first + n > MAX_RECORDS_PER_KEY:
+            raise LocalProtocolError("too many records under one transfer key")
+        self._count += n
+        return first
+
+    def fork(self) -> RecordSealer:
+        """Another sealer of the same key for another thread (its own AEAD context); use it only
+        with ``counter=`` values from :meth:`reserve`."""
+        return RecordSealer(self._key, self.cipher)
+
+    def seal_into(self, kind: int, plaintext: Any, out: memoryview, counter: int | None = None) -> int:
+        """Write header + sealed ``plaintext`` into ``out``; return the bytes written.
+
+        ``counter``: a counter taken with :meth:`reserve` (default: the next one)."""
         n = len(plaintext)
         total = HEADER_SIZE + n + TAG_SIZE
         header = HEADER.pack(kind, n + TAG_SIZE)
         out[:HEADER_SIZE] = header
-        if self._count >= MAX_RECORDS_PER_KEY:
-            raise LocalProtocolError("too many records under one transfer key")
-        nonce = self._count.to_bytes(12, "big")
-        self._count += 1
-        self._aead.encrypt_into(nonce, plaintext, header, out[HEADER_SIZE:total])
+        if counter is None:
+            if self._count >= MAX_RECORDS_PER_KEY:
+                raise LocalProtocolError("too many records under one transfer key")
+            counter = self._count
+            self._count += 1
+        self._aead.encrypt_into(counter.to_bytes(12, "big"), plaintext, header, out[HEADER_SIZE:total])
         return total
 
     def seal(self, kind: int, plaintext: bytes) -> bytes:
@@ -441,25 +464,47 @@ class RecordSealer:
 class RecordOpener:
     """Opens the records of one direction of one transfer, in order; raises IntegrityError."""
 
-    __slots__ = ("_aead", "_count", "cipher", "peer")
+    __slots__ = ("_aead", "_count", "_key", "cipher", "peer")
 
     def __init__(self, key: bytes, cipher: str, *, peer: str | None) -> None:
         self._aead = _aead(cipher, key)
+        self._key = key
         self.cipher = cipher
         self._count = 0
         self.peer = peer
 
+    def reserve(self, n: int) -> int:
+        """Take the next ``n`` record counters (records opened by :meth:`fork` copies with
+        ``counter=``); return the first. Example::
+
+            first = opener.reserve(len(plans))   # record i opens with counter=first + i
+        """
+        first = self._count
+        self._count += n
+        return first
+
+    def fork(self) -> RecordOpener:
+        """Another opener of the same key for another thread; use it only with ``counter=``."""
+        return RecordOpener(self._key, self.cipher, peer=self.peer)
+
     def open_into(
-        self, header: bytes | bytearray | memoryview, body: memoryview | bytearray, out: Any
+        self,
+        header: bytes | bytearray | memoryview,
+        body: memoryview | bytearray,
+        out: Any,
+        counter: int | None = None,
     ) -> None:
-        """Authenticate and decrypt ``body`` (ciphertext + tag) into ``out`` (len(body) - 16 bytes)."""
-        nonce = self._count.to_bytes(12, "big")
-        self._count += 1
+        """Authenticate and decrypt ``body`` (ciphertext + tag) into ``out`` (len(body) - 16 bytes).
+
+        ``counter``: a counter taken with :meth:`reserve` (default: the next one)."""
+        if counter is None:
+            counter = self._count
+            self._count += 1
         try:
-            self._aead.decrypt_into(nonce, body, bytes(header), out)
+            self._aead.decrypt_into(counter.to_bytes(12, "big"), body, bytes(header), out)
         except InvalidTag:
             raise IntegrityError(
-                f"lane record {self._count - 1} failed authentication (corrupt, reordered or forged)",
+                f"lane record {counter} failed authentication (corrupt, reordered or forged)",
                 peer=self.peer,
             ) from None
 
