@@ -67,8 +67,8 @@ MAX_RECORDS_PER_KEY = 1 << 48
 MAX_CIPHERS = 8  # entries in a hello's cipher list
 MAX_CIPHER_NAME = 32
 MAX_SPEED = 10_000_000  # MB/s: 10 TB/s, far above any CPU; figures are clamped into [1, MAX_SPEED]
-SPEED_TEST_BYTES = 1 << 20  # one default-size record
-SPEED_TEST_ROUNDS = 3  # best of, per operation and cipher
+SPEED_TEST_BYTES = 256 << 10  # a quarter record: short enough to slip between a neighbour's bursts
+SPEED_TEST_ROUNDS = 8  # best of, per operation and cipher
 
 HELLO = Schema(
     "lane-hello",
@@ -159,45 +159,54 @@ def _clamp_speed(nbytes: int, seconds: float) -> int:
     return max(1, min(MAX_SPEED, int(nbytes / max(seconds, 1e-9) / 1e6)))
 
 
-def measure_cipher(
-    name: str, *, nbytes: int = SPEED_TEST_BYTES, rounds: int = SPEED_TEST_ROUNDS
-) -> CipherSpeed:
-    """Measure this process's seal and open speed of cipher ``name`` on ``nbytes`` records
-    (best of ``rounds`` after one warm-up; about 0.1-0.3 ms a round at 1 MiB).
+def measure_ciphers(
+    names: Sequence[str], *, nbytes: int = SPEED_TEST_BYTES, rounds: int = SPEED_TEST_ROUNDS
+) -> tuple[CipherSpeed, ...]:
+    """Measure this process's seal and open speed of each cipher in ``names`` on ``nbytes``
+    records: best of ``rounds`` after one warm-up, the ciphers taking turns within each round,
+    so that a burst of load from other processes lands on every cipher alike rather than on
+    all of one cipher's tries (seen: a GCM figure halved by a neighbour's burst, which chose
+    OCB3 for one session). In :data:`CIPHERS` order (rank them with :func:`rank_speeds`).
 
     Example::
 
-        measure_cipher("aes-256-gcm").seal      # e.g. 9900 (MB/s)
+        measure_ciphers(["aes-256-gcm"])[0].seal      # e.g. 9900 (MB/s)
     """
-    aead = _aead(name, bytes(32))
+    aeads = [_aead(name, bytes(32)) for name in names]
     plain = bytes(nbytes)
     sealed = bytearray(nbytes + TAG_SIZE)
     opened = bytearray(nbytes)
     aad = bytes(HEADER_SIZE)
-    best_seal = best_open = float("inf")
+    best_seal = [float("inf")] * len(names)
+    best_open = [float("inf")] * len(names)
+    clock = time.perf_counter
     for i in range(rounds + 1):
         nonce = i.to_bytes(12, "big")
-        t0 = time.perf_counter()
-        aead.encrypt_into(nonce, plain, aad, sealed)
-        t1 = time.perf_counter()
-        aead.decrypt_into(nonce, sealed, aad, opened)
-        t2 = time.perf_counter()
-        if i:  # the first round warms caches and OpenSSL's tables
-            best_seal = min(best_seal, t1 - t0)
-            best_open = min(best_open, t2 - t1)
-    return CipherSpeed(name, _clamp_speed(nbytes, best_seal), _clamp_speed(nbytes, best_open))
+        for k, aead in enumerate(aeads):
+            t0 = clock()
+            aead.encrypt_into(nonce, plain, aad, sealed)
+            t1 = clock()
+            aead.decrypt_into(nonce, sealed, aad, opened)
+            t2 = clock()
+            if i:  # the first round warms caches and OpenSSL's tables
+                best_seal[k] = min(best_seal[k], t1 - t0)
+                best_open[k] = min(best_open[k], t2 - t1)
+    return tuple(
+        CipherSpeed(name, _clamp_speed(nbytes, best_seal[k]), _clamp_speed(nbytes, best_open[k]))
+        for k, name in enumerate(names)
+    )
 
 
 @functools.cache
 def cipher_speeds() -> tuple[CipherSpeed, ...]:
     """This process's measured speed of every cipher it has, fastest first (measured once, cached).
 
-    Takes a few milliseconds on first call. Example::
+    Takes about 3 ms on first call (:func:`measure_ciphers`). Example::
 
         for s in cipher_speeds():
             print(s.name, s.seal, s.open)     # MB/s
     """
-    return rank_speeds(measure_cipher(name) for name in available_ciphers())
+    return rank_speeds(measure_ciphers(available_ciphers()))
 
 
 def rank_speeds(speeds: Iterable[CipherSpeed]) -> tuple[CipherSpeed, ...]:
