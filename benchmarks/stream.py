@@ -7,10 +7,11 @@ loopback, in the same invocation over:
   destination tensor (the ceiling; the baseline ``raw_tcp``);
 * ``libp2p``: one py-libp2p stream (Noise + yamux), 1 MiB writes, reads copied into the
   destination tensor (the baseline ``libp2p``);
-* ``lane/<codec>``: :class:`p2pcompute.tensors.TensorLane` (AES-256-OCB3 records over a direct
-  TCP connection) with each codec, received ``into`` a preallocated tensor.
-* ``lane-gcm/none``: the same lane held to AES-256-GCM records (the cipher every OpenSSL has,
-  and the lane's only one before OCB3), to show what the cipher costs.
+* ``lane/<codec>``: :class:`p2pcompute.tensors.TensorLane` (AEAD records over a direct TCP
+  connection, the cipher the two processes chose by measurement) with each codec, received
+  ``into`` a preallocated tensor. The row's ``params`` name the ``cipher`` and ``cipher_why``.
+* ``lane-gcm/none``, ``lane-ocb3/none``, ``lane-chacha/none``: the same lane held to one cipher
+  (each this process has), to show what the choice is worth.
 
 Figures per configuration: ``mb_per_s`` (tensor MB / sender wall time until the receiver's
 acknowledgement; the primary metric), ``cpu_s_per_gb_send`` / ``cpu_s_per_gb_recv``,
@@ -32,11 +33,47 @@ import time
 from typing import Any
 
 from p2pcompute.benchresults import SuiteResult, peak_rss_mib, print_table, wan_layout, write_results
+from p2pcompute.wire.lanekeys import available_ciphers
 
 CHUNK = 1 << 20
 PROTO = "/p2pcompute/bench-stream/1.0.0"
 CODECS = ("none", "fp16", "bf16", "int8")
 _IP = ["127.0.0.1"]  # this worker's address: loopback, or its namespace's under --wan
+_SEAL_THREADS: list[int | None] = [None]  # --seal-threads: the lanes' pool size (None: their default)
+_PHASES: dict[str, float] = {}  # --budget: thread CPU seconds per step of the lane's record loops
+BUDGET_STEPS = ("stage", "seal", "send", "recv", "open", "land")
+
+
+def _instrument() -> None:
+    """``--budget``: time (thread CPU) every record step of the lane, by wrapping the step methods.
+
+    ``stage`` = encoding/copying a record's payload (``Stager.payload``; a view for codec none),
+    ``seal``/``open`` = the AEAD, ``send``/``recv`` = the socket calls (the kernel's copy),
+    ``land`` = decoding a record that was not opened in place (``Lander.scatter``). What the
+    process spent beyond their sum is Python, trio, the handshake and page faults.
+    """
+    from p2pcompute.tensors import staging, transfers
+    from p2pcompute.wire import lanekeys
+
+    def timed(cls: Any, method: str, step: str) -> None:
+        inner = getattr(cls, method)
+        clock = time.thread_time
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = clock()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                _PHASES[step] = _PHASES.get(step, 0.0) + clock() - t0
+
+        setattr(cls, method, wrapper)
+
+    timed(staging.Stager, "payload", "stage")
+    timed(lanekeys.RecordSealer, "seal_into", "seal")
+    timed(transfers.SendSteps, "wire_blocking", "send")
+    timed(transfers.ReceiveSteps, "wire_blocking", "recv")
+    timed(lanekeys.RecordOpener, "open_into", "open")
+    timed(staging.Lander, "scatter", "land")
 
 
 def _current_rss_mib() -> float:
@@ -206,14 +243,17 @@ async def _lane_recv(size: int, reps: int, sender: str) -> dict[str, Any]:
     dst = _tensor(size, fill=False)
     base = _current_rss_mib()
     listen = [f"/ip4/{_IP[0]}/tcp/0"]
-    async with open_node(None, listen=listen, advertise=False) as node, open_lane(node) as lane:
+    async with open_node(None, listen=listen, advertise=False) as node, open_lane(
+        node, seal_threads=_SEAL_THREADS[0]
+    ) as lane:
         _emit({"ready": True, "addr": node.addrs[0]})
         await lane.receive(sender, "warm-up")
+        _PHASES.clear()
         cpu0 = time.process_time()
         for i in range(reps):
             await lane.receive(sender, f"t{i}", into={"x": dst})
         cpu = time.process_time() - cpu0
-    return {"cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib()}
+    return {"cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib(), "phases": dict(_PHASES)}
 
 
 async def _lane_send(
@@ -230,11 +270,13 @@ async def _lane_send(
     ident = Identity.from_seed(bytes.fromhex(seed))
     times = []
     wire = 0
-    used = ""
+    used = why = ""
     async with open_node(ident, listen=[f"/ip4/{_IP[0]}/tcp/0"], advertise=False) as node:
         peer = await node.connect(addr)
-        async with open_lane(node, ciphers=(cipher,) if cipher else None) as lane:
+        ciphers = (cipher,) if cipher else None
+        async with open_lane(node, ciphers=ciphers, seal_threads=_SEAL_THREADS[0]) as lane:
             await lane.send(peer, "warm-up", {"w": torch.zeros(16)})
+            _PHASES.clear()
             cpu0 = time.process_time()
             for i in range(reps):
                 t0 = time.perf_counter()
@@ -242,9 +284,11 @@ async def _lane_send(
                 times.append(time.perf_counter() - t0)
                 wire = report.bytes
                 used = report.cipher
+                why = report.cipher_why
             cpu = time.process_time() - cpu0
     return {
-        "times": times, "cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib(), "wire": wire, "cipher": used
+        "times": times, "cpu": cpu, "base_rss": base, "peak_rss": peak_rss_mib(),
+        "wire": wire, "cipher": used, "cipher_why": why, "phases": dict(_PHASES),
     }
 
 
@@ -253,6 +297,9 @@ def _worker(spec: dict[str, Any]) -> int:
 
     kind, role, size, reps = spec["kind"], spec["role"], spec["size"], spec["reps"]
     _IP[0] = spec.get("ip", "127.0.0.1")
+    _SEAL_THREADS[0] = spec.get("seal_threads")
+    if spec.get("budget"):
+        _instrument()
     if role == "send" and spec.get("await_peer"):
         # started beside the receiver: import while it starts, then learn where it listens
         import libp2p  # noqa: F401
@@ -308,7 +355,8 @@ def _read_json(proc: subprocess.Popen[str], key: str) -> dict[str, Any]:
 
 def _pair(
     kind: str, size: int, reps: int, codec: str = "none", timeout: float = 900,
-    layout: dict[str, Any] | None = None, cipher: str | None = None,
+    layout: dict[str, Any] | None = None, cipher: str | None = None, budget: bool = False,
+    seal_threads: int | None = None,
 ) -> dict[str, Any]:
     """One receiver and one sender process (peers 0 and 1 of the WAN ``layout`` when given)."""
     from p2pcompute.identity import Identity
@@ -317,7 +365,8 @@ def _pair(
     sender_id = Identity.from_seed(bytes.fromhex(seed)).peer_id
     where = [{"ip": p["addr"], "prefix": list(p["exec"])} for p in layout["peers"][:2]] if layout else None
     recv = _spawn(
-        {"kind": kind, "role": "recv", "size": size, "reps": reps, "sender": sender_id,
+        {"kind": kind, "role": "recv", "size": size, "reps": reps, "sender": sender_id, "budget": budget,
+         "seal_threads": seal_threads,
          **({"ip": where[0]["ip"]} if where else {})},
         prefix=where[0]["prefix"] if where else None,
     )
@@ -326,7 +375,8 @@ def _pair(
         # both start at once (each spends seconds importing torch); the sender waits for the address
         send = _spawn(
             {"kind": kind, "role": "send", "size": size, "reps": reps, "seed": seed, "codec": codec,
-             "cipher": cipher, "await_peer": True, **({"ip": where[1]["ip"]} if where else {})},
+             "cipher": cipher, "await_peer": True, "budget": budget, "seal_threads": seal_threads,
+             **({"ip": where[1]["ip"]} if where else {})},
             stdin=True,
             prefix=where[1]["prefix"] if where else None,
         )
@@ -356,6 +406,8 @@ def run(
     reps: int = 3,
     libp2p_reps: int = 1,
     codecs: tuple[str, ...] = CODECS,
+    budget: bool = False,
+    seal_threads: int | None = None,
     **_: Any,
 ) -> SuiteResult:
     """Measure every configuration at every size; returns the suite with ratios filled in."""
@@ -368,7 +420,8 @@ def run(
     suite = SuiteResult(
         "stream",
         "mb_per_s",
-        options={"sizes": list(sizes), "reps": reps, "libp2p_reps": libp2p_reps, "codecs": list(codecs)},
+        options={"sizes": list(sizes), "reps": reps, "libp2p_reps": libp2p_reps, "codecs": list(codecs),
+             "seal_threads": seal_threads},
     )
     for size in sizes:
         label = f"{size >> 20}MiB"
@@ -378,10 +431,19 @@ def run(
             *((f"lane/{c} {label}", "lane", c, reps, None, None) for c in codecs),
         ]
         if "none" in codecs and not quick:
-            plan.append((f"lane-gcm/none {label}", "lane", "none", reps, None, "aes-256-gcm"))
+            for cipher in available_ciphers():
+                short = cipher.split("-")[-1].replace("poly1305", "chacha")
+                plan.append((f"lane-{short}/none {label}", "lane", "none", reps, None, cipher))
         for name, kind, codec, n, baseline, cipher in plan:
-            out = _pair(kind, size, n, codec, layout=layout, cipher=cipher)
-            row = suite.config(name, size=size, kind=kind, codec=codec)
+            out = _pair(
+                kind, size, n, codec, layout=layout, cipher=cipher, budget=budget and kind == "lane",
+                seal_threads=seal_threads,
+            )
+            if kind == "lane" and seal_threads is not None:
+                params_threads = {"seal_threads": seal_threads}
+            else:
+                params_threads = {}
+            row = suite.config(name, size=size, kind=kind, codec=codec, **params_threads)
             row.baseline = baseline
             gb = size * n / 1e9
             for seconds in out["send"]["times"]:
@@ -391,12 +453,36 @@ def run(
             for side in ("send", "recv"):
                 row.add(f"peak_rss_mib_{side}", out[side]["peak_rss"])
                 row.add(f"rss_over_tensor_mib_{side}", out[side]["peak_rss"] - out[side]["base_rss"])
+            if budget and kind == "lane":
+                for side in ("send", "recv"):
+                    phases = out[side].get("phases", {})
+                    for step in BUDGET_STEPS:
+                        if step in phases:
+                            row.add(f"{side}_{step}_s_per_gb", phases[step] / gb)
+                    row.add(f"{side}_other_s_per_gb", (out[side]["cpu"] - sum(phases.values())) / gb)
             if "wire" in out["send"]:
                 row.params["wire_bytes"] = out["send"]["wire"]
                 row.params["cipher"] = out["send"]["cipher"]
+                row.params["cipher_why"] = out["send"]["cipher_why"]
             print(f"  {name}: {row.median('mb_per_s'):.0f} MB/s", flush=True)
     suite.add_ratios()
     return suite
+
+
+def _print_budget(result: SuiteResult) -> None:
+    """The ``--budget`` table: CPU-s per GB of tensor, per record step, each side (medians)."""
+    steps = [*(f"send_{s}" for s in ("stage", "seal", "send", "other")),
+             *(f"recv_{s}" for s in ("recv", "open", "land", "other"))]
+    print("\nCPU-s per GB by step (thread CPU; other = process CPU minus the steps)")
+    print(f"{'config':26s} " + " ".join(f"{s:>11s}" for s in steps))
+    for row in result.configs:
+        if not any(f"{s}_s_per_gb" in row.samples for s in steps):
+            continue
+        cells = [
+            f"{row.median(s + '_s_per_gb'):11.3f}" if f"{s}_s_per_gb" in row.samples else f"{'-':>11s}"
+            for s in steps
+        ]
+        print(f"{row.name:26s} " + " ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,6 +494,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--libp2p-reps", type=int, default=1)
     parser.add_argument("--codecs", default=",".join(CODECS))
+    parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="also time each record step of the lane (thread CPU-s per GB: stage, seal, send / recv, "
+        "open, land, other) and print them as a second table",
+    )
+    parser.add_argument(
+        "--seal-threads", type=int, default=None, metavar="N",
+        help="threads that seal/open each lane transfer's records (default: the lane's own choice, "
+        "1 below 8 cores)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -415,7 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tuple(int(s) << 20 for s in args.sizes.split(",")) if args.sizes else None
     codecs = tuple(c for c in args.codecs.split(",") if c)
     print(f"load before: {os.getloadavg()}", flush=True)
-    result = run(args.quick, sizes=sizes, reps=args.reps, libp2p_reps=args.libp2p_reps, codecs=codecs)
+    result = run(
+        args.quick, sizes=sizes, reps=args.reps, libp2p_reps=args.libp2p_reps, codecs=codecs,
+        budget=args.budget, seal_threads=args.seal_threads,
+    )
     print(f"load after: {os.getloadavg()}", flush=True)
     print_table(
         result,
@@ -428,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib_recv",
         ],
     )
+    if args.budget:
+        _print_budget(result)
     path = write_results(result, args.out)
     print(f"wrote {path}")
     return 0

@@ -27,7 +27,7 @@ from p2pcompute.errors import (
 )
 from p2pcompute.identity import Identity
 from p2pcompute.overlay import Node, open_node
-from p2pcompute.tensors import TensorLane, open_lane
+from p2pcompute.tensors import TensorLane, TransferReport, open_lane
 from p2pcompute.tensors.codecs import TORCH_DTYPES, empty
 
 GUARD = 60  # absolute guard against hangs (not a speed bound)
@@ -209,27 +209,42 @@ async def test_relay_fallback_when_no_direct_path() -> None:
     assert torch.equal(got_c["x"], x["x"])
 
 
+NEW_CPU = {"aes-256-gcm": (9000, 8800), "aes-256-ocb3": (6000, 5900), "chacha20-poly1305": (3700, 3600)}
+OLD_CPU = {"aes-256-gcm": (2600, 2500), "aes-256-ocb3": (4300, 4200), "chacha20-poly1305": (3700, 3600)}
+
+
 @pytest.mark.parametrize("direct", [True, False])
 async def test_lanes_agree_on_a_record_cipher(direct: bool) -> None:
-    """The fastest cipher both offer: OCB3 between two default lanes, GCM with a GCM-only lane."""
+    """The cipher whose slower side measured fastest: GCM between two VAES hosts, OCB3 with an
+    older host, GCM with a GCM-only lane; both sides report the same choice and why."""
     x = {"x": torch.randn(300_000)}  # several records
     opts: list[dict[str, Any]] = [
-        {"direct": direct},
-        {"direct": direct},
-        {"direct": direct, "ciphers": ("aes-256-gcm",)},
+        {"direct": direct, "cipher_speeds": NEW_CPU},
+        {"direct": direct, "cipher_speeds": OLD_CPU},
+        {"direct": direct, "ciphers": ("aes-256-gcm",), "cipher_speeds": OLD_CPU},
+        {"direct": direct, "cipher_speeds": NEW_CPU},
     ]
     with trio.fail_after(GUARD):
-        async with lanes(3, opts) as (a, b, c):
-            reports: list[Any] = []
+        async with lanes(4, opts) as (a, b, c, d):
+            for src, dst, chosen in (
+                (a, b, "aes-256-ocb3"),
+                (a, c, "aes-256-gcm"),
+                (c, d, "aes-256-gcm"),
+                (d, a, "aes-256-gcm"),
+            ):
+                sent: list[TransferReport] = []
 
-            async def send(src: TensorLane, dst: TensorLane) -> None:
-                reports.append(await src.send(dst.peer_id, "t", x))
+                async def send(
+                    src: TensorLane = src, dst: TensorLane = dst, sent: list[TransferReport] = sent
+                ) -> None:
+                    sent.append(await src.send(dst.peer_id, "t", x))
 
-            for src, dst in ((a, b), (a, c), (c, b)):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(send, src, dst)
-                    got = await dst.receive(src.peer_id, "t")
-                assert torch.equal(got["x"], x["x"])
+                    nursery.start_soon(send)
+                    got = await dst.receive_chunks(src.peer_id, "t", lambda *_: None)
+                assert sent[0].cipher == got.cipher == chosen
+                assert sent[0].cipher_why == got.cipher_why
+                assert sent[0].cipher_why.startswith(chosen + ": slowest side")
 
 
 async def test_fan_out_and_fan_in_at_once() -> None:
@@ -327,15 +342,17 @@ async def test_cancelled_receiver_ends_sender_cleanly() -> None:
             assert torch.equal(got["y"], torch.ones(3))
 
 
-async def test_cancelled_bulk_receive_ends_both_sides_cleanly() -> None:
-    # receive(into=) of a plain CPU tensor runs in the lane's blocking worker loop; cancelling
-    # it 5 ms in (128 MB cannot arrive that fast) must stop the loop and fail the sender typed
+@pytest.mark.parametrize("threads", [1, 3])
+async def test_cancelled_bulk_receive_ends_both_sides_cleanly(threads: int) -> None:
+    # receive(into=) of a plain CPU tensor runs in the lane's blocking worker loop (with a pool
+    # of 3 openers/sealers: threads=3); cancelling it 5 ms in (128 MB cannot arrive that fast)
+    # must stop the loop and fail the sender typed
     n = 32_000_000
     x = {"x": torch.randn(n)}
     dst = {"x": torch.empty(n)}
     outcome: dict[str, BaseException | None] = {}
     with trio.fail_after(GUARD):
-        async with lanes() as (a, b):
+        async with lanes(2, [{"seal_threads": threads}] * 2) as (a, b):
 
             async def sender() -> None:
                 try:
@@ -614,3 +631,37 @@ async def test_receivers_that_give_up_leave_nothing_behind() -> None:
                 await a.send(b.peer_id, "late", {"x": x})
             assert torch.equal(got[0], x)
             assert not b._inbox.arrivals
+
+
+async def test_a_forced_seal_pool_keeps_records_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """seal_threads=3 (a pool on this 2-core machine too): every codec, several shards and
+    records, a digest (pool off: hashing needs order) and a threaded reducer all round-trip."""
+    from p2pcompute.tensors import pipeline
+
+    pooled: list[bool] = []
+    inner = pipeline._pooled_loop
+
+    def spy(*args: Any) -> Any:
+        pooled.append(args[1].outbound)
+        return inner(*args)
+
+    monkeypatch.setattr(pipeline, "_pooled_loop", spy)
+    big = torch.randn(1_100_000)  # 5 records of 1 MiB
+    # 18 records in all: more than the pool's 6 slots, so slots are reused while others are in flight
+    more = {
+        "big": big, "odd": torch.randn(3, 5, 7), "ints": torch.arange(600_000), "huge": torch.randn(2_000_000)
+    }
+    opts: list[dict[str, Any]] = [{"seal_threads": 3}, {"seal_threads": 3}]
+    with trio.fail_after(GUARD):
+        async with lanes(2, opts) as (a, b):
+            got = await transfer(a, b, more)
+            for name, t in more.items():
+                assert same_bits(t, got[name]), name
+            assert sorted(pooled) == [False, True]  # both sides ran the pool
+            for codec, tol in (("bf16", 2**-7), ("int8", 1 / 120)):
+                got = await transfer(a, b, {"x": big}, tag=codec, codec=codec)
+                assert float((got["x"] - big).abs().max()) <= tol * float(big.abs().max())
+            pooled.clear()
+            got = await transfer(a, b, {"x": big}, tag="sha", digest="sha256")
+            assert same_bits(big, got["x"])
+            assert pooled == []  # digests are hashed in order, without the pool

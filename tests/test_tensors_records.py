@@ -18,10 +18,15 @@ from p2pcompute.tensors import codecs
 from p2pcompute.tensors.staging import Lander, Stager
 from p2pcompute.wire.lanekeys import (
     HELLO,
+    MAX_CIPHERS,
+    MAX_SPEED,
+    CipherSpeed,
     Handshake,
     RecordOpener,
     RecordSealer,
     available_ciphers,
+    choose_cipher,
+    cipher_speeds,
     transfer_keys,
 )
 from p2pcompute.wire.shards import (
@@ -63,51 +68,133 @@ def test_keys_are_bound_to_peer_ids_and_fresh() -> None:
     assert ha2.finish(hb2.hello).send_base != _pair()[0].finish(hb2.hello).send_base
 
 
+def _hello(ciphers: object, **over: object) -> bytes:
+    fields = {"nonce": os.urandom(32), "kx": os.urandom(32), "addrs": [], "ciphers": ciphers, **over}
+    return msgpack.packb({"t": "lane-hello", "v": 3, **fields})  # type: ignore[no-any-return]
+
+
 def test_bad_hello_is_rejected() -> None:
     ha, _ = _pair()
-    gcm = ["aes-256-gcm"]
+    gcm = [["aes-256-gcm", 900, 800]]
     with pytest.raises(MalformedMessage):
-        ha.finish(HELLO.build(nonce=os.urandom(32), kx=bytes(32), addrs=[], ciphers=gcm))  # low-order point
+        ha.finish(_hello(gcm, kx=bytes(32)))  # low-order point
     with pytest.raises(MalformedMessage):
-        ha.finish(HELLO.build(nonce=os.urandom(32), kx=os.urandom(32), addrs=[["h", 70000]], ciphers=gcm))
+        ha.finish(_hello(gcm, addrs=[["h", 70000]]))
     with pytest.raises(MalformedMessage, match="no record cipher in common"):
-        ha.finish(HELLO.build(nonce=os.urandom(32), kx=os.urandom(32), addrs=[], ciphers=["rot13"]))
-    old = {"t": "lane-hello", "v": 1, "nonce": os.urandom(32), "kx": os.urandom(32), "addrs": []}
-    with pytest.raises(MalformedMessage, match="version"):  # a peer still on the GCM-only hello
-        ha.finish(msgpack.packb(old))
-
-
-def test_the_initiators_preference_wins_among_shared_ciphers() -> None:
-    both = available_ciphers()
-    assert both[0] == "aes-256-ocb3"  # the OpenSSL in cryptography's wheels has both
-    assert "aes-256-gcm" in both
-    for mine, theirs, chosen in (
-        (both, both, both[0]),
-        (("aes-256-gcm",), both, "aes-256-gcm"),
-        (both, ("aes-256-gcm",), "aes-256-gcm"),
-        (tuple(reversed(both)), both, both[-1]),
+        ha.finish(_hello([["rot13", 5, 5]]))
+    for bad in (
+        [],  # nothing offered
+        ["aes-256-gcm"],  # a v2 list of bare names
+        [["aes-256-gcm", 900]],  # no open figure
+        [["aes-256-gcm", 900, 800, 1]],
+        [["aes-256-gcm", 0, 800]],  # figures are >= 1 MB/s
+        [["aes-256-gcm", 900, 10**8]],  # and capped
+        [["aes-256-gcm", True, 800]],
+        [["aes-256-gcm", 900.5, 800]],
+        [["", 900, 800]],
+        [["x" * 33, 900, 800]],
+        [["aes-256-gcm", 900, 800], ["aes-256-gcm", 700, 700]],  # listed twice
+        [[f"c{i}", 5, 5] for i in range(9)],  # over the list cap
     ):
-        a = Handshake(initiator=True, local_id="A", remote_id="B", addrs=[], ciphers=mine)
-        b = Handshake(initiator=False, local_id="B", remote_id="A", addrs=[], ciphers=theirs)
+        with pytest.raises(MalformedMessage) as err:
+            ha.finish(_hello(bad))
+        assert err.value.peer == "B"
+    with pytest.raises(MalformedMessage, match="version"):  # a peer still on the name-only hello
+        ha.finish(msgpack.packb({"t": "lane-hello", "v": 2, "nonce": os.urandom(32), "kx": os.urandom(32),
+                                 "addrs": [], "ciphers": ["aes-256-gcm"]}))
+
+
+def test_measured_speeds_are_advertised_fastest_first() -> None:
+    measured = cipher_speeds()
+    assert {s.name for s in measured} == set(available_ciphers())
+    assert all(1 <= s.seal <= MAX_SPEED and 1 <= s.open <= MAX_SPEED for s in measured)
+    assert [s.slowest for s in measured] == sorted((s.slowest for s in measured), reverse=True)
+    assert cipher_speeds() is measured  # once per process
+    a, _ = _pair()
+    assert HELLO.parse(a.hello)["ciphers"] == [list(s) for s in measured]
+
+
+FIGURES = {"aes-256-gcm": (9000, 8800), "aes-256-ocb3": (6000, 5900), "chacha20-poly1305": (3700, 3600)}
+OLD_CPU = {"aes-256-gcm": (2600, 2500), "aes-256-ocb3": (4300, 4200), "chacha20-poly1305": (3700, 3600)}
+
+
+def test_the_cipher_is_the_one_whose_slower_side_is_fastest() -> None:
+    gcm, ocb = ("aes-256-gcm",), ("aes-256-ocb3",)
+    for (mine, my_speed), (theirs, their_speed), chosen in (
+        ((None, FIGURES), (None, FIGURES), "aes-256-gcm"),
+        ((None, FIGURES), (None, OLD_CPU), "aes-256-ocb3"),  # 4200 on the old CPU beats GCM's 2500
+        ((None, OLD_CPU), (None, FIGURES), "aes-256-ocb3"),  # whoever initiates
+        ((gcm, FIGURES), (None, OLD_CPU), "aes-256-gcm"),  # the only one in common
+        ((None, FIGURES), (ocb, FIGURES), "aes-256-ocb3"),
+    ):
+        a = Handshake(initiator=True, local_id="A", remote_id="B", addrs=[], ciphers=mine, speeds=my_speed)
+        b = Handshake(
+            initiator=False, local_id="B", remote_id="A", addrs=[], ciphers=theirs, speeds=their_speed
+        )
         ka, kb = a.finish(b.hello), b.finish(a.hello)
         assert ka.cipher == kb.cipher == chosen
+        assert ka.cipher_why == kb.cipher_why
+        assert ka.cipher_why.startswith(chosen)
         assert ka.send_base == kb.recv_base
     with pytest.raises(LocalProtocolError):
         Handshake(initiator=True, local_id="A", remote_id="B", addrs=[], ciphers=("aes-128-ecb",))
     with pytest.raises(LocalProtocolError):
         Handshake(initiator=True, local_id="A", remote_id="B", addrs=[], ciphers=())
+    with pytest.raises(LocalProtocolError):  # a figure for every offered name
+        Handshake(initiator=True, local_id="A", remote_id="B", addrs=[], speeds={"aes-256-gcm": (1, 1)})
+
+
+names = st.sampled_from(["aes-256-gcm", "aes-256-ocb3", "chacha20-poly1305", "x-future", "zz"])
+speed = st.integers(1, MAX_SPEED)
+lists = st.lists(
+    st.builds(CipherSpeed, names, speed, speed), max_size=MAX_CIPHERS, unique_by=lambda s: s.name
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lists, lists)
+def test_both_sides_choose_the_same_cipher_and_never_one_side_lacks(
+    a: list[CipherSpeed], b: list[CipherSpeed]
+) -> None:
+    ab, ba = choose_cipher(a, b), choose_cipher(b, a)
+    assert ab == ba  # symmetric: the same choice (and reason) on both sides
+    assert choose_cipher(list(reversed(a)), b) == ab  # list order carries no weight
+    shared = {s.name for s in a} & {s.name for s in b}
+    if not shared:
+        assert ab is None
+        return
+    assert ab is not None
+    assert ab.name in shared
+    best = {n: min(x.slowest for x in (*a, *b) if x.name == n) for n in shared}
+    assert ab.mbps == best[ab.name] == max(best.values())
+    assert ab.name == min(n for n in shared if best[n] == ab.mbps)  # ties by name
 
 
 def test_a_rewritten_cipher_list_gives_no_common_keys() -> None:
-    """Someone who strips OCB from A's hello on its way (downgrade) changes the transcript."""
-    a = Handshake(initiator=True, local_id="A", remote_id="B", addrs=[])
-    b = Handshake(initiator=False, local_id="B", remote_id="A", addrs=[])
+    """Someone who strips GCM from A's hello on its way (downgrade) changes the transcript."""
+    a = Handshake(initiator=True, local_id="A", remote_id="B", addrs=[], speeds=FIGURES)
+    b = Handshake(initiator=False, local_id="B", remote_id="A", addrs=[], speeds=FIGURES)
     msg = HELLO.parse(a.hello)
-    stripped = HELLO.build(nonce=msg["nonce"], kx=msg["kx"], addrs=msg["addrs"], ciphers=["aes-256-gcm"])
+    stripped = HELLO.build(
+        nonce=msg["nonce"], kx=msg["kx"], addrs=msg["addrs"], ciphers=[["aes-256-ocb3", 6000, 5900]]
+    )
     kb = b.finish(stripped)
     ka = a.finish(b.hello)
-    assert kb.cipher == "aes-256-gcm" != ka.cipher
+    assert kb.cipher == "aes-256-ocb3" != ka.cipher
     assert ka.send_base != kb.recv_base
+    # Lowered figures (to steer the choice) change the transcript just the same.
+    a2 = Handshake(initiator=True, local_id="A", remote_id="B", addrs=[], speeds=FIGURES)
+    b2 = Handshake(initiator=False, local_id="B", remote_id="A", addrs=[], speeds=FIGURES)
+    msg2 = HELLO.parse(a2.hello)
+    slowed = HELLO.build(
+        nonce=msg2["nonce"],
+        kx=msg2["kx"],
+        addrs=msg2["addrs"],
+        ciphers=[[n, 1, 1] if n == "aes-256-gcm" else [n, s, o] for n, s, o in msg2["ciphers"]],
+    )
+    kb2 = b2.finish(slowed)
+    assert kb2.cipher == "aes-256-ocb3"
+    assert a2.finish(b2.hello).send_base != kb2.recv_base
 
 
 @pytest.mark.parametrize("cipher", available_ciphers())
@@ -213,3 +300,39 @@ def test_in_memory_transfer_round_trips(
             if x.numel():
                 scale = float(x.float().abs().max())
                 assert float((y.float() - x.float()).abs().max()) <= tol * scale + 1e-6
+
+
+@pytest.mark.parametrize("cipher", available_ciphers())
+def test_records_sealed_out_of_order_by_forks_open_in_any_order(cipher: str) -> None:
+    """The seal pool's contract: counters reserved up front fix each record's nonce, so forks
+    may seal and open them in any order; a record under the wrong counter fails."""
+    key = os.urandom(32)
+    sealer, opener = RecordSealer(key, cipher), RecordOpener(key, cipher, peer="S")
+    control = sealer.seal(KIND_DATA, b"open")  # counter 0, sealed the ordinary way
+    first = sealer.reserve(4)
+    forks = [sealer.fork() for _ in range(2)]
+    wire: dict[int, bytes] = {}
+    for i in (3, 1, 0, 2):
+        out = memoryview(bytearray(HEADER_SIZE + 10 + 16))
+        n = forks[i % 2].seal_into(KIND_DATA, bytes([i]) * 10, out, first + i)
+        wire[i] = bytes(out[:n])
+    end = sealer.seal(KIND_DATA, b"end")  # after the reserved run
+    assert opener.open(control[:HEADER_SIZE], bytearray(control[HEADER_SIZE:])) == b"open"
+    base = opener.reserve(4)
+    readers = [opener.fork() for _ in range(3)]
+    for i in (2, 0, 3, 1):
+        r = wire[i]
+        out = bytearray(10)
+        readers[i % 3].open_into(r[:HEADER_SIZE], bytearray(r[HEADER_SIZE:]), out, base + i)
+        assert out == bytes([i]) * 10
+    assert opener.open(end[:HEADER_SIZE], bytearray(end[HEADER_SIZE:])) == b"end"
+    r = wire[1]
+    with pytest.raises(IntegrityError, match=f"record {base + 2} failed"):  # record 1 read as record 2
+        readers[0].open_into(r[:HEADER_SIZE], bytearray(r[HEADER_SIZE:]), bytearray(10), base + 2)
+
+
+def test_seal_threads_default_to_one_below_eight_cores() -> None:
+    from p2pcompute.tensors.lane import auto_seal_threads
+
+    assert [auto_seal_threads(c) for c in (1, 2, 4, 7, 8, 16, 64)] == [1, 1, 1, 1, 2, 4, 4]
+    assert auto_seal_threads() >= 1

@@ -5,8 +5,9 @@
 * ``peer --bootstrap ADDR [--key FILE] [--tasks module:registry]``: joins, advertises its
   capacity, and sells the built-in task kinds (timed matmul benchmark) plus the kinds of the
   registry the operator names, moving inputs and outputs over the encrypted tensor lane.
-* ``status --bootstrap ADDR [--json]``: joins briefly without advertising and prints
-  the live peers and their GPUs (a table, or a JSON list).
+* ``status --bootstrap ADDR [--json] [--lane]``: joins briefly without advertising and prints
+  the live peers and their GPUs (a table, or a JSON list); ``--lane`` adds this machine's
+  measured lane cipher speeds (with ``--json`` the output is then ``{"peers": [...], "lane": {...}}``).
 
 Before a node starts, ``--listen`` is checked (:func:`p2pcompute.cli.preflight.check_listen`:
 TCP only, an address of this machine, a free port). A running ``peer`` watches its bootstrap
@@ -38,6 +39,7 @@ from p2pcompute.errors import PeerTimeout
 from p2pcompute.identity import Identity
 from p2pcompute.overlay.node import Node, open_node, single_leaf
 from p2pcompute.overlay.table import PeerRecord
+from p2pcompute.wire.lanekeys import cipher_speeds
 
 
 def identity_from(path: str | None) -> Identity:
@@ -232,11 +234,29 @@ def cmd_status(args: argparse.Namespace) -> int:
             records.extend(node.peers.alive())
 
     run_until_signal(main)
+    lane = lane_json() if args.lane else None
     if args.json:
-        print(json.dumps([peer_json(r) for r in records], indent=2, sort_keys=True), flush=True)
+        peers = [peer_json(r) for r in records]
+        out: Any = peers if lane is None else {"peers": peers, "lane": lane}
+        print(json.dumps(out, indent=2, sort_keys=True), flush=True)
     else:
         print(format_table(records), flush=True)
+        if lane is not None:
+            figures = ", ".join(f"{c['name']} {c['seal_mbps']}/{c['open_mbps']}" for c in lane["ciphers"])
+            print(f"lane ciphers here, seal/open MB/s, fastest first: {figures}", flush=True)
     return EXIT_OK
+
+
+def lane_json() -> dict[str, Any]:
+    """This process's measured lane cipher figures (what its lane advertises), fastest first.
+
+    A session uses the cipher whose slowest figure on either side is highest. Example::
+
+        lane_json()["ciphers"][0]   # {"name": "aes-256-gcm", "seal_mbps": 9900, "open_mbps": 9800}
+    """
+    return {
+        "ciphers": [{"name": s.name, "seal_mbps": s.seal, "open_mbps": s.open} for s in cipher_speeds()]
+    }
 
 
 def _common(p: argparse.ArgumentParser, *, listen: str) -> None:
@@ -290,4 +310,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--bootstrap", action="append", required=True, help="bootstrap multiaddr (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON (a list of peers)")
     p.add_argument("--wait", type=seconds, default=2.0, help="seconds to listen for adverts (default 2)")
+    p.add_argument(
+        "--lane",
+        action="store_true",
+        help='also show this machine\'s measured lane cipher speeds (JSON: {"peers": [...], "lane": {...}})',
+    )
     p.set_defaults(func=cmd_status)

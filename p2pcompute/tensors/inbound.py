@@ -78,6 +78,7 @@ class Incoming:
     done: trio.Event = field(default_factory=trio.Event)
     decided: trio.Event = field(default_factory=trio.Event)
     evicted: bool = False
+    cipher_why: str = ""  # the figures that chose the session's cipher
 
 
 @dataclass
@@ -250,7 +251,15 @@ class Inbox:
         plain = opener.open(header, body)
         manifest = parse_manifest(plain, peer=session.peer, max_bytes=MANIFEST_SANITY_BYTES)
         self.sessions.touch(session.peer)
-        return Incoming(session.peer, manifest, conn, opener, RecordSealer(r2s, cipher), "direct")
+        return Incoming(
+            session.peer,
+            manifest,
+            conn,
+            opener,
+            RecordSealer(r2s, cipher),
+            "direct",
+            cipher_why=session.keys.cipher_why,
+        )
 
     async def serve(self, conn: Conn, path: str, expected_peer: str | None) -> None:
         """Authenticate one incoming transfer, park it until claimed, keep the connection until done.

@@ -1,9 +1,10 @@
 """The tensor data lane: encrypted, verified tensor transfers between two peers.
 
 Control (the session key agreement) runs over an authenticated overlay stream; bulk payload
-goes over a direct TCP connection per transfer, in AES-256-OCB3 (or -GCM) records of up to
-1 MiB that are sealed from and opened straight into tensor memory. When no direct connection
-can be made, the same bytes travel over an overlay stream instead ("relay" path). See
+goes over a direct TCP connection per transfer, in AEAD records of up to 1 MiB (the cipher
+both sides measured fastest) that are sealed from and opened straight into tensor memory.
+When no direct connection can be made, the same bytes travel over an overlay stream instead
+("relay" path). See
 docs/design/data-plane.md for the design and docs/protocol/tensors.md for the wire format.
 
 One transfer, sender S and receiver R (all records sealed, see :mod:`p2pcompute.wire.lanekeys`)::
@@ -28,6 +29,7 @@ and :mod:`p2pcompute.tensors.codecs`. The lane speaks to peers only through the 
 from __future__ import annotations
 
 import logging
+import os
 import socket as _stdsocket
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -71,7 +73,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TransferReport:
     """What one transfer moved: encoded payload ``bytes``, wall ``seconds``, ``path`` ("direct"/"relay"),
-    and the record ``cipher`` the two lanes agreed on.
+    the record ``cipher`` the two lanes agreed on and ``cipher_why``, the measured figures that
+    chose it (the slowest of both sides' seal and open MB/s, and the runner-up).
 
     Example::
 
@@ -84,6 +87,7 @@ class TransferReport:
     path: str
     records: int = 0
     cipher: str = ""
+    cipher_why: str = ""
 
 
 @dataclass
@@ -139,6 +143,7 @@ class TensorLane:
         *,
         bind: str | None = None,
         ciphers: tuple[str, ...] | None = None,
+        cipher_speeds: Mapping[str, tuple[int, int]] | None = None,
         direct: bool = True,
         advertise: list[tuple[str, int]] | None = None,
         record_size: int = DEFAULT_RECORD_SIZE,
@@ -155,6 +160,7 @@ class TensorLane:
         max_pending_auth_per_source: int = 8,
         max_session_peers: int = MAX_SESSION_PEERS,
         force_staging: bool = False,
+        seal_threads: int | None = None,
     ) -> None:
         self.ciphers = available_ciphers() if ciphers is None else check_ciphers(ciphers)
         if not MIN_RECORD_SIZE <= record_size <= MAX_RECORD_SIZE:
@@ -181,6 +187,11 @@ class TensorLane:
         for name, seconds in times.items():
             if not isinstance(seconds, int | float) or not seconds > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, not {seconds!r}")
+        if seal_threads is None:
+            seal_threads = auto_seal_threads()
+        if not isinstance(seal_threads, int) or isinstance(seal_threads, bool) or not 1 <= seal_threads <= 64:
+            raise ConfigError(f"seal_threads must be an integer in [1, 64], not {seal_threads!r}")
+        self.seal_threads = seal_threads
         conns.USER_THREADS[0] = torch.get_num_threads()  # the user's thread: what workers restore
         self.node = node
         self.identity = node.identity
@@ -206,6 +217,7 @@ class TensorLane:
             connect_timeout=connect_timeout,
             auth_timeout=auth_timeout,
             max_peers=max_session_peers,
+            speeds=cipher_speeds,
         )
         self._inbox = Inbox(
             self._sessions,
@@ -356,6 +368,7 @@ class TensorLane:
                         claim_timeout=self.claim_timeout,
                         force_staging=self.force_staging,
                         limiter=self._bulk_threads,
+                        workers=self.seal_threads,
                     )
                     break
                 except StaleSession as exc:
@@ -378,7 +391,8 @@ class TensorLane:
         self._stats.bytes_sent += total
         if path == "relay":
             self._stats.relay_transfers += 1
-        return TransferReport(total, time.perf_counter() - start, path, records, session.keys.cipher)
+        keys = session.keys
+        return TransferReport(total, time.perf_counter() - start, path, records, keys.cipher, keys.cipher_why)
 
     async def _connect(self, peer: str, session: Session, *, direct: bool) -> tuple[Conn, str]:
         """A direct connection to one of the peer's data addresses, else a relay stream."""
@@ -469,7 +483,11 @@ class TensorLane:
         with deadline(timeout, f"receiving {tag!r}", peer=peer_id):
             _, report = await self._receive(peer_id, tag, None, None, on_chunk, threaded=threaded)
         return TransferReport(
-            report.bytes, time.perf_counter() - start, report.path, cipher=report.cipher
+            report.bytes,
+            time.perf_counter() - start,
+            report.path,
+            cipher=report.cipher,
+            cipher_why=report.cipher_why,
         )
 
     async def _receive(
@@ -493,6 +511,7 @@ class TensorLane:
                 force_staging=self.force_staging,
                 auth_timeout=self.auth_timeout,
                 limiter=self._bulk_threads,
+                workers=self.seal_threads,
             )
         finally:
             incoming.done.set()
@@ -501,9 +520,34 @@ class TensorLane:
         if incoming.path == "relay":
             self._stats.relay_transfers += 1
         report = TransferReport(
-            incoming.manifest.total_bytes, 0.0, incoming.path, cipher=incoming.opener.cipher
+            incoming.manifest.total_bytes,
+            0.0,
+            incoming.path,
+            cipher=incoming.opener.cipher,
+            cipher_why=incoming.cipher_why,
         )
         return result, report
+
+
+def auto_seal_threads(cores: int | None = None) -> int:
+    """Threads that seal (or open) one transfer's records by default: 1 below 8 cores, else a
+    quarter of the cores, at most 4.
+
+    On the 2-core machines we measure on, both peers' processes already keep both cores busy
+    (kernel copies and the AEAD), so a pool only adds hand-offs; a GPU host with 16 cores has
+    cores to spare for the cipher while one thread drives the socket (docs/design/data-plane.md,
+    "Threads"). ``open_lane(seal_threads=n)`` overrides it.
+
+    Example::
+
+        assert auto_seal_threads(2) == 1 and auto_seal_threads(16) == 4
+    """
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+    return 1 if cores < 8 else min(4, cores // 4)
 
 
 @asynccontextmanager
@@ -520,11 +564,15 @@ async def open_lane(
     chosen by the OS; by default the IP the node listens on, or all interfaces when it listens
     on several, so peers that can reach the node can also reach the lane) and serves the lane's
     protocols on the node; everything stops on exit. Options:
-    ``ciphers=("aes-256-gcm",)`` (record ciphers to offer, in order of preference; default: every
-    one this process has, AES-256-OCB3 first), ``direct=False`` (never dial or accept direct TCP:
+    ``ciphers=("aes-256-gcm",)`` (record ciphers to offer; default: every one this process has;
+    the session takes the one whose slower side measured fastest, see
+    :func:`~p2pcompute.wire.lanekeys.cipher_speeds`), ``cipher_speeds={name: (seal, open)}``
+    (MB/s figures to advertise instead of measuring), ``direct=False`` (never dial or accept direct TCP:
     relay path only), ``advertise=[(host, port)]``, ``record_size``, ``stall_timeout`` (30 s without
     progress on a connection), ``connect_timeout`` (5 s per direct dial), ``claim_timeout`` (120 s a
-    sender waits for the receiver to claim), ``force_staging``.
+    sender waits for the receiver to claim), ``force_staging``, ``seal_threads`` (threads that
+    seal or open one direct CPU transfer's records; default :func:`auto_seal_threads`: 1 below
+    8 cores).
 
     Caps that keep an open swarm from exhausting the lane (docs/design/data-plane.md, "Caps";
     each refuses only the newest excess, and honest work goes on):

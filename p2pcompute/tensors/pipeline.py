@@ -6,7 +6,8 @@ A sender works then wires; a receiver wires then works. :func:`move_records` run
 
 * as one blocking loop in a worker thread on a direct connection (``steps.bulk``), with no
   event-loop round trip per record: the AEAD releases the GIL, so this is the fast path for
-  plain CPU tensors (docs/design/data-plane.md); or
+  CPU tensors (docs/design/data-plane.md); with ``steps.workers`` > 1 the CPU step runs in a
+  small thread pool beside that loop (machines with cores to spare), order kept on the wire; or
 * as two trio tasks over two slots (``pipelined``): while one record's bytes move, the other's
   work runs, in a worker thread when it is large and heavy (codecs, CUDA staging).
 
@@ -15,6 +16,9 @@ Imports trio and the lane's connections; never py-libp2p.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import functools
 import socket as _stdsocket
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -37,6 +41,8 @@ class RecordSteps(Protocol):
 
     outbound: bool
     bulk: bool
+    workers: int  # threads that run ``work`` in the bulk loop (1: the loop's own thread)
+    slots: int  # buffer sets: 2, or 2 per worker
 
     def heavy(self, plan: RecordPlan) -> bool:
         """Whether this record's work is worth a worker thread in the pipelined loop."""
@@ -80,6 +86,8 @@ def _bulk_loop(
     work = steps.work
     wire = steps.wire_blocking
     outbound = steps.outbound
+    if steps.workers > 1:
+        return functools.partial(_pooled_loop, plans, steps)
 
     def loop(sock: _stdsocket.socket) -> tuple[int, int]:
         total = 0
@@ -94,6 +102,45 @@ def _bulk_loop(
         return len(plans), total
 
     return loop
+
+
+def _pooled_loop(plans: list[RecordPlan], steps: RecordSteps, sock: _stdsocket.socket) -> tuple[int, int]:
+    """The bulk loop with a pool of ``steps.workers`` threads for the CPU step (seal or open).
+
+    The loop's thread does the wire step in record order; up to ``steps.slots`` records are
+    in the pool at once, each in its own slot (a record's counter, not the order it is sealed
+    or opened in, fixes its nonce). A sender waits for the oldest record's seal before sending
+    it; a receiver waits for the oldest record's open before receiving into its slot again. Any
+    failure (IntegrityError) surfaces at that wait; the pool is joined before this returns, so
+    no thread touches a buffer afterwards.
+    """
+    slots = steps.slots
+    total = 0
+    pending: collections.deque[tuple[int, RecordPlan, int, concurrent.futures.Future[Any]]] = (
+        collections.deque()
+    )
+    with concurrent.futures.ThreadPoolExecutor(steps.workers, thread_name_prefix="lane-pool") as pool:
+        try:
+            for index, plan in enumerate(plans):
+                slot = index % slots
+                if len(pending) == slots:
+                    done_index, done_plan, done_slot, future = pending.popleft()
+                    future.result()
+                    if steps.outbound:
+                        steps.wire_blocking(sock, done_index, done_plan, done_slot)
+                if not steps.outbound:
+                    steps.wire_blocking(sock, index, plan, slot)
+                pending.append((index, plan, slot, pool.submit(in_worker, steps.work, index, plan, slot)))
+                total += plan.nbytes
+            while pending:
+                done_index, done_plan, done_slot, future = pending.popleft()
+                future.result()
+                if steps.outbound:
+                    steps.wire_blocking(sock, done_index, done_plan, done_slot)
+        finally:
+            for *_, future in pending:
+                future.cancel()
+    return len(plans), total
 
 
 async def _pipelined(conn: Conn, plans: list[RecordPlan], steps: RecordSteps) -> tuple[int, int]:

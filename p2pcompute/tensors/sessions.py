@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,7 +70,8 @@ class Sessions:
     """The sessions a lane has with its peers, and the trio driver of their handshakes.
 
     ``addrs`` returns the direct data addresses to tell peers (read at each handshake, as the
-    listener may start after this object). Sessions are kept for at most ``max_peers`` peers:
+    listener may start after this object). ``speeds`` overrides the measured cipher figures
+    (see :class:`~p2pcompute.wire.lanekeys.Handshake`). Sessions are kept for at most ``max_peers`` peers:
     past that, the peer whose sessions were used longest ago loses them (a swarm of identities
     that each shake hands once cannot grow the table; a peer that loses its session shakes
     hands again on its next transfer).
@@ -92,8 +93,10 @@ class Sessions:
         connect_timeout: float,
         auth_timeout: float,
         max_peers: int = MAX_SESSION_PEERS,
+        speeds: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         self.node = node
+        self.speeds = speeds
         self.max_peers = max_peers
         self.local_id = node.peer_id
         self.ciphers = ciphers
@@ -150,6 +153,7 @@ class Sessions:
             remote_id=peer,
             addrs=list(self.addrs()),
             ciphers=self.ciphers,
+            speeds=self.speeds,
         )
 
     async def get(self, peer: str) -> Session:

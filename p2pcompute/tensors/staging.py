@@ -67,13 +67,14 @@ class Stager:
         record_size: int,
         *,
         force_staging: bool = False,
+        slots: int = 2,
     ) -> None:
         self.sources = sources
         self.shards = shards
         self.record_size = record_size
         self.force_staging = force_staging
         self._cuda = any(_is_cuda(s) for s in sources) and torch.cuda.is_available()
-        self._buffers = [_host_buffer(record_size, self._cuda) for _ in range(2)]
+        self._buffers = [_host_buffer(record_size, self._cuda) for _ in range(slots)]
         self._views = [codecs.byte_memoryview(b) for b in self._buffers]
         self._direct: dict[int, memoryview] = {}
         self._stream: Any = _new_stream() if self._cuda else None
@@ -96,6 +97,12 @@ class Stager:
     def is_direct(self, plan: RecordPlan) -> bool:
         """Whether ``plan`` is sealed straight from tensor memory (no staging or codec work)."""
         return self._direct_view(plan) is not None
+
+    @property
+    def host_only(self) -> bool:
+        """Every source is in CPU memory and staging is not forced: no copy waits on a device, so
+        records may be staged, sealed and sent in one blocking loop."""
+        return not self.force_staging and all(s.device.type == "cpu" for s in self.sources)
 
     def _stage(self, plan: RecordPlan, slot: int) -> Any:
         """Fill buffer ``slot`` with ``plan``'s encoded bytes; return a CUDA event (or None)."""
@@ -205,9 +212,15 @@ class Lander:
         size = DTYPE_SIZES[spec.dtype]
         return view[piece.start * size : piece.start * size + piece.nbytes]
 
-    def buffers(self, record_size: int) -> list[torch.Tensor]:
-        """Two record buffers (pinned when landing on CUDA) for records that are not opened in place."""
-        return [_host_buffer(record_size, self._cuda) for _ in range(2)]
+    @property
+    def host_only(self) -> bool:
+        """Every destination is in CPU memory and staging is not forced: records may be received,
+        opened and decoded in one blocking loop."""
+        return not self.force_staging and all(t.device.type == "cpu" for t in self.lands)
+
+    def buffers(self, record_size: int, count: int = 2) -> list[torch.Tensor]:
+        """``count`` record buffers (pinned when landing on CUDA) for records not opened in place."""
+        return [_host_buffer(record_size, self._cuda) for _ in range(count)]
 
     def scatter(self, plan: RecordPlan, plain: torch.Tensor) -> None:
         """Decode the record in ``plain`` into its destinations; returns once ``plain`` may be reused.

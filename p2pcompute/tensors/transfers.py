@@ -86,14 +86,23 @@ class SendSteps:
         *,
         hashers: list[Any] | None,
         record_size: int,
+        workers: int = 1,
     ) -> None:
         self.stager = stager
         self.sealer = sealer
         self.hashers = hashers
-        self.views = [memoryview(bytearray(sealed_size(record_size))) for _ in range(2)]
-        self.sealed = [0, 0]
-        # plain CPU tensors on a direct connection: one blocking loop in a worker thread
-        self.bulk = isinstance(conn, TcpConn) and all(stager.is_direct(p) for p in plans)
+        # CPU tensors (any codec) on a direct connection: one blocking loop in a worker thread.
+        # Encoding a record there costs what it costs in the pipelined loop's worker, without a
+        # thread hop and two event-loop wake-ups per record (docs/design/data-plane.md, "Codecs").
+        self.bulk = isinstance(conn, TcpConn) and stager.host_only
+        # a pool seals records out of order (hashing needs them in order)
+        self.workers = workers if self.bulk and hashers is None and workers > 1 else 1
+        self.slots = pool_slots(self.workers)
+        self.views = [memoryview(bytearray(sealed_size(record_size))) for _ in range(self.slots)]
+        self.sealed = [0] * self.slots
+        if self.workers > 1:
+            self.first = sealer.reserve(len(plans))
+            self.sealers = [sealer.fork() for _ in range(self.slots)]
 
     def heavy(self, plan: RecordPlan) -> bool:
         """Staging that is more than a view of the source (codec, CUDA) is worth a thread."""
@@ -102,6 +111,11 @@ class SendSteps:
     def work(self, index: int, plan: RecordPlan, slot: int) -> None:
         """Stage, hash and seal record ``index`` into slot ``slot``."""
         payload = self.stager.payload(plan, slot)
+        if self.workers > 1:
+            self.sealed[slot] = self.sealers[slot].seal_into(
+                KIND_DATA, payload, self.views[slot], self.first + index
+            )
+            return
         if self.hashers is not None:
             hash_pieces(self.hashers, plan, payload)
         self.sealed[slot] = self.sealer.seal_into(KIND_DATA, payload, self.views[slot])
@@ -129,8 +143,11 @@ async def send_transfer(
     claim_timeout: float,
     force_staging: bool,
     limiter: trio.CapacityLimiter,
+    workers: int = 1,
 ) -> tuple[int, int]:
     """Send one transfer on ``conn``; return (payload bytes, records) once the receiver acknowledged.
+
+    ``workers`` > 1 seals records in a pool of that many threads (bulk loop only, no digest).
 
     Raises :class:`StaleSession` when no challenge comes back (the receiver does not know the
     session, or dropped the connection before reading it; ``timed_out``: no answer in time),
@@ -176,9 +193,13 @@ async def send_transfer(
     GO.parse(opener.open(header, body), peer=peer)
 
     plans = list(plan_records(manifest.shards, manifest.record_size))
-    stager = Stager(sources, manifest.shards, manifest.record_size, force_staging=force_staging)
+    stager = Stager(
+        sources, manifest.shards, manifest.record_size, force_staging=force_staging, slots=pool_slots(workers)
+    )
     hashers = [hashlib.sha256() for _ in manifest.shards] if manifest.digest == "sha256" else None
-    steps = SendSteps(conn, plans, stager, sealer, hashers=hashers, record_size=manifest.record_size)
+    steps = SendSteps(
+        conn, plans, stager, sealer, hashers=hashers, record_size=manifest.record_size, workers=workers
+    )
     records, total = await move_records(conn, plans, steps, limiter)
 
     digests = [h.digest() for h in hashers] if hashers is not None else []
@@ -215,6 +236,7 @@ class ReceiveSteps:
         on_chunk: OnChunk | None,
         *,
         threaded: bool,
+        workers: int = 1,
     ) -> None:
         manifest = incoming.manifest
         record_size = manifest.record_size
@@ -224,23 +246,29 @@ class ReceiveSteps:
         self.header = header
         self.lander = lander
         self.on_chunk = on_chunk
-        self.views = [memoryview(bytearray(sealed_size(record_size))) for _ in range(2)]
-        self.plains = (
-            lander.buffers(record_size)
-            if lander is not None
-            else [torch.empty(record_size, dtype=torch.uint8) for _ in range(2)]
-        )
-        self.plain_views = [codecs.byte_memoryview(p) for p in self.plains]
-        self.record_headers = [b"", b""]
         self.hashers = (
             [hashlib.sha256() for _ in manifest.shards] if manifest.digest == "sha256" else None
         )
-        plain_landing = lander is not None and all(lander.direct_target(p) is not None for p in plans)
-        # plain CPU destinations, or an on_chunk that may run in a worker thread: the whole
-        # transfer runs as one blocking loop in a worker thread
+        # CPU destinations (any codec), or an on_chunk that may run in a worker thread: the
+        # whole transfer runs as one blocking loop in a worker thread
         self.bulk = isinstance(incoming.conn, TcpConn) and (
-            plain_landing or (on_chunk is not None and threaded)
+            (lander is not None and lander.host_only) or (on_chunk is not None and threaded)
         )
+        # a pool opens records out of order: only where nothing needs them in order
+        pooled = self.bulk and workers > 1 and self.hashers is None and on_chunk is None
+        self.workers = workers if pooled else 1
+        self.slots = pool_slots(self.workers)
+        self.views = [memoryview(bytearray(sealed_size(record_size))) for _ in range(self.slots)]
+        self.plains = (
+            lander.buffers(record_size, self.slots)
+            if lander is not None
+            else [torch.empty(record_size, dtype=torch.uint8) for _ in range(self.slots)]
+        )
+        self.plain_views = [codecs.byte_memoryview(p) for p in self.plains]
+        self.record_headers = [b""] * self.slots
+        if self.workers > 1:
+            self.first = self.opener.reserve(len(plans))
+            self.openers = [self.opener.fork() for _ in range(self.slots)]
 
     def heavy(self, plan: RecordPlan) -> bool:
         """Opening into a slot buffer and decoding from it (codec, CUDA, odd layout) is worth a thread."""
@@ -270,13 +298,16 @@ class ReceiveSteps:
         body = self.views[slot][: plan.nbytes + TAG_SIZE]
         lander = self.lander
         target = lander.direct_target(plan) if lander is not None else None
+        opener, counter = (
+            (self.openers[slot], self.first + index) if self.workers > 1 else (self.opener, None)
+        )
         if target is None:
             target = self.plain_views[slot][: plan.nbytes]
-            self.opener.open_into(self.record_headers[slot], body, target)
+            opener.open_into(self.record_headers[slot], body, target, counter)
             if lander is not None:
                 lander.scatter(plan, self.plains[slot])
         else:
-            self.opener.open_into(self.record_headers[slot], body, target)
+            opener.open_into(self.record_headers[slot], body, target, counter)
         if self.hashers is not None:
             hash_pieces(self.hashers, plan, target)
         if self.bulk and self.on_chunk is not None:
@@ -302,6 +333,7 @@ async def receive_transfer(
     force_staging: bool,
     auth_timeout: float,
     limiter: trio.CapacityLimiter,
+    workers: int = 1,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Receive a claimed transfer; return its tensors (empty with ``on_chunk``) and payload bytes.
 
@@ -329,7 +361,7 @@ async def receive_transfer(
     await conn.send_all(incoming.sealer.seal(KIND_GO, GO.build()))
     header = bytearray(HEADER_SIZE)
     plans = list(plan_records(manifest.shards, manifest.record_size))
-    steps = ReceiveSteps(incoming, plans, header, lander, on_chunk, threaded=threaded)
+    steps = ReceiveSteps(incoming, plans, header, lander, on_chunk, threaded=threaded, workers=workers)
     await conn.recv_exactly_into(memoryview(header))
     records, total = await move_records(conn, plans, steps, limiter)
 
@@ -356,6 +388,16 @@ async def receive_transfer(
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def pool_slots(workers: int) -> int:
+    """Record slots a loop with ``workers`` sealing/opening threads needs (two per thread).
+
+    Example::
+
+        assert pool_slots(1) == 2
+    """
+    return 2 * max(1, workers)
 
 
 def expect_data(header: bytearray, index: int, plan: RecordPlan, peer: str) -> int:
