@@ -19,6 +19,21 @@ before every inner step and there is no outer optimizer.
 The shared state (anchor, outer momentum, outer step) is exported as a
 :class:`~p2pcompute.training.state.TrainingState` for checkpoints and for joiners.
 
+:class:`DiLoCo` *is* a :class:`torch.optim.Optimizer`: its ``param_groups`` and ``state`` are the
+inner optimizer's own (the same objects), so lr schedulers, ``torch.amp.GradScaler``, gradient
+clipping and accumulation work as with the inner optimizer alone; ``state_dict()`` is the inner
+optimizer's dict plus a ``"diloco"`` entry (anchor, outer optimizer, counters).
+
+Precision: parameters in bf16/fp16 get an fp32 *master* anchor and fp32 outer-optimizer state by
+default (``master_dtype="auto"``); the pseudo-gradient is the model's progress since the last outer
+step, ``round(anchor) - params``, computed and averaged in the anchor's dtype, so the rounding of the
+anchor into the model's dtype never shows up as a fake update.
+
+Buffers (``buffers="average"``, the default for a module): floating-point buffers such as
+BatchNorm's running mean and variance are averaged with the same sample weights in every outer
+step (in fp32 for low-precision buffers) and are part of the shared state; integer buffers
+(``num_batches_tracked``) stay local. ``buffers="local"`` leaves all buffers alone.
+
 Training scripts are synchronous: :meth:`DiLoCo.step` runs the averaging through a
 ``runner`` (the :class:`~p2pcompute.training.swarm.Swarm` facade supplies one that hops to
 its trio thread); trio code calls :meth:`DiLoCo.astep` directly.
@@ -32,7 +47,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import torch
 import trio
@@ -40,10 +55,14 @@ import trio
 from p2pcompute.collective.aggregate import Aggregator
 from p2pcompute.errors import ConfigError, LocalProtocolError, P2PComputeError
 from p2pcompute.training.averager import Averager, AveragingOutcome, allreduce_bytes, check_codec
+from p2pcompute.training.checkpoint import prepare as prepare_checkpoint
+from p2pcompute.training.checkpoint import write as write_checkpoint
 from p2pcompute.training.state import TrainingState, save_checkpoint
 
 T = TypeVar("T")
 Mode = Literal["diloco", "per_step"]
+BufferRule = Literal["average", "local"]
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class Runner(Protocol):
@@ -69,6 +88,21 @@ class StepReport:
     seconds: float
     error: str | None = None
 
+    @property
+    def solo(self) -> bool:
+        """True when this peer's pseudo-gradient was averaged with nobody else's."""
+        return len(self.participants) <= 1
+
+
+def _master_dtype(p: torch.Tensor, rule: torch.dtype | str | None) -> torch.dtype:
+    if rule is None or not p.is_floating_point():
+        return p.dtype
+    if rule == "auto":
+        return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+    if isinstance(rule, torch.dtype) and rule.is_floating_point:
+        return rule
+    raise ConfigError(f"master_dtype must be 'auto', None or a floating dtype, not {rule!r}")
+
 
 def _named_params(
     params: torch.nn.Module | Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
@@ -86,8 +120,13 @@ def _named_params(
     return out
 
 
-class DiLoCo:
+class DiLoCo(torch.optim.Optimizer):
     """DiLoCo around ``model`` and ``inner_optimizer``, averaging through ``averager``.
+
+    A :class:`torch.optim.Optimizer` whose ``param_groups`` and ``state`` are those of
+    ``inner_optimizer``: schedulers, ``GradScaler``, ``clip_grad_norm_`` and gradient
+    accumulation work unchanged (``step()`` returns a :class:`StepReport` after an outer step,
+    else None).
 
     Example::
 
@@ -121,14 +160,41 @@ class DiLoCo:
         runner: Runner | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
         aggregator: str | Aggregator = "mean",
+        master_dtype: torch.dtype | Literal["auto"] | None = "auto",
+        buffers: BufferRule = "average",
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        keep_checkpoints: int = 3,
+        min_participants: int = 1,
     ) -> None:
         if inner_steps < 1:
             raise ConfigError("inner_steps must be at least 1")
         if mode not in ("diloco", "per_step"):
             raise ConfigError(f"unknown mode {mode!r}")
+        if buffers not in ("average", "local"):
+            raise ConfigError(f"buffers must be 'average' or 'local', not {buffers!r}")
+        if keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints must be at least 1")
+        if min_participants < 1:
+            raise ConfigError("min_participants must be at least 1")
+        self.module = model if isinstance(model, torch.nn.Module) else None
         self.named = _named_params(model)
         if not self.named:
             raise ConfigError("no trainable parameters")
+        # floating buffers averaged in each outer step (BatchNorm running stats and the like)
+        self.buffer_rule: BufferRule = buffers
+        self.named_buffers: list[tuple[str, torch.Tensor]] = []
+        if self.module is not None and buffers == "average" and mode == "diloco":
+            self.named_buffers = [(n, b) for n, b in self.module.named_buffers() if b.is_floating_point()]
+        self.master_dtype = master_dtype
+        self.checkpoint_dir = checkpoint_dir
+        self.keep_checkpoints = keep_checkpoints
+        self.min_participants = min_participants
+        #: optional ``() -> dict`` of JSON values stored in each checkpoint's manifest (a scheduler's state)
+        self.checkpoint_extra: Callable[[], dict[str, Any]] | None = None
+        #: shared string tags (run id, model digest) that a state must carry to be loaded
+        self.tags: dict[str, str] = {}
+        self.callbacks: list[Callable[[StepReport], None]] = []
+        self._buffer_state: list[torch.Tensor] | None = None
         self.params = [p for _, p in self.named]
         self.inner = inner_optimizer
         self.averager = averager
@@ -150,13 +216,30 @@ class DiLoCo:
         self.history: list[StepReport] = []
         dev = None if anchor_device is None else torch.device(anchor_device)
         with torch.no_grad():
-            self.anchor = [p.detach().to(dev or p.device, copy=True) for p in self.params]
+            self.anchor = [
+                p.detach().to(dev or p.device, _master_dtype(p, master_dtype), copy=True) for p in self.params
+            ]
         if outer_optimizer is not None:
             self.outer = outer_optimizer(self.anchor)
         else:
             self.outer = torch.optim.SGD(
                 self.anchor, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov and outer_momentum > 0
             )
+        # The torch.optim.Optimizer side: hooks and bookkeeping from the base class, then the
+        # inner optimizer's param_groups, state and defaults themselves (shared, not copied), so a
+        # scheduler that sets group["lr"] here sets it for the inner optimizer.
+        self._bound = False
+        super().__init__([p for g in inner_optimizer.param_groups for p in g["params"]], {})
+        self.defaults = inner_optimizer.defaults
+        self.param_groups = inner_optimizer.param_groups
+        self.state = inner_optimizer.state
+        self._bound = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Not supported once built: DiLoCo's anchor covers exactly the parameters it was given."""
+        if getattr(self, "_bound", True):
+            raise ConfigError("add parameter groups to the inner optimizer before wrapping it in DiLoCo")
+        super().add_param_group(param_group)
 
     # -- the training-loop side -------------------------------------------------------------
 
@@ -164,11 +247,17 @@ class DiLoCo:
         """Clear the model's gradients (the inner optimizer's ``zero_grad``)."""
         self.inner.zero_grad(set_to_none=set_to_none)
 
-    def step(self, samples: float = 1.0) -> StepReport | None:
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, samples: float = 1.0
+    ) -> StepReport | None:
         """One inner step (blocking); averages when due. ``samples`` weighs this peer's contribution.
 
-        Needs a ``runner`` (``swarm.call``) to reach the averager from synchronous code.
+        ``closure``, as in torch, re-evaluates the loss (called with gradients enabled before the
+        inner step). Needs a ``runner`` (``swarm.call``) to reach the averager from synchronous code.
         """
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
         if self.runner is None:
             raise LocalProtocolError("DiLoCo.step() needs a runner; in trio code await astep() instead")
         if self.mode == "per_step" or self.local_steps + 1 >= self.inner_steps:
@@ -192,20 +281,36 @@ class DiLoCo:
         self._weight += samples
 
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        """``anchor - params`` for every parameter, on the anchor's device, in the anchor's dtype."""
+        """``anchor - params`` for every parameter, on the anchor's device, in the anchor's dtype.
+
+        With an fp32 master anchor for low-precision parameters this is ``round(anchor) - params``
+        (``round`` into the parameter's dtype): the inner steps' progress, without the rounding.
+        """
         with torch.no_grad():
-            pairs = zip(self.anchor, self.params, strict=True)
-            return [a - p.detach().to(a.device, a.dtype) for a, p in pairs]
+            out = []
+            for a, p in zip(self.anchor, self.params, strict=True):
+                start = a if a.dtype == p.dtype else a.to(p.dtype).to(a.dtype)
+                out.append(start - p.detach().to(a.device, a.dtype))
+            return out
+
+    def _buffer_values(self) -> list[torch.Tensor]:
+        dev = self.anchor[0].device
+        with torch.no_grad():
+            return [
+                b.detach().to(dev, torch.float32 if b.dtype in LOW_PRECISION else b.dtype, copy=True)
+                for _, b in self.named_buffers
+            ]
 
     async def outer_sync(self) -> StepReport:
         """Average the pseudo-gradient now and apply the outer step (also usable early, before leaving)."""
         start = time.perf_counter()
         deltas = self.pseudo_gradient()
+        bufs = self._buffer_values()
         weight = self._weight if self._weight > 0 else 1.0
         error: str | None = None
         try:
             outcome = await self.averager.average(
-                deltas, weight=weight, round_id=self.outer_step, compression=self.compression,
+                deltas + bufs, weight=weight, round_id=self.outer_step, compression=self.compression,
                 timeout=self.timeout, **self._avg_options,
             )
         except P2PComputeError as exc:
@@ -221,6 +326,9 @@ class DiLoCo:
                 a.grad = None
             for p, a in zip(self.params, self.anchor, strict=True):
                 p.copy_(a)
+            for (_, b), v in zip(self.named_buffers, bufs, strict=True):
+                b.copy_(v)
+        self._buffer_state = bufs
         self.outer_step += 1
         per_step = self.local_steps * allreduce_bytes(self.params, "none", len(outcome.participants))
         report = StepReport(
@@ -230,11 +338,35 @@ class DiLoCo:
         self._account(report)
         self.local_steps = 0
         self._weight = 0.0
+        # serialization and the fsyncs of an atomic write take long enough to stall the peer's
+        # network work (heartbeats, other peers' transfers): they run in a worker thread
         if self.checkpoint is not None:
-            # serialization and the fsyncs of an atomic write take long enough to stall the peer's
-            # network work (heartbeats, other peers' transfers): they run in a worker thread
             await trio.to_thread.run_sync(save_checkpoint, self.checkpoint, self.export_state(local=True))
+        if self.checkpoint_dir is not None:
+            files = prepare_checkpoint(self)
+            await trio.to_thread.run_sync(write_checkpoint, self.checkpoint_dir, files, self.keep_checkpoints)
+        self._notify(report)
+        if len(outcome.participants) < self.min_participants:
+            raise TrainingAlone(
+                f"outer step {self.outer_step} averaged {len(outcome.participants)} peer(s), "
+                f"min_participants is {self.min_participants}" + (f" ({error})" if error else ""),
+                report=report,
+            )
         return report
+
+    def _notify(self, report: StepReport) -> None:
+        for cb in list(self.callbacks):
+            cb(report)
+
+    def add_callback(self, fn: Callable[[StepReport], None]) -> Callable[[StepReport], None]:
+        """Call ``fn(report)`` after every outer step (logging: TensorBoard, W&B, a CSV file).
+
+        Example::
+
+            opt.add_callback(lambda r: writer.add_scalar("sync/peers", len(r.participants), r.outer_step))
+        """
+        self.callbacks.append(fn)
+        return fn
 
     async def _per_step(self, samples: float) -> StepReport:
         start = time.perf_counter()
@@ -264,6 +396,7 @@ class DiLoCo:
         with torch.no_grad():
             for a, p in zip(self.anchor, self.params, strict=True):
                 a.copy_(p.detach())
+        self._notify(report)
         return report
 
     def _account(self, report: StepReport) -> None:
@@ -297,7 +430,10 @@ class DiLoCo:
                 buf = self.outer.state.get(a, {}).get("momentum_buffer")
                 if isinstance(buf, torch.Tensor):
                     tensors[f"outer/{name}"] = buf.detach().to("cpu", copy=True)
+            for (name, _), v in zip(self.named_buffers, self._shared_buffers(), strict=True):
+                tensors[f"buffer/{name}"] = v.detach().to("cpu", copy=True)
         meta: dict[str, int | float | str | bool] = {"mode": self.mode, "inner_steps": self.inner_steps}
+        meta.update({f"tag/{k}": v for k, v in self.tags.items()})
         if local:
             meta["local_steps"] = self.local_steps
             meta["total_inner_steps"] = self.total_inner_steps
@@ -315,6 +451,11 @@ class DiLoCo:
                         elif isinstance(value, int | float | bool):
                             meta[f"inner/{i}/{key}"] = value
         return TrainingState(self.outer_step, tensors, meta)
+
+    def _shared_buffers(self) -> list[torch.Tensor]:
+        # the buffers as of the last outer step (what every participant agrees on); before the
+        # first one, the module's own
+        return self._buffer_state if self._buffer_state is not None else self._buffer_values()
 
     def _inner_index(self) -> dict[int, int]:
         # torch numbers optimizer state by position over all param groups, in order.
@@ -334,12 +475,17 @@ class DiLoCo:
         """
         if state.meta.get("mode", self.mode) != self.mode:
             raise ConfigError(f"state is for mode {state.meta.get('mode')!r}, not {self.mode!r}")
+        for k, v in self.tags.items():
+            theirs = state.meta.get(f"tag/{k}", v)
+            if theirs != v:
+                raise ConfigError(f"state is for {k} {theirs!r}, not {v!r}")
+        buffer_names = {n for n, _ in self.named_buffers}
         for name, a in zip((n for n, _ in self.named), self.anchor, strict=True):
             t = state.tensors.get(f"param/{name}")
             if t is None or t.shape != a.shape or t.dtype != a.dtype:
                 raise ConfigError(f"state does not match the model at parameter {name!r}")
         known = {f"param/{n}" for n, _ in self.named} | {f"outer/{n}" for n, _ in self.named}
-        known |= {f"local/{n}" for n, _ in self.named}
+        known |= {f"local/{n}" for n, _ in self.named} | {f"buffer/{n}" for n in buffer_names}
         for key in state.tensors:
             if key not in known and not key.startswith("inner/"):
                 raise ConfigError(f"state has an unexpected tensor {key!r}")
@@ -355,6 +501,15 @@ class DiLoCo:
                     self.outer.state.pop(a, None)
                 local = state.tensors.get(f"local/{name}")
                 p.copy_(local if local is not None and local.shape == p.shape else a)
+            held = self._buffer_values()
+            for i, (name, b) in enumerate(self.named_buffers):
+                t = state.tensors.get(f"buffer/{name}")
+                if t is not None:
+                    if t.shape != b.shape:
+                        raise ConfigError(f"buffer {name!r} in the state has the wrong shape")
+                    b.copy_(t)
+                    held[i] = t.to(held[i].device, held[i].dtype, copy=True)
+            self._buffer_state = held if self.named_buffers else None
         self.outer_step = state.step
         self.local_steps = int(state.meta.get("local_steps", 0))
         self.total_inner_steps = int(state.meta.get("total_inner_steps", self.total_inner_steps))
@@ -377,3 +532,66 @@ class DiLoCo:
             raise ConfigError("inner optimizer state names a parameter the model does not have")
         current = self.inner.state_dict()
         self.inner.load_state_dict({"state": per_param, "param_groups": current["param_groups"]})
+
+    # -- torch.optim.Optimizer state -----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's ``state_dict()`` plus ``"diloco"``: anchor, outer optimizer, counters.
+
+        Example::
+
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, "local.pt")
+            opt.load_state_dict(torch.load("local.pt")["opt"])   # your own file, never received bytes
+        """
+        out = dict(self.inner.state_dict())
+        with torch.no_grad():
+            out["diloco"] = {
+                "version": 1,
+                "mode": self.mode,
+                "outer_step": self.outer_step,
+                "local_steps": self.local_steps,
+                "total_inner_steps": self.total_inner_steps,
+                "weight": self._weight,
+                "anchor": [a.detach().clone() for a in self.anchor],
+                "buffers": [b.detach().clone() for b in self._shared_buffers()],
+                "outer": self.outer.state_dict(),
+            }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (shapes and dtypes checked)."""
+        d = state_dict.get("diloco")
+        if not isinstance(d, dict) or d.get("version") != 1:
+            raise ConfigError("not a DiLoCo state_dict (no 'diloco' entry of version 1)")
+        if d["mode"] != self.mode:
+            raise ConfigError(f"state_dict is for mode {d['mode']!r}, not {self.mode!r}")
+        anchor = cast(list[torch.Tensor], d["anchor"])
+        bufs = cast(list[torch.Tensor], d.get("buffers", []))
+        if len(anchor) != len(self.anchor) or len(bufs) != len(self.named_buffers):
+            raise ConfigError("state_dict does not match the model (parameter or buffer count)")
+        for (name, _), a, t in zip(self.named, self.anchor, anchor, strict=True):
+            if t.shape != a.shape or t.dtype != a.dtype:
+                raise ConfigError(f"state_dict does not match the model at parameter {name!r}")
+        self.inner.load_state_dict({k: v for k, v in state_dict.items() if k != "diloco"})
+        with torch.no_grad():
+            for a, t in zip(self.anchor, anchor, strict=True):
+                a.copy_(t)
+            for (_, b), t in zip(self.named_buffers, bufs, strict=True):
+                b.copy_(t)
+        self._buffer_state = [t.to(self.anchor[0].device, copy=True) for t in bufs] or None
+        self.outer.load_state_dict(d["outer"])
+        self.outer_step = int(d["outer_step"])
+        self.local_steps = int(d["local_steps"])
+        self.total_inner_steps = int(d["total_inner_steps"])
+        self._weight = float(d["weight"])
+
+
+class TrainingAlone(P2PComputeError):
+    """An outer step averaged fewer peers than ``min_participants`` (the step was still applied).
+
+    ``report`` is that step's :class:`StepReport`; training may go on after catching it.
+    """
+
+    def __init__(self, message: str, *, report: StepReport) -> None:
+        super().__init__(message)
+        self.report = report
