@@ -51,7 +51,8 @@ async def test_bf16_peers_average_in_fp32_and_stay_bit_identical() -> None:
     models, opts = [], []
     for i in range(2):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(torch.bfloat16)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        model = model.to(torch.bfloat16)
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
         models.append(model)
         opts.append(DiLoCo(model, inner, group.join(f"p{i}"), inner_steps=3, outer_momentum=0.5))
