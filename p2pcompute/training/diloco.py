@@ -229,11 +229,37 @@ class DiLoCo(torch.optim.Optimizer):
         # inner optimizer's param_groups, state and defaults themselves (shared, not copied), so a
         # scheduler that sets group["lr"] here sets it for the inner optimizer.
         self._bound = False
+        self._own_groups: list[dict[str, Any]] = []
+        self._own_state: Any = {}
         super().__init__([p for g in inner_optimizer.param_groups for p in g["params"]], {})
         self.defaults = inner_optimizer.defaults
-        self.param_groups = inner_optimizer.param_groups
-        self.state = inner_optimizer.state
         self._bound = True
+
+    # Properties, not aliases: the inner optimizer's load_state_dict() rebinds its lists, and a
+    # scheduler holding on to an old list would no longer change the lr the inner steps use.
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The inner optimizer's ``param_groups`` (what schedulers and GradScaler see and change)."""
+        return self.inner.param_groups if self._bound else self._own_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if self._bound:
+            self.inner.param_groups = value
+        else:
+            self._own_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        """The inner optimizer's per-parameter ``state``."""
+        return self.inner.state if self._bound else self._own_state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if self._bound:
+            self.inner.state = value
+        else:
+            self._own_state = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Not supported once built: DiLoCo's anchor covers exactly the parameters it was given."""
