@@ -43,6 +43,8 @@ Imports torch, trio, :mod:`p2pcompute.training.averager`, :mod:`.state`, errors.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -59,6 +61,7 @@ from p2pcompute.training.checkpoint import prepare as prepare_checkpoint
 from p2pcompute.training.checkpoint import write as write_checkpoint
 from p2pcompute.training.state import TrainingState, save_checkpoint
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Mode = Literal["diloco", "per_step"]
 BufferRule = Literal["average", "local"]
@@ -76,7 +79,9 @@ class StepReport:
     """What one synchronisation did (an outer step, or one averaged inner step in per-step mode).
 
     ``per_step_bytes`` is what per-step gradient averaging would have sent for the same
-    local steps in a group of the same size, for comparison with ``bytes_sent``.
+    local steps in a group of the same size, for comparison with ``bytes_sent``. ``error`` is
+    set when the averaging round failed; ``solo`` and ``solo_reason`` say when a step was taken
+    alone, failed or not.
     """
 
     mode: str
@@ -87,6 +92,9 @@ class StepReport:
     per_step_bytes: int
     seconds: float
     error: str | None = None
+    #: why the step was averaged with nobody else (None when others took part): the failed
+    #: round's error, "no other peer of this run known", or "group of one" (no network)
+    solo_reason: str | None = None
 
     @property
     def solo(self) -> bool:
@@ -339,6 +347,8 @@ class DiLoCo(torch.optim.Optimizer):
                 deltas + bufs, weight=weight, round_id=self.outer_step, compression=self.compression,
                 timeout=self.timeout, **self._avg_options,
             )
+        except ConfigError:
+            raise  # our own misconfiguration (a bad name, a wrong codec) is not a failed round
         except P2PComputeError as exc:
             # The round failed as a whole: step on our own pseudo-gradient so the local work is
             # kept; the next round (or a state download) brings us back in line with the group.
@@ -359,8 +369,9 @@ class DiLoCo(torch.optim.Optimizer):
         per_step = self.local_steps * allreduce_bytes(self.params, "none", len(outcome.participants))
         report = StepReport(
             "diloco", self.outer_step, self.local_steps, outcome.participants, outcome.bytes_sent,
-            per_step, time.perf_counter() - start, error,
+            per_step, time.perf_counter() - start, error, self._solo_reason(outcome, error),
         )
+        self._log(report)
         self._account(report)
         self.local_steps = 0
         self._weight = 0.0
@@ -379,6 +390,35 @@ class DiLoCo(torch.optim.Optimizer):
                 report=report,
             )
         return report
+
+    def _solo_reason(self, outcome: AveragingOutcome, error: str | None) -> str | None:
+        if len(outcome.participants) > 1:
+            return None
+        return error or getattr(self.averager, "last_reason", "") or "group of one"
+
+    def _log(self, report: StepReport) -> None:
+        if report.error is not None:
+            log.warning("outer step %d taken alone: %s", report.outer_step, report.error)
+        elif report.solo:
+            log.info("outer step %d taken alone: %s", report.outer_step, report.solo_reason)
+        else:
+            log.info("outer step %d averaged with %d peers", report.outer_step, len(report.participants))
+
+    def model_digest(self) -> str:
+        """Hex SHA-256 (first 16 digits) of the trained tensors' names, shapes and dtypes.
+
+        Equal for peers training the same architecture whatever its weights; the swarm matches
+        averaging partners by run name and this digest.
+
+        Example::
+
+            assert opt_a.model_digest() == opt_b.model_digest()   # same model class and sizes
+        """
+        h = hashlib.sha256()
+        for kind, named in (("param", self.named), ("buffer", self.named_buffers)):
+            for name, t in named:
+                h.update(f"{kind}:{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        return h.hexdigest()[:16]
 
     def _notify(self, report: StepReport) -> None:
         for cb in list(self.callbacks):
@@ -407,6 +447,8 @@ class DiLoCo(torch.optim.Optimizer):
                 grads, weight=samples, round_id=self.total_inner_steps, compression=self.compression,
                 timeout=self.timeout, **self._avg_options,
             )
+        except ConfigError:
+            raise  # our own misconfiguration (a bad name, a wrong codec) is not a failed round
         except P2PComputeError as exc:
             error = f"{type(exc).__name__}: {exc}"
             outcome = AveragingOutcome((self.averager.peer_id,))
@@ -414,7 +456,7 @@ class DiLoCo(torch.optim.Optimizer):
         self.outer_step = self.total_inner_steps
         report = StepReport(
             "per_step", self.outer_step, 1, outcome.participants, outcome.bytes_sent,
-            outcome.bytes_sent, time.perf_counter() - start, error,
+            outcome.bytes_sent, time.perf_counter() - start, error, self._solo_reason(outcome, error),
         )
         self._account(report)
         self.local_steps = 0
