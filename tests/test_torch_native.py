@@ -12,7 +12,7 @@ import trio
 
 from p2pcompute.errors import ConfigError
 from p2pcompute.training.averager import SoloAverager
-from p2pcompute.training.diloco import DiLoCo
+from p2pcompute.training.diloco import DiLoCo, TrainingAlone
 
 T = TypeVar("T")
 
@@ -147,3 +147,18 @@ def test_state_dict_round_trip_mid_round_continues_identically() -> None:
         assert torch.equal(a, b)
     with pytest.raises(ConfigError):
         opt2.load_state_dict(opt2.inner.state_dict())
+
+
+def test_callbacks_see_every_outer_step_and_min_participants_fails_loudly() -> None:
+    model, opt = model_and_opt(inner_steps=2, min_participants=2)
+    seen: list[tuple[int, bool, str | None]] = []
+    opt.add_callback(lambda r: seen.append((r.outer_step, r.solo, r.solo_reason)))
+    model(torch.ones(2, 6)).sum().backward()
+    assert opt.step() is None
+    with pytest.raises(TrainingAlone, match="outer step 1 averaged 1 peer") as info:
+        opt.step()
+    assert info.value.report.outer_step == 1
+    assert opt.outer_step == 1  # the step was applied; training may go on after catching it
+    assert seen == [(1, True, "group of one")]
+    with pytest.raises(ConfigError):
+        model_and_opt(min_participants=0)
