@@ -57,6 +57,7 @@ import trio
 from p2pcompute.collective.aggregate import Aggregator
 from p2pcompute.errors import ConfigError, LocalProtocolError, P2PComputeError
 from p2pcompute.training.averager import Averager, AveragingOutcome, allreduce_bytes, check_codec
+from p2pcompute.training.checkpoint import Checkpoint
 from p2pcompute.training.checkpoint import prepare as prepare_checkpoint
 from p2pcompute.training.checkpoint import write as write_checkpoint
 from p2pcompute.training.state import TrainingState, save_checkpoint
@@ -203,6 +204,8 @@ class DiLoCo(torch.optim.Optimizer):
         self.tags: dict[str, str] = {}
         self.callbacks: list[Callable[[StepReport], None]] = []
         self._buffer_state: list[torch.Tensor] | None = None
+        #: the checkpoint this optimizer was resumed from (set by ``Swarm.diloco``), for its ``extra``
+        self.resumed: Checkpoint | None = None
         self.params = [p for _, p in self.named]
         self.inner = inner_optimizer
         self.averager = averager

@@ -442,7 +442,7 @@ class Swarm:
         if checkpoint is not None and Path(checkpoint).exists():
             opt.load_state(load_checkpoint(checkpoint))
         if checkpoint_dir is not None:
-            found = ckpt.resume(opt, checkpoint_dir)
+            found = opt.resumed = ckpt.resume(opt, checkpoint_dir)
             if found is not None:
                 log.info("resumed from %s at outer step %d", found.path, opt.outer_step)
         if join and self._network:
