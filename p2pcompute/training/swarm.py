@@ -170,12 +170,14 @@ class SwarmDiLoCo(DiLoCo):
         super().__init__(*args, **kwargs)
         self.swarm = swarm
         self.resyncs = 0
+        #: re-sync from peers after a solo round (off for a sharded rank: one rank cannot re-sync alone)
+        self.elastic = True
 
     async def astep(self, samples: float = 1.0) -> StepReport | None:
         report = await super().astep(samples)
         if report is not None and self.mode == "diloco":
             await self.swarm._apublish(self)
-            if report.participants == (self.averager.peer_id,) and self.swarm._network:
+            if report.participants == (self.averager.peer_id,) and self.swarm._network and self.elastic:
                 await self.swarm._resync(self)
         return report
 
@@ -400,7 +402,7 @@ class Swarm:
 
     def diloco(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | Sequence[tuple[str, torch.Tensor]],
         inner_optimizer: torch.optim.Optimizer,
         *,
         inner_steps: int = 100,
@@ -409,6 +411,7 @@ class Swarm:
         join_timeout: float = 120.0,
         require_join: bool = True,
         checkpoint_dir: str | os.PathLike[str] | None = None,
+        averager: Averager | None = None,
         **options: Any,
     ) -> SwarmDiLoCo:
         """A DiLoCo optimizer averaging through this swarm, with elastic join and resume.
@@ -423,7 +426,10 @@ class Swarm:
         model (:meth:`DiLoCo.model_digest`): the round's match key is ``<run>/<digest>``, and a
         peer no other trainer of the run is known to skips matchmaking (its report says so).
         ``checkpoint_dir`` writes safetensors checkpoints (:mod:`p2pcompute.training.checkpoint`)
-        and resumes from the newest one; other ``options`` go to :class:`DiLoCo`
+        and resumes from the newest one. ``averager`` replaces the swarm's own averager for this
+        optimizer (a :class:`~p2pcompute.training.ranks.ShardedAverager` wrapping it on rank 0 of
+        an FSDP peer; ``model`` is then that rank's ``(name, local shard)`` pairs and ``join``
+        must be False). Other ``options`` go to :class:`DiLoCo`
         (``min_participants``, ``keep_checkpoints``, ``compression``...).
 
         Example::
@@ -431,10 +437,13 @@ class Swarm:
             opt = swarm.diloco(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
                                inner_steps=50, checkpoint_dir="ckpt", compression="fp16")
         """
+        if averager is not None and join and self._network:
+            raise ConfigError("joining (downloading state) is for unsharded models: pass join=False")
         opt = SwarmDiLoCo(
-            self, model, inner_optimizer, self.averager, inner_steps=inner_steps, runner=self.call,
-            checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, **options,
+            self, model, inner_optimizer, averager or self.averager, inner_steps=inner_steps,
+            runner=self.call, checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, **options,
         )
+        opt.elastic = averager is None
         opt.tags = {"run": self.run_name, "model": opt.model_digest()}
         self._tags = dict(opt.tags)
         if isinstance(self.averager, CollectiveAverager):
