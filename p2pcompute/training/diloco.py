@@ -204,6 +204,7 @@ class DiLoCo(torch.optim.Optimizer):
         self.tags: dict[str, str] = {}
         self.callbacks: list[Callable[[StepReport], None]] = []
         self._buffer_state: list[torch.Tensor] | None = None
+        self._pinned: list[torch.Tensor] | None = None
         #: the checkpoint this optimizer was resumed from (set by ``Swarm.diloco``), for its ``extra``
         self.resumed: Checkpoint | None = None
         self.params = [p for _, p in self.named]
@@ -324,11 +325,50 @@ class DiLoCo(torch.optim.Optimizer):
         (``round`` into the parameter's dtype): the inner steps' progress, without the rounding.
         """
         with torch.no_grad():
+            staged = self._stage_params()
             out = []
-            for a, p in zip(self.anchor, self.params, strict=True):
+            for a, p in zip(self.anchor, staged, strict=True):
                 start = a if a.dtype == p.dtype else a.to(p.dtype).to(a.dtype)
-                out.append(start - p.detach().to(a.device, a.dtype))
+                out.append(start - p.to(a.device, a.dtype))
             return out
+
+    def _staging(self) -> list[torch.Tensor] | None:
+        # CUDA parameters with a CPU anchor move through page-locked buffers, allocated once:
+        # the copies are asynchronous and one synchronisation per outer step replaces one per
+        # parameter. None when there is nothing to stage (CPU model, or the anchor on the GPU).
+        if self._pinned is None:
+            if not any(p.is_cuda and not a.is_cuda for p, a in zip(self.params, self.anchor, strict=True)):
+                return None
+            self._pinned = [
+                torch.empty(p.shape, dtype=p.dtype, pin_memory=True) if p.is_cuda and not a.is_cuda else p
+                for p, a in zip(self.params, self.anchor, strict=True)
+            ]
+        return self._pinned
+
+    def _stage_params(self) -> list[torch.Tensor]:
+        """The parameters as the anchor's side sees them (pinned CPU copies of CUDA parameters)."""
+        pinned = self._staging()
+        if pinned is None:
+            return [p.detach() for p in self.params]
+        devices = set()
+        for buf, p in zip(pinned, self.params, strict=True):
+            if buf is not p:
+                # ordered after the previous outer step's upload from ``buf`` on the same stream
+                buf.copy_(p.detach(), non_blocking=True)
+                devices.add(p.device)
+        for dev in devices:
+            torch.cuda.current_stream(dev).synchronize()
+        return pinned
+
+    def _load_params(self) -> None:
+        """Copy the anchor into the model; uploads to CUDA go through the pinned buffers, not waited for."""
+        pinned = self._staging()
+        for i, (p, a) in enumerate(zip(self.params, self.anchor, strict=True)):
+            if pinned is None or pinned[i] is p:
+                p.copy_(a)
+            else:
+                pinned[i].copy_(a)  # the download of this outer step has completed (synchronised)
+                p.copy_(pinned[i], non_blocking=True)
 
     def _buffer_values(self) -> list[torch.Tensor]:
         dev = self.anchor[0].device
@@ -363,8 +403,7 @@ class DiLoCo(torch.optim.Optimizer):
             self.outer.step()
             for a in self.anchor:
                 a.grad = None
-            for p, a in zip(self.params, self.anchor, strict=True):
-                p.copy_(a)
+            self._load_params()
             for (_, b), v in zip(self.named_buffers, bufs, strict=True):
                 b.copy_(v)
         self._buffer_state = bufs
