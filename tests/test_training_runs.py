@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from p2pcompute.training.diloco import TrainingAlone
 from p2pcompute.training.swarm import CollectiveAverager, JoinFailed, Swarm
 
 
@@ -51,6 +52,13 @@ def test_a_lone_trainer_on_a_busy_swarm_skips_matchmaking_and_joins_fail_loudly(
                 assert r.solo
                 assert r.error is None
                 assert r.solo_reason == "no other peer of this run known"
+            m5, i5 = tiny()
+            strict = lone.diloco(m5, i5, inner_steps=1, join=False, min_participants=2)
+            m5(torch.ones(2, 4)).sum().backward()
+            with pytest.raises(TrainingAlone, match="outer step 1 averaged 1 peer") as info:
+                strict.step()
+            assert info.value.report.solo_reason == "no other peer of this run known"
+            assert strict.outer_step == 1
 
             # A joiner of run alpha whose state does not fit (another mode): no silent solo start.
             with Swarm(run="alpha", **common) as joiner:

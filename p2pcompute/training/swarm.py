@@ -50,7 +50,7 @@ from p2pcompute.errors import (
 from p2pcompute.identity import Identity
 from p2pcompute.training import checkpoint as ckpt
 from p2pcompute.training.averager import Averager, AveragingOutcome, SoloAverager, check_codec
-from p2pcompute.training.diloco import DiLoCo, StepReport
+from p2pcompute.training.diloco import DiLoCo, StepReport, TrainingAlone
 from p2pcompute.training.state import TrainingState, load_checkpoint
 from p2pcompute.training.statesync import StateServer, download_state, fetch_manifest
 
@@ -174,11 +174,17 @@ class SwarmDiLoCo(DiLoCo):
         self.elastic = True
 
     async def astep(self, samples: float = 1.0) -> StepReport | None:
-        report = await super().astep(samples)
+        alone: TrainingAlone | None = None
+        try:
+            report = await super().astep(samples)
+        except TrainingAlone as exc:  # the step was applied: publish and re-sync, then tell the caller
+            alone, report = exc, exc.report
         if report is not None and self.mode == "diloco":
             await self.swarm._apublish(self)
             if report.participants == (self.averager.peer_id,) and self.swarm._network and self.elastic:
                 await self.swarm._resync(self)
+        if alone is not None:
+            raise alone
         return report
 
 
