@@ -194,7 +194,12 @@ class Swarm:
     ``bootstrap``: multiaddrs of nodes to join through (none: the first peer of a swarm, or a
     swarm of one with ``network=False``). ``key``: path of the identity key file (created on
     first use) or an :class:`Identity`. ``run`` names the training run: peers average only
-    with peers of the same run. ``group_size``/``min_group``/``patience``: matchmaking.
+    with peers of the same run (and model). ``group_size``/``min_group``/``patience``: matchmaking.
+
+    Attributes: ``peer_id`` (this peer's id, fixed by its key), ``addrs`` (the multiaddrs it
+    listens on, ending in ``/p2p/<peer_id>``: what others pass as ``bootstrap``; empty until
+    started or without network), ``run_name``, ``averager`` (the swarm's averager),
+    ``running``; :meth:`peers` lists the other live peers of any run.
 
     Example::
 
