@@ -57,7 +57,7 @@ from p2pcompute.training.statesync import StateServer, download_state, fetch_man
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
-PARTNER_TTL = 60.0  # seconds a peer seen serving our run's state counts as a partner
+PARTNER_TTL = 600.0  # seconds a peer seen in our run (its state, or a round with us) counts as a partner
 
 
 class JoinFailed(P2PComputeError):
@@ -180,6 +180,10 @@ class SwarmDiLoCo(DiLoCo):
         except TrainingAlone as exc:  # the step was applied: publish and re-sync, then tell the caller
             alone, report = exc, exc.report
         if report is not None and self.mode == "diloco":
+            now = time.monotonic()
+            for peer in report.participants:  # whoever averaged with us trains this run
+                if peer != self.averager.peer_id:
+                    self.swarm._partners[peer] = now
             await self.swarm._apublish(self)
             if report.participants == (self.averager.peer_id,) and self.swarm._network and self.elastic:
                 await self.swarm._resync(self)
@@ -397,10 +401,12 @@ class Swarm:
         if not self._tags:
             return self._count_others()
         now = time.monotonic()
-        fresh = [p for p, seen in self._partners.items() if now - seen < PARTNER_TTL]
+        alive = set(await self._peer_ids())  # a partner that left drops out of the peer table
+        fresh = [p for p, seen in self._partners.items() if now - seen < PARTNER_TTL and p in alive]
         if not fresh:
             await self._offers(timeout=2.0)
-            fresh = list(self._partners)
+            now = time.monotonic()
+            fresh = [p for p, seen in self._partners.items() if now - seen < PARTNER_TTL and p in alive]
         return len(fresh)
 
     async def _peer_ids(self) -> list[str]:
