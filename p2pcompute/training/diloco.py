@@ -19,6 +19,21 @@ before every inner step and there is no outer optimizer.
 The shared state (anchor, outer momentum, outer step) is exported as a
 :class:`~p2pcompute.training.state.TrainingState` for checkpoints and for joiners.
 
+:class:`DiLoCo` *is* a :class:`torch.optim.Optimizer`: its ``param_groups`` and ``state`` are the
+inner optimizer's own (the same objects), so lr schedulers, ``torch.amp.GradScaler``, gradient
+clipping and accumulation work as with the inner optimizer alone; ``state_dict()`` is the inner
+optimizer's dict plus a ``"diloco"`` entry (anchor, outer optimizer, counters).
+
+Precision: parameters in bf16/fp16 get an fp32 *master* anchor and fp32 outer-optimizer state by
+default (``master_dtype="auto"``); the pseudo-gradient is the model's progress since the last outer
+step, ``round(anchor) - params``, computed and averaged in the anchor's dtype, so the rounding of the
+anchor into the model's dtype never shows up as a fake update.
+
+Buffers (``buffers="average"``, the default for a module): floating-point buffers such as
+BatchNorm's running mean and variance are averaged with the same sample weights in every outer
+step (in fp32 for low-precision buffers) and are part of the shared state; integer buffers
+(``num_batches_tracked``) stay local. ``buffers="local"`` leaves all buffers alone.
+
 Training scripts are synchronous: :meth:`DiLoCo.step` runs the averaging through a
 ``runner`` (the :class:`~p2pcompute.training.swarm.Swarm` facade supplies one that hops to
 its trio thread); trio code calls :meth:`DiLoCo.astep` directly.
@@ -28,11 +43,13 @@ Imports torch, trio, :mod:`p2pcompute.training.averager`, :mod:`.state`, errors.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import torch
 import trio
@@ -40,10 +57,16 @@ import trio
 from p2pcompute.collective.aggregate import Aggregator
 from p2pcompute.errors import ConfigError, LocalProtocolError, P2PComputeError
 from p2pcompute.training.averager import Averager, AveragingOutcome, allreduce_bytes, check_codec
+from p2pcompute.training.checkpoint import Checkpoint
+from p2pcompute.training.checkpoint import prepare as prepare_checkpoint
+from p2pcompute.training.checkpoint import write as write_checkpoint
 from p2pcompute.training.state import TrainingState, save_checkpoint
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Mode = Literal["diloco", "per_step"]
+BufferRule = Literal["average", "local"]
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class Runner(Protocol):
@@ -57,7 +80,9 @@ class StepReport:
     """What one synchronisation did (an outer step, or one averaged inner step in per-step mode).
 
     ``per_step_bytes`` is what per-step gradient averaging would have sent for the same
-    local steps in a group of the same size, for comparison with ``bytes_sent``.
+    local steps in a group of the same size, for comparison with ``bytes_sent``. ``error`` is
+    set when the averaging round failed; ``solo`` and ``solo_reason`` say when a step was taken
+    alone, failed or not.
     """
 
     mode: str
@@ -68,6 +93,24 @@ class StepReport:
     per_step_bytes: int
     seconds: float
     error: str | None = None
+    #: why the step was averaged with nobody else (None when others took part): the failed
+    #: round's error, "no other peer of this run known", or "group of one" (no network)
+    solo_reason: str | None = None
+
+    @property
+    def solo(self) -> bool:
+        """True when this peer's pseudo-gradient was averaged with nobody else's."""
+        return len(self.participants) <= 1
+
+
+def _master_dtype(p: torch.Tensor, rule: torch.dtype | str | None) -> torch.dtype:
+    if rule is None or not p.is_floating_point():
+        return p.dtype
+    if rule == "auto":
+        return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+    if isinstance(rule, torch.dtype) and rule.is_floating_point:
+        return rule
+    raise ConfigError(f"master_dtype must be 'auto', None or a floating dtype, not {rule!r}")
 
 
 def _named_params(
@@ -86,8 +129,13 @@ def _named_params(
     return out
 
 
-class DiLoCo:
+class DiLoCo(torch.optim.Optimizer):
     """DiLoCo around ``model`` and ``inner_optimizer``, averaging through ``averager``.
+
+    A :class:`torch.optim.Optimizer` whose ``param_groups`` and ``state`` are those of
+    ``inner_optimizer``: schedulers, ``GradScaler``, ``clip_grad_norm_`` and gradient
+    accumulation work unchanged (``step()`` returns a :class:`StepReport` after an outer step,
+    else None).
 
     Example::
 
@@ -121,14 +169,44 @@ class DiLoCo:
         runner: Runner | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
         aggregator: str | Aggregator = "mean",
+        master_dtype: torch.dtype | Literal["auto"] | None = "auto",
+        buffers: BufferRule = "average",
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        keep_checkpoints: int = 3,
+        min_participants: int = 1,
     ) -> None:
         if inner_steps < 1:
             raise ConfigError("inner_steps must be at least 1")
         if mode not in ("diloco", "per_step"):
             raise ConfigError(f"unknown mode {mode!r}")
+        if buffers not in ("average", "local"):
+            raise ConfigError(f"buffers must be 'average' or 'local', not {buffers!r}")
+        if keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints must be at least 1")
+        if min_participants < 1:
+            raise ConfigError("min_participants must be at least 1")
+        self.module = model if isinstance(model, torch.nn.Module) else None
         self.named = _named_params(model)
         if not self.named:
             raise ConfigError("no trainable parameters")
+        # floating buffers averaged in each outer step (BatchNorm running stats and the like)
+        self.buffer_rule: BufferRule = buffers
+        self.named_buffers: list[tuple[str, torch.Tensor]] = []
+        if self.module is not None and buffers == "average" and mode == "diloco":
+            self.named_buffers = [(n, b) for n, b in self.module.named_buffers() if b.is_floating_point()]
+        self.master_dtype = master_dtype
+        self.checkpoint_dir = checkpoint_dir
+        self.keep_checkpoints = keep_checkpoints
+        self.min_participants = min_participants
+        #: optional ``() -> dict`` of JSON values stored in each checkpoint's manifest (a scheduler's state)
+        self.checkpoint_extra: Callable[[], dict[str, Any]] | None = None
+        #: shared string tags (run id, model digest) that a state must carry to be loaded
+        self.tags: dict[str, str] = {}
+        self.callbacks: list[Callable[[StepReport], None]] = []
+        self._buffer_state: list[torch.Tensor] | None = None
+        self._pinned: list[torch.Tensor] | None = None
+        #: the checkpoint this optimizer was resumed from (set by ``Swarm.diloco``), for its ``extra``
+        self.resumed: Checkpoint | None = None
         self.params = [p for _, p in self.named]
         self.inner = inner_optimizer
         self.averager = averager
@@ -150,13 +228,56 @@ class DiLoCo:
         self.history: list[StepReport] = []
         dev = None if anchor_device is None else torch.device(anchor_device)
         with torch.no_grad():
-            self.anchor = [p.detach().to(dev or p.device, copy=True) for p in self.params]
+            self.anchor = [
+                p.detach().to(dev or p.device, _master_dtype(p, master_dtype), copy=True) for p in self.params
+            ]
         if outer_optimizer is not None:
             self.outer = outer_optimizer(self.anchor)
         else:
             self.outer = torch.optim.SGD(
                 self.anchor, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov and outer_momentum > 0
             )
+        # The torch.optim.Optimizer side: hooks and bookkeeping from the base class, then the
+        # inner optimizer's param_groups, state and defaults themselves (shared, not copied), so a
+        # scheduler that sets group["lr"] here sets it for the inner optimizer.
+        self._bound = False
+        self._own_groups: list[dict[str, Any]] = []
+        self._own_state: Any = {}
+        super().__init__([p for g in inner_optimizer.param_groups for p in g["params"]], {})
+        self.defaults = inner_optimizer.defaults
+        self._bound = True
+
+    # Properties, not aliases: the inner optimizer's load_state_dict() rebinds its lists, and a
+    # scheduler holding on to an old list would no longer change the lr the inner steps use.
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The inner optimizer's ``param_groups`` (what schedulers and GradScaler see and change)."""
+        return self.inner.param_groups if self._bound else self._own_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if self._bound:
+            self.inner.param_groups = value
+        else:
+            self._own_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        """The inner optimizer's per-parameter ``state``."""
+        return self.inner.state if self._bound else self._own_state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if self._bound:
+            self.inner.state = value
+        else:
+            self._own_state = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Not supported once built: DiLoCo's anchor covers exactly the parameters it was given."""
+        if getattr(self, "_bound", True):
+            raise ConfigError("add parameter groups to the inner optimizer before wrapping it in DiLoCo")
+        super().add_param_group(param_group)
 
     # -- the training-loop side -------------------------------------------------------------
 
@@ -164,11 +285,17 @@ class DiLoCo:
         """Clear the model's gradients (the inner optimizer's ``zero_grad``)."""
         self.inner.zero_grad(set_to_none=set_to_none)
 
-    def step(self, samples: float = 1.0) -> StepReport | None:
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, samples: float = 1.0
+    ) -> StepReport | None:
         """One inner step (blocking); averages when due. ``samples`` weighs this peer's contribution.
 
-        Needs a ``runner`` (``swarm.call``) to reach the averager from synchronous code.
+        ``closure``, as in torch, re-evaluates the loss (called with gradients enabled before the
+        inner step). Needs a ``runner`` (``swarm.call``) to reach the averager from synchronous code.
         """
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
         if self.runner is None:
             raise LocalProtocolError("DiLoCo.step() needs a runner; in trio code await astep() instead")
         if self.mode == "per_step" or self.local_steps + 1 >= self.inner_steps:
@@ -192,22 +319,79 @@ class DiLoCo:
         self._weight += samples
 
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        """``anchor - params`` for every parameter, on the anchor's device, in the anchor's dtype."""
+        """``anchor - params`` for every parameter, on the anchor's device, in the anchor's dtype.
+
+        With an fp32 master anchor for low-precision parameters this is ``round(anchor) - params``
+        (``round`` into the parameter's dtype): the inner steps' progress, without the rounding.
+        """
         with torch.no_grad():
-            pairs = zip(self.anchor, self.params, strict=True)
-            return [a - p.detach().to(a.device, a.dtype) for a, p in pairs]
+            staged = self._stage_params()
+            out = []
+            for a, p in zip(self.anchor, staged, strict=True):
+                start = a if a.dtype == p.dtype else a.to(p.dtype).to(a.dtype)
+                out.append(start - p.to(a.device, a.dtype))
+            return out
+
+    def _staging(self) -> list[torch.Tensor] | None:
+        # CUDA parameters with a CPU anchor move through page-locked buffers, allocated once:
+        # the copies are asynchronous and one synchronisation per outer step replaces one per
+        # parameter. None when there is nothing to stage (CPU model, or the anchor on the GPU).
+        if self._pinned is None:
+            if not any(p.is_cuda and not a.is_cuda for p, a in zip(self.params, self.anchor, strict=True)):
+                return None
+            self._pinned = [
+                torch.empty(p.shape, dtype=p.dtype, pin_memory=True) if p.is_cuda and not a.is_cuda else p
+                for p, a in zip(self.params, self.anchor, strict=True)
+            ]
+        return self._pinned
+
+    def _stage_params(self) -> list[torch.Tensor]:
+        """The parameters as the anchor's side sees them (pinned CPU copies of CUDA parameters)."""
+        pinned = self._staging()
+        if pinned is None:
+            return [p.detach() for p in self.params]
+        devices = set()
+        for buf, p in zip(pinned, self.params, strict=True):
+            if buf is not p:
+                # ordered after the previous outer step's upload from ``buf`` on the same stream
+                buf.copy_(p.detach(), non_blocking=True)
+                devices.add(p.device)
+        for dev in devices:
+            torch.cuda.current_stream(dev).synchronize()
+        return pinned
+
+    def _load_params(self) -> None:
+        """Copy the anchor into the model; uploads to CUDA go through the pinned buffers, not waited for."""
+        pinned = self._staging()
+        for i, (p, a) in enumerate(zip(self.params, self.anchor, strict=True)):
+            if pinned is None or pinned[i] is p:
+                p.copy_(a)
+            else:
+                pinned[i].copy_(a)  # the download of this outer step has completed (synchronised)
+                p.copy_(pinned[i], non_blocking=True)
+
+    def _buffer_values(self) -> list[torch.Tensor]:
+        dev = self.anchor[0].device
+        with torch.no_grad():
+            return [
+                b.detach().to(dev, torch.float32 if b.dtype in LOW_PRECISION else b.dtype, copy=True)
+                for _, b in self.named_buffers
+            ]
 
     async def outer_sync(self) -> StepReport:
         """Average the pseudo-gradient now and apply the outer step (also usable early, before leaving)."""
         start = time.perf_counter()
         deltas = self.pseudo_gradient()
+        bufs = self._buffer_values()
         weight = self._weight if self._weight > 0 else 1.0
         error: str | None = None
         try:
             outcome = await self.averager.average(
-                deltas, weight=weight, round_id=self.outer_step, compression=self.compression,
+                deltas + bufs, weight=weight, round_id=self.outer_step, compression=self.compression,
                 timeout=self.timeout, **self._avg_options,
             )
+        except ConfigError:
+            raise  # our own misconfiguration (a bad name, a wrong codec) is not a failed round
         except P2PComputeError as exc:
             # The round failed as a whole: step on our own pseudo-gradient so the local work is
             # kept; the next round (or a state download) brings us back in line with the group.
@@ -219,22 +403,78 @@ class DiLoCo:
             self.outer.step()
             for a in self.anchor:
                 a.grad = None
-            for p, a in zip(self.params, self.anchor, strict=True):
-                p.copy_(a)
+            self._load_params()
+            for (_, b), v in zip(self.named_buffers, bufs, strict=True):
+                b.copy_(v)
+        self._buffer_state = bufs
         self.outer_step += 1
         per_step = self.local_steps * allreduce_bytes(self.params, "none", len(outcome.participants))
         report = StepReport(
             "diloco", self.outer_step, self.local_steps, outcome.participants, outcome.bytes_sent,
-            per_step, time.perf_counter() - start, error,
+            per_step, time.perf_counter() - start, error, self._solo_reason(outcome, error),
         )
+        self._log(report)
         self._account(report)
         self.local_steps = 0
         self._weight = 0.0
+        # serialization and the fsyncs of an atomic write take long enough to stall the peer's
+        # network work (heartbeats, other peers' transfers): they run in a worker thread
         if self.checkpoint is not None:
-            # serialization and the fsyncs of an atomic write take long enough to stall the peer's
-            # network work (heartbeats, other peers' transfers): they run in a worker thread
             await trio.to_thread.run_sync(save_checkpoint, self.checkpoint, self.export_state(local=True))
+        if self.checkpoint_dir is not None:
+            files = prepare_checkpoint(self)
+            await trio.to_thread.run_sync(write_checkpoint, self.checkpoint_dir, files, self.keep_checkpoints)
+        self._notify(report)
+        if len(outcome.participants) < self.min_participants:
+            raise TrainingAlone(
+                f"outer step {self.outer_step} averaged {len(outcome.participants)} peer(s), "
+                f"min_participants is {self.min_participants}" + (f" ({error})" if error else ""),
+                report=report,
+            )
         return report
+
+    def _solo_reason(self, outcome: AveragingOutcome, error: str | None) -> str | None:
+        if len(outcome.participants) > 1:
+            return None
+        return error or getattr(self.averager, "last_reason", "") or "group of one"
+
+    def _log(self, report: StepReport) -> None:
+        if report.error is not None:
+            log.warning("outer step %d taken alone: %s", report.outer_step, report.error)
+        elif report.solo:
+            log.info("outer step %d taken alone: %s", report.outer_step, report.solo_reason)
+        else:
+            log.info("outer step %d averaged with %d peers", report.outer_step, len(report.participants))
+
+    def model_digest(self) -> str:
+        """Hex SHA-256 (first 16 digits) of the trained tensors' names, shapes and dtypes.
+
+        Equal for peers training the same architecture whatever its weights; the swarm matches
+        averaging partners by run name and this digest.
+
+        Example::
+
+            assert opt_a.model_digest() == opt_b.model_digest()   # same model class and sizes
+        """
+        h = hashlib.sha256()
+        for kind, named in (("param", self.named), ("buffer", self.named_buffers)):
+            for name, t in named:
+                h.update(f"{kind}:{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        return h.hexdigest()[:16]
+
+    def _notify(self, report: StepReport) -> None:
+        for cb in list(self.callbacks):
+            cb(report)
+
+    def add_callback(self, fn: Callable[[StepReport], None]) -> Callable[[StepReport], None]:
+        """Call ``fn(report)`` after every outer step (logging: TensorBoard, W&B, a CSV file).
+
+        Example::
+
+            opt.add_callback(lambda r: writer.add_scalar("sync/peers", len(r.participants), r.outer_step))
+        """
+        self.callbacks.append(fn)
+        return fn
 
     async def _per_step(self, samples: float) -> StepReport:
         start = time.perf_counter()
@@ -249,6 +489,8 @@ class DiLoCo:
                 grads, weight=samples, round_id=self.total_inner_steps, compression=self.compression,
                 timeout=self.timeout, **self._avg_options,
             )
+        except ConfigError:
+            raise  # our own misconfiguration (a bad name, a wrong codec) is not a failed round
         except P2PComputeError as exc:
             error = f"{type(exc).__name__}: {exc}"
             outcome = AveragingOutcome((self.averager.peer_id,))
@@ -256,7 +498,7 @@ class DiLoCo:
         self.outer_step = self.total_inner_steps
         report = StepReport(
             "per_step", self.outer_step, 1, outcome.participants, outcome.bytes_sent,
-            outcome.bytes_sent, time.perf_counter() - start, error,
+            outcome.bytes_sent, time.perf_counter() - start, error, self._solo_reason(outcome, error),
         )
         self._account(report)
         self.local_steps = 0
@@ -264,6 +506,7 @@ class DiLoCo:
         with torch.no_grad():
             for a, p in zip(self.anchor, self.params, strict=True):
                 a.copy_(p.detach())
+        self._notify(report)
         return report
 
     def _account(self, report: StepReport) -> None:
@@ -297,7 +540,10 @@ class DiLoCo:
                 buf = self.outer.state.get(a, {}).get("momentum_buffer")
                 if isinstance(buf, torch.Tensor):
                     tensors[f"outer/{name}"] = buf.detach().to("cpu", copy=True)
+            for (name, _), v in zip(self.named_buffers, self._shared_buffers(), strict=True):
+                tensors[f"buffer/{name}"] = v.detach().to("cpu", copy=True)
         meta: dict[str, int | float | str | bool] = {"mode": self.mode, "inner_steps": self.inner_steps}
+        meta.update({f"tag/{k}": v for k, v in self.tags.items()})
         if local:
             meta["local_steps"] = self.local_steps
             meta["total_inner_steps"] = self.total_inner_steps
@@ -315,6 +561,11 @@ class DiLoCo:
                         elif isinstance(value, int | float | bool):
                             meta[f"inner/{i}/{key}"] = value
         return TrainingState(self.outer_step, tensors, meta)
+
+    def _shared_buffers(self) -> list[torch.Tensor]:
+        # the buffers as of the last outer step (what every participant agrees on); before the
+        # first one, the module's own
+        return self._buffer_state if self._buffer_state is not None else self._buffer_values()
 
     def _inner_index(self) -> dict[int, int]:
         # torch numbers optimizer state by position over all param groups, in order.
@@ -334,12 +585,17 @@ class DiLoCo:
         """
         if state.meta.get("mode", self.mode) != self.mode:
             raise ConfigError(f"state is for mode {state.meta.get('mode')!r}, not {self.mode!r}")
+        for k, v in self.tags.items():
+            theirs = state.meta.get(f"tag/{k}", v)
+            if theirs != v:
+                raise ConfigError(f"state is for {k} {theirs!r}, not {v!r}")
+        buffer_names = {n for n, _ in self.named_buffers}
         for name, a in zip((n for n, _ in self.named), self.anchor, strict=True):
             t = state.tensors.get(f"param/{name}")
             if t is None or t.shape != a.shape or t.dtype != a.dtype:
                 raise ConfigError(f"state does not match the model at parameter {name!r}")
         known = {f"param/{n}" for n, _ in self.named} | {f"outer/{n}" for n, _ in self.named}
-        known |= {f"local/{n}" for n, _ in self.named}
+        known |= {f"local/{n}" for n, _ in self.named} | {f"buffer/{n}" for n in buffer_names}
         for key in state.tensors:
             if key not in known and not key.startswith("inner/"):
                 raise ConfigError(f"state has an unexpected tensor {key!r}")
@@ -355,6 +611,15 @@ class DiLoCo:
                     self.outer.state.pop(a, None)
                 local = state.tensors.get(f"local/{name}")
                 p.copy_(local if local is not None and local.shape == p.shape else a)
+            held = self._buffer_values()
+            for i, (name, b) in enumerate(self.named_buffers):
+                t = state.tensors.get(f"buffer/{name}")
+                if t is not None:
+                    if t.shape != b.shape:
+                        raise ConfigError(f"buffer {name!r} in the state has the wrong shape")
+                    b.copy_(t)
+                    held[i] = t.to(held[i].device, held[i].dtype, copy=True)
+            self._buffer_state = held if self.named_buffers else None
         self.outer_step = state.step
         self.local_steps = int(state.meta.get("local_steps", 0))
         self.total_inner_steps = int(state.meta.get("total_inner_steps", self.total_inner_steps))
@@ -377,3 +642,66 @@ class DiLoCo:
             raise ConfigError("inner optimizer state names a parameter the model does not have")
         current = self.inner.state_dict()
         self.inner.load_state_dict({"state": per_param, "param_groups": current["param_groups"]})
+
+    # -- torch.optim.Optimizer state -----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's ``state_dict()`` plus ``"diloco"``: anchor, outer optimizer, counters.
+
+        Example::
+
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, "local.pt")
+            opt.load_state_dict(torch.load("local.pt")["opt"])   # your own file, never received bytes
+        """
+        out = dict(self.inner.state_dict())
+        with torch.no_grad():
+            out["diloco"] = {
+                "version": 1,
+                "mode": self.mode,
+                "outer_step": self.outer_step,
+                "local_steps": self.local_steps,
+                "total_inner_steps": self.total_inner_steps,
+                "weight": self._weight,
+                "anchor": [a.detach().clone() for a in self.anchor],
+                "buffers": [b.detach().clone() for b in self._shared_buffers()],
+                "outer": self.outer.state_dict(),
+            }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (shapes and dtypes checked)."""
+        d = state_dict.get("diloco")
+        if not isinstance(d, dict) or d.get("version") != 1:
+            raise ConfigError("not a DiLoCo state_dict (no 'diloco' entry of version 1)")
+        if d["mode"] != self.mode:
+            raise ConfigError(f"state_dict is for mode {d['mode']!r}, not {self.mode!r}")
+        anchor = cast(list[torch.Tensor], d["anchor"])
+        bufs = cast(list[torch.Tensor], d.get("buffers", []))
+        if len(anchor) != len(self.anchor) or len(bufs) != len(self.named_buffers):
+            raise ConfigError("state_dict does not match the model (parameter or buffer count)")
+        for (name, _), a, t in zip(self.named, self.anchor, anchor, strict=True):
+            if t.shape != a.shape or t.dtype != a.dtype:
+                raise ConfigError(f"state_dict does not match the model at parameter {name!r}")
+        self.inner.load_state_dict({k: v for k, v in state_dict.items() if k != "diloco"})
+        with torch.no_grad():
+            for a, t in zip(self.anchor, anchor, strict=True):
+                a.copy_(t)
+            for (_, b), t in zip(self.named_buffers, bufs, strict=True):
+                b.copy_(t)
+        self._buffer_state = [t.to(self.anchor[0].device, copy=True) for t in bufs] or None
+        self.outer.load_state_dict(d["outer"])
+        self.outer_step = int(d["outer_step"])
+        self.local_steps = int(d["local_steps"])
+        self.total_inner_steps = int(d["total_inner_steps"])
+        self._weight = float(d["weight"])
+
+
+class TrainingAlone(P2PComputeError):
+    """An outer step averaged fewer peers than ``min_participants`` (the step was still applied).
+
+    ``report`` is that step's :class:`StepReport`; training may go on after catching it.
+    """
+
+    def __init__(self, message: str, *, report: StepReport) -> None:
+        super().__init__(message)
+        self.report = report

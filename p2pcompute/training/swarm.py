@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -47,22 +48,31 @@ from p2pcompute.errors import (
     TaskFailed,
 )
 from p2pcompute.identity import Identity
+from p2pcompute.training import checkpoint as ckpt
 from p2pcompute.training.averager import Averager, AveragingOutcome, SoloAverager, check_codec
-from p2pcompute.training.diloco import DiLoCo, StepReport
+from p2pcompute.training.diloco import DiLoCo, StepReport, TrainingAlone
 from p2pcompute.training.state import TrainingState, load_checkpoint
 from p2pcompute.training.statesync import StateServer, download_state, fetch_manifest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+PARTNER_TTL = 600.0  # seconds a peer seen in our run (its state, or a round with us) counts as a partner
+
+
+class JoinFailed(P2PComputeError):
+    """Peers of this run hold a newer state but it could not be downloaded (``require_join``)."""
 
 
 class CollectiveAverager:
     """An :class:`~p2pcompute.training.averager.Averager` over :class:`p2pcompute.collective.Collective`.
 
     Each round is matched under ``run`` with the key ``outer-<round_id>``; bytes are the
-    lane's bytes sent during the round. A round that finds no group or fails leaves the
-    tensors untouched and raises :class:`TaskFailed` with the collective's reason (DiLoCo then
-    steps on its own pseudo-gradient and the swarm re-syncs it from peers).
+    lane's bytes sent during the round. ``partners`` (async, optional) counts the peers known
+    to train the same run and model: with none, the round is solo at once, without
+    matchmaking. A round that finds no group or fails leaves the tensors untouched and raises
+    :class:`TaskFailed` with the collective's reason (DiLoCo then steps on its own
+    pseudo-gradient and the swarm re-syncs it from peers).
 
     Example::
 
@@ -82,9 +92,11 @@ class CollectiveAverager:
         patience: float | None = 3.0,
         max_attempts: int = 3,
         others: Callable[[], int] | None = None,
+        partners: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.collective = collective
         self.others = others
+        self.partners = partners
         self.lane = lane
         self.run = run
         self.target = target
@@ -114,6 +126,10 @@ class CollectiveAverager:
             await trio.lowlevel.checkpoint()
             self.last_reason = "no other peer known"
             return AveragingOutcome((self.peer_id,), total_weight=weight)
+        if self.partners is not None and await self.partners() == 0:
+            # Peers there may be (providers, other runs), but none trains this run and model.
+            self.last_reason = "no other peer of this run known"
+            return AveragingOutcome((self.peer_id,), total_weight=weight)
         start = time.perf_counter()
         before = self.lane.statistics()
         result = await self.collective.average(
@@ -136,7 +152,10 @@ class CollectiveAverager:
         if not result.ok:
             # Tensors are untouched; DiLoCo steps on its own pseudo-gradient and reports why.
             self.last_reason = f"{result.status.name}: {result.reason}"
-            raise TaskFailed(f"averaging round {round_id} ended {self.last_reason} after {seconds:.1f} s")
+            # numbered as the outer step it produces (StepReport.outer_step), not the match key
+            raise TaskFailed(
+                f"averaging for outer step {round_id + 1} ended {self.last_reason} after {seconds:.1f} s"
+            )
         self.last_reason = ""
         return AveragingOutcome(
             tuple(result.participants), sent, received, seconds, result.weight_total, tuple(result.excluded),
@@ -151,13 +170,25 @@ class SwarmDiLoCo(DiLoCo):
         super().__init__(*args, **kwargs)
         self.swarm = swarm
         self.resyncs = 0
+        #: re-sync from peers after a solo round (off for a sharded rank: one rank cannot re-sync alone)
+        self.elastic = True
 
     async def astep(self, samples: float = 1.0) -> StepReport | None:
-        report = await super().astep(samples)
+        alone: TrainingAlone | None = None
+        try:
+            report = await super().astep(samples)
+        except TrainingAlone as exc:  # the step was applied: publish and re-sync, then tell the caller
+            alone, report = exc, exc.report
         if report is not None and self.mode == "diloco":
+            now = time.monotonic()
+            for peer in report.participants:  # whoever averaged with us trains this run
+                if peer != self.averager.peer_id:
+                    self.swarm._partners[peer] = now
             await self.swarm._apublish(self)
-            if report.participants == (self.averager.peer_id,) and self.swarm._network:
+            if report.participants == (self.averager.peer_id,) and self.swarm._network and self.elastic:
                 await self.swarm._resync(self)
+        if alone is not None:
+            raise alone
         return report
 
 
@@ -167,7 +198,12 @@ class Swarm:
     ``bootstrap``: multiaddrs of nodes to join through (none: the first peer of a swarm, or a
     swarm of one with ``network=False``). ``key``: path of the identity key file (created on
     first use) or an :class:`Identity`. ``run`` names the training run: peers average only
-    with peers of the same run. ``group_size``/``min_group``/``patience``: matchmaking.
+    with peers of the same run (and model). ``group_size``/``min_group``/``patience``: matchmaking.
+
+    Attributes: ``peer_id`` (this peer's id, fixed by its key), ``addrs`` (the multiaddrs it
+    listens on, ending in ``/p2p/<peer_id>``: what others pass as ``bootstrap``; empty until
+    started or without network), ``run_name``, ``averager`` (the swarm's averager),
+    ``running``; :meth:`peers` lists the other live peers of any run.
 
     Example::
 
@@ -197,6 +233,8 @@ class Swarm:
     ) -> None:
         if not 2 <= min_group <= group_size:
             raise ConfigError("need 2 <= min_group <= group_size")
+        if not _RUN_NAME.match(run):
+            raise ConfigError(f"run name {run!r}: 1 to 100 of A-Z a-z 0-9 _ . - (it names a gossip topic)")
         if isinstance(key, Identity):
             self.identity = key
         elif key is not None:
@@ -228,6 +266,8 @@ class Swarm:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._closed = False
+        self._tags: dict[str, str] = {}
+        self._partners: dict[str, float] = {}  # peer id -> when it last served our run's state
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -310,7 +350,7 @@ class Swarm:
                 self.averager = CollectiveAverager(
                     self.collective, self.lane, self.run_name, target=self.group_size,
                     min_size=self.min_group, matchmaking_timeout=self.matchmaking_timeout,
-                    patience=self.patience, others=self._count_others,
+                    patience=self.patience, others=self._count_others, partners=self._count_partners,
                 )
             self._token = trio.lowlevel.current_trio_token()
             self._ready.set()
@@ -356,6 +396,19 @@ class Swarm:
     def _count_others(self) -> int:
         return sum(1 for r in self.node.peers.alive() if r.role == "peer" and r.peer_id != self.peer_id)
 
+    async def _count_partners(self) -> int:
+        """Peers known to train our run and model; asks the peers again when none is fresh."""
+        if not self._tags:
+            return self._count_others()
+        now = time.monotonic()
+        alive = set(await self._peer_ids())  # a partner that left drops out of the peer table
+        fresh = [p for p, seen in self._partners.items() if now - seen < PARTNER_TTL and p in alive]
+        if not fresh:
+            await self._offers(timeout=2.0)
+            now = time.monotonic()
+            fresh = [p for p, seen in self._partners.items() if now - seen < PARTNER_TTL and p in alive]
+        return len(fresh)
+
     async def _peer_ids(self) -> list[str]:
         await trio.lowlevel.checkpoint()
         if self.node is None:
@@ -366,34 +419,60 @@ class Swarm:
 
     def diloco(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | Sequence[tuple[str, torch.Tensor]],
         inner_optimizer: torch.optim.Optimizer,
         *,
         inner_steps: int = 100,
         checkpoint: str | os.PathLike[str] | None = None,
         join: bool = True,
         join_timeout: float = 120.0,
+        require_join: bool = True,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        averager: Averager | None = None,
         **options: Any,
     ) -> SwarmDiLoCo:
         """A DiLoCo optimizer averaging through this swarm, with elastic join and resume.
 
-        With ``join``, the newest of (our ``checkpoint``, the state peers serve) is loaded
-        first; when peers have a newer state, we wait for their next outer step and download
-        the state right after it, so our first inner phase runs alongside theirs.
+        With ``join``, the newest of (our checkpoint, the state peers of this run serve) is
+        loaded first; when peers have a newer state, we wait for their next outer step and
+        download the state right after it, so our first inner phase runs alongside theirs.
+        With ``require_join`` (the default) a failed download raises :class:`JoinFailed`
+        instead of training alone from our own weights.
+
+        Averaging partners are the peers training the same ``run`` (of the Swarm) and the same
+        model (:meth:`DiLoCo.model_digest`): the round's match key is ``<run>/<digest>``, and a
+        peer no other trainer of the run is known to skips matchmaking (its report says so).
+        ``checkpoint_dir`` writes safetensors checkpoints (:mod:`p2pcompute.training.checkpoint`)
+        and resumes from the newest one. ``averager`` replaces the swarm's own averager for this
+        optimizer (a :class:`~p2pcompute.training.ranks.ShardedAverager` wrapping it on rank 0 of
+        an FSDP peer; ``model`` is then that rank's ``(name, local shard)`` pairs and ``join``
+        must be False). Other ``options`` go to :class:`DiLoCo`
+        (``min_participants``, ``keep_checkpoints``, ``compression``...).
 
         Example::
 
             opt = swarm.diloco(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
-                               inner_steps=50, checkpoint="ckpt.p2pc", compression="fp16")
+                               inner_steps=50, checkpoint_dir="ckpt", compression="fp16")
         """
+        if averager is not None and join and self._network:
+            raise ConfigError("joining (downloading state) is for unsharded models: pass join=False")
         opt = SwarmDiLoCo(
-            self, model, inner_optimizer, self.averager, inner_steps=inner_steps, runner=self.call,
-            checkpoint=checkpoint, **options,
+            self, model, inner_optimizer, averager or self.averager, inner_steps=inner_steps,
+            runner=self.call, checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, **options,
         )
+        opt.elastic = averager is None
+        opt.tags = {"run": self.run_name, "model": opt.model_digest()}
+        self._tags = dict(opt.tags)
+        if isinstance(self.averager, CollectiveAverager):
+            self.averager.run = f"{self.run_name}/{opt.tags['model']}"
         if checkpoint is not None and Path(checkpoint).exists():
             opt.load_state(load_checkpoint(checkpoint))
+        if checkpoint_dir is not None:
+            found = opt.resumed = ckpt.resume(opt, checkpoint_dir)
+            if found is not None:
+                log.info("resumed from %s at outer step %d", found.path, opt.outer_step)
         if join and self._network:
-            self.call(lambda: self._join(opt, join_timeout))
+            self.call(lambda: self._join(opt, join_timeout, require_join))
         self.call(lambda: self._apublish(opt))
         return opt
 
@@ -401,30 +480,40 @@ class Swarm:
         if self.server is not None:
             await self.server.apublish(opt.export_state())
 
-    async def _offers(self) -> dict[str, tuple[int, bytes]]:
+    async def _offers(self, timeout: float = 5.0) -> dict[str, tuple[int, bytes]]:
+        """(step, digest) of the state each peer of our run and model serves; refreshes partners."""
         peers = await self._peer_ids()
         offers: dict[str, tuple[int, bytes]] = {}
+        tags = {f"tag/{k}": v for k, v in self._tags.items()}
 
         async def ask(peer: str) -> None:
             try:
-                m = await fetch_manifest(self.node, peer, timeout=5.0)
+                m = await fetch_manifest(self.node, peer, timeout=timeout)
             except P2PComputeError:
                 return
-            if m is not None:
-                offers[peer] = (m.step, m.digest)
+            if m is None:
+                return
+            if any(m.header.meta.get(k) != v for k, v in tags.items()):
+                self._partners.pop(peer, None)  # another run or another model
+                return
+            offers[peer] = (m.step, m.digest)
+            self._partners[peer] = time.monotonic()
 
         async with trio.open_nursery() as nursery:
             for p in peers:
                 nursery.start_soon(ask, p)
         return offers
 
-    async def _join(self, opt: DiLoCo, timeout: float) -> None:
+    async def _join(self, opt: DiLoCo, timeout: float, required: bool = False) -> None:
         if not await self._peer_ids():
             # Just started: the peer table fills from the bootstrap's peer exchange and adverts.
             with contextlib.suppress(PeerTimeout):
                 await self.node.wait_for_peers(1, timeout=min(timeout, 15.0), role="peer")
         offers = await self._offers()
-        log.warning("join: %d peer(s) known, %d offer state", len(await self._peer_ids()), len(offers))
+        log.info(
+            "join: %d peer(s) known, %d train run %r with this model",
+            len(await self._peer_ids()), len(offers), self.run_name,
+        )
         if not offers:
             return
         newest = max(step for step, _ in offers.values())
@@ -440,7 +529,11 @@ class Swarm:
                 if max((s for s, _ in offers.values()), default=newest) > newest:
                     break
                 await trio.sleep(0.2)
-        await self._download(opt)
+        if not await self._download(opt) and required:
+            raise JoinFailed(
+                f"peers of run {self.run_name!r} are at outer step {newest} but their state could not be "
+                f"downloaded (see the warning above); pass require_join=False to train on alone"
+            )
 
     async def _download(self, opt: DiLoCo) -> bool:
         peers = await self._peer_ids()
@@ -451,9 +544,13 @@ class Swarm:
             return False
         if state.step < opt.outer_step:
             return False
-        opt.load_state(_shared_only(state))
+        try:
+            opt.load_state(_shared_only(state))
+        except ConfigError as exc:
+            log.warning("downloaded state does not fit: %s", exc)
+            return False
         await self._apublish(opt)
-        log.info("downloaded state of step %d from %s", state.step, sorted(report.sources))
+        log.info("downloaded state of outer step %d from %s", state.step, sorted(report.sources))
         return True
 
     async def _resync(self, opt: SwarmDiLoCo) -> None:
@@ -466,7 +563,7 @@ class Swarm:
 
 
 def _shared_only(state: TrainingState) -> TrainingState:
-    tensors = {k: v for k, v in state.tensors.items() if k.startswith(("param/", "outer/"))}
+    tensors = {k: v for k, v in state.tensors.items() if k.startswith(("param/", "outer/", "buffer/"))}
     meta = {k: v for k, v in state.meta.items() if not k.startswith("inner/")}
     meta.pop("local_steps", None)
     meta.pop("total_inner_steps", None)
