@@ -22,17 +22,18 @@ capacity and identity layers; nothing imports this module.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
 
 from p2pcompute.capacity.model import Capacity
 from p2pcompute.cli import EXIT_OK
-from p2pcompute.cli.logs import FORMATS, notice, setup_logging
+from p2pcompute.cli.logs import FORMATS, add_notice_hook, notice, setup_logging
 from p2pcompute.cli.preflight import check_listen, positive_int, positive_seconds, seconds
 from p2pcompute.errors import PeerTimeout
 from p2pcompute.identity import Identity
@@ -148,12 +149,44 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _http_addrs(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The distinct ``HOST:PORT`` of ``--metrics`` and ``--http`` (one server when they are equal)."""
+    out: list[tuple[str, int]] = []
+    for addr in (getattr(args, "metrics", None), getattr(args, "http", None)):
+        if addr is not None and addr not in out:
+            out.append(addr)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _observed(node: Node, args: argparse.Namespace, role: str, **parts: Any) -> AsyncIterator[None]:
+    """Serve /metrics, the status page and /api/status while the node runs (when asked to)."""
+    addrs = _http_addrs(args)
+    if not addrs:
+        yield
+        return
+    from p2pcompute.observe import open_observer
+
+    async with open_observer(node, role=role, serve=addrs, **parts) as observer:
+        remove = add_notice_hook(observer.errors.note)
+        try:
+            for host, port in observer.http_addrs:
+                shown = f"[{host}]" if ":" in host else host
+                notice("info", f"metrics at http://{shown}:{port}/metrics, status page at http://{shown}:{port}/")
+            yield
+        finally:
+            remove()
+
+
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """Run a bootstrap node until SIGINT/SIGTERM."""
     ident = _prepare(args)
 
     async def main() -> None:
-        async with open_node(ident, listen=[args.listen], role="bootstrap", **_node_options(args)) as node:
+        async with (
+            open_node(ident, listen=[args.listen], role="bootstrap", **_node_options(args)) as node,
+            _observed(node, args, "bootstrap"),
+        ):
             for addr in node.addrs:
                 print(addr, flush=True)
             await trio.sleep_forever()
@@ -196,7 +229,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
         async with (
             open_node(ident, listen=[args.listen], bootstrap=args.bootstrap, **_node_options(args)) as node,
             open_lane(node, bind=lane_bind(args.listen)) as lane,
-            serve_tasks(node, registry, capacity=args.task_slots, ledger=args.ledger, lane=lane),
+            serve_tasks(node, registry, capacity=args.task_slots, ledger=args.ledger, lane=lane) as tasks,
+            _observed(node, args, "peer", lane=lane, tasks=tasks),
             trio.open_nursery() as nursery,
         ):
             node.set_stream_handler(CATALOG_PROTOCOL, catalog)
@@ -267,10 +301,36 @@ def _common(p: argparse.ArgumentParser, *, listen: str) -> None:
     )
 
 
+def host_port(text: str) -> tuple[str, int]:
+    """argparse type of ``--metrics``/``--http``: ``HOST:PORT`` (``[v6]:PORT``) as a pair."""
+    from p2pcompute.observe import parse_host_port
+
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _observe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (also the status page)",
+    )
+    p.add_argument(
+        "--http",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="serve a live status page at http://HOST:PORT/ (JSON at /api/status); may equal --metrics",
+    )
+
+
 def add_parsers(sub: Any) -> None:
     """Register ``bootstrap``, ``peer`` and ``status`` on the ``p2pcompute`` parser."""
     p = sub.add_parser("bootstrap", help="run a bootstrap node (introduces peers to each other)")
     _common(p, listen="/ip4/0.0.0.0/tcp/4001")
+    _observe_args(p)
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("peer", help="join a swarm, advertise this machine's capacity and serve")
@@ -283,6 +343,7 @@ def add_parsers(sub: Any) -> None:
         "--task-slots", type=positive_int, default=1, metavar="N", help="task runs at once (default 1)"
     )
     p.add_argument("--ledger", metavar="FILE", help="append signed receipts to this ledger file")
+    _observe_args(p)
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("status", help="print the live peers of a swarm and their GPUs")
