@@ -176,9 +176,7 @@ def test_status_page_in_a_real_browser(swarm: Swarm, tmp_path: Path) -> None:
             page.goto(boot_url + "/", timeout=30_000)
             # the page polls /api/status and draws the peer table from it
             for pid in swarm.ids:
-                page.wait_for_function(
-                    "id => document.body.innerText.includes(id)", arg=pid, timeout=30_000
-                )
+                page.wait_for_function("id => document.body.innerText.includes(id)", arg=pid, timeout=30_000)
             text = page.inner_text("body")
             page.screenshot(path=str(shot), full_page=True)
         finally:
