@@ -28,6 +28,7 @@ from p2pcompute.observe.metrics import metrics_text as metrics_text
 from p2pcompute.observe.metrics import node_registry as node_registry
 from p2pcompute.observe.view import ErrorLog as ErrorLog
 from p2pcompute.observe.view import Observer as Observer
+from p2pcompute.overlay.node import single_leaf
 
 
 @contextlib.asynccontextmanager
@@ -62,6 +63,11 @@ async def open_observer(
                 yield observer
             finally:
                 nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        leaf = single_leaf(group)  # our nursery wraps what the servers or the body raised
+        if leaf is None:
+            raise
+        raise leaf from None
     finally:
         root.removeHandler(observer.errors)
 
