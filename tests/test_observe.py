@@ -161,3 +161,36 @@ def test_swarm_hands_a_training_script_the_same_figures() -> None:
     assert m["p2pcompute_rounds_total{outcome=no_group}"] == 1
     assert m["p2pcompute_rounds_total{outcome=averaged}"] == 0
     assert f"p2pcompute_node_info{{peer_id={swarm.peer_id},role=trainer,swarm=default,version=0.1.0}}" in m
+
+
+def test_terminal_view_redraws_in_place_and_writes_plain_lines_otherwise() -> None:
+    import io
+
+    from p2pcompute.cli.statusview import CLEAR, render, show, status_url
+
+    gpu = {"name": "H100", "memory_free": 70 << 30, "memory_total": 80 << 30}
+    doc = {
+        "node": {"swarm": "lab"},
+        "peer_table": [
+            {"peer_id": "12D3KooW" + "x" * 44, "role": "peer", "cpu_cores": 8, "ram_total": 64 << 30,
+             "gpus": [gpu, gpu], "age_seconds": 4.0, "connected": True},
+        ],
+        "tasks": {"provider": {"offers": 3, "granted": 2, "done": 2, "failed": 0, "running": 0},
+                  "requester": {"bought": 1, "buy_failed": 0, "items_in_flight": 0}},
+        "rounds": {"by_outcome": {"averaged": 5}, "in_progress": 1},
+    }  # fmt: skip
+    lines = render(doc, source="test", now=0.0)
+    assert lines[0].startswith(
+        "1970-01-01 00:00:00 UTC  swarm lab  test  peers 1 (1 connected)  CPUs 8  GPUs 2"
+    )
+    assert "2x H100 140.0/160.0" in lines[2]
+    assert "tasks sold: offered 3 leased 2 done 2 failed 0 running 0" in lines
+    assert "rounds: averaged 5 failed 0 no group 0 in progress 1" in lines
+    tty, pipe, js = io.StringIO(), io.StringIO(), io.StringIO()
+    show(doc, source="t", as_json=False, redraw=True, out=tty)
+    show(doc, source="t", as_json=False, redraw=False, out=pipe)
+    show(doc, source="t", as_json=True, redraw=False, out=js)
+    assert tty.getvalue().startswith(CLEAR)
+    assert "\x1b" not in pipe.getvalue()
+    assert json.loads(js.getvalue()) == doc
+    assert status_url("http://h:1/") == "http://h:1/api/status"

@@ -188,3 +188,45 @@ def test_status_page_in_a_real_browser(swarm: Swarm, tmp_path: Path) -> None:
     assert shot.stat().st_size > 10_000
     if os.environ.get("P2PCOMPUTE_SAVE_SCREENSHOT") == "1":  # refresh docs/status-page.png
         shutil.copyfile(shot, ROOT / "docs" / "status-page.png")
+
+
+def test_status_watch_redraws_plain_blocks_and_reads_a_node_page(swarm: Swarm) -> None:
+    watch = node("status", "--bootstrap", swarm.addr, *LOCAL, "--wait", "1", "--watch", "0.5")
+    try:
+        # not a terminal: plain blocks, each opening with a time-stamped header line
+        headers = []
+        for _ in range(2):
+            headers.append(
+                watch.wait_line(watch.out, lambda line: "swarm default" in line and line not in headers)
+            )
+        assert all(" UTC " in h for h in headers)
+        for pid in swarm.ids:
+            watch.wait_line(watch.out, lambda line, pid=pid: line.startswith(pid[:8]) and pid[-10:] in line)
+        assert not any("\x1b[" in line for line in watch.out)
+    finally:
+        code = watch.stop()
+    assert code == 0
+    assert not any("Traceback" in line for line in watch.err)
+
+    # --url reads one node's page: its peers, and the tasks and ledger lines of a provider
+    res = cli("status", "--url", swarm.urls[1].removeprefix("http://"))
+    assert res.returncode == 0, res.stderr
+    assert "tasks sold: offered" in res.stdout
+    assert "ledger: sold" in res.stdout
+    res = cli("status", "--url", swarm.urls[0], "--json")
+    assert res.returncode == 0, res.stderr
+    assert {p["peer_id"] for p in json.loads(res.stdout)["peer_table"]} == set(swarm.ids)
+
+
+def test_busy_metrics_port_is_a_config_error(swarm: Swarm) -> None:
+    port = swarm.urls[0].rsplit(":", 1)[1]
+    res = cli("bootstrap", *LOCAL, "--metrics", f"127.0.0.1:{port}")
+    assert res.returncode == 3, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "cannot serve HTTP" in res.stderr
+    res = cli("peer", "--bootstrap", swarm.addr, *LOCAL, "--http", "localhost")
+    assert res.returncode == 2
+    assert "HOST:PORT" in res.stderr
+    res = cli("status", "--url", "127.0.0.1:1")
+    assert res.returncode == 4
+    assert "cannot read" in res.stderr

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import json
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ from p2pcompute.capacity.model import Capacity
 from p2pcompute.cli import EXIT_OK
 from p2pcompute.cli.logs import FORMATS, add_notice_hook, notice, setup_logging
 from p2pcompute.cli.preflight import check_listen, positive_int, positive_seconds, seconds
-from p2pcompute.errors import PeerTimeout
+from p2pcompute.errors import PeerTimeout, PeerUnreachable
 from p2pcompute.identity import Identity
 from p2pcompute.overlay.node import Node, open_node, single_leaf
 from p2pcompute.overlay.table import PeerRecord
@@ -172,7 +173,9 @@ async def _observed(node: Node, args: argparse.Namespace, role: str, **parts: An
         try:
             for host, port in observer.http_addrs:
                 shown = f"[{host}]" if ":" in host else host
-                notice("info", f"metrics at http://{shown}:{port}/metrics, status page at http://{shown}:{port}/")
+                notice(
+                    "info", f"metrics at http://{shown}:{port}/metrics, status page at http://{shown}:{port}/"
+                )
             yield
         finally:
             remove()
@@ -252,9 +255,63 @@ def cmd_peer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status_from_url(args: argparse.Namespace) -> int:
+    """``status --url``: read a node's /api/status once, or every ``--watch`` seconds."""
+    from p2pcompute.cli.statusview import fetch_status, show
+
+    setup_logging(args.verbose, getattr(args, "log_format", "text"))
+    redraw = sys.stdout.isatty()
+    if args.watch is None:
+        show(fetch_status(args.url, timeout=args.timeout), source=args.url, as_json=args.json, redraw=False)
+        return EXIT_OK
+
+    async def main() -> None:
+        while True:
+            try:
+                doc = await trio.to_thread.run_sync(
+                    functools.partial(fetch_status, args.url, timeout=args.timeout), cancellable=True
+                )
+            except PeerUnreachable as exc:
+                notice("warning", f"{exc}; trying again in {args.watch:g} s")
+            else:
+                show(doc, source=args.url, as_json=args.json, redraw=redraw)
+            await trio.sleep(args.watch)
+
+    run_until_signal(main)
+    return EXIT_OK
+
+
+def _watch_swarm(args: argparse.Namespace, ident: Identity) -> int:
+    """``status --bootstrap ... --watch S``: stay joined and redraw the swarm's peers every S seconds."""
+    from p2pcompute.cli.statusview import show
+    from p2pcompute.observe import Observer
+
+    redraw = sys.stdout.isatty()
+
+    async def main() -> None:
+        async with open_node(
+            ident, listen=[args.listen], bootstrap=args.bootstrap, advertise=False, **_node_options(args)
+        ) as node:
+            observer = Observer(node, role="observer")
+            await trio.sleep(args.wait)
+            while True:
+                show(observer.status(), source=f"via {node.peer_id[-10:]}", as_json=args.json, redraw=redraw)
+                await trio.sleep(args.watch)
+
+    run_until_signal(main)
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """Join briefly without advertising; print the live peers as a table or JSON."""
+    """Join briefly without advertising; print the live peers as a table or JSON.
+
+    ``--watch S`` stays and redraws every S seconds; ``--url`` reads a node's status page instead.
+    """
+    if args.url is not None:
+        return _status_from_url(args)
     ident = _prepare(args)
+    if args.watch is not None:
+        return _watch_swarm(args, ident)
     records: list[PeerRecord] = []
 
     async def main() -> None:
@@ -348,7 +405,26 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("status", help="print the live peers of a swarm and their GPUs")
     _common(p, listen="/ip4/127.0.0.1/tcp/0")
-    p.add_argument("--bootstrap", action="append", required=True, help="bootstrap multiaddr (repeatable)")
-    p.add_argument("--json", action="store_true", help="print JSON (a list of peers)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bootstrap", action="append", help="bootstrap multiaddr (repeatable)")
+    where.add_argument(
+        "--url",
+        metavar="HOST:PORT",
+        help="read the status page of a node started with --http/--metrics (its rounds, tasks, ledger)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (a list of peers; with --url or --watch one status document per line)",
+    )
     p.add_argument("--wait", type=seconds, default=2.0, help="seconds to listen for adverts (default 2)")
+    p.add_argument(
+        "--watch",
+        type=positive_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="S",
+        help="stay and redraw a compact table every S seconds (default 2) until Ctrl-C; "
+        "plain lines when stdout is not a terminal",
+    )
     p.set_defaults(func=cmd_status)
