@@ -4,6 +4,7 @@ nodes on 127.0.0.1, the round log, and the figures a ``Swarm`` hands a training 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import trio
@@ -92,6 +93,16 @@ async def _http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+
+
+def undocumented(text: str) -> list[str]:
+    """The p2pcompute_* sample names of a /metrics text that docs/operations.md does not name."""
+    docs = DOCS.read_text()
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    return sorted(n for n in names if n.startswith("p2pcompute_") and f"`{n}`" not in docs)
+
+
 def _samples(text: str) -> dict[str, float]:
     out = {}
     for family in text_string_to_metric_families(text):
@@ -111,6 +122,7 @@ async def test_http_server_answers_metrics_status_page_and_refusals() -> None:
             status, headers, body = await _http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             assert status == 200
             assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            assert undocumented(body.decode()) == []
             m = _samples(body.decode())
             assert m["p2pcompute_peers_known"] >= 1
             assert m["p2pcompute_peers_connected"] >= 1
@@ -157,6 +169,7 @@ def test_swarm_hands_a_training_script_the_same_figures() -> None:
         assert figures["rounds"]["by_outcome"] == {"no_group": 1}
         assert figures["lane"]["bytes_sent"] == 0
         text = swarm.metrics_text()
+    assert undocumented(text) == []
     m = _samples(text)
     assert m["p2pcompute_rounds_total{outcome=no_group}"] == 1
     assert m["p2pcompute_rounds_total{outcome=averaged}"] == 0

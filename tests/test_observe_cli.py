@@ -152,6 +152,11 @@ def test_metrics_move_as_a_task_runs(swarm: Swarm, tmp_path: Path) -> None:
     assert lease
     assert all(after[k] > 0 for k in lease), lease
 
+    # every figure a provider shows is listed in docs/operations.md
+    from test_observe import undocumented
+
+    assert undocumented(get(url + "/metrics")[2]) == []
+
     status, ctype, body = get(url + "/api/status")
     assert status == 200
     assert ctype == "application/json"
