@@ -207,3 +207,28 @@ def test_terminal_view_redraws_in_place_and_writes_plain_lines_otherwise() -> No
     assert "\x1b" not in pipe.getvalue()
     assert json.loads(js.getvalue()) == doc
     assert status_url("http://h:1/") == "http://h:1/api/status"
+
+
+def test_only_the_command_line_and_the_swarm_facade_import_observe() -> None:
+    import ast
+
+    import p2pcompute
+
+    package = Path(p2pcompute.__file__).resolve().parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package).as_posix()
+        if rel.startswith("observe/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(n == "p2pcompute.observe" or n.startswith("p2pcompute.observe.") for n in names):
+                importers.add(rel)
+    assert importers <= {"cli/node.py", "training/swarm.py"}, importers
+    assert "training/swarm.py" in importers

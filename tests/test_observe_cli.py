@@ -64,7 +64,8 @@ class Swarm:
         self.ids: list[str] = []
         for i in range(2):
             extra = ("--ledger", str(tmp / f"peer{i}.ledger"))
-            peer = self._start("peer", *LOCAL, "--bootstrap", self.addr, "--metrics", "127.0.0.1:0", *extra)
+            serve = ("--metrics", "127.0.0.1:0") if i == 0 else ("--http", "127.0.0.1:0")  # either serves all
+            peer = self._start("peer", *LOCAL, "--bootstrap", self.addr, *serve, *extra)
             self.ids.append(peer.wait_line(peer.out, lambda line: "/p2p/" in line).rsplit("/p2p/", 1)[1])
             peer.wait_line(peer.err, lambda line: "selling task kinds" in line)
             self.urls.append(self._url(peer))
