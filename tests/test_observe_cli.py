@@ -61,12 +61,15 @@ class Swarm:
         boot = self._start("bootstrap", *LOCAL, "--metrics", "127.0.0.1:0", "--http", "127.0.0.1:0")
         self.addr = boot.wait_line(boot.out, lambda line: "/p2p/" in line)
         self.urls = [self._url(boot)]
-        self.ids: list[str] = []
-        for i in range(2):
-            extra = ("--ledger", str(tmp / f"peer{i}.ledger"))
-            serve = ("--metrics", "127.0.0.1:0") if i == 0 else ("--http", "127.0.0.1:0")  # either serves all
-            peer = self._start("peer", *LOCAL, "--bootstrap", self.addr, *serve, *extra)
-            self.ids.append(peer.wait_line(peer.out, lambda line: "/p2p/" in line).rsplit("/p2p/", 1)[1])
+        peers = [
+            self._start(
+                "peer", *LOCAL, "--bootstrap", self.addr, "--ledger", str(tmp / f"peer{i}.ledger"),
+                *(("--metrics", "127.0.0.1:0") if i == 0 else ("--http", "127.0.0.1:0")),  # either serves all
+            )
+            for i in range(2)
+        ]  # fmt: skip
+        self.ids = [p.wait_line(p.out, lambda line: "/p2p/" in line).rsplit("/p2p/", 1)[1] for p in peers]
+        for peer in peers:
             peer.wait_line(peer.err, lambda line: "selling task kinds" in line)
             self.urls.append(self._url(peer))
 
