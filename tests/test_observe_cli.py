@@ -227,7 +227,7 @@ def test_status_watch_redraws_plain_blocks_and_reads_a_node_page(swarm: Swarm) -
     assert {p["peer_id"] for p in json.loads(res.stdout)["peer_table"]} == set(swarm.ids)
 
 
-def test_busy_metrics_port_is_a_config_error(swarm: Swarm) -> None:
+def test_bad_inputs_are_one_line_with_their_exit_code(swarm: Swarm) -> None:
     port = swarm.urls[0].rsplit(":", 1)[1]
     res = cli("bootstrap", *LOCAL, "--metrics", f"127.0.0.1:{port}")
     assert res.returncode == 3, res.stderr
@@ -239,3 +239,9 @@ def test_busy_metrics_port_is_a_config_error(swarm: Swarm) -> None:
     res = cli("status", "--url", "127.0.0.1:1")
     assert res.returncode == 4
     assert "cannot read" in res.stderr
+    # task commands take --log-format json too: their error line is a JSON object
+    res = cli(
+        "task", "run", "matmul", "--bootstrap", swarm.addr, "--log-format", "json", "--input", "a=/no.npy"
+    )
+    assert res.returncode == 3
+    assert json.loads(res.stderr)["exit_code"] == 3
