@@ -56,6 +56,12 @@ def _prepare(args: argparse.Namespace) -> Identity:
     """What every node command does before it starts: logging, the listen address, the key."""
     setup_logging(args.verbose, getattr(args, "log_format", "text"))
     check_listen(args.listen)
+    addrs = _http_addrs(args)
+    if addrs:
+        from p2pcompute.observe.http import check_bindable
+
+        for host, port in addrs:
+            check_bindable(host, port)  # a taken --metrics port stops us before we join the swarm
     return identity_from(args.key)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -37,6 +38,8 @@ MAX_REQUEST = 8192
 MAX_CLIENTS = 32
 #: Seconds a client has to send its request head.
 READ_TIMEOUT = 10.0
+#: Seconds a client has to take the answer.
+WRITE_TIMEOUT = 30.0
 
 _REASONS = {
     200: "OK",
@@ -192,7 +195,25 @@ class HttpServer:
         except Exception:
             log.exception("status server failed on %s", request.path)
             status, ctype, body = 500, "text/plain; charset=utf-8", b"internal error\n"
-        await stream.send_all(_response(status, ctype, body, head=request.method == "HEAD"))
+        with trio.move_on_after(WRITE_TIMEOUT):  # a client that does not read loses its slot
+            await stream.send_all(_response(status, ctype, body, head=request.method == "HEAD"))
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Raise :class:`ConfigError` unless ``host:port`` can be listened on now (before a node joins).
+
+    Example::
+
+        check_bindable("127.0.0.1", 9100)
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what trio's listener sets
+            sock.bind(addr)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -253,6 +274,7 @@ __all__ = [
     "HttpError",
     "HttpServer",
     "Request",
+    "check_bindable",
     "parse_host_port",
     "parse_request",
     "respond",
