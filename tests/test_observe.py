@@ -55,6 +55,28 @@ def test_parse_request_never_fails_untyped(data: bytes) -> None:
         assert got.path.startswith("/")
 
 
+_PATH = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/_-.?=&", max_size=40).map(lambda t: "/" + t)
+_HEADERS = st.lists(
+    st.tuples(
+        st.text(alphabet="abcdefgXYZ-", min_size=1, max_size=12), st.text(alphabet="abc 123;=", max_size=30)
+    ),
+    max_size=8,
+)
+
+
+@given(st.sampled_from(["GET", "HEAD"]), _PATH, _HEADERS, st.data())
+def test_a_request_read_in_any_pieces_parses_once_complete(
+    method: str, path: str, headers: list[tuple[str, str]], data: st.DataObject
+) -> None:
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    raw = head.encode()
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw) - 1), max_size=6)))
+    for cut in cuts:  # every proper prefix: wait for more
+        assert parse_request(raw[:cut]) is None
+    got = parse_request(raw)
+    assert got == Request(method, path.split("?", 1)[0], "HTTP/1.1")
+
+
 def test_parse_host_port() -> None:
     assert parse_host_port("0.0.0.0:9100") == ("0.0.0.0", 9100)
     assert parse_host_port("[::1]:80") == ("::1", 80)
