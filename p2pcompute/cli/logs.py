@@ -17,10 +17,25 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 FORMATS = ("text", "json")
 _state = {"format": "text"}
+_hooks: list[Callable[..., None]] = []  # also told of every notice (the status page keeps them)
+
+
+def add_notice_hook(hook: Callable[..., None]) -> Callable[[], None]:
+    """Call ``hook(level, message, **fields)`` for every :func:`notice`; returns its remover.
+
+    Example::
+
+        remove = add_notice_hook(observer.errors.note)
+        ...
+        remove()
+    """
+    _hooks.append(hook)
+    return lambda: _hooks.remove(hook)
 
 
 class JsonFormatter(logging.Formatter):
@@ -90,3 +105,5 @@ def notice(level: str, message: str, **fields: Any) -> None:
     else:
         line = f"p2pcompute: {level}: {message}"
     print(line, file=sys.stderr, flush=True)
+    for hook in list(_hooks):
+        hook(level, message, **fields)

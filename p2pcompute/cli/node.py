@@ -23,19 +23,21 @@ capacity and identity layers; nothing imports this module.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import signal
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
 
 from p2pcompute.capacity.model import Capacity
 from p2pcompute.cli import EXIT_OK
-from p2pcompute.cli.logs import FORMATS, notice, setup_logging
+from p2pcompute.cli.logs import FORMATS, add_notice_hook, notice, setup_logging
 from p2pcompute.cli.preflight import check_listen, positive_int, positive_seconds, seconds
-from p2pcompute.errors import PeerTimeout
+from p2pcompute.errors import PeerTimeout, PeerUnreachable
 from p2pcompute.identity import Identity
 from p2pcompute.overlay.node import Node, open_node, single_leaf
 from p2pcompute.overlay.table import PeerRecord
@@ -56,6 +58,12 @@ def _prepare(args: argparse.Namespace) -> Identity:
     """What every node command does before it starts: logging, the listen address, the key."""
     setup_logging(args.verbose, getattr(args, "log_format", "text"))
     check_listen(args.listen)
+    addrs = _http_addrs(args)
+    if addrs:
+        from p2pcompute.observe.http import check_bindable
+
+        for host, port in addrs:
+            check_bindable(host, port)  # a taken --metrics port stops us before we join the swarm
     return identity_from(args.key)
 
 
@@ -150,12 +158,46 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _http_addrs(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The distinct ``HOST:PORT`` of ``--metrics`` and ``--http`` (one server when they are equal)."""
+    out: list[tuple[str, int]] = []
+    for addr in (getattr(args, "metrics", None), getattr(args, "http", None)):
+        if addr is not None and addr not in out:
+            out.append(addr)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _observed(node: Node, args: argparse.Namespace, role: str, **parts: Any) -> AsyncIterator[None]:
+    """Serve /metrics, the status page and /api/status while the node runs (when asked to)."""
+    addrs = _http_addrs(args)
+    if not addrs:
+        yield
+        return
+    from p2pcompute.observe import open_observer
+
+    async with open_observer(node, role=role, serve=addrs, **parts) as observer:
+        remove = add_notice_hook(observer.errors.note)
+        try:
+            for host, port in observer.http_addrs:
+                shown = f"[{host}]" if ":" in host else host
+                notice(
+                    "info", f"metrics at http://{shown}:{port}/metrics, status page at http://{shown}:{port}/"
+                )
+            yield
+        finally:
+            remove()
+
+
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """Run a bootstrap node until SIGINT/SIGTERM."""
     ident = _prepare(args)
 
     async def main() -> None:
-        async with open_node(ident, listen=[args.listen], role="bootstrap", **_node_options(args)) as node:
+        async with (
+            open_node(ident, listen=[args.listen], role="bootstrap", **_node_options(args)) as node,
+            _observed(node, args, "bootstrap"),
+        ):
             for addr in node.addrs:
                 print(addr, flush=True)
             await trio.sleep_forever()
@@ -198,7 +240,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
         async with (
             open_node(ident, listen=[args.listen], bootstrap=args.bootstrap, **_node_options(args)) as node,
             open_lane(node, bind=lane_bind(args.listen)) as lane,
-            serve_tasks(node, registry, capacity=args.task_slots, ledger=args.ledger, lane=lane),
+            serve_tasks(node, registry, capacity=args.task_slots, ledger=args.ledger, lane=lane) as tasks,
+            _observed(node, args, "peer", lane=lane, tasks=tasks),
             trio.open_nursery() as nursery,
         ):
             node.set_stream_handler(CATALOG_PROTOCOL, catalog)
@@ -220,9 +263,63 @@ def cmd_peer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status_from_url(args: argparse.Namespace) -> int:
+    """``status --url``: read a node's /api/status once, or every ``--watch`` seconds."""
+    from p2pcompute.cli.statusview import fetch_status, show
+
+    setup_logging(args.verbose, getattr(args, "log_format", "text"))
+    redraw = sys.stdout.isatty()
+    if args.watch is None:
+        show(fetch_status(args.url, timeout=args.timeout), source=args.url, as_json=args.json, redraw=False)
+        return EXIT_OK
+
+    async def main() -> None:
+        while True:
+            try:
+                doc = await trio.to_thread.run_sync(
+                    functools.partial(fetch_status, args.url, timeout=args.timeout), cancellable=True
+                )
+            except PeerUnreachable as exc:
+                notice("warning", f"{exc}; trying again in {args.watch:g} s")
+            else:
+                show(doc, source=args.url, as_json=args.json, redraw=redraw)
+            await trio.sleep(args.watch)
+
+    run_until_signal(main)
+    return EXIT_OK
+
+
+def _watch_swarm(args: argparse.Namespace, ident: Identity) -> int:
+    """``status --bootstrap ... --watch S``: stay joined and redraw the swarm's peers every S seconds."""
+    from p2pcompute.cli.statusview import show
+    from p2pcompute.observe import Observer
+
+    redraw = sys.stdout.isatty()
+
+    async def main() -> None:
+        async with open_node(
+            ident, listen=[args.listen], bootstrap=args.bootstrap, advertise=False, **_node_options(args)
+        ) as node:
+            observer = Observer(node, role="observer")
+            await trio.sleep(args.wait)
+            while True:
+                show(observer.status(), source=f"via {node.peer_id[-10:]}", as_json=args.json, redraw=redraw)
+                await trio.sleep(args.watch)
+
+    run_until_signal(main)
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """Join briefly without advertising; print the live peers as a table or JSON."""
+    """Join briefly without advertising; print the live peers as a table or JSON.
+
+    ``--watch S`` stays and redraws every S seconds; ``--url`` reads a node's status page instead.
+    """
+    if args.url is not None:
+        return _status_from_url(args)
     ident = _prepare(args)
+    if args.watch is not None:
+        return _watch_swarm(args, ident)
     records: list[PeerRecord] = []
 
     async def main() -> None:
@@ -287,10 +384,36 @@ def _common(p: argparse.ArgumentParser, *, listen: str) -> None:
     )
 
 
+def host_port(text: str) -> tuple[str, int]:
+    """argparse type of ``--metrics``/``--http``: ``HOST:PORT`` (``[v6]:PORT``) as a pair."""
+    from p2pcompute.observe import parse_host_port
+
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _observe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (also the status page)",
+    )
+    p.add_argument(
+        "--http",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="serve a live status page at http://HOST:PORT/ (JSON at /api/status); may equal --metrics",
+    )
+
+
 def add_parsers(sub: Any) -> None:
     """Register ``bootstrap``, ``peer`` and ``status`` on the ``p2pcompute`` parser."""
     p = sub.add_parser("bootstrap", help="run a bootstrap node (introduces peers to each other)")
     _common(p, listen="/ip4/0.0.0.0/tcp/4001")
+    _observe_args(p)
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("peer", help="join a swarm, advertise this machine's capacity and serve")
@@ -303,16 +426,36 @@ def add_parsers(sub: Any) -> None:
         "--task-slots", type=positive_int, default=1, metavar="N", help="task runs at once (default 1)"
     )
     p.add_argument("--ledger", metavar="FILE", help="append signed receipts to this ledger file")
+    _observe_args(p)
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("status", help="print the live peers of a swarm and their GPUs")
     _common(p, listen="/ip4/127.0.0.1/tcp/0")
-    p.add_argument("--bootstrap", action="append", required=True, help="bootstrap multiaddr (repeatable)")
-    p.add_argument("--json", action="store_true", help="print JSON (a list of peers)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bootstrap", action="append", help="bootstrap multiaddr (repeatable)")
+    where.add_argument(
+        "--url",
+        metavar="HOST:PORT",
+        help="read the status page of a node started with --http/--metrics (its rounds, tasks, ledger)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (a list of peers; with --url or --watch one status document per line)",
+    )
     p.add_argument("--wait", type=seconds, default=2.0, help="seconds to listen for adverts (default 2)")
     p.add_argument(
         "--lane",
         action="store_true",
         help='also show this machine\'s measured lane cipher speeds (JSON: {"peers": [...], "lane": {...}})',
+    )
+    p.add_argument(
+        "--watch",
+        type=positive_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="S",
+        help="stay and redraw a compact table every S seconds (default 2) until Ctrl-C; "
+        "plain lines when stdout is not a terminal",
     )
     p.set_defaults(func=cmd_status)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pcompute.cli import EXIT_OK
+from p2pcompute.cli.logs import FORMATS, setup_logging
 from p2pcompute.cli.preflight import check_listen, positive_seconds, seconds
 from p2pcompute.deadlines import deadline
 from p2pcompute.errors import ConfigError, MalformedMessage, P2PComputeError
@@ -250,6 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from p2pcompute.tasks import open_tasks
     from p2pcompute.tensors import open_lane
 
+    setup_logging(args.verbose, args.log_format)
     check_listen(args.listen)
     tensors = load_inputs(args.input or [])
     params = parse_params(args.param or [], args.params)
@@ -308,6 +310,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from p2pcompute.overlay.node import open_node
     from p2pcompute.tasks import open_tasks
 
+    setup_logging(args.verbose, args.log_format)
     check_listen(args.listen)
     ident = identity_from(args.key)
     rows: dict[str, dict[str, Any]] = {}
@@ -370,6 +373,13 @@ def add_parsers(sub: Any) -> None:
             "--timeout", type=positive_seconds, default=5.0, help="dial timeout in seconds (default 5)"
         )
         p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+        p.add_argument(
+            "--log-format",
+            choices=FORMATS,
+            default="text",
+            help="text (default) or json: one JSON object per stderr line, for log collectors",
+        )
 
     run = actions.add_parser("run", help="buy one run of a task kind; write its outputs")
     run.add_argument("kind", help="the task kind, e.g. matmul (see 'task list')")

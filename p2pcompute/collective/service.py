@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -52,6 +53,54 @@ def tensors_layout(tensors: Sequence[torch.Tensor]) -> bytes:
         digest = tensors_layout(list(model.parameters()))
     """
     return layout_digest([tuple(t.shape) for t in tensors], [str(t.dtype) for t in tensors])
+
+
+class RoundLog:
+    """The rounds of :meth:`Collective.average`: those in progress, the last ``keep`` ended ones and
+    totals by outcome (``averaged``, ``failed``, ``no_group``; ``error`` when it raised or was
+    cancelled). For metrics and the status page; bounded whatever the number of rounds.
+
+    Example::
+
+        log = coll.round_log
+        log.totals["averaged"], log.seconds["averaged"], [r["round"] for r in log.recent]
+    """
+
+    def __init__(self, keep: int = 20, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._next = 0
+        self.in_progress: dict[int, dict[str, Any]] = {}
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
+        self.totals: collections.Counter[str] = collections.Counter()
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self.participants: collections.Counter[str] = collections.Counter()
+
+    def begin(self, run: str, round_key: str) -> int:
+        """Note a round starting now; returns the token :meth:`end` takes."""
+        self._next += 1
+        self.in_progress[self._next] = {"run": run, "round": round_key, "started": self._clock()}
+        return self._next
+
+    def end(self, token: int, outcome: RoundOutcome | None) -> None:
+        """Note how round ``token`` ended (``None``: it raised or was cancelled)."""
+        entry = self.in_progress.pop(token, None)
+        if entry is None:
+            return
+        now = self._clock()
+        kind = "error" if outcome is None else outcome.status.name.lower()
+        seconds = max(0.0, now - entry["started"])
+        participants = len(outcome.participants) if outcome is not None else 0
+        entry.update(
+            outcome=kind,
+            seconds=seconds,
+            participants=participants,
+            reason=outcome.reason if outcome is not None else "",
+            ended=now,
+        )
+        self.recent.append(entry)
+        self.totals[kind] += 1
+        self.seconds[kind] += seconds
+        self.participants[kind] += participants
 
 
 class Collective:
@@ -95,6 +144,7 @@ class Collective:
         self.leave_timeout = leave_timeout
         self.faults = faults if faults is not None else FaultPlan()  # a test seam; empty: no faults
         self.stats: collections.Counter[str] = collections.Counter()
+        self.round_log = RoundLog()
         self._background: trio.Nursery | None = None  # owned by open_collective: readies in flight
 
         def background() -> trio.Nursery | None:
@@ -264,6 +314,33 @@ class Collective:
         Aggregator.of(aggregator)
         if codec not in CODECS:
             raise ConfigError(f"unknown codec {codec!r}; use one of {', '.join(CODECS)}")
+        token = self.round_log.begin(run, round_key)
+        outcome: RoundOutcome | None = None
+        try:
+            outcome = await self._average(
+                run, round_key, tensors, weight=weight, target=target, min_size=min_size,
+                matchmaking_timeout=matchmaking_timeout, patience=patience, codec=codec,
+                max_attempts=max_attempts, aggregator=aggregator,
+            )
+            return outcome
+        finally:
+            self.round_log.end(token, outcome)
+
+    async def _average(
+        self,
+        run: str,
+        round_key: str,
+        tensors: Sequence[torch.Tensor],
+        *,
+        weight: float,
+        target: int,
+        min_size: int,
+        matchmaking_timeout: float,
+        patience: float | None,
+        codec: str,
+        max_attempts: int,
+        aggregator: str | Aggregator,
+    ) -> RoundOutcome:
         group = await self.form_group(
             run,
             round_key,
@@ -311,4 +388,4 @@ async def open_collective(node: Any, lane: Any, **options: Any) -> AsyncIterator
             await coll.links.close()
 
 
-__all__ = ["CODECS", "Collective", "open_collective", "tensors_layout"]
+__all__ = ["CODECS", "Collective", "RoundLog", "open_collective", "tensors_layout"]

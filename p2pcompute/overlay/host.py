@@ -34,7 +34,7 @@ from p2pcompute.overlay import guards
 from p2pcompute.overlay.config import NodeConfig
 from p2pcompute.overlay.failures import parse_multiaddr, peer_info, reaching, to_peer_id
 from p2pcompute.overlay.limits import Occupancy, RateLimiter
-from p2pcompute.overlay.streams import DEFAULT_MAX_FRAME, FramedStream
+from p2pcompute.overlay.streams import DEFAULT_MAX_FRAME, ByteTally, FramedStream
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class Libp2pStack:
         self.config = config
         self.stats = stats
         self.banned: set[str] = set()
+        self.bytes = ByteTally()  # bytes on our framed streams, by protocol
         self.listening = False
         self._on_malformed_rpc = on_malformed_rpc
         self._nursery: trio.Nursery | None = None
@@ -366,7 +367,7 @@ class Libp2pStack:
 
         async def _wrapped(raw: Any) -> None:
             peer = b58(raw.muxed_conn.peer_id.to_bytes())
-            stream = FramedStream(raw, peer=peer, max_frame=max_frame)
+            stream = FramedStream(raw, peer=peer, max_frame=max_frame, protocol=protocol, tally=self.bytes)
             if peer in self.banned:
                 await stream.reset()
                 return
@@ -460,7 +461,7 @@ class Libp2pStack:
             self._remember_addrs(pid, known_addrs)
         with reaching(peer_id, f"opening {protocol}", timeout=timeout):
             raw = await self.host.new_stream(pid, [protocol])
-        return FramedStream(raw, peer=peer_id, max_frame=max_frame)
+        return FramedStream(raw, peer=peer_id, max_frame=max_frame, protocol=protocol, tally=self.bytes)
 
     def _remember_addrs(self, pid: Any, addrs: Sequence[str]) -> None:
         maddrs = []

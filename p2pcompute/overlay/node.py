@@ -396,7 +396,9 @@ class Node:
     def statistics(self) -> dict[str, Any]:
         """Counters: adverts, exchanges, dials, drops, offences (``offences`` in all and
         ``offences_by_kind``), refusals (``streams_refused``, ``connections_refused``,
-        ``buffer_overflows``), connections, table size (``peers``, ``verified``, ``dropped``).
+        ``buffer_overflows``), rejections by kind (``rejected_by_kind``), connections, table size
+        (``peers``, ``verified``, ``dropped``), bytes on framed streams by protocol
+        (``bytes_by_protocol``: ``{proto: {"received": n, "sent": n}}``).
 
         Example::
 
@@ -405,8 +407,10 @@ class Node:
         out: dict[str, Any] = dict(self.stats)
         out.update(self.peers.statistics())
         out["offences_by_kind"] = self.peers.offences_by_kind()
+        out["rejected_by_kind"] = dict(self.peers.rejected_by_kind)
         out["connections"] = len(self._stack.connected_peers())
         out["advert_mesh"] = self._stack.mesh_size(self._advert_topic)
+        out["bytes_by_protocol"] = self._stack.bytes.snapshot()
         return out
 
 

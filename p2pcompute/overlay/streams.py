@@ -13,6 +13,7 @@ py-libp2p 0.8.1 resets a yamux writer whose reader pauses for more than 5 s
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from typing import Any, Protocol
 
 from p2pcompute.deadlines import deadline
@@ -53,10 +54,40 @@ def frame_deadline(nbytes: int) -> float:
     return FRAME_GRACE + nbytes / FRAME_MIN_RATE
 
 
+class ByteTally:
+    """Bytes moved on a node's framed streams, by protocol (for metrics; see ``Node.statistics``).
+
+    Only protocols this node serves or opens appear, so a peer cannot grow it with made-up names.
+
+    Example::
+
+        tally = ByteTally()
+        tally.count("/p2pcompute/echo/1", received=10, sent=0)
+        tally.snapshot()     # {'/p2pcompute/echo/1': {'received': 10, 'sent': 0}}
+    """
+
+    def __init__(self) -> None:
+        self.received: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()
+
+    def count(self, protocol: str, *, received: int = 0, sent: int = 0) -> None:
+        """Add ``received`` and ``sent`` bytes to ``protocol``'s totals."""
+        self.received[protocol] += received
+        self.sent[protocol] += sent
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Per protocol, the bytes received and sent so far."""
+        return {
+            proto: {"received": self.received[proto], "sent": self.sent[proto]}
+            for proto in sorted(set(self.received) | set(self.sent))
+        }
+
+
 class FramedStream:
     """A py-libp2p stream carrying capped, length-prefixed frames.
 
-    ``peer`` names the remote side in errors.
+    ``peer`` names the remote side in errors; with a ``tally`` the bytes read and written are
+    counted under ``protocol``.
 
     Example::
 
@@ -66,11 +97,30 @@ class FramedStream:
         await stream.close()
     """
 
-    def __init__(self, stream: RawStream, *, peer: str | None, max_frame: int = DEFAULT_MAX_FRAME):
+    def __init__(
+        self,
+        stream: RawStream,
+        *,
+        peer: str | None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        protocol: str = "",
+        tally: ByteTally | None = None,
+    ):
         self.raw = stream
         self.peer = peer
         self.max_frame = max_frame
+        self.protocol = protocol
+        self.tally = tally
         self._buf = bytearray()
+
+    async def _read_chunk(self, n: int) -> bytes:
+        with stream_io(self.peer, "reading"):
+            chunk = await self.raw.read(n)
+        if not chunk:
+            raise PeerGone(f"stream with {self.peer} ended early (reading)", peer=self.peer)
+        if self.tally is not None:
+            self.tally.count(self.protocol, received=len(chunk))
+        return chunk
 
     async def read_exactly_into(self, buf: memoryview) -> None:
         """Fill ``buf`` with the next ``len(buf)`` raw bytes of the stream (no framing).
@@ -79,11 +129,7 @@ class FramedStream:
         """
         need = len(buf)
         while len(self._buf) < need:
-            with stream_io(self.peer, "reading"):
-                chunk = await self.raw.read(max(need - len(self._buf), 65536))
-            if not chunk:
-                raise PeerGone(f"stream with {self.peer} ended early (reading)", peer=self.peer)
-            self._buf += chunk
+            self._buf += await self._read_chunk(max(need - len(self._buf), 65536))
         buf[:] = memoryview(self._buf)[:need]
         del self._buf[:need]
 
@@ -96,6 +142,8 @@ class FramedStream:
         """Write bytes as they are (no length prefix); :class:`PeerGone` when the stream fails."""
         with stream_io(self.peer, "writing"):
             await self.raw.write(bytes(data))
+        if self.tally is not None:
+            self.tally.count(self.protocol, sent=len(data))
 
     async def recv_frame(self, max_size: int | None = None) -> bytes:
         """Read one frame; its length must not exceed ``max_size`` (default: the stream's cap).
@@ -106,11 +154,7 @@ class FramedStream:
         """
         cap = self.max_frame if max_size is None else min(max_size, self.max_frame)
         while not self._buf:
-            with stream_io(self.peer, "reading"):
-                chunk = await self.raw.read(65536)
-            if not chunk:
-                raise PeerGone(f"stream with {self.peer} ended early (reading)", peer=self.peer)
-            self._buf += chunk
+            self._buf += await self._read_chunk(65536)
         with deadline(frame_deadline(_LEN.size), "a frame's length", peer=self.peer):
             (length,) = _LEN.unpack(await self._read_exactly(_LEN.size))
         if length > cap:
@@ -151,6 +195,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "FRAME_GRACE",
     "FRAME_MIN_RATE",
+    "ByteTally",
     "FramedStream",
     "RawStream",
     "RemoteProtocolError",

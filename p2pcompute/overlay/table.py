@@ -173,6 +173,7 @@ class PeerTable:
         self._offences: dict[str, Counter[str]] = {}
         self.accepted = 0
         self.rejected = 0
+        self.rejected_by_kind: Counter[str] = Counter()  # every rejection, blamed on a peer or not
         self.expired = 0
 
     # -- intake -----------------------------------------------------------------------------------
@@ -370,6 +371,7 @@ class PeerTable:
 
     def _count(self, peer: str | None, exc: RemoteProtocolError) -> None:
         self.rejected += 1
+        self.rejected_by_kind[offence_kind(exc)] += 1
         if peer is None:
             return
         self._offences.setdefault(peer, Counter())[offence_kind(exc)] += 1

@@ -96,7 +96,10 @@ class TaskService:
             "bad_receipts": 0,
             "receipts": 0,
             "blamed": 0,
+            "bought": 0,
+            "buy_failed": 0,
         }
+        self.items_in_flight = 0  # items of map_tasks/run_task calls not yet ended (requester side)
         self._stats_changed = trio.Event()
         self._requester = RequesterContext(
             node,
@@ -140,13 +143,15 @@ class TaskService:
             self._side.close()  # late gossip after exit is ignored
 
     def statistics(self) -> dict[str, Any]:
-        """Counters of both roles (offers, grants, timeouts, receipts ...).
+        """Counters of both roles (offers, grants, timeouts, receipts, items ``bought`` and
+        ``buy_failed`` by ``map_tasks``/``run_task``, ``items_in_flight`` ...).
 
         Example::
 
             print(tasks.statistics()["provider"]["granted"])
         """
         out: dict[str, Any] = dict(self.stats)
+        out["items_in_flight"] = self.items_in_flight
         if self.provider is not None:
             out["provider"] = self.provider.statistics()
         return out
@@ -325,9 +330,14 @@ class TaskService:
             progress,
             check,
         )
-        results = await job.run()
+        self.items_in_flight += len(prepared)
+        try:
+            results = await job.run()
+        finally:
+            self.items_in_flight -= len(prepared)
         out: list[TaskResult | TaskFailed] = []
         for index, res in enumerate(results):
+            self._bump("bought" if isinstance(res, TaskResult) else "buy_failed")
             if isinstance(res, TaskResult):
                 out.append(res)
             else:

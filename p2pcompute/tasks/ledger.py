@@ -238,6 +238,19 @@ class Ledger:
         self.head = head
         self._count = count
         self._leases = leases
+        self.totals = LedgerTotals()
+
+    def _tally(self, role: str, receipt: Receipt) -> None:
+        body = receipt.body
+        seconds = max(0.0, body.end - body.start)
+        if role == "provider":
+            self.totals.sold += 1
+            self.totals.earned += body.price
+            self.totals.sold_seconds += seconds
+        else:
+            self.totals.bought += 1
+            self.totals.spent += body.price
+            self.totals.bought_seconds += seconds
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, owner: str, repair_torn_tail: bool = True) -> Ledger:
@@ -280,7 +293,10 @@ class Ledger:
             os.close(fd)
             raise
         leases = {e.receipt.lease_id for e in report.entries}
-        return cls(p, owner, fd, report.head, len(report.entries), leases)
+        ledger = cls(p, owner, fd, report.head, len(report.entries), leases)
+        for e in report.entries:
+            ledger._tally(e.role, e.receipt)
+        return ledger
 
     def append(self, receipt: Receipt, role: str) -> LedgerEntry:
         """Append ``receipt`` (ours as ``role``) durably; a lease already recorded is ignored.
@@ -312,6 +328,7 @@ class Ledger:
         self.head = entry["hash"]
         self._count += 1
         self._leases.add(receipt.lease_id)
+        self._tally(role, receipt)
         return LedgerEntry(entry["seq"], role, entry["time"], receipt, entry["hash"])
 
     def __contains__(self, lease_id: object) -> bool:
@@ -342,6 +359,23 @@ def _create_exclusive(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     fsync_directory(path.parent)
+
+
+@dataclass
+class LedgerTotals:
+    """Running totals of one ledger: leases sold (``earned`` in all) and bought (``spent``).
+
+    Example::
+
+        ledger.totals.earned      # sum of the prices of the leases we ran for others
+    """
+
+    sold: int = 0
+    earned: float = 0.0
+    sold_seconds: float = 0.0
+    bought: int = 0
+    spent: float = 0.0
+    bought_seconds: float = 0.0
 
 
 @dataclass

@@ -19,6 +19,7 @@ import enum
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from p2pcompute.errors import ConfigError
 from p2pcompute.tasks.actions import (
@@ -255,6 +256,25 @@ class ProviderCore:
         if self._offers:
             times.append(next(iter(self._offers.values())).expires)
         return min(times) if times else None
+
+    def leases_in_flight(self) -> list[dict[str, Any]]:
+        """The leases held now: id (hex), requester, kind, price, when granted (core clock), running.
+
+        Example::
+
+            [(lease["kind"], lease["requester"]) for lease in core.leases_in_flight()]
+        """
+        return [
+            {
+                "lease": lease.lease_id.hex(),
+                "requester": lease.requester,
+                "kind": lease.kind,
+                "price": lease.price,
+                "granted": lease.granted,
+                "running": lease.lease_id in self._running,
+            }
+            for lease in self._leases.values()
+        ]
 
     def statistics(self) -> dict[str, int]:
         return {

@@ -268,6 +268,7 @@ class Swarm:
         self._closed = False
         self._tags: dict[str, str] = {}
         self._partners: dict[str, float] = {}  # peer id -> when it last served our run's state
+        self._obs: tuple[Any, Any] | None = None  # (Observer, its registry), made on first use
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -392,6 +393,48 @@ class Swarm:
         if not self._network or self.node is None:
             return []
         return self.call(self._peer_ids)
+
+    def metrics(self) -> dict[str, Any]:
+        """This node's figures, the same the ``/metrics`` of ``p2pcompute peer`` shows, as a dict:
+        peers, adverts, offences, bytes by protocol, lane, averaging rounds by outcome (with
+        participants and seconds), process RSS ... (see docs/operations.md).
+
+        Example::
+
+            figures = swarm.metrics()
+            print(figures["rounds"]["by_outcome"], figures["lane"]["bytes_sent"])
+        """
+        return self.call(self._afigures)
+
+    def metrics_text(self) -> str:
+        """The same figures as Prometheus text (what a scraper of ``/metrics`` would read).
+
+        Example::
+
+            Path("node.prom").write_text(swarm.metrics_text())   # for node_exporter's textfile
+        """
+        return self.call(self._atext)
+
+    def _observer(self) -> Any:
+        if not self._network or self.node is None:
+            raise LocalProtocolError("a swarm without network (network=False) has no metrics")
+        if self._obs is None:
+            from p2pcompute.observe import Observer, node_registry
+
+            obs = Observer(self.node, role="trainer", lane=self.lane, collective=self.collective)
+            self._obs = (obs, node_registry(obs))
+        return self._obs
+
+    async def _afigures(self) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        figures: dict[str, Any] = self._observer()[0].figures()
+        return figures
+
+    async def _atext(self) -> str:
+        await trio.lowlevel.checkpoint()
+        from p2pcompute.observe import metrics_text
+
+        return metrics_text(self._observer()[1]).decode()
 
     def _count_others(self) -> int:
         return sum(1 for r in self.node.peers.alive() if r.role == "peer" and r.peer_id != self.peer_id)
