@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.p2pcompute-installed
 
-.PHONY: demo demo-swarm test lint typecheck unit bench clean
+.PHONY: demo demo-diloco demo-swarm test lint typecheck unit bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,9 +12,13 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
-# The main job: a bootstrap node and three peer processes train a small model with DiLoCo;
-# one peer is killed midway and a new one joins (about a minute on 2 quiet cores).
+# The main job: a researcher rents GPUs from five provider processes (one cheats), trains a small
+# language model on them, catches the cheater, survives a SIGKILLed worker and verifies every ledger.
 demo: $(STAMP)
+	$(PY) -m demos.rent
+
+# Peers that all run the same script train together with DiLoCo; one is killed, one joins.
+demo-diloco: $(STAMP)
 	$(PY) -m demos.diloco
 
 # The overlay alone: a bootstrap node and three peers print each other's capacity.

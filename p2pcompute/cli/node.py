@@ -231,6 +231,12 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
     ident = _prepare(args)
     registry = load_task_registry(args.tasks) if args.tasks else None  # ConfigError -> exit 3 before joining
+    if args.recipes:
+        from p2pcompute.rent import TrainingWorker, builtin_book
+
+        names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+        recipes = TrainingWorker(builtin_book(names, price=args.recipe_price)).registry()
+        registry = recipes if registry is None else registry.merged(recipes)
     sold = builtin_registry() if registry is None else builtin_registry().merged(registry)
 
     async def catalog(stream: FramedStream) -> None:
@@ -424,6 +430,19 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--tasks", metavar="MODULE:REGISTRY", help="also sell the task kinds of this registry")
     p.add_argument(
         "--task-slots", type=positive_int, default=1, metavar="N", help="task runs at once (default 1)"
+    )
+    p.add_argument(
+        "--recipes",
+        metavar="NAMES",
+        help="also sell training segments of these built-in recipes (comma-separated: lm, mlp); "
+        "see docs/rent.md",
+    )
+    p.add_argument(
+        "--recipe-price",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="price of one training segment of --recipes (default 0)",
     )
     p.add_argument("--ledger", metavar="FILE", help="append signed receipts to this ledger file")
     _observe_args(p)

@@ -75,7 +75,8 @@ class RentOptions:
       ``max_price``: the most paid per segment (offers above it are ignored).
     * ``inner_steps`` (H), ``outer_lr``, ``outer_momentum`` (DiLoCo's Nesterov outer step);
       ``codec``: dtype of pseudo-gradients and outer updates on the wire (``fp32``, ``bf16``, ``fp16``).
-    * ``verify_fraction`` of segments re-run locally; ``tolerance``: the largest relative L2
+    * ``verify_fraction`` of segments re-run locally (``verify_first``: and every worker's
+      first one, so a cheater is caught before it earns anything); ``tolerance``: the largest relative L2
       distance accepted (docs/design/rent.md: 1e-5 between thread counts, 1.6e-3 from bf16
       rounding, 0.29 for half the steps, 0.5 for a pseudo-gradient scaled by 0.5).
     * ``bench``: ``matmul-bench`` params of the speed check, ``min_tflops`` to pass it,
@@ -96,6 +97,7 @@ class RentOptions:
     outer_momentum: float = 0.9
     codec: str = "bf16"
     verify_fraction: float = 0.1
+    verify_first: bool = True
     tolerance: float = 0.02
     bench: Mapping[str, Any] = field(default_factory=lambda: {"n": 256, "dtype": "float32", "repeats": 2})
     min_tflops: float = 0.0
@@ -225,6 +227,7 @@ class RentJob:
         self.evidence: list[Evidence] = []
         self.reports: list[OuterReport] = []
         self.spent = 0.0
+        self._proven: set[str] = set()  # workers with one verified segment
         seed = self.options.verify_seed
         self._rng: random.Random = random.SystemRandom() if seed is None else random.Random(seed)
 
@@ -404,7 +407,9 @@ class RentJob:
         records: list[SegmentRecord],
     ) -> dict[str, torch.Tensor] | None:
         opts = self.options
-        sample = self._rng.random() < opts.verify_fraction
+        sample = self._rng.random() < opts.verify_fraction or (
+            opts.verify_first and worker not in self._proven
+        )
         rec = SegmentRecord(slot, worker, "failed", 0.0)
         records.append(rec)
 
@@ -496,6 +501,8 @@ class RentJob:
             rec.loss = float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
             self.spent += rec.price
             self.held[worker] = self.version
+            if rec.verified:
+                self._proven.add(worker)
             return {k: v.float() for k, v in split_named(r.outputs, GRAD).items()}
         return None
 
