@@ -39,10 +39,12 @@ CFG = {"layers": 2, "width": 64, "heads": 4, "vocab": 16, "context": 16, "lr": 3
 BATCH = 8
 
 
-def _gpu_capacity(index: int) -> object:
+def _gpu_capacity(index: int, big: bool) -> object:
     from p2pcompute.capacity.model import Capacity, GpuInfo
 
-    gpu = GpuInfo(0, "Simulated H100 80GB", f"GPU-demo-{index}", 80 << 30, 78 << 30, 0, "9.0")
+    # the cheater advertises the most attractive card, so a researcher ranking by capacity picks it
+    name, total = ("Simulated H200 141GB", 141 << 30) if big else ("Simulated H100 80GB", 80 << 30)
+    gpu = GpuInfo(0, name, f"GPU-demo-{index}", total, total - (2 << 30), 0, "9.0")
     return Capacity(
         cpu_cores=2,
         ram_total=32 << 30,
@@ -63,7 +65,9 @@ async def _provider(args: argparse.Namespace) -> None:
     worker = TrainingWorker(builtin_book(["lm"], price=args.price), cheat=args.cheat or None, device="cpu")
     async with (
         open_node(
-            listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[args.bootstrap], capacity=_gpu_capacity(args.index)
+            listen=["/ip4/127.0.0.1/tcp/0"],
+            bootstrap=[args.bootstrap],
+            capacity=_gpu_capacity(args.index, bool(args.cheat)),
         ) as node,  # type: ignore[arg-type]
         open_lane(node) as lane,
         serve_tasks(node, worker.registry(), ledger=args.ledger, lane=lane, lease_ttl=3.0),
@@ -252,7 +256,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="p2pcompute-rent-") as tmp:
         workdir = Path(tmp)
         boot_proc, boot = _start(
-            [env_python, "-m", "p2pcompute", "bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"]
+            [env_python, "-m", "p2pcompute.cli", "bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"]
         )
         try:
             print(f"bootstrap node {boot}", flush=True)
@@ -299,5 +303,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="  (%(levelname)s %(name)s) %(message)s")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

@@ -34,7 +34,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +42,7 @@ import torch
 import trio
 
 from p2pcompute.capacity.model import CapacityQuery
-from p2pcompute.errors import ConfigError, TaskFailed, WorkRejected
+from p2pcompute.errors import ConfigError, P2PComputeError, TaskFailed, WorkRejected
 from p2pcompute.rent.recipes import Recipe
 from p2pcompute.rent.segment import (
     CODEC_DTYPES,
@@ -82,7 +82,8 @@ class RentOptions:
     * ``bench``: ``matmul-bench`` params of the speed check, ``min_tflops`` to pass it,
       ``bench_timeout`` for it to come back (a peer that sells no tasks never offers).
     * ``segment_timeout``: seconds a segment may take from its request to its result;
-      ``max_replacements``: spares tried per slot and outer step.
+      ``max_replacements``: spares tried per slot and outer step; ``dial_timeout``: how long a
+      worker we are not connected to may take to answer a dial before its slot goes to a spare.
 
     Example::
 
@@ -103,6 +104,7 @@ class RentOptions:
     min_tflops: float = 0.0
     bench_timeout: float = 10.0
     segment_timeout: float = 120.0
+    dial_timeout: float = 3.0
     max_replacements: int = 2
     verify_seed: int | None = None
 
@@ -455,6 +457,10 @@ class RentJob:
                 self.evidence.append(Evidence(worker, step, bad, returned, None, None, opts.tolerance))
                 raise WorkRejected(f"segment of outer step {step}: {bad}", peer=provider)
 
+        if not await self._reachable(worker):
+            rec.detail = "unreachable"
+            self._exclude(worker, "unreachable: no connection and no dial succeeded")
+            return None
         for _attempt in range(2):  # a second time with the full state when the worker lost it
             tensors, base = self._inputs(worker, shard)
             params = {
@@ -468,16 +474,19 @@ class RentJob:
             }
             t0 = time.monotonic()
             try:
-                r: TaskResult = await self.tasks.run_task(
-                    kind_of(self.recipe.name),
-                    tensors,
-                    params,
-                    providers=[worker],
-                    retries=0,
-                    max_price=opts.max_price,
-                    deadline=opts.segment_timeout,
-                    result_timeout=opts.segment_timeout,
-                    check=check,
+                r = await self._watched(
+                    worker,
+                    self.tasks.run_task(
+                        kind_of(self.recipe.name),
+                        tensors,
+                        params,
+                        providers=[worker],
+                        retries=0,
+                        max_price=opts.max_price,
+                        deadline=opts.segment_timeout,
+                        result_timeout=opts.segment_timeout,
+                        check=check,
+                    ),
                 )
             except TaskFailed as exc:
                 rec.seconds = time.monotonic() - t0
@@ -505,6 +514,51 @@ class RentJob:
                 self._proven.add(worker)
             return {k: v.float() for k, v in split_named(r.outputs, GRAD).items()}
         return None
+
+    async def _watched(self, worker: str, work: Awaitable[TaskResult]) -> TaskResult:
+        """Await ``work`` while watching ``worker``: once it is disconnected and no dial reaches it
+        (``dial_timeout``), give up at once with :class:`TaskFailed` instead of waiting out the
+        segment's deadline (a dead worker never answers the request of its next segment)."""
+        box: list[TaskResult] = []
+        failed: list[TaskFailed] = []
+
+        async def run(cancel: trio.CancelScope) -> None:
+            try:
+                box.append(await work)
+            except TaskFailed as exc:  # raised below, not as a nursery's exception group
+                failed.append(exc)
+            cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, nursery.cancel_scope)
+            while True:  # wakes once a second, only while a segment is in flight
+                await trio.sleep(1.0)
+                if worker not in self.node.connected_peers() and not await self._reachable(worker):
+                    nursery.cancel_scope.cancel()
+                    break
+        if failed:
+            raise failed[0]
+        if not box:
+            raise TaskFailed(f"worker {worker} is gone (disconnected, and a dial found nobody)")
+        return box[0]
+
+    async def _reachable(self, worker: str) -> bool:
+        """Connected, or one of its advertised addresses answers a dial within ``dial_timeout``.
+
+        A worker that died between two segments never answers the request for the next one;
+        without this the slot would wait for the whole ``segment_timeout`` before a spare is tried.
+        """
+        if worker in self.node.connected_peers():
+            return True
+        rec = self.node.peers.get(worker)
+        for addr in rec.addrs if rec is not None else ():
+            full = addr if "/p2p/" in addr else f"{addr}/p2p/{worker}"
+            try:
+                await self.node.connect(full, timeout=self.options.dial_timeout)
+                return True
+            except P2PComputeError as exc:
+                log.info("dialing worker %s at %s failed: %s", worker, addr, exc)
+        return False
 
     def _apply(self, grads: list[dict[str, torch.Tensor]]) -> None:
         old = {k: v.clone() for k, v in self._params.items()}
