@@ -30,7 +30,8 @@ def _load(name: str) -> types.ModuleType:
             sys.modules[pkg] = mod
     file = ROOT / (name.split(".", 1)[1].replace(".", "/") + ".py")
     spec = importlib.util.spec_from_file_location(name, file)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -72,14 +73,26 @@ def main() -> None:
             r, s = runs["cuda_tf32=False"]
             bf = segment.run_segment(lm, cfg, start, data, steps, device="cuda", codec="bf16")
             runs["cuda_bf16_codec"] = (bf, s)
-        half = segment.run_segment(lm, cfg, start, {k: v[: steps // 2 * batch] for k, v in data.items()}, steps // 2)
+        half = segment.run_segment(
+            lm, cfg, start, {k: v[: steps // 2 * batch] for k, v in data.items()}, steps // 2
+        )
         runs["cheat_half_steps_cpu"] = (half, 0.0)
         for name, (r, s) in runs.items():
-            rows.append({"model": label, "run": name, "distance_vs_cpu": segment.distance(r.grad, ref.grad),
-                         "seconds": round(s, 4), "cpu_seconds": round(cpu_s, 4)})
+            rows.append(
+                {
+                    "model": label,
+                    "run": name,
+                    "distance_vs_cpu": segment.distance(r.grad, ref.grad),
+                    "seconds": round(s, 4),
+                    "cpu_seconds": round(cpu_s, 4),
+                }
+            )
     print(f"{'model':8} {'run':22} {'distance vs cpu':>16} {'s':>8} {'cpu s':>8}")
     for row in rows:
-        print(f"{row['model']:8} {row['run']:22} {row['distance_vs_cpu']:16.3g} {row['seconds']:8.3f} {row['cpu_seconds']:8.3f}")
+        print(
+            f"{row['model']:8} {row['run']:22} {row['distance_vs_cpu']:16.3g} "
+            f"{row['seconds']:8.3f} {row['cpu_seconds']:8.3f}"
+        )
     out = Path(os.environ.get("OUT", "bench-results")) / "rent_device.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
