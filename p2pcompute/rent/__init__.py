@@ -11,6 +11,7 @@ May import :mod:`p2pcompute.tasks`, :mod:`p2pcompute.tensors`, :mod:`p2pcompute.
 below imports it.
 """
 
+from p2pcompute.rent.facade import Renter as Renter
 from p2pcompute.rent.job import Evidence as Evidence
 from p2pcompute.rent.job import OuterReport as OuterReport
 from p2pcompute.rent.job import RentJob as RentJob
@@ -34,6 +35,7 @@ __all__ = [
     "RecipeBook",
     "RentJob",
     "RentOptions",
+    "Renter",
     "SegmentRecord",
     "SessionCache",
     "TrainingWorker",
