@@ -3,8 +3,9 @@
     python -m benchmarks.rent_device            # on a machine with CUDA; prints a table, writes JSON
 
 Runs the same segment (the built-in ``lm`` recipe, H inner steps from one state on one
-shard) on the CPU and on CUDA (TF32 off and on) and prints the relative L2 distance of the
-pseudo-gradients, beside the default tolerance (RentOptions.tolerance) and the distances
+shard) on the CPU (all threads, one thread, bf16 codec) and on CUDA (TF32 off and on)
+and prints the relative L2 distance of the pseudo-gradients, beside the default
+tolerance (RentOptions.tolerance) and the distances
 of the cheats. Loads only torch and the rent modules it needs, so it runs where the
 network stack is not installed.
 """
@@ -60,6 +61,11 @@ def main() -> None:
         ref = segment.run_segment(lm, cfg, start, data, steps)
         cpu_s = time.perf_counter() - t
         runs = {}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        runs["cpu_1_thread"] = (segment.run_segment(lm, cfg, start, data, steps), 0.0)
+        torch.set_num_threads(threads)
+        runs["cpu_bf16_codec"] = (segment.run_segment(lm, cfg, start, data, steps, codec="bf16"), 0.0)
         if torch.cuda.is_available():
             for tf32 in (False, True):
                 torch.backends.cuda.matmul.allow_tf32 = tf32

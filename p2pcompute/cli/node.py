@@ -37,7 +37,7 @@ from p2pcompute.capacity.model import Capacity
 from p2pcompute.cli import EXIT_OK
 from p2pcompute.cli.logs import FORMATS, add_notice_hook, notice, setup_logging
 from p2pcompute.cli.preflight import check_listen, positive_int, positive_seconds, seconds
-from p2pcompute.errors import PeerTimeout, PeerUnreachable
+from p2pcompute.errors import ConfigError, PeerTimeout, PeerUnreachable
 from p2pcompute.identity import Identity
 from p2pcompute.overlay.node import Node, open_node, single_leaf
 from p2pcompute.overlay.table import PeerRecord
@@ -235,6 +235,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
         from p2pcompute.rent import TrainingWorker, builtin_book
 
         names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("--recipes wants recipe names, e.g. lm,mlp")
         recipes = TrainingWorker(builtin_book(names, price=args.recipe_price)).registry()
         registry = recipes if registry is None else registry.merged(recipes)
     sold = builtin_registry() if registry is None else builtin_registry().merged(registry)

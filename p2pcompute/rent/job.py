@@ -418,7 +418,6 @@ class RentJob:
         async def check(outputs: dict[str, torch.Tensor], info: dict[str, Any], provider: str) -> None:
             grad = split_named(outputs, GRAD)
             dtype = CODEC_DTYPES[opts.codec]
-            returned = state_digest(grad)[:32]
             bad = None
             if set(grad) != set(start) or any(
                 g.shape != start[k].shape or g.dtype != dtype for k, g in grad.items()
@@ -442,7 +441,7 @@ class RentJob:
                             worker,
                             step,
                             f"re-run differs by {d:.4g}",
-                            returned,
+                            state_digest(grad)[:32],
                             state_digest(ref.grad)[:32],
                             d,
                             opts.tolerance,
@@ -454,7 +453,9 @@ class RentJob:
                         peer=provider,
                     )
             if bad is not None:
-                self.evidence.append(Evidence(worker, step, bad, returned, None, None, opts.tolerance))
+                self.evidence.append(
+                    Evidence(worker, step, bad, state_digest(grad)[:32], None, None, opts.tolerance)
+                )
                 raise WorkRejected(f"segment of outer step {step}: {bad}", peer=provider)
 
         if not await self._reachable(worker):

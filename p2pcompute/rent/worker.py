@@ -157,11 +157,9 @@ class TrainingWorker:
         self.book = book
         self.cache = cache or SessionCache()
         self.cheat = cheat
-        self.device = (
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else ("cpu" if device == "auto" else device)
-        )
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
         self.needs = needs
         self.segments = 0
         self._last: dict[str, torch.Tensor] | None = None
