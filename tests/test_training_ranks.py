@@ -56,7 +56,8 @@ SCRIPT = textwrap.dedent(
     else:
         raise AssertionError("a failed round must fail on every rank")
     assert torch.equal(mine[0], torch.full((3,), (2.0 + rank) / 2))  # untouched by the failed round
-    print("ok", rank, flush=True)
+    # one file per rank: two ranks printing to one pipe can interleave ("okok 1")
+    open(sys.argv[1] + f"/ok{rank}", "w").write(f"ok {rank}")
     dist.barrier()
     dist.destroy_process_group()
     """
@@ -68,7 +69,7 @@ def test_sharded_averager_moves_the_group_result_to_every_rank(tmp_path: Path) -
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(script)]
+           str(script), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("ok")) == ["ok 0", "ok 1"]
+    assert sorted(p.read_text() for p in tmp_path.glob("ok*")) == ["ok 0", "ok 1"]
