@@ -63,6 +63,7 @@ class ProgressUpdate:
     rate: float | None
     eta: float | None
     finished: bool = False
+    ok: bool = True  # False: the work stopped before its end (an error, a cancel)
 
     @property
     def fraction(self) -> float | None:
@@ -84,7 +85,8 @@ class ProgressUpdate:
         if self.rate is not None and self.rate > 0:
             parts.append(f"{_amount(self.rate, self.unit)}/s")
         if self.finished:
-            parts.append(f"done in {_duration(self.elapsed)}")
+            ended = "done in" if self.ok else "stopped after"
+            parts.append(f"{ended} {_duration(self.elapsed)}")
         elif self.eta is not None:
             parts.append(f"{_duration(self.eta)} left")
         head = " ".join(parts[:2]) if frac is not None else parts[0]
@@ -129,6 +131,7 @@ class Progress:
         self.started = clock()
         self.done = 0.0
         self.finished = False
+        self.ok = True
         self._samples: collections.deque[tuple[float, float]] = collections.deque([(self.started, 0.0)])
         self._callback_failed = False
 
@@ -152,11 +155,13 @@ class Progress:
             self._samples.popleft()
         self._tell()
 
-    def finish(self) -> None:
-        """The work ended (renderers clear their line or write the last one). Idempotent."""
+    def finish(self, *, ok: bool = True) -> None:
+        """The work ended, completely or (``ok=False``) not; renderers clear their line or write
+        the last one. Only the first call counts."""
         if self.finished:
             return
         self.finished = True
+        self.ok = ok
         self._tell()
 
     def snapshot(self) -> ProgressUpdate:
@@ -174,7 +179,7 @@ class Progress:
                 if not math.isfinite(eta):
                     eta = None
         return ProgressUpdate(
-            self.what, self.done, self.total, self.unit, elapsed, rate, eta, self.finished
+            self.what, self.done, self.total, self.unit, elapsed, rate, eta, self.finished, self.ok
         )
 
     def _rate(self, now: float) -> float | None:

@@ -103,6 +103,8 @@ def test_describe() -> None:
     assert u.describe() == "tasks: 3 tasks, 1.5 tasks/s"
     u = ProgressUpdate("bench link", 29, 29, "steps", 75.0, 0.39, 0.0, True)
     assert u.describe() == "bench link: 100% 29/29 steps, 0.39 steps/s, done in 1:15"
+    u = ProgressUpdate("state download", 0, 2e9, "B", 12.0, None, None, True, ok=False)
+    assert u.describe() == "state download: 0% 0.0/2.0 GB, stopped after 12 s"
 
 
 def test_terminal_line_redraws_at_most_five_times_a_second_and_clears() -> None:
