@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
+import pytest
 import trio
 from conftest import TEST_CAPACITY
 
@@ -76,7 +77,9 @@ def test_check_own_tells_ours_an_earlier_run_and_a_clone() -> None:
     assert d.stats["identity_conflicts"] == 3
 
 
-async def test_two_nodes_with_one_key_are_noticed_and_a_restart_is_not() -> None:
+async def test_two_nodes_with_one_key_are_noticed_and_a_restart_is_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     ident = Identity.generate()
     opts: dict[str, Any] = {"capacity": TEST_CAPACITY, "advert_interval": 1.0, "discovery_interval": 0.5}
     with trio.fail_after(60):
@@ -93,6 +96,11 @@ async def test_two_nodes_with_one_key_are_noticed_and_a_restart_is_not() -> None
                     await a.wait_until(lambda: bool(a.identity_clones()), timeout=30)
                     assert a.identity_clones() == b.addrs
                     assert a.statistics()["identity_conflicts"] >= 1
+                    # one warning naming the other process's address (what `bootstrap` shows on stderr)
+                    warnings = [r.getMessage() for r in caplog.records if "another process" in r.getMessage()]
+                    assert len(warnings) == 1
+                    assert b.addrs[0] in warnings[0]
+                    assert f"uses this node's key (peer id {a.peer_id})" in warnings[0]
                     observer = Observer(a, role="peer")
                     node_doc = observer.status()["node"]  # what `status --url ... --json` prints
                     assert node_doc["clone_addrs"] == b.addrs
