@@ -383,18 +383,19 @@ class Discovery:
         if advert.issued < self._started:
             return False  # an earlier run of this node, still in some table until it expires
         now = self._clock()
-        new = [a for a in advert.addrs if a not in self.clones]
-        for addr in advert.addrs:
+        where = advert.addrs or ("(no address)",)
+        new = [a for a in where if a not in self.clones]
+        for addr in where:
             self.clones[addr] = now
         while len(self.clones) > _CLONE_MEMORY:
             del self.clones[min(self.clones, key=self.clones.__getitem__)]
         self.stats["identity_conflicts"] = self.stats.get("identity_conflicts", 0) + 1
-        if new or not advert.addrs:
+        if new:
             log.warning(
                 "another process uses this node's key (peer id %s) at %s (advert seen via %s); "
                 "the swarm keeps only one of them: give each process its own key",
                 self.peer_id,
-                ", ".join(advert.addrs) or "no address",
+                ", ".join(where),
                 via or "?",
             )
             self._notify()

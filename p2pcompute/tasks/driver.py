@@ -311,6 +311,7 @@ class TaskService:
         if not items:
             return []
         prepared = prepare_items(items)
+        shown: Progress | None = None
         if progress is None and len(prepared) > 1:
             shown = Progress(f"{kind} tasks", total=len(prepared), unit="tasks", on_update=log_progress())
             progress = counting(shown)
@@ -342,6 +343,8 @@ class TaskService:
             results = await job.run()
         finally:
             self.items_in_flight -= len(prepared)
+            if shown is not None:
+                shown.finish(ok=shown.done == shown.total)  # a no-op when every item ended
         out: list[TaskResult | TaskFailed] = []
         for index, res in enumerate(results):
             self._bump("bought" if isinstance(res, TaskResult) else "buy_failed")
