@@ -44,8 +44,14 @@ def _discovery(ident: Identity, clock: list[float]) -> Discovery:
 
 def _advert(ident: Identity, *, seq: int, issued: float, addrs: list[str]) -> bytes:
     return make_advert(
-        ident, peer_id=ident.peer_id, swarm="lab", seq=seq, capacity=TEST_CAPACITY,
-        addrs=addrs, ttl=30.0, issued=issued,
+        ident,
+        peer_id=ident.peer_id,
+        swarm="lab",
+        seq=seq,
+        capacity=TEST_CAPACITY,
+        addrs=addrs,
+        ttl=30.0,
+        issued=issued,
     )
 
 
