@@ -200,6 +200,12 @@ def test_cli_link_against_a_serving_process(tmp_path: Path) -> None:
         )
         assert got.returncode == 0, got.stderr
         assert "lane_push_256KiB" in got.stdout
+        # stderr is a pipe, not a terminal: progress comes as plain log lines, ending with the total
+        progress = [line for line in got.stderr.splitlines() if "p2pcompute.progress: bench link to" in line]
+        assert progress, got.stderr
+        assert "\r" not in got.stderr
+        assert "100% 9/9 steps" in progress[-1]  # 3 pings, 3 small pushes, 3 transfers of one size
+        assert "done in" in progress[-1]
         doc = load_results(out)
         assert doc["options"]["addr"] == addr
     finally:

@@ -45,10 +45,12 @@ def cli(*args: str, cwd: Path = ROOT, timeout: float = GUARD) -> subprocess.Comp
 
 
 def one_error_line(res: subprocess.CompletedProcess[str], code: int, needle: str) -> str:
-    """Assert exit ``code`` and exactly one stderr line, mentioning ``needle``, without a traceback."""
+    """Assert exit ``code`` and exactly one stderr line, mentioning ``needle``, without a traceback.
+
+    Progress lines of long work (the ``p2pcompute.progress`` logger) may come before it."""
     assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
     assert "Traceback" not in res.stderr, res.stderr
-    lines = res.stderr.strip().splitlines()
+    lines = [line for line in res.stderr.strip().splitlines() if " p2pcompute.progress: " not in line]
     assert len(lines) == 1, res.stderr
     assert "error:" in lines[0], lines[0]
     assert needle in lines[0], lines[0]

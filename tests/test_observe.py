@@ -158,6 +158,8 @@ async def test_http_server_answers_metrics_status_page_and_refusals() -> None:
             doc = json.loads(body)
             assert [p["peer_id"] for p in doc["peer_table"]] == [peer.peer_id]
             assert doc["node"]["role"] == "bootstrap"
+            assert doc["node"]["identity_conflicts"] == 0  # no other process runs with its key
+            assert doc["node"]["clone_addrs"] == []
 
             status, headers, body = await _http(port, b"HEAD / HTTP/1.1\r\n\r\n")
             assert status == 200
@@ -221,6 +223,11 @@ def test_terminal_view_redraws_in_place_and_writes_plain_lines_otherwise() -> No
     assert "2x H100 140.0/160.0" in lines[2]
     assert "tasks sold: offered 3 leased 2 done 2 failed 0 running 0" in lines
     assert "rounds: averaged 5 failed 0 no group 0 in progress 1" in lines
+    assert not any("another process" in line for line in lines)
+    clone = {**doc, "node": {"swarm": "lab", "clone_addrs": ["/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWx"]}}
+    assert render(clone, source="test")[-1] == (
+        "WARNING: another process uses this node's key, at /ip4/10.0.0.2/tcp/4001/p2p/12D3KooWx"
+    )
     tty, pipe, js = io.StringIO(), io.StringIO(), io.StringIO()
     show(doc, source="t", as_json=False, redraw=True, out=tty)
     show(doc, source="t", as_json=False, redraw=False, out=pipe)

@@ -166,6 +166,7 @@ def test_metrics_move_as_a_task_runs(swarm: Swarm, tmp_path: Path) -> None:
     assert ctype == "application/json"
     doc = json.loads(body)
     assert doc["node"]["peer_id"] == provider
+    assert doc["node"]["clone_addrs"] == []
     assert doc["tasks"]["provider"]["done"] == 1
     assert doc["ledger"]["sold"] == 1
 

@@ -18,6 +18,7 @@ import torch
 import trio
 
 from p2pcompute.errors import LocalProtocolError, PeerTimeout
+from p2pcompute.progress import ProgressUpdate
 from p2pcompute.training.swarm import Swarm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,11 @@ def test_two_peers_average_for_real_and_a_joiner_gets_identical_state(tmp_path: 
                 model, inner = tiny()
                 torch.nn.init.zeros_(model.weight)
                 opt_c = c.diloco(model, inner, inner_steps=5, join=False)
+                shown: list[ProgressUpdate] = []
+                c.progress = shown.append  # the download's progress reaches the script's callback
                 assert c.call(lambda: c._download(opt_c), timeout=60)
+                assert shown[-1].finished
+                assert shown[-1].done == shown[-1].total > 0
                 assert opt_c.state_digest() == pa.state_digest()  # type: ignore[attr-defined]
                 assert opt_c.outer_step == 3
                 assert torch.equal(model.weight, pa.anchor[0])  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ unknown kinds; the map helper over several providers; the tensor lane as data pl
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -223,7 +224,7 @@ async def test_dishonest_receipt_is_refused_and_work_moves_on(tmp_path: Path) ->
             assert verify_ledger(tmp_path / "liar.jsonl").entries == []
 
 
-async def test_map_spreads_over_providers_with_progress() -> None:
+async def test_map_spreads_over_providers_with_progress(caplog: pytest.LogCaptureFixture) -> None:
     with trio.fail_after(120):
         async with (  # noqa: SIM117 (separate lifetimes)
             open_node(role="bootstrap", **NODE_OPTS) as boot,
@@ -247,6 +248,11 @@ async def test_map_spreads_over_providers_with_progress() -> None:
                 assert seen[-1] == (8, 8)
                 assert {r.provider for r in results} == {n1.peer_id, n2.peer_id}  # type: ignore[union-attr]
                 assert len({r.receipt.lease_id for r in results}) == 8  # type: ignore[union-attr]
+                # without a callback, several items are reported as plain lines on the progress logger
+                with caplog.at_level(logging.INFO, logger="p2pcompute.progress"):
+                    await tasks.map_tasks("matmul", items[:2], enough_offers=2, offer_window=15, deadline=60)
+                lines = [r.getMessage() for r in caplog.records if r.name == "p2pcompute.progress"]
+                assert lines[-1].startswith("matmul tasks: 100% 2/2 tasks"), lines
 
 
 async def test_inputs_and_outputs_over_the_tensor_lane() -> None:

@@ -22,6 +22,7 @@ from p2pcompute.errors import (
 )
 from p2pcompute.identity import Identity
 from p2pcompute.overlay import FramedStream
+from p2pcompute.progress import ProgressUpdate
 from p2pcompute.training.state import TrainingState
 from p2pcompute.training.statesync import (
     MIN_CHUNK,
@@ -200,9 +201,18 @@ async def test_joiner_downloads_from_two_nodes_and_blames_a_liar() -> None:
             CorruptServer(liar, liar.identity, chunk_size=64 << 10).publish(state)
             for node in (a, b, liar):
                 await joiner.connect(node.addrs[0])
-            got, report = await download_state(joiner, [a.peer_id, b.peer_id, liar.peer_id], timeout=150)
+            seen: list[ProgressUpdate] = []
+            got, report = await download_state(
+                joiner, [a.peer_id, b.peer_id, liar.peer_id], timeout=150, progress=seen.append
+            )
             assert got.digest() == state.digest()
             assert got.step == 5
+            # progress counted verified bytes only (the liar's chunks were not), ending at the size
+            assert [u.done for u in seen] == sorted(u.done for u in seen)
+            assert seen[-1].finished
+            assert seen[-1].ok
+            assert seen[-1].done == seen[-1].total == report.bytes
+            assert sum(u.finished for u in seen) == 1
             assert liar.peer_id in report.blamed
             assert report.sources.get(a.peer_id, 0) > 0
             assert report.sources.get(b.peer_id, 0) > 0

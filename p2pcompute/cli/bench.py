@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pcompute.cli import EXIT_OK
+from p2pcompute.cli.logs import FORMATS, setup_logging
 from p2pcompute.cli.node import run_until_signal
 from p2pcompute.deadlines import deadline
 from p2pcompute.errors import ConfigError, MalformedMessage, RemoteProtocolError
+from p2pcompute.progress import Progress, ProgressFn, log_progress
 from p2pcompute.wire.codec import Field, Schema
 
 if TYPE_CHECKING:  # the runtime imports are deferred: `p2pcompute --help` must stay fast
@@ -209,11 +211,14 @@ async def measure_link(
     reps: int = 3,
     pings: int = 20,
     timeout: float = 300.0,
+    progress: ProgressFn | None = None,
 ) -> Any:
     """Measure the link to ``peer_id`` (which runs ``bench link --serve``); return a ``SuiteResult``.
 
     Rows: ``stream_rtt`` (control round trip, ms), ``lane_latency`` (a 1 KiB lane push, ms), and per
     size ``libp2p_stream_<size>`` (baseline), ``lane_push_<size>`` and ``lane_pull_<size>`` (MB/s).
+    ``progress`` gets a :class:`~p2pcompute.progress.ProgressUpdate` after each ping and transfer
+    (default: plain INFO lines on the ``p2pcompute.progress`` logger).
 
     Example::
 
@@ -234,6 +239,13 @@ async def measure_link(
     def tag() -> str:
         return f"bench-link/{nonce}/{next(counter)}"
 
+    small_reps = max(3, reps)
+    shown = Progress(
+        f"bench link to {peer_id[-8:]}",
+        total=pings + small_reps + 3 * reps * len(sizes),
+        unit="steps",
+        on_update=progress or log_progress(),
+    )
     stream = await node.open_stream(peer_id, PROTO_LINK, timeout=min(timeout, 30.0))
     try:
         with deadline(timeout, f"bench link to {peer_id}", peer=peer_id):
@@ -245,13 +257,15 @@ async def measure_link(
                 if pong["seq"] != seq:
                     raise RemoteProtocolError(f"pong {pong['seq']} for ping {seq}", peer=peer_id)
                 rtt.add("ms", (time.perf_counter() - t0) * 1e3)
+                shown.advance()
             small = result.config("lane_latency", size=1024, what="1 KiB lane push, request to verified")
             tiny = torch.zeros(1024, dtype=torch.uint8)
-            for _ in range(max(3, reps)):
+            for _ in range(small_reps):
                 t0 = time.perf_counter()
                 done = await _push(stream, lane, peer_id, tag(), tiny)
                 small.add("ms", (time.perf_counter() - t0) * 1e3)
                 small.params["path"] = done.get("path")
+                shown.advance()
             for size in sizes:
                 label = size_label(size)
                 payload = torch.zeros(size, dtype=torch.uint8)
@@ -263,16 +277,20 @@ async def measure_link(
                     t0 = time.perf_counter()
                     await _stream_send(stream, tag(), payload, peer_id)
                     base.add("mbytes_per_s", size / (time.perf_counter() - t0) / 1e6)
+                    shown.advance()
                     t0 = time.perf_counter()
                     done = await _push(stream, lane, peer_id, tag(), payload)
                     push.add("mbytes_per_s", size / (time.perf_counter() - t0) / 1e6)
                     push.params["path"] = done.get("path")
+                    shown.advance()
                     t0 = time.perf_counter()
                     done = await _pull(stream, lane, peer_id, tag(), size)
                     pull.add("mbytes_per_s", size / (time.perf_counter() - t0) / 1e6)
                     pull.params["path"] = done.get("path")
+                    shown.advance()
             await stream.send_frame(LINK_BYE.build())
     finally:
+        shown.finish(ok=shown.done == shown.total)
         await stream.close()
     result.add_ratios()
     return result
@@ -394,7 +412,11 @@ def cmd_link(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     from p2pcompute import benchresults
+    from p2pcompute.progress import progress_renderer
 
+    setup_logging(False, args.log_format)
+    # a redrawn line on a terminal, plain log lines otherwise (stdout keeps only the results)
+    shown = progress_renderer(json_logs=args.log_format == "json")
     holder: list[Any] = []
 
     async def client() -> None:
@@ -411,6 +433,7 @@ def cmd_link(args: argparse.Namespace) -> int:
                 reps=args.reps,
                 pings=args.pings,
                 timeout=_link_timeout(args),
+                progress=shown,
             )
             result.options["addr"] = args.peer
             holder.append(result)
@@ -491,6 +514,12 @@ def add_parsers(sub: Any) -> None:
     g.add_argument("--swarm", default="default", help="swarm name (default: default)")
     g.add_argument("--max-mib", type=int, default=256, help="--serve: largest transfer accepted (MiB)")
     g.add_argument("--connect-timeout", type=float, default=10.0, help="dial timeout in seconds")
+    g.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="text (default) or json: progress and warnings on stderr as JSON lines",
+    )
     p.set_defaults(func=cmd_bench, bench_parser=p)
 
 

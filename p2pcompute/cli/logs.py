@@ -63,7 +63,8 @@ def _utc(t: float) -> str:
 
 
 def setup_logging(verbose: bool, fmt: str = "text") -> None:
-    """Send log records to stderr at INFO (``verbose``) or WARNING, as text or JSON lines.
+    """Send log records to stderr at INFO (``verbose``) or WARNING, as text or JSON lines;
+    progress lines (the ``p2pcompute.progress`` logger) at INFO either way.
 
     Example::
 
@@ -80,6 +81,8 @@ def setup_logging(verbose: bool, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
+    # progress of long work (p2pcompute.progress) is shown without -v; it is throttled
+    logging.getLogger("p2pcompute.progress").setLevel(logging.INFO)
 
 
 def json_logs() -> bool:

@@ -101,6 +101,9 @@ def render(status: dict[str, Any], *, source: str, now: float | None = None) -> 
             f"ledger: sold {ledger['sold']} (earned {ledger['earned']:g}) "
             f"bought {ledger['bought']} (spent {ledger['spent']:g})"
         )
+    clones = node.get("clone_addrs") or []
+    if clones:
+        lines.append(f"WARNING: another process uses this node's key, at {', '.join(clones)}")
     errors = status.get("recent_errors") or []
     if errors:
         lines.append(f"last warning: {errors[-1]['message']}")

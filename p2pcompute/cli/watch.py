@@ -14,6 +14,9 @@ so one of them silently disappears; the watcher stops with a :class:`ConfigError
 instead. It looks right after joining and then every ``identity_every`` seconds (at least one
 advert lifetime), and acts only when the same foreign addresses show twice in a row: a single
 sighting may be our own advert from before an address change, which our next advert replaces.
+The node also notices on its own (:meth:`~p2pcompute.overlay.node.Node.identity_clones`: an
+advert of our key that it never issued, issued after it started, reached it by gossip or peer
+exchange); the watcher wakes on that too and stops at once, since that sighting is exact.
 """
 
 from __future__ import annotations
@@ -137,13 +140,17 @@ async def watch_bootstrap(
                 say("info", "bootstrap node reachable again")
                 lost = False
                 backoff.reset()
+            _raise_on_clones(node)
             if trio.current_time() >= next_identity_check:
                 next_identity_check = trio.current_time() + identity_every
                 suspects = await _check_identity(node, sorted(connected)[0], dial_timeout, suspects)
             # sleep until a bootstrap link drops (the node signals connection changes) or the
             # next key check is due: no polling of local state
             with trio.move_on_at(next_identity_check):
-                await node.wait_until(lambda: not ids & set(node.connected_peers()), timeout=math.inf)
+                await node.wait_until(
+                    lambda: not ids & set(node.connected_peers()) or bool(node.identity_clones()),
+                    timeout=math.inf,
+                )
             continue
         errors = []
         for addr in bootstrap:
@@ -163,6 +170,16 @@ async def watch_bootstrap(
         )
         lost = True
         await trio.sleep(delay)
+
+
+def _raise_on_clones(node: Node) -> None:
+    """ConfigError when the node itself has seen an advert of its key issued by another process."""
+    clones = node.identity_clones()
+    if clones:
+        raise ConfigError(
+            f"another process uses this node's key (peer id {node.peer_id}) at {', '.join(clones)}; "
+            f"the swarm keeps only one of them: give each process its own --key file"
+        )
 
 
 async def _check_identity(node: Node, via: str, timeout: float, suspects: set[str]) -> set[str]:

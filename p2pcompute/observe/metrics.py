@@ -66,6 +66,11 @@ class NodeCollector(Collector):
         info.add_metric([node["peer_id"], node["role"], node["swarm"], node["version"]], 1.0)
         yield info
         yield _gauge("uptime_seconds", "Seconds since the node started", node["uptime_seconds"])
+        yield _counter(
+            "identity_conflicts",
+            "Adverts signed with this node's key that another process issued (a shared key file)",
+            node["identity_conflicts"],
+        )
         peers = f["peers"]
         yield _gauge("peers_known", "Live peers in the peer table", peers["known"])
         yield _gauge(

@@ -152,6 +152,9 @@ class Observer:
                 "addrs": list(self.node.addrs),
                 "started": self.started,
                 "uptime_seconds": max(0.0, now - self.started),
+                # another process running with this node's key (docs/operations.md, "Key files")
+                "identity_conflicts": ns.get("identity_conflicts", 0),
+                "clone_addrs": self.node.identity_clones(),
             },
             "peers": {
                 "known": ns.get("peers", 0),

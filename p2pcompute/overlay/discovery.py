@@ -28,12 +28,13 @@ import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import trio
 
-from p2pcompute.capacity.adverts import MAX_ADVERT_SIZE, make_advert
+from p2pcompute.capacity.adverts import MAX_ADVERT_SIZE, Advert, make_advert
 from p2pcompute.capacity.model import Capacity
 from p2pcompute.capacity.probe import probe_capacity
 from p2pcompute.deadlines import deadline
@@ -58,6 +59,8 @@ from p2pcompute.overlay.table import PeerRecord, PeerTable
 from p2pcompute.overlay.topics import Subscription
 
 log = logging.getLogger(__name__)
+_ISSUED_MEMORY = 64  # adverts of ours remembered byte for byte (older ones: by sequence range)
+_CLONE_MEMORY = 16  # addresses of other processes with our key kept for status pages
 
 
 class Network(Protocol):
@@ -137,6 +140,11 @@ class Discovery:
         self.bootstrap_addrs: list[str] = []
         self.current_advert: bytes | None = None
         self._seq = time.time_ns() // 1000  # survives restarts without a state file
+        # what we issued, to tell our adverts from those of another process with our key
+        self._first_seq = self._seq
+        self._issued: OrderedDict[int, bytes] = OrderedDict()  # seq -> raw, the newest few
+        self._started = clock()
+        self.clones: dict[str, float] = {}  # address of another process with our key -> last seen
         self._published_capacity: Capacity | None = None
         self._last_publish = -math.inf
         self._rng = random.Random()
@@ -258,7 +266,7 @@ class Discovery:
             raw = discovery.build_advert(capacity)
         """
         self._seq += 1
-        return make_advert(
+        raw = make_advert(
             self.identity,
             peer_id=self.peer_id,
             swarm=self.swarm,
@@ -269,6 +277,10 @@ class Discovery:
             role=self.config.role,
             issued=self._clock(),
         )
+        self._issued[self._seq] = raw
+        while len(self._issued) > _ISSUED_MEMORY:
+            self._issued.popitem(last=False)
+        return raw
 
     async def probe(self) -> Capacity:
         """The configured capacity, or a fresh probe (in a worker thread).
@@ -330,14 +342,62 @@ class Discovery:
             ok = discovery.accept_advert(raw, origin=sender, via=forwarder)
         """
         if origin == self.peer_id:
+            if data in self._issued.values():
+                return True
+            # signed by our key but not issued by us: from before a restart, or another process's
+            try:
+                outcome, advert = self.peers.offer(data, sender=origin, blame=via)
+            except RemoteProtocolError as exc:
+                log.debug("rejected an advert of our own peer id via %s: %s", via, exc)
+                return False
+            if outcome == "own":
+                self.check_own(advert, via=via)
             return True
         try:
-            outcome, _advert = self.peers.offer(data, sender=origin, blame=via)
+            outcome, advert = self.peers.offer(data, sender=origin, blame=via)
         except RemoteProtocolError as exc:
             log.debug("rejected advert via %s: %s", via, exc)
             self.blame(via)
             return False
         if outcome in ("new", "updated"):
+            self._notify()
+        elif outcome == "own":
+            self.check_own(advert, via=via)
+        return True
+
+    def check_own(self, advert: Advert, *, via: str | None) -> bool:
+        """Whether ``advert`` (checked, for our peer id) came from another process with our key.
+
+        It did when we never issued it and it was issued after we started (an advert of ours
+        from before a restart is older). Each sighting is counted in ``identity_conflicts``,
+        its addresses are kept in :attr:`clones` and logged (a warning the first time each
+        address is seen). The table keeps only the advert with the higher sequence number, so
+        one of the two processes is hidden from the swarm. Example::
+
+            if discovery.check_own(advert, via=forwarder):
+                print("another process uses our key at", sorted(discovery.clones))
+        """
+        ours = self._first_seq < advert.seq <= self._seq
+        if ours and self._issued.get(advert.seq, advert.raw) == advert.raw:
+            return False  # ours (perhaps older than the memory of what we issued)
+        if advert.issued < self._started:
+            return False  # an earlier run of this node, still in some table until it expires
+        now = self._clock()
+        where = advert.addrs or ("(no address)",)
+        new = [a for a in where if a not in self.clones]
+        for addr in where:
+            self.clones[addr] = now
+        while len(self.clones) > _CLONE_MEMORY:
+            del self.clones[min(self.clones, key=self.clones.__getitem__)]
+        self.stats["identity_conflicts"] = self.stats.get("identity_conflicts", 0) + 1
+        if new:
+            log.warning(
+                "another process uses this node's key (peer id %s) at %s (advert seen via %s); "
+                "the swarm keeps only one of them: give each process its own key",
+                self.peer_id,
+                ", ".join(where),
+                via or "?",
+            )
             self._notify()
         return True
 
@@ -409,7 +469,7 @@ class Discovery:
         self, raw: bytes, *, sender: str | None, blame: str | None, introduced: bool = False
     ) -> bool:
         try:
-            outcome, _ = self.peers.offer(
+            outcome, advert = self.peers.offer(
                 raw, sender=sender, blame=blame, count_stale=False, introduced=introduced
             )
         except RemoteProtocolError as exc:
@@ -418,6 +478,8 @@ class Discovery:
             return False
         if outcome in ("new", "updated"):
             self._notify()
+        elif outcome == "own":
+            self.check_own(advert, via=blame)
         return True
 
     async def exchange_peers(self, peer_id: str, *, timeout: float | None = None) -> int:

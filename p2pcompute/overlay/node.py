@@ -89,6 +89,7 @@ class Node:
             "streams_refused": 0,
             "connections_refused": 0,
             "buffer_overflows": 0,
+            "identity_conflicts": 0,
         }
         self.peers = PeerTable(
             self.peer_id,
@@ -393,8 +394,24 @@ class Node:
         """
         self._discovery.report_offence(peer, exc)
 
+    def identity_clones(self) -> list[str]:
+        """Addresses at which another process with this node's key was seen (newest first).
+
+        Two processes sharing a key file have one peer id; every table keeps only the advert
+        with the higher sequence number, so one of them is hidden from the swarm. The node
+        notices when an advert signed with its key reaches it that it did not issue and that
+        is newer than its own start (``statistics()["identity_conflicts"]`` counts them; each
+        new address is logged as a warning). Example::
+
+            if node.identity_clones():
+                print("another process uses our key at", node.identity_clones()[0])
+        """
+        clones = self._discovery.clones
+        return sorted(clones, key=lambda a: -clones[a])
+
     def statistics(self) -> dict[str, Any]:
-        """Counters: adverts, exchanges, dials, drops, offences (``offences`` in all and
+        """Counters: adverts, exchanges, dials, drops, adverts of our key from another process
+        (``identity_conflicts``, see :meth:`identity_clones`), offences (``offences`` in all and
         ``offences_by_kind``), refusals (``streams_refused``, ``connections_refused``,
         ``buffer_overflows``), rejections by kind (``rejected_by_kind``), connections, table size
         (``peers``, ``verified``, ``dropped``), bytes on framed streams by protocol

@@ -36,6 +36,7 @@ import trio
 from p2pcompute.deadlines import deadline
 from p2pcompute.errors import MalformedMessage, P2PComputeError, ProtocolError, TaskFailed
 from p2pcompute.overlay import FramedStream, Node
+from p2pcompute.progress import Progress, counting, log_progress
 from p2pcompute.tasks import negotiation as core
 from p2pcompute.tasks.builtin import builtin_registry
 from p2pcompute.tasks.frames import CHUNK, EMPTY_DIGEST, LEASE_MAX_FRAME
@@ -288,7 +289,10 @@ class TaskService:
 
         At most ``parallel`` leases run at once; offers are reused while valid, so one
         request round can feed many items. ``progress(done, total)`` is called after each
-        item. ``result_timeout`` (seconds from a grant to the result and its outputs; ``None``:
+        item (without it, more than one item are reported as plain INFO lines on the
+        ``p2pcompute.progress`` logger; :func:`p2pcompute.progress.counting` adapts a
+        :class:`~p2pcompute.progress.Progress` and its renderers to this callback).
+        ``result_timeout`` (seconds from a grant to the result and its outputs; ``None``:
         only ``deadline``) sets aside a provider that keeps a lease alive without answering.
         ``providers`` keeps only offers from these peers (a pinned session). ``check(outputs,
         info, provider)`` runs on every result before its receipt is countersigned; raising
@@ -307,6 +311,10 @@ class TaskService:
         if not items:
             return []
         prepared = prepare_items(items)
+        shown: Progress | None = None
+        if progress is None and len(prepared) > 1:
+            shown = Progress(f"{kind} tasks", total=len(prepared), unit="tasks", on_update=log_progress())
+            progress = counting(shown)
         spec = job_spec(
             kind,
             prepared,
@@ -335,6 +343,8 @@ class TaskService:
             results = await job.run()
         finally:
             self.items_in_flight -= len(prepared)
+            if shown is not None:
+                shown.finish(ok=shown.done == shown.total)  # a no-op when every item ended
         out: list[TaskResult | TaskFailed] = []
         for index, res in enumerate(results):
             self._bump("bought" if isinstance(res, TaskResult) else "buy_failed")

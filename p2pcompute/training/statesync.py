@@ -47,6 +47,7 @@ from p2pcompute.errors import (
     PeerUnreachable,
     RemoteProtocolError,
 )
+from p2pcompute.progress import Progress, ProgressFn, log_progress
 from p2pcompute.training.state import MAX_HEADER, StateHeader, TrainingState, parse_header
 from p2pcompute.wire.codec import Field, Schema, decode, encode
 from p2pcompute.wire.signing import Signer, open_signed, seal_signed
@@ -437,8 +438,13 @@ async def download_state(
     min_agree: int = 1,
     inflight_per_peer: int = 2,
     max_bytes: int = DEFAULT_MAX_STATE,
+    progress: ProgressFn | None = None,
 ) -> tuple[TrainingState, DownloadReport]:
     """Download the training state from ``peers`` (all at once), verified chunk by chunk.
+
+    ``progress`` gets a :class:`~p2pcompute.progress.ProgressUpdate` (bytes verified of the
+    state's size) after each chunk; without it, plain INFO lines on the ``p2pcompute.progress``
+    logger (:func:`~p2pcompute.progress.log_progress`).
 
     Raises :class:`PeerUnreachable` when no peer offers a qualifying state,
     :class:`IntegrityError` when every source failed or sent bad data,
@@ -446,7 +452,8 @@ async def download_state(
 
     Example::
 
-        state, report = await download_state(node, [p.peer_id for p in node.peers.alive()])
+        state, report = await download_state(node, [p.peer_id for p in node.peers.alive()],
+                                             progress=progress_renderer())
         opt.load_state(state)
     """
     start = time.perf_counter()
@@ -468,6 +475,8 @@ async def download_state(
             for p in dict.fromkeys(peers):
                 nursery.start_soon(ask, p)
         manifest = dl.choose()
+        report_to = progress or log_progress()
+        shown = Progress("state download", total=manifest.size, unit="B", on_update=report_to)
 
         async def get(peer: str, index: int, wake: trio.MemorySendChannel[None]) -> None:
             s, e = manifest.chunk_span(index)
@@ -482,21 +491,25 @@ async def download_state(
                 # A bad chunk is recorded in dl.blamed and goes back to the queue.
                 with contextlib.suppress(IntegrityError):
                     dl.chunk_received(peer, index, data)
+                    shown.advance(e - s)
             await wake.send(None)
 
         send, recv = trio.open_memory_channel[None](math.inf)
-        async with trio.open_nursery() as nursery:
-            outstanding = 0
-            while not dl.done:
-                for peer, index in dl.next_requests():
-                    outstanding += 1
-                    nursery.start_soon(get, peer, index, send)
-                if dl.stuck and outstanding == 0:
-                    break
-                if outstanding == 0:
-                    break
-                await recv.receive()
-                outstanding -= 1
+        try:
+            async with trio.open_nursery() as nursery:
+                outstanding = 0
+                while not dl.done:
+                    for peer, index in dl.next_requests():
+                        outstanding += 1
+                        nursery.start_soon(get, peer, index, send)
+                    if dl.stuck and outstanding == 0:
+                        break
+                    if outstanding == 0:
+                        break
+                    await recv.receive()
+                    outstanding -= 1
+        finally:
+            shown.finish(ok=dl.done)
     if not dl.done:
         raise IntegrityError(f"state download failed: every source failed ({dl.failed})")
     state = dl.result()

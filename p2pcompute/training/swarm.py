@@ -48,6 +48,7 @@ from p2pcompute.errors import (
     TaskFailed,
 )
 from p2pcompute.identity import Identity
+from p2pcompute.progress import ProgressFn
 from p2pcompute.training import checkpoint as ckpt
 from p2pcompute.training.averager import Averager, AveragingOutcome, SoloAverager, check_codec
 from p2pcompute.training.diloco import DiLoCo, StepReport, TrainingAlone
@@ -203,7 +204,9 @@ class Swarm:
     Attributes: ``peer_id`` (this peer's id, fixed by its key), ``addrs`` (the multiaddrs it
     listens on, ending in ``/p2p/<peer_id>``: what others pass as ``bootstrap``; empty until
     started or without network), ``run_name``, ``averager`` (the swarm's averager),
-    ``running``; :meth:`peers` lists the other live peers of any run.
+    ``running``; :meth:`peers` lists the other live peers of any run. ``progress``: a callback
+    for the progress of a state download (:mod:`p2pcompute.progress`; it runs on the swarm's
+    thread), e.g. ``swarm.progress = progress_renderer()``; by default INFO log lines.
 
     Example::
 
@@ -269,6 +272,7 @@ class Swarm:
         self._tags: dict[str, str] = {}
         self._partners: dict[str, float] = {}  # peer id -> when it last served our run's state
         self._obs: tuple[Any, Any] | None = None  # (Observer, its registry), made on first use
+        self.progress: ProgressFn | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -581,7 +585,7 @@ class Swarm:
     async def _download(self, opt: DiLoCo) -> bool:
         peers = await self._peer_ids()
         try:
-            state, report = await download_state(self.node, peers, timeout=60.0)
+            state, report = await download_state(self.node, peers, timeout=60.0, progress=self.progress)
         except (PeerUnreachable, PeerTimeout, P2PComputeError) as exc:
             log.warning("state download failed: %s", exc)
             return False
