@@ -64,28 +64,32 @@ TASKS: dict[str, Any] = {"teacher": _Teacher, "lm": lambda: MarkovTextTask(0)}
 
 async def _simulate(
     peers: int, steps: int, batch: int, *, mode: str, inner_steps: int, compression: str, lr: float,
-    task_name: str = "teacher", data_seed: int = 100,
+    task_name: str = "teacher", data_seed: int = 100, overlap: str | None = None,
 ) -> tuple[float, int]:
     task = TASKS[task_name]()
     group = LocalGroup()
     models = [task.make_model(0) for _ in range(peers)]
-    opts = [
-        DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=lr), group.join(f"p{i}"), inner_steps=inner_steps,
-               mode=mode, compression=compression)  # type: ignore[arg-type]
-        for i, m in enumerate(models)
-    ]
     gens = [torch.Generator().manual_seed(data_seed + i) for i in range(peers)]
 
-    async def run(i: int) -> None:
-        for _ in range(steps):
-            x, y = task.batch(batch, gens[i])
-            task.loss(models[i](x), y).backward()
-            await opts[i].astep(samples=batch)
-            opts[i].zero_grad()
+    async with trio.open_nursery() as background:  # overlapped rounds run here
+        opts = [
+            DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=lr), group.join(f"p{i}"), inner_steps=inner_steps,
+                   mode=mode, compression=compression, overlap=overlap or False,  # type: ignore[arg-type]
+                   nursery=background)
+            for i, m in enumerate(models)
+        ]
 
-    async with trio.open_nursery() as nursery:
-        for i in range(peers):
-            nursery.start_soon(run, i)
+        async def run(i: int) -> None:
+            for _ in range(steps):
+                x, y = task.batch(batch, gens[i])
+                task.loss(models[i](x), y).backward()
+                await opts[i].astep(samples=batch)
+                opts[i].zero_grad()
+            await opts[i].flush()  # the last round lands (overlapped mode)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(peers):
+                nursery.start_soon(run, i)
     return task.evaluate(models[0]), opts[0].bytes_sent
 
 

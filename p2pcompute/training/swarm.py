@@ -174,9 +174,15 @@ class SwarmDiLoCo(DiLoCo):
         self.elastic = True
 
     async def astep(self, samples: float = 1.0) -> StepReport | None:
+        return await self._after(super().astep(samples))
+
+    async def flush(self) -> StepReport | None:
+        return await self._after(super().flush())
+
+    async def _after(self, step: Awaitable[StepReport | None]) -> StepReport | None:
         alone: TrainingAlone | None = None
         try:
-            report = await super().astep(samples)
+            report = await step
         except TrainingAlone as exc:  # the step was applied: publish and re-sync, then tell the caller
             alone, report = exc, exc.report
         if report is not None and self.mode == "diloco":
@@ -269,6 +275,7 @@ class Swarm:
         self._tags: dict[str, str] = {}
         self._partners: dict[str, float] = {}  # peer id -> when it last served our run's state
         self._obs: tuple[Any, Any] | None = None  # (Observer, its registry), made on first use
+        self._nursery: trio.Nursery | None = None  # background rounds of overlapped DiLoCo
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -353,6 +360,9 @@ class Swarm:
                     min_size=self.min_group, matchmaking_timeout=self.matchmaking_timeout,
                     patience=self.patience, others=self._count_others, partners=self._count_partners,
                 )
+            # overlapped DiLoCo's background rounds: cancelled first when the swarm closes
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(self._nursery.cancel_scope.cancel)
             self._token = trio.lowlevel.current_trio_token()
             self._ready.set()
             await self._stop.wait()
@@ -490,7 +500,9 @@ class Swarm:
         optimizer (a :class:`~p2pcompute.training.ranks.ShardedAverager` wrapping it on rank 0 of
         an FSDP peer; ``model`` is then that rank's ``(name, local shard)`` pairs and ``join``
         must be False). Other ``options`` go to :class:`DiLoCo`
-        (``min_participants``, ``keep_checkpoints``, ``compression``...).
+        (``min_participants``, ``keep_checkpoints``, ``compression``, ``overlap``...).
+        With ``overlap=True`` the averaging runs in the swarm's background while the next inner
+        phase computes; call ``opt.finish()`` after the last step to land the last round.
 
         Example::
 
@@ -501,9 +513,11 @@ class Swarm:
             raise ConfigError("joining (downloading state) is for unsharded models: pass join=False")
         opt = SwarmDiLoCo(
             self, model, inner_optimizer, averager or self.averager, inner_steps=inner_steps,
-            runner=self.call, checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, **options,
+            runner=self.call, checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, nursery=self._nursery,
+            **options,
         )
         opt.elastic = averager is None
+        opt.catch_up = self._catch_up
         opt.tags = {"run": self.run_name, "model": opt.model_digest()}
         self._tags = dict(opt.tags)
         if isinstance(self.averager, CollectiveAverager):
@@ -577,6 +591,18 @@ class Swarm:
                 f"peers of run {self.run_name!r} are at outer step {newest} but their state could not be "
                 f"downloaded (see the warning above); pass require_join=False to train on alone"
             )
+
+    async def _catch_up(self, step: int) -> TrainingState | None:
+        """The shared state of outer ``step`` or newer, once a peer of our run serves it (overlap)."""
+        with trio.move_on_after(self.matchmaking_timeout):
+            while not any(s >= step for s, _ in (await self._offers()).values()):  # noqa: ASYNC110
+                await trio.sleep(0.2)  # remote progress: polled, as in _join (no local event)
+        try:
+            state, _ = await download_state(self.node, await self._peer_ids(), timeout=60.0)
+        except P2PComputeError as exc:
+            log.warning("state download failed: %s", exc)
+            return None
+        return _shared_only(state)
 
     async def _download(self, opt: DiLoCo) -> bool:
         peers = await self._peer_ids()
