@@ -127,24 +127,26 @@ def _bytes_part(
 
 def _processes_part(
     result: SuiteResult, *, peers: int, outer: int, inner: int, kill_every: int, timeout: float,
-    faultless: bool = True,
+    faultless: bool = True, modes: tuple[str, ...] = ("blocking", "overlapped"),
 ) -> None:
     layout = wan_layout()  # under --wan every process gets its own namespace
-    for kills in (False, True) if faultless else (True,):
-        name = f"utilization, kill every {kill_every}" if kills else "utilization, no faults"
-        row = result.config(name, part="utilization", peers=peers, outer_steps=outer, inner_steps=inner,
-                            kill_every=kill_every if kills else 0)
-        if not kills:
-            row.baseline = "no_faults"
-        try:
-            done = _run_processes(peers, outer, inner, kill_every if kills else 0, timeout, layout=layout)
-        except Exception as exc:  # a failed run is reported, not hidden
-            row.notes.append(f"run failed: {type(exc).__name__}: {exc}")
-            continue
-        row.add("utilization", done["compute_seconds"] / done["loop_seconds"])
-        row.add("loop_seconds", done["loop_seconds"])
-        row.add("sync_seconds", done["sync_seconds"])
-        row.notes.append(f"peer killed {done['kills']} time(s)")
+    for mode in modes:
+        for kills in (False, True) if faultless else (True,):
+            name = f"utilization_{mode}" + ("_kill" if kills else "")
+            row = result.config(name, part="utilization", peers=peers, outer_steps=outer, inner_steps=inner,
+                                kill_every=kill_every if kills else 0, outer_mode=mode)
+            if not kills and mode == "blocking":
+                row.baseline = "no_faults"
+            try:
+                done = _run_processes(peers, outer, inner, kill_every if kills else 0, timeout, layout=layout,
+                                      extra=["--overlap"] if mode == "overlapped" else [])
+            except Exception as exc:  # a failed run is reported, not hidden
+                row.notes.append(f"run failed: {type(exc).__name__}: {exc}")
+                continue
+            row.add("utilization", done["compute_seconds"] / done["loop_seconds"])
+            row.add("loop_seconds", done["loop_seconds"])
+            row.add("sync_seconds", done["sync_seconds"])
+            row.notes.append(f"peer killed {done['kills']} time(s); rounds' peers {done['participants']}")
 
 
 def _env() -> dict[str, str]:
@@ -154,7 +156,7 @@ def _env() -> dict[str, str]:
 
 def _run_processes(
     peers: int, outer: int, inner: int, kill_every: int, timeout: float,
-    layout: dict[str, Any] | None = None,
+    layout: dict[str, Any] | None = None, extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """Bootstrap node and peers as processes; under ``--wan`` the bootstrap node sits in peer 0's
     namespace and training peer ``k`` (1-based; a replacement takes its victim's place) in k's."""
@@ -179,7 +181,7 @@ def _run_processes(
             p = subprocess.Popen(
                 placed(slot, [sys.executable, str(ROOT / "examples" / "train.py"), "--json",
                               "--bootstrap", addr, "--outer-steps", str(steps), "--inner-steps", str(inner),
-                              "--group-size", str(peers), "--data-seed", str(seed)]),
+                              "--group-size", str(peers), "--data-seed", str(seed), *(extra or [])]),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
             )
             procs.append(p)
@@ -214,6 +216,10 @@ def _run_processes(
             if msg.get("event") == "done":
                 done = msg
         done["kills"] = kills
+        outers = [json.loads(x) for x in lines if '"outer"' in x]
+        done["participants"] = [len(o["participants"]) for o in outers]
+        done["waited"] = [o.get("waited") for o in outers]
+        done["round_seconds"] = [o.get("seconds") for o in outers]
         return done
     finally:
         for p in procs:

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -57,6 +58,7 @@ from p2pcompute.training.statesync import StateServer, download_state, fetch_man
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+OVERLAP_SWITCH_INTERVAL = 0.0005  # seconds; see Swarm.diloco
 PARTNER_TTL = 600.0  # seconds a peer seen in our run (its state, or a round with us) counts as a partner
 
 
@@ -518,6 +520,11 @@ class Swarm:
         )
         opt.elastic = averager is None
         opt.catch_up = self._catch_up
+        if opt.overlap is not None:
+            # the background round runs on our trio thread while the training thread holds the GIL
+            # between torch calls: with the default 5 ms switch interval every handoff to the
+            # network costs up to 5 ms and a round took 5x longer (docs/design/training.md)
+            sys.setswitchinterval(min(sys.getswitchinterval(), OVERLAP_SWITCH_INTERVAL))
         opt.tags = {"run": self.run_name, "model": opt.model_digest()}
         self._tags = dict(opt.tags)
         if isinstance(self.averager, CollectiveAverager):
