@@ -128,10 +128,13 @@ class CollectiveAverager:
             await trio.lowlevel.checkpoint()
             self.last_reason = "no other peer known"
             return AveragingOutcome((self.peer_id,), total_weight=weight)
-        if self.partners is not None and await self.partners() == 0:
-            # Peers there may be (providers, other runs), but none trains this run and model.
-            self.last_reason = "no other peer of this run known"
-            return AveragingOutcome((self.peer_id,), total_weight=weight)
+        expected: int | None = None
+        if self.partners is not None:
+            expected = await self.partners()
+            if expected == 0:
+                # Peers there may be (providers, other runs), but none trains this run and model.
+                self.last_reason = "no other peer of this run known"
+                return AveragingOutcome((self.peer_id,), total_weight=weight)
         start = time.perf_counter()
         before = self.lane.statistics()
         result = await self.collective.average(
@@ -146,6 +149,7 @@ class CollectiveAverager:
             codec=compression,
             max_attempts=self.max_attempts,
             aggregator=aggregator,
+            expected=expected,  # every known partner here: no need to wait out patience
         )
         after = self.lane.statistics()
         sent = after.bytes_sent - before.bytes_sent
