@@ -12,10 +12,15 @@ per round), summed over the run; the per-step row is the baseline. Final loss is
 held-out set; the gap to per-step is given as a share of the loss and of per-step's loss
 above the task's floor.
 
+``loss_gap_overlapped`` (metric ``gap``, a fraction): the held-out loss of overlapped DiLoCo
+(``overlap="delayed"``) against blocking DiLoCo at equal samples on ``lm`` (skip: ``--no-gap``).
+
 Part 2 (``utilization`` rows), real processes on 127.0.0.1: a bootstrap node and
 ``--peers`` processes run ``examples/train.py``; utilization is a surviving peer's time in
-local steps divided by its training-loop wall time, without faults and with one peer killed
-(SIGKILL) and replaced every ``--kill-every`` outer steps. Skipped with ``--no-processes``.
+local steps divided by its training-loop wall time (the last round's landing included),
+blocking (``utilization_blocking``) and overlapped (``utilization_overlapped``), without faults
+and with one peer killed (SIGKILL) and replaced every ``--kill-every`` outer steps (``_kill``).
+Skipped with ``--no-processes``.
 
     python -m benchmarks.training [--quick] [--out results/]
 """
@@ -123,6 +128,24 @@ def _bytes_part(
                 row.add("final_loss", loss)
                 row.add("bytes_sent_per_peer", sent)
                 row.add("seconds", time.perf_counter() - t0)
+
+
+def _gap_part(result: SuiteResult, *, peers: int, steps: int, batch: int, h: int, repeats: int) -> None:
+    """``loss_gap_overlapped``: overlapped against blocking DiLoCo at equal samples on ``lm``."""
+    row = result.config("loss_gap_overlapped", part="gap", task="lm", peers=peers, steps=steps, batch=batch,
+                        inner_steps=h, samples=peers * steps * batch)
+    for r in range(repeats):
+        losses = {}
+        for overlap in (None, "delayed"):
+            losses[overlap] = trio.run(
+                lambda overlap=overlap, r=r: _simulate(
+                    peers, steps, batch, mode="diloco", inner_steps=h, compression="none", lr=3e-3,
+                    task_name="lm", data_seed=100 + 1000 * r, overlap=overlap,
+                )
+            )[0]
+        row.add("gap", (losses["delayed"] - losses[None]) / losses[None])
+        row.add("final_loss_blocking", losses[None])
+        row.add("final_loss_overlapped", losses["delayed"])
 
 
 def _processes_part(
@@ -253,6 +276,8 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
                                   "loadavg_start": list(os.getloadavg())})
     if options.get("bytes", True):
         _bytes_part(result, peers=peers, steps=steps, batch=batch, h=h, repeats=repeats, tasks=tasks)
+    if options.get("gap", True):
+        _gap_part(result, peers=peers, steps=steps, batch=batch, h=h, repeats=repeats)
     result.add_ratios(
         match=lambda a, b: a.params.get("part") == b.params.get("part") == "bytes"
         and a.params.get("task") == b.params.get("task")
@@ -301,10 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-processes", action="store_true", help="skip the utilization part")
     parser.add_argument("--no-bytes", action="store_true", help="skip the bytes/loss part")
     parser.add_argument("--outer-steps", type=int, default=None, help="outer steps of the utilization runs")
+    parser.add_argument("--no-gap", action="store_true", help="skip the loss_gap_overlapped row")
+    parser.add_argument("--proc-inner-steps", type=int, default=None,
+                        help="inner steps per outer step of the utilization runs (default 50)")
     args = parser.parse_args(argv)
     opts: dict[str, Any] = {"peers": args.peers, "repeats": args.repeats,
                             "tasks": tuple(t for t in args.tasks.split(",") if t),
-                            "processes": not args.no_processes, "bytes": not args.no_bytes}
+                            "processes": not args.no_processes, "bytes": not args.no_bytes,
+                            "gap": not args.no_gap}
+    if args.proc_inner_steps:
+        opts["proc_inner_steps"] = args.proc_inner_steps
     if args.kill_every:
         opts["kill_every"] = args.kill_every
     if args.outer_steps:
