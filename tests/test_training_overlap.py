@@ -231,3 +231,66 @@ async def test_overlap_needs_a_nursery_and_diloco_mode() -> None:
     model(torch.ones(1, 2)).sum().backward()
     with pytest.raises(ConfigError, match="nursery"):
         await opt.astep()
+
+
+@pytest.mark.slow
+def test_two_swarms_overlap_for_real_and_close_with_a_round_in_flight() -> None:
+    """Real nodes on 127.0.0.1: rounds run in each Swarm's nursery during the next inner phase;
+    peers stay bit-identical; closing with a round in flight leaves no thread behind."""
+    import threading
+
+    from p2pcompute.training.swarm import Swarm
+
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(1))
+    y = x.sum(dim=1, keepdim=True)
+    results: dict[str, Any] = {}
+    with Swarm(network=True, advertise=True, role="bootstrap", advert_interval=1.0) as boot:
+        common = {"bootstrap": boot.addrs, "patience": 5.0, "matchmaking_timeout": 20.0,
+                  "advert_interval": 1.0}
+        with Swarm(**common) as a, Swarm(**common) as b:
+            a.wait_for_peers(1, timeout=30)
+            b.wait_for_peers(1, timeout=30)
+            barrier = threading.Barrier(2, timeout=60)
+
+            def train(name: str, swarm: Swarm, offset: int) -> None:
+                try:
+                    gen = torch.Generator().manual_seed(0)
+                    model = torch.nn.Linear(4, 1)
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p.copy_(torch.randn(p.shape, generator=gen))
+                    opt = swarm.diloco(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_steps=5,
+                                       join=False, overlap=True)
+                    barrier.wait()
+                    for s in range(15):  # three phases: rounds 0 and 1 land, round 2 in flight
+                        lo = (s * 2 + offset) * 8
+                        torch.nn.functional.mse_loss(model(x[lo : lo + 8]), y[lo : lo + 8]).backward()
+                        opt.step()
+                        opt.zero_grad()
+                    assert opt.pending
+                    last = opt.finish()
+                    assert last is not None
+                    assert last.overlapped
+                    results[name] = opt
+                    barrier.wait()
+                    for _ in range(5):  # one more phase: round 3 in flight when the swarm closes
+                        model(x[:8]).sum().backward()
+                        opt.step()
+                        opt.zero_grad()
+                    assert opt.pending
+                except BaseException as exc:
+                    results[name] = exc
+
+            t = threading.Thread(target=train, args=("b", b, 1))
+            t.start()
+            train("a", a, 0)
+            t.join(120)
+            assert not t.is_alive()
+            for name in ("a", "b"):
+                assert not isinstance(results[name], BaseException), results[name]
+            pa, pb = results["a"], results["b"]
+            assert [len(r.participants) for r in pa.history[:3]] == [2, 2, 2]
+            assert pa.history[2].participants == pb.history[2].participants
+    assert [t.name for t in threading.enumerate() if t.name.startswith("p2pcompute-swarm")] == []
+    assert pa.outer_step == pb.outer_step == 3
+    assert pa.state_digest() == pb.state_digest()
