@@ -652,14 +652,39 @@ class DiLoCo(torch.optim.Optimizer):
     def _rebase(self, target: list[torch.Tensor]) -> None:
         """Put the model on ``target``; the next phase's progress is measured from it as held."""
         with torch.no_grad():
-            for p, t in zip(self.params, target, strict=True):
-                p.copy_(t)
+            self._upload(target)
             for (_, b), v in zip(self.named_buffers, self._shared_buffers(), strict=True):
                 b.copy_(v)
+            # what the model holds, computed on the anchor's side (no download from the GPU)
             self._phase_start = [
-                p.detach().to(a.device, a.dtype, copy=True)
-                for p, a in zip(self.params, self.anchor, strict=True)
+                t.to(p.dtype).to(a.dtype) if t.dtype != p.dtype else t.clone()
+                for t, p, a in zip(target, self.params, self.anchor, strict=True)
             ]
+
+    def _upload(self, values: list[torch.Tensor]) -> None:
+        """Copy ``values`` (anchor side) into the model without making the CPU wait for the GPU.
+
+        CUDA parameters are filled from the pinned buffers on a side stream that starts after the
+        inner steps queued so far; the compute stream waits for it on the GPU, not the host.
+        """
+        pinned = self._staging()
+        for i, (p, v) in enumerate(zip(self.params, values, strict=True)):
+            if pinned is None or pinned[i] is p or not p.is_cuda:
+                p.copy_(v)
+                continue
+            pinned[i].copy_(v)  # its previous upload finished: _stage_params synchronised since
+            compute = torch.cuda.current_stream(p.device)
+            side = self._side_stream(p.device)
+            side.wait_stream(compute)
+            with torch.cuda.stream(side):
+                p.copy_(pinned[i], non_blocking=True)
+            compute.wait_stream(side)
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        streams = self.__dict__.setdefault("_side_streams", {})
+        if device not in streams:
+            streams[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        return cast(torch.cuda.Stream, streams[device])
 
     def _trial_outer(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
         saved = [a.detach().clone() for a in self.anchor]
