@@ -169,7 +169,8 @@ def _processes_part(
             row.add("utilization", done["compute_seconds"] / done["loop_seconds"])
             row.add("loop_seconds", done["loop_seconds"])
             row.add("sync_seconds", done["sync_seconds"])
-            row.notes.append(f"peer killed {done['kills']} time(s); rounds' peers {done['participants']}")
+            row.notes.append(f"peer killed {done['kills']} time(s); rounds' peers {done['participants']}; "
+                             f"compute waited (s) {done['waited']}")
 
 
 def _env() -> dict[str, str]:

@@ -95,7 +95,10 @@ class CollectiveAverager:
         max_attempts: int = 3,
         others: Callable[[], int] | None = None,
         partners: Callable[[], Awaitable[int]] | None = None,
+        forget: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
+        #: told the peers a round left out (dead or silent), so they stop counting as partners
+        self.forget = forget
         self.collective = collective
         self.others = others
         self.partners = partners
@@ -151,6 +154,8 @@ class CollectiveAverager:
             aggregator=aggregator,
             expected=expected,  # every known partner here: no need to wait out patience
         )
+        if self.forget is not None and result.excluded:
+            self.forget(tuple(result.excluded))
         after = self.lane.statistics()
         sent = after.bytes_sent - before.bytes_sent
         received = after.bytes_received - before.bytes_received
@@ -365,6 +370,7 @@ class Swarm:
                     self.collective, self.lane, self.run_name, target=self.group_size,
                     min_size=self.min_group, matchmaking_timeout=self.matchmaking_timeout,
                     patience=self.patience, others=self._count_others, partners=self._count_partners,
+                    forget=self._forget_partners,
                 )
             # overlapped DiLoCo's background rounds: cancelled first when the swarm closes
             self._nursery = await stack.enter_async_context(trio.open_nursery())
@@ -467,6 +473,12 @@ class Swarm:
             now = time.monotonic()
             fresh = [p for p, seen in self._partners.items() if now - seen < PARTNER_TTL and p in alive]
         return len(fresh)
+
+    def _forget_partners(self, peers: Sequence[str]) -> None:
+        # a partner a round left out (killed, paused) is not waited for in the next matchmaking;
+        # it counts again once it serves our run's state or averages with us
+        for p in peers:
+            self._partners.pop(p, None)
 
     async def _peer_ids(self) -> list[str]:
         await trio.lowlevel.checkpoint()
