@@ -40,8 +40,9 @@ phase k the phase's progress is averaged in a background task (in ``nursery``; t
 the average is applied to the shared anchor at the end of phase k+1, one phase late. The model
 is rebased on the newest anchor at every phase boundary so the delay never accumulates:
 ``"delayed"`` keeps the newest phase's own progress on top of it (``anchor - delta``);
-``"eager"`` applies the outer optimizer to that own progress as a stand-in for the average
-that has not landed yet (a trial step on copies; the shared state is untouched). Peers that took
+``"eager"`` takes a trial outer step (on copies; the shared state is untouched) on the landed
+average with this peer's stale share swapped for its fresh progress. Overlapped, the outer
+optimizer defaults to lr 0.8 and momentum 0.6 (0.9 overshoots on a one-round-stale average). Peers that took
 part in the same rounds hold bit-identical anchors and momentum (:meth:`DiLoCo.state_digest`). The
 choice and its figures are in docs/design/training.md. :meth:`DiLoCo.flush` lands the last round.
 
