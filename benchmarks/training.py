@@ -12,10 +12,15 @@ per round), summed over the run; the per-step row is the baseline. Final loss is
 held-out set; the gap to per-step is given as a share of the loss and of per-step's loss
 above the task's floor.
 
+``loss_gap_overlapped`` (metric ``gap``, a fraction): the held-out loss of overlapped DiLoCo
+(``overlap="delayed"``) against blocking DiLoCo at equal samples on ``lm`` (skip: ``--no-gap``).
+
 Part 2 (``utilization`` rows), real processes on 127.0.0.1: a bootstrap node and
 ``--peers`` processes run ``examples/train.py``; utilization is a surviving peer's time in
-local steps divided by its training-loop wall time, without faults and with one peer killed
-(SIGKILL) and replaced every ``--kill-every`` outer steps. Skipped with ``--no-processes``.
+local steps divided by its training-loop wall time (the last round's landing included),
+blocking (``utilization_blocking``) and overlapped (``utilization_overlapped``), without faults
+and with one peer killed (SIGKILL) and replaced every ``--kill-every`` outer steps (``_kill``).
+Skipped with ``--no-processes``.
 
     python -m benchmarks.training [--quick] [--out results/]
 """
@@ -64,28 +69,32 @@ TASKS: dict[str, Any] = {"teacher": _Teacher, "lm": lambda: MarkovTextTask(0)}
 
 async def _simulate(
     peers: int, steps: int, batch: int, *, mode: str, inner_steps: int, compression: str, lr: float,
-    task_name: str = "teacher", data_seed: int = 100,
+    task_name: str = "teacher", data_seed: int = 100, overlap: str | None = None,
 ) -> tuple[float, int]:
     task = TASKS[task_name]()
     group = LocalGroup()
     models = [task.make_model(0) for _ in range(peers)]
-    opts = [
-        DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=lr), group.join(f"p{i}"), inner_steps=inner_steps,
-               mode=mode, compression=compression)  # type: ignore[arg-type]
-        for i, m in enumerate(models)
-    ]
     gens = [torch.Generator().manual_seed(data_seed + i) for i in range(peers)]
 
-    async def run(i: int) -> None:
-        for _ in range(steps):
-            x, y = task.batch(batch, gens[i])
-            task.loss(models[i](x), y).backward()
-            await opts[i].astep(samples=batch)
-            opts[i].zero_grad()
+    async with trio.open_nursery() as background:  # overlapped rounds run here
+        opts = [
+            DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=lr), group.join(f"p{i}"), inner_steps=inner_steps,
+                   mode=mode, compression=compression, overlap=overlap or False,  # type: ignore[arg-type]
+                   nursery=background)
+            for i, m in enumerate(models)
+        ]
 
-    async with trio.open_nursery() as nursery:
-        for i in range(peers):
-            nursery.start_soon(run, i)
+        async def run(i: int) -> None:
+            for _ in range(steps):
+                x, y = task.batch(batch, gens[i])
+                task.loss(models[i](x), y).backward()
+                await opts[i].astep(samples=batch)
+                opts[i].zero_grad()
+            await opts[i].flush()  # the last round lands (overlapped mode)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(peers):
+                nursery.start_soon(run, i)
     return task.evaluate(models[0]), opts[0].bytes_sent
 
 
@@ -121,26 +130,47 @@ def _bytes_part(
                 row.add("seconds", time.perf_counter() - t0)
 
 
+def _gap_part(result: SuiteResult, *, peers: int, steps: int, batch: int, h: int, repeats: int) -> None:
+    """``loss_gap_overlapped``: overlapped against blocking DiLoCo at equal samples on ``lm``."""
+    row = result.config("loss_gap_overlapped", part="gap", task="lm", peers=peers, steps=steps, batch=batch,
+                        inner_steps=h, samples=peers * steps * batch)
+    for r in range(repeats):
+        losses = {}
+        for overlap in (None, "delayed"):
+            losses[overlap] = trio.run(
+                lambda overlap=overlap, r=r: _simulate(
+                    peers, steps, batch, mode="diloco", inner_steps=h, compression="none", lr=3e-3,
+                    task_name="lm", data_seed=100 + 1000 * r, overlap=overlap,
+                )
+            )[0]
+        row.add("gap", (losses["delayed"] - losses[None]) / losses[None])
+        row.add("final_loss_blocking", losses[None])
+        row.add("final_loss_overlapped", losses["delayed"])
+
+
 def _processes_part(
     result: SuiteResult, *, peers: int, outer: int, inner: int, kill_every: int, timeout: float,
-    faultless: bool = True,
+    faultless: bool = True, modes: tuple[str, ...] = ("blocking", "overlapped"),
 ) -> None:
     layout = wan_layout()  # under --wan every process gets its own namespace
-    for kills in (False, True) if faultless else (True,):
-        name = f"utilization, kill every {kill_every}" if kills else "utilization, no faults"
-        row = result.config(name, part="utilization", peers=peers, outer_steps=outer, inner_steps=inner,
-                            kill_every=kill_every if kills else 0)
-        if not kills:
-            row.baseline = "no_faults"
-        try:
-            done = _run_processes(peers, outer, inner, kill_every if kills else 0, timeout, layout=layout)
-        except Exception as exc:  # a failed run is reported, not hidden
-            row.notes.append(f"run failed: {type(exc).__name__}: {exc}")
-            continue
-        row.add("utilization", done["compute_seconds"] / done["loop_seconds"])
-        row.add("loop_seconds", done["loop_seconds"])
-        row.add("sync_seconds", done["sync_seconds"])
-        row.notes.append(f"peer killed {done['kills']} time(s)")
+    for mode in modes:
+        for kills in (False, True) if faultless else (True,):
+            name = f"utilization_{mode}" + ("_kill" if kills else "")
+            row = result.config(name, part="utilization", peers=peers, outer_steps=outer, inner_steps=inner,
+                                kill_every=kill_every if kills else 0, outer_mode=mode)
+            if not kills and mode == "blocking":
+                row.baseline = "no_faults"
+            try:
+                done = _run_processes(peers, outer, inner, kill_every if kills else 0, timeout, layout=layout,
+                                      extra=["--overlap"] if mode == "overlapped" else [])
+            except Exception as exc:  # a failed run is reported, not hidden
+                row.notes.append(f"run failed: {type(exc).__name__}: {exc}")
+                continue
+            row.add("utilization", done["compute_seconds"] / done["loop_seconds"])
+            row.add("loop_seconds", done["loop_seconds"])
+            row.add("sync_seconds", done["sync_seconds"])
+            row.notes.append(f"peer killed {done['kills']} time(s); rounds' peers {done['participants']}; "
+                             f"compute waited (s) {done['waited']}")
 
 
 def _env() -> dict[str, str]:
@@ -150,7 +180,7 @@ def _env() -> dict[str, str]:
 
 def _run_processes(
     peers: int, outer: int, inner: int, kill_every: int, timeout: float,
-    layout: dict[str, Any] | None = None,
+    layout: dict[str, Any] | None = None, extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """Bootstrap node and peers as processes; under ``--wan`` the bootstrap node sits in peer 0's
     namespace and training peer ``k`` (1-based; a replacement takes its victim's place) in k's."""
@@ -175,7 +205,7 @@ def _run_processes(
             p = subprocess.Popen(
                 placed(slot, [sys.executable, str(ROOT / "examples" / "train.py"), "--json",
                               "--bootstrap", addr, "--outer-steps", str(steps), "--inner-steps", str(inner),
-                              "--group-size", str(peers), "--data-seed", str(seed)]),
+                              "--group-size", str(peers), "--data-seed", str(seed), *(extra or [])]),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
             )
             procs.append(p)
@@ -210,6 +240,10 @@ def _run_processes(
             if msg.get("event") == "done":
                 done = msg
         done["kills"] = kills
+        outers = [json.loads(x) for x in lines if '"outer"' in x]
+        done["participants"] = [len(o["participants"]) for o in outers]
+        done["waited"] = [o.get("waited") for o in outers]
+        done["round_seconds"] = [o.get("seconds") for o in outers]
         return done
     finally:
         for p in procs:
@@ -243,6 +277,8 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
                                   "loadavg_start": list(os.getloadavg())})
     if options.get("bytes", True):
         _bytes_part(result, peers=peers, steps=steps, batch=batch, h=h, repeats=repeats, tasks=tasks)
+    if options.get("gap", True):
+        _gap_part(result, peers=peers, steps=steps, batch=batch, h=h, repeats=repeats)
     result.add_ratios(
         match=lambda a, b: a.params.get("part") == b.params.get("part") == "bytes"
         and a.params.get("task") == b.params.get("task")
@@ -291,10 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-processes", action="store_true", help="skip the utilization part")
     parser.add_argument("--no-bytes", action="store_true", help="skip the bytes/loss part")
     parser.add_argument("--outer-steps", type=int, default=None, help="outer steps of the utilization runs")
+    parser.add_argument("--no-gap", action="store_true", help="skip the loss_gap_overlapped row")
+    parser.add_argument("--proc-inner-steps", type=int, default=None,
+                        help="inner steps per outer step of the utilization runs (default 50)")
     args = parser.parse_args(argv)
     opts: dict[str, Any] = {"peers": args.peers, "repeats": args.repeats,
                             "tasks": tuple(t for t in args.tasks.split(",") if t),
-                            "processes": not args.no_processes, "bytes": not args.no_bytes}
+                            "processes": not args.no_processes, "bytes": not args.no_bytes,
+                            "gap": not args.no_gap}
+    if args.proc_inner_steps:
+        opts["proc_inner_steps"] = args.proc_inner_steps
     if args.kill_every:
         opts["kill_every"] = args.kill_every
     if args.outer_steps:

@@ -6,8 +6,9 @@
 Every peer is a separate process running ``examples/train.py`` unchanged (the same script
 that trains alone). Midway the third peer is killed with SIGKILL and a fourth one starts; it
 downloads the state from the survivors and joins at their next outer step. Per outer step
-the demo prints the loss on a held-out set, who took part, the bytes the peers sent and the
-bytes per-step gradient averaging would have sent for the same samples; at the end, the
+the demo prints the loss on a held-out set, who took part, the bytes the peers sent, the
+bytes per-step gradient averaging would have sent for the same samples, the round's duration
+and how long compute waited for it (``--overlap``: rounds run during the next inner phase); at the end, the
 final loss beside the same model trained alone on as many samples. Exit status 0 when the
 survivors finished with bit-identical state and the joiner took part.
 
@@ -79,7 +80,7 @@ def _spawn_args(show: Show, boot: str, seed: int) -> list[str]:
         str(EXAMPLE), "--json", "--bootstrap", boot, "--outer-steps", str(a.outer_steps),
         "--inner-steps", str(a.inner_steps), "--batch", str(a.batch), "--group-size", "3",
         "--patience", str(a.patience), "--data-seed", str(seed), "--compression", a.compression,
-        "--matchmaking-timeout", str(a.matchmaking_timeout),
+        "--matchmaking-timeout", str(a.matchmaking_timeout), *(["--overlap"] if a.overlap else []),
     ]
 
 
@@ -154,8 +155,10 @@ def _short(show: Show, peers: list[str]) -> str:
 
 def _report(show: Show) -> tuple[int, float]:
     steps = sorted({s for p in show.peers for s in p.outer})
-    print("\nouter step | eval loss | participants        | bytes sent | per-step avg would send | round")
-    print("-----------+-----------+---------------------+------------+-------------------------+------")
+    print("\nouter step | eval loss | participants        | bytes sent | per-step avg would send | round  "
+          "| compute waited")
+    print("-----------+-----------+---------------------+------------+-------------------------+--------"
+          "+---------------")
     samples = 0
     for s in steps:
         rows = [p.outer[s] for p in show.peers if s in p.outer]
@@ -170,8 +173,11 @@ def _report(show: Show) -> tuple[int, float]:
         ratio = f"({per_step / sent:.0f}x)" if sent else ""
         who = _short(show, list(parts))
         seconds = max(r["seconds"] for r in members)
+        # how long the inner steps stood still for this round (the longest wait among its peers);
+        # overlapped, the round runs during the next inner phase and this is what it overran
+        waited = max(r.get("waited", r["seconds"]) for r in members)
         print(f"{s:10d} | {members[0]['loss']:9.5f} | {who:19s} | {sent / 1e3:7.1f} kB | "
-              f"{per_step / 1e6:9.2f} MB {ratio:10s} | {seconds:4.1f} s")
+              f"{per_step / 1e6:9.2f} MB {ratio:10s} | {seconds:4.1f} s | {waited:5.2f} s")
         samples += len(members) * show.args.inner_steps * show.args.batch
     final = math.nan
     if steps:
@@ -278,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matchmaking-timeout", type=float, default=12.0)
     parser.add_argument("--compression", default="fp16", choices=["none", "fp16", "bf16", "int8"])
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--overlap", action="store_true",
+                        help="average each outer step in the background during the next inner phase")
     args = parser.parse_args(argv)
     try:
         if args.bootstrap_only:

@@ -26,6 +26,7 @@ import time
 import torch
 
 from p2pcompute.testing import TeacherTask, evaluate, make_model
+from p2pcompute.training.diloco import DiLoCo, StepReport
 from p2pcompute.training.swarm import Swarm
 
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="give up a round after this many seconds without a group")
     parser.add_argument("--data-seed", type=int, default=None, help="seed of this peer's batches")
     parser.add_argument("--json", action="store_true", help="one JSON line per outer step")
+    parser.add_argument("--overlap", action="store_true",
+                        help="average each outer step in the background while the next inner phase runs")
     args = parser.parse_args(argv)
     try:
         return train(args)
@@ -72,7 +75,7 @@ def train(args: argparse.Namespace) -> int:
     with swarm:
         opt = swarm.diloco(
             model, inner, inner_steps=args.inner_steps, compression=args.compression,
-            checkpoint=args.checkpoint,
+            checkpoint=args.checkpoint, overlap=args.overlap,
         )
         seed = args.data_seed
         if seed is None:
@@ -83,30 +86,23 @@ def train(args: argparse.Namespace) -> int:
                               "outer_step": opt.outer_step}), flush=True)
         loop_start = time.perf_counter()
         sync_seconds = eval_seconds = 0.0
-        while opt.outer_step < args.outer_steps:
+        # an overlapped round in flight counts: its outer step lands during the next phase (or finish())
+        while opt.outer_step + opt.pending < args.outer_steps:
             x, y = task.batch(args.batch, g)
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
+            t_step = time.perf_counter()
             report = opt.step(samples=args.batch)
+            if opt.local_steps == 0:  # a phase boundary: the time the compute waited for averaging
+                sync_seconds += time.perf_counter() - t_step
             opt.zero_grad()
-            if report is None:
-                continue
-            sync_seconds += report.seconds
-            t_eval = time.perf_counter()
-            line = {
-                "event": "outer", "peer": swarm.peer_id, "step": report.outer_step,
-                "loss": evaluate(model, eval_set), "participants": list(report.participants),
-                "bytes": report.bytes_sent, "per_step_bytes": report.per_step_bytes,
-                "seconds": round(report.seconds, 3), "digest": opt.state_digest().hex()[:16],
-                "error": report.error,
-            }
-            if args.json:
-                print(json.dumps(line), flush=True)
-            else:
-                print(f"outer step {report.outer_step:3d}  loss {line['loss']:.5f}  "
-                      f"peers {len(report.participants)}  sent {report.bytes_sent / 1e3:.1f} kB "
-                      f"(per-step averaging: {report.per_step_bytes / 1e3:.1f} kB)", flush=True)
-            eval_seconds += time.perf_counter() - t_eval
+            if report is not None:
+                eval_seconds += _report(args, swarm, opt, model, eval_set, report)
+        t_finish = time.perf_counter()
+        last = opt.finish()  # overlapped: the last round lands
+        sync_seconds += time.perf_counter() - t_finish
+        if last is not None:
+            eval_seconds += _report(args, swarm, opt, model, eval_set, last)
         loop_seconds = time.perf_counter() - loop_start - eval_seconds
         final = evaluate(model, eval_set)
         if args.json:
@@ -117,6 +113,27 @@ def train(args: argparse.Namespace) -> int:
         else:
             print(f"final loss {final:.5f} after {opt.outer_step} outer steps", flush=True)
     return 0
+
+
+def _report(args: argparse.Namespace, swarm: Swarm, opt: DiLoCo, model: torch.nn.Module,
+            eval_set: tuple[torch.Tensor, torch.Tensor], report: StepReport) -> float:
+    """Print one outer step; returns the seconds spent evaluating (not training time)."""
+    t_eval = time.perf_counter()
+    line = {
+        "event": "outer", "peer": swarm.peer_id, "step": report.outer_step,
+        "loss": evaluate(model, eval_set), "participants": list(report.participants),
+        "bytes": report.bytes_sent, "per_step_bytes": report.per_step_bytes,
+        "seconds": round(report.seconds, 3), "waited": round(report.waited, 3),
+        "digest": opt.state_digest().hex()[:16], "error": report.error,
+    }
+    if args.json:
+        print(json.dumps(line), flush=True)
+    else:
+        print(f"outer step {report.outer_step:3d}  loss {line['loss']:.5f}  "
+              f"peers {len(report.participants)}  sent {report.bytes_sent / 1e3:.1f} kB "
+              f"(per-step averaging: {report.per_step_bytes / 1e3:.1f} kB)  "
+              f"compute waited {report.waited:.2f} s", flush=True)
+    return time.perf_counter() - t_eval
 
 
 if __name__ == "__main__":

@@ -128,6 +128,8 @@ class Swarm:
         self.now = 0.0
         self.results: dict[str, Formed | NoGroup] = {}
         self.timers: dict[str, set[float]] = {}
+        self.expected: int | None = None  # passed to every core (peers the caller knows will come)
+        self.formed_at: dict[str, float] = {}
 
     def at(self, t: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self.queue, (t, next(self.seq), fn))
@@ -139,7 +141,8 @@ class Swarm:
         def start() -> None:
             cand = Candidate(pid, 1.0, 1.0, expires=1000.0)
             self.cores[pid] = MatchCore(cand, run="r", round_key="k", target=self.target,
-                                        min_size=self.min_size, now=self.now, deadline=self.now + 20.0)
+                                        min_size=self.min_size, now=self.now, deadline=self.now + 20.0,
+                                        expected=self.expected)
             for other in list(self.cores):
                 if other != pid:  # gossip our advert to everyone already listening
                     self.at(self.now + self.delay(), self.deliver_advert(other, cand))
@@ -166,6 +169,7 @@ class Swarm:
                     self.at(self.now + self.delay(), self.ready(pid, m, action.digest))
             else:
                 self.results[pid] = action
+                self.formed_at[pid] = self.now
         nxt = core.next_deadline(self.now)
         if nxt is not None and nxt not in self.timers.setdefault(pid, set()):
             self.timers[pid].add(nxt)
@@ -338,3 +342,35 @@ def test_a_committed_answer_counts_as_the_peers_ready() -> None:
     c.on_ready_confirmed("b", "other", 0.6)
     c.on_ready_confirmed("zz", c.digest, 0.6)
     assert c.readies == set()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 7), seed=st.integers(0, 2**32 - 1), late=st.booleans())
+def test_known_partners_all_present_form_without_waiting_out_patience(n: int, seed: int, late: bool) -> None:
+    """Every peer knows the n-1 others will come (``expected``): the group of all forms as soon as
+    the last arrives, long before patience (10 s: half the 20 s deadline), never split in two."""
+    rng = random.Random(seed)
+    swarm = Swarm(rng, max_delay=0.2, target=8, min_size=2)
+    swarm.expected = n - 1
+    for i in range(n):
+        swarm.join(f"p{i}", t=3.0 if late and i == n - 1 else rng.uniform(0, 0.1))
+    swarm.run()
+    check_consistent(swarm)
+    groups = {tuple(sorted(c.peer_id for c in r.members)) for r in swarm.results.values()
+              if isinstance(r, Formed)}
+    assert groups == {tuple(sorted(f"p{i}" for i in range(n)))}
+    assert max(swarm.formed_at.values()) < (3.0 if late else 0.0) + 3.0
+
+
+def test_an_expected_peer_that_never_comes_costs_patience_only() -> None:
+    a = MatchCore(Candidate("a", 1, 1, 100), run="r", round_key="k", target=8, min_size=2, now=0, deadline=10,
+                  patience=3.0, expected=2)
+    a.add_candidate(Candidate("b", 1, 1, 100), 0.1)
+    assert a.poll(1.0) == []  # b is here, c (expected) is not
+    (hello,) = a.poll(3.0)
+    assert isinstance(hello, SendHello)
+    a2 = MatchCore(Candidate("a", 1, 1, 100), run="r", round_key="k", target=8, min_size=2, now=0,
+                   deadline=10, patience=3.0, expected=1)
+    a2.add_candidate(Candidate("b", 1, 1, 100), 0.1)
+    (hello,) = a2.poll(0.6)  # everyone expected is here: settled (0.5 s) is enough
+    assert isinstance(hello, SendHello)

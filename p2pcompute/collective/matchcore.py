@@ -9,8 +9,9 @@ there is no leader to race for and no follower to lock.
 
 Views converge by two means: gossip (every advert reaches every candidate) and *hellos*: once
 its view has been quiet for ``settle`` seconds (and its group is full, or ``patience`` ran
-out), a peer proposes its group and sends each member a hello carrying the group's digest and
-the adverts of its whole view; the answer carries the receiver's current digest and view.
+out, or every peer the caller said to expect is in the view), a peer proposes its group and
+sends each member a hello carrying the group's digest and the adverts of its whole view; the
+answer carries the receiver's current digest and view.
 Any new candidate learned this way changes the view, the partition, and so the proposal. A
 group is *formed* when every member's latest hello names the same digest. Hence two groups
 that started forming at once (a view of {A, B} here, {C, D} there) merge as soon as either
@@ -162,6 +163,9 @@ class MatchCore:
     deadline: float
     settle: float = 0.5
     patience: float | None = None  # how long to wait for a full group (default: half the time left)
+    #: how many other peers the caller knows will come (its live partners): once the view holds
+    #: them all, the group counts as full and patience is not waited out
+    expected: int | None = None
     hello_timeout: float = 3.0
     max_candidates: int = 256
     state: MatchState = MatchState.GATHERING
@@ -299,7 +303,8 @@ class MatchCore:
         group = self.my_group(now)
         settled = now >= self._changed_at + self.settle
         if self.state is MatchState.GATHERING:
-            if group and settled and (len(group) >= self.target or now >= self._full_by):
+            everyone = self.expected is not None and len(self.view(now)) > self.expected
+            if group and settled and (len(group) >= self.target or everyone or now >= self._full_by):
                 out += self._propose(group, now)
         elif group != self.proposal:
             if group:

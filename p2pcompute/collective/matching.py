@@ -381,6 +381,7 @@ class Matchmaker:
         min_size: int = 2,
         timeout: float = 30.0,
         patience: float | None = None,
+        expected: int | None = None,
     ) -> Formed | NoGroup:
         """See :meth:`p2pcompute.collective.Collective.form_group`.
 
@@ -422,6 +423,7 @@ class Matchmaker:
             deadline=now + timeout,
             settle=self.settings.settle,
             patience=patience,
+            expected=expected,
             hello_timeout=self.settings.hello_timeout,
         )
         for (r, k, _), (cand, lay) in list(self._adverts.items()):

@@ -240,8 +240,12 @@ class Collective:
         min_size: int = 2,
         timeout: float = 30.0,
         patience: float | None = None,
+        expected: int | None = None,
     ) -> Formed | NoGroup:
         """Find peers averaging ``layout`` under ``run`` in round ``round_key``; never waits past ``timeout``.
+
+        ``expected``: how many other peers the caller knows will come; once all are seen the group
+        forms without waiting out ``patience``.
 
         Returns :class:`Formed` (members in averaging order) or :class:`NoGroup`.
 
@@ -251,7 +255,7 @@ class Collective:
         """
         return await self.matchmaker.form_group(
             run, round_key, layout=layout, weight=weight, target=target, min_size=min_size,
-            timeout=timeout, patience=patience,
+            timeout=timeout, patience=patience, expected=expected,
         )
 
     async def all_reduce(
@@ -299,6 +303,7 @@ class Collective:
         codec: str = "none",
         max_attempts: int = 3,
         aggregator: str | Aggregator = "mean",
+        expected: int | None = None,
     ) -> RoundOutcome:
         """Form a group under ``run`` for ``round_key`` and average ``tensors`` in place with it.
 
@@ -320,7 +325,7 @@ class Collective:
             outcome = await self._average(
                 run, round_key, tensors, weight=weight, target=target, min_size=min_size,
                 matchmaking_timeout=matchmaking_timeout, patience=patience, codec=codec,
-                max_attempts=max_attempts, aggregator=aggregator,
+                max_attempts=max_attempts, aggregator=aggregator, expected=expected,
             )
             return outcome
         finally:
@@ -340,6 +345,7 @@ class Collective:
         codec: str,
         max_attempts: int,
         aggregator: str | Aggregator,
+        expected: int | None = None,
     ) -> RoundOutcome:
         group = await self.form_group(
             run,
@@ -350,6 +356,7 @@ class Collective:
             min_size=min_size,
             timeout=matchmaking_timeout,
             patience=patience,
+            expected=expected,
         )
         if isinstance(group, NoGroup):
             return RoundOutcome(RoundStatus.NO_GROUP, reason=group.reason)

@@ -34,6 +34,18 @@ BatchNorm's running mean and variance are averaged with the same sample weights 
 step (in fp32 for low-precision buffers) and are part of the shared state; integer buffers
 (``num_batches_tracked``) stay local. ``buffers="local"`` leaves all buffers alone.
 
+Overlapped outer steps (``overlap="eager"``, or ``True``; ``"delayed"``): at the end of inner
+phase k the phase's progress is averaged in a background task (in ``nursery``; the
+:class:`~p2pcompute.training.swarm.Swarm` supplies its own) while the inner steps of phase k+1 run;
+the average is applied to the shared anchor at the end of phase k+1, one phase late. The model
+is rebased on the newest anchor at every phase boundary so the delay never accumulates:
+``"delayed"`` keeps the newest phase's own progress on top of it (``anchor - delta``);
+``"eager"`` takes a trial outer step (on copies; the shared state is untouched) on the landed
+average with this peer's stale share swapped for its fresh progress. Overlapped, the outer
+optimizer defaults to lr 0.8 and momentum 0.6 (0.9 overshoots on a one-round-stale average). Peers that took
+part in the same rounds hold bit-identical anchors and momentum (:meth:`DiLoCo.state_digest`). The
+choice and its figures are in docs/design/training.md. :meth:`DiLoCo.flush` lands the last round.
+
 Training scripts are synchronous: :meth:`DiLoCo.step` runs the averaging through a
 ``runner`` (the :class:`~p2pcompute.training.swarm.Swarm` facade supplies one that hops to
 its trio thread); trio code calls :meth:`DiLoCo.astep` directly.
@@ -43,12 +55,13 @@ Imports torch, trio, :mod:`p2pcompute.training.averager`, :mod:`.state`, errors.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, cast
 
 import torch
@@ -66,6 +79,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Mode = Literal["diloco", "per_step"]
 BufferRule = Literal["average", "local"]
+Overlap = Literal["eager", "delayed"]
+#: what ``overlap=True`` means (chosen by measurement: docs/design/training.md)
+DEFAULT_OVERLAP: Overlap = "delayed"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -96,11 +112,45 @@ class StepReport:
     #: why the step was averaged with nobody else (None when others took part): the failed
     #: round's error, "no other peer of this run known", or "group of one" (no network)
     solo_reason: str | None = None
+    #: seconds the inner steps waited for this round (the whole round when not overlapped; on
+    #: trio's clock when overlapped)
+    waited: float = 0.0
+    #: True when the round ran in the background during the next inner phase
+    overlapped: bool = False
 
     @property
     def solo(self) -> bool:
         """True when this peer's pseudo-gradient was averaged with nobody else's."""
         return len(self.participants) <= 1
+
+
+@dataclass
+class _Round:
+    """A background averaging round of overlapped mode: what it averages and how it ended."""
+
+    tensors: list[torch.Tensor]
+    n_deltas: int
+    weight: float
+    round_id: int
+    local_steps: int
+    started: float
+    done: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    outcome: AveragingOutcome | None = None
+    error: str | None = None
+    config_error: ConfigError | None = None
+    finished: float = 0.0
+    own: list[torch.Tensor] = field(default_factory=list)  # our contribution (eager mode)
+
+
+def _overlap_rule(value: bool | str) -> Overlap | None:
+    if value is False or value is None:
+        return None
+    if value is True:
+        return DEFAULT_OVERLAP
+    if value in ("eager", "delayed"):
+        return cast(Overlap, value)
+    raise ConfigError(f"overlap must be False, True, 'eager' or 'delayed', not {value!r}")
 
 
 def _master_dtype(p: torch.Tensor, rule: torch.dtype | str | None) -> torch.dtype:
@@ -158,8 +208,8 @@ class DiLoCo(torch.optim.Optimizer):
         averager: Averager,
         *,
         inner_steps: int = 100,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
+        outer_lr: float | None = None,
+        outer_momentum: float | None = None,
         nesterov: bool = True,
         outer_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
         mode: Mode = "diloco",
@@ -174,6 +224,8 @@ class DiLoCo(torch.optim.Optimizer):
         checkpoint_dir: str | os.PathLike[str] | None = None,
         keep_checkpoints: int = 3,
         min_participants: int = 1,
+        overlap: bool | Overlap = False,
+        nursery: trio.Nursery | None = None,
     ) -> None:
         if inner_steps < 1:
             raise ConfigError("inner_steps must be at least 1")
@@ -198,6 +250,19 @@ class DiLoCo(torch.optim.Optimizer):
         self.checkpoint_dir = checkpoint_dir
         self.keep_checkpoints = keep_checkpoints
         self.min_participants = min_participants
+        self.overlap: Overlap | None = _overlap_rule(overlap)
+        if self.overlap is not None and mode != "diloco":
+            raise ConfigError("overlap is for mode='diloco'")
+        #: where overlapped rounds run (set by Swarm.diloco; pure trio code passes its own)
+        self.nursery = nursery
+        self._pending: _Round | None = None
+        #: overlapped mode: the parameters at the start of this inner phase (anchor's device and
+        #: dtype); None means the anchor (the phase started from it, as in blocking mode)
+        self._phase_start: list[torch.Tensor] | None = None
+        #: a joiner that adopted a state while its round was in flight needs the state after that
+        #: round (this outer step) before its first round; ``catch_up(step)`` fetches it
+        self._catch_up_to: int | None = None
+        self.catch_up: Callable[[int], Awaitable[TrainingState | None]] | None = None
         #: optional ``() -> dict`` of JSON values stored in each checkpoint's manifest (a scheduler's state)
         self.checkpoint_extra: Callable[[], dict[str, Any]] | None = None
         #: shared string tags (run id, model digest) that a state must carry to be loaded
@@ -231,6 +296,11 @@ class DiLoCo(torch.optim.Optimizer):
             self.anchor = [
                 p.detach().to(dev or p.device, _master_dtype(p, master_dtype), copy=True) for p in self.params
             ]
+        # blocking: DiLoCo's 0.7 and 0.9; overlapped: 0.8 and 0.6, the best of a sweep against the
+        # one-phase delay (momentum 0.9 on a stale average overshoots; docs/design/training.md)
+        lr_default, momentum_default = (0.7, 0.9) if self.overlap is None else (0.8, 0.6)
+        outer_lr = lr_default if outer_lr is None else outer_lr
+        outer_momentum = momentum_default if outer_momentum is None else outer_momentum
         if outer_optimizer is not None:
             self.outer = outer_optimizer(self.anchor)
         else:
@@ -303,6 +373,22 @@ class DiLoCo(torch.optim.Optimizer):
         self._inner_step(samples)
         return None
 
+    def finish(self) -> StepReport | None:
+        """Blocking :meth:`flush`: land the overlapped round in flight (None when there is none).
+
+        Example::
+
+            for x, y in batches:
+                loss_fn(model(x), y).backward()
+                opt.step(); opt.zero_grad()
+            opt.finish()       # with overlap=True: the last outer step, applied
+        """
+        if self._pending is None:
+            return None
+        if self.runner is None:
+            raise LocalProtocolError("DiLoCo.finish() needs a runner; in trio code await flush() instead")
+        return self.runner(self.flush)
+
     async def astep(self, samples: float = 1.0) -> StepReport | None:
         """One inner step; every ``inner_steps`` also the outer step (or every step in per-step mode)."""
         if self.mode == "per_step":
@@ -310,6 +396,8 @@ class DiLoCo(torch.optim.Optimizer):
         self._inner_step(samples)
         if self.local_steps < self.inner_steps:
             return None
+        if self.overlap is not None:
+            return await self._overlapped_sync()
         return await self.outer_sync()
 
     def _inner_step(self, samples: float) -> None:
@@ -327,8 +415,11 @@ class DiLoCo(torch.optim.Optimizer):
         with torch.no_grad():
             staged = self._stage_params()
             out = []
-            for a, p in zip(self.anchor, staged, strict=True):
-                start = a if a.dtype == p.dtype else a.to(p.dtype).to(a.dtype)
+            starts: list[torch.Tensor | None] = [None] * len(self.anchor)
+            if self._phase_start is not None:
+                starts = list(self._phase_start)
+            for a, s, p in zip(self.anchor, starts, staged, strict=True):
+                start = s if s is not None else a if a.dtype == p.dtype else a.to(p.dtype).to(a.dtype)
                 out.append(start - p.to(a.device, a.dtype))
             return out
 
@@ -379,7 +470,11 @@ class DiLoCo(torch.optim.Optimizer):
             ]
 
     async def outer_sync(self) -> StepReport:
-        """Average the pseudo-gradient now and apply the outer step (also usable early, before leaving)."""
+        """Average the pseudo-gradient now and apply the outer step (also usable early, before leaving).
+
+        In overlapped mode the round in flight lands first (:meth:`flush`).
+        """
+        await self.flush()
         start = time.perf_counter()
         deltas = self.pseudo_gradient()
         bufs = self._buffer_values()
@@ -412,11 +507,27 @@ class DiLoCo(torch.optim.Optimizer):
         report = StepReport(
             "diloco", self.outer_step, self.local_steps, outcome.participants, outcome.bytes_sent,
             per_step, time.perf_counter() - start, error, self._solo_reason(outcome, error),
+            waited=time.perf_counter() - start,
         )
         self._log(report)
         self._account(report)
         self.local_steps = 0
         self._weight = 0.0
+        await self._save()
+        self._notify(report)
+        self._check_alone(report)
+        return report
+
+    def _check_alone(self, report: StepReport) -> None:
+        if len(report.participants) < self.min_participants:
+            raise TrainingAlone(
+                f"outer step {report.outer_step} averaged {len(report.participants)} peer(s), "
+                f"min_participants is {self.min_participants}"
+                + (f" ({report.error})" if report.error else ""),
+                report=report,
+            )
+
+    async def _save(self) -> None:
         # serialization and the fsyncs of an atomic write take long enough to stall the peer's
         # network work (heartbeats, other peers' transfers): they run in a worker thread
         if self.checkpoint is not None:
@@ -424,14 +535,209 @@ class DiLoCo(torch.optim.Optimizer):
         if self.checkpoint_dir is not None:
             files = prepare_checkpoint(self)
             await trio.to_thread.run_sync(write_checkpoint, self.checkpoint_dir, files, self.keep_checkpoints)
-        self._notify(report)
-        if len(outcome.participants) < self.min_participants:
-            raise TrainingAlone(
-                f"outer step {self.outer_step} averaged {len(outcome.participants)} peer(s), "
-                f"min_participants is {self.min_participants}" + (f" ({error})" if error else ""),
-                report=report,
-            )
+
+    # -- overlapped outer steps ---------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        """True while an overlapped round is in flight (started, not yet applied)."""
+        return self._pending is not None
+
+    async def _overlapped_sync(self) -> StepReport | None:
+        """End of an inner phase in overlapped mode: land the round in flight, start the next one."""
+        if self.nursery is None:
+            raise ConfigError("overlap needs a nursery for its background rounds (Swarm.diloco supplies one)")
+        t0 = trio.current_time()
+        report: StepReport | None = None
+        deltas = self.pseudo_gradient()  # this phase's progress, from where the phase started
+        bufs = self._buffer_values()
+        weight = self._weight if self._weight > 0 else 1.0
+        target: list[torch.Tensor] | None = None
+        if self._catch_up_to is not None:
+            # a joiner's first boundary: the swarm's round of our state's step has landed by now
+            # (or soon); adopt the state after it, keep our phase's progress, join the next round
+            step, self._catch_up_to = self._catch_up_to, None
+            state = await self.catch_up(step) if self.catch_up is not None else None
+            if state is not None and state.step >= step:
+                self._adopt_shared(state)
+            else:
+                log.warning("joined during a round and could not fetch the state after it")
+        if self._pending is not None:
+            job = self._pending
+            await job.done.wait()
+            if self.overlap == "eager" and job.config_error is None:
+                target = self._eager_target(job, deltas)  # from the anchor the round started on
+            report = self._land(job, t0)
+        if target is None:
+            with torch.no_grad():
+                if self.overlap == "eager":
+                    target = self._trial_outer(deltas)  # the first phase: nothing landed yet
+                else:
+                    target = [a - d for a, d in zip(self.anchor, deltas, strict=True)]
+        self._rebase(target)
+        job = _Round(
+            deltas + bufs, len(deltas), weight, self.outer_step, self.local_steps, trio.current_time(),
+            own=[d.clone() for d in deltas] if self.overlap == "eager" else [],
+        )
+        self.local_steps = 0
+        self._weight = 0.0
+        self._pending = job
+        self.nursery.start_soon(self._run_round, job, name=f"diloco-round-{job.round_id}")
+        if report is not None:
+            # saved after the rebase: a resumed peer measures its next progress from the anchor,
+            # so the progress of the round in flight is not lost with it
+            await self._save()
+            self._notify(report)
+            self._check_alone(report)
         return report
+
+    def _eager_target(self, job: _Round, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The outer step on the landed average with our stale share swapped for our fresh progress.
+
+        ``avg + share * (fresh - stale)``, ``share`` being our weight in the round: what the average
+        would be if our own contribution were the phase that just ended (the eager update).
+        """
+        outcome = job.outcome
+        total = outcome.total_weight if outcome is not None and outcome.total_weight > 0 else job.weight
+        share = job.weight / total
+        with torch.no_grad():
+            estimate = [
+                avg + share * (fresh - stale)
+                for avg, fresh, stale in zip(job.tensors[: job.n_deltas], deltas, job.own, strict=True)
+            ]
+            return self._trial_outer(estimate)
+
+    async def _run_round(self, job: _Round) -> None:
+        with job.scope:
+            try:
+                job.outcome = await self.averager.average(
+                    job.tensors, weight=job.weight, round_id=job.round_id, compression=self.compression,
+                    timeout=self.timeout, **self._avg_options,
+                )
+            except ConfigError as exc:
+                job.config_error = exc  # raised to the training loop when the round lands
+            except P2PComputeError as exc:
+                job.error = f"{type(exc).__name__}: {exc}"
+        if job.outcome is None and job.error is None and job.config_error is None:
+            job.error = "Cancelled: the round was abandoned"
+        job.finished = trio.current_time()
+        job.done.set()
+
+    def _land(self, job: _Round, t0: float) -> StepReport:
+        """Apply ``job`` (landed); the compute waited since ``t0`` (:attr:`StepReport.waited`)."""
+        waited = trio.current_time() - t0
+        self._pending = None
+        if job.config_error is not None:
+            raise job.config_error
+        outcome = job.outcome or AveragingOutcome((self.averager.peer_id,))
+        deltas, bufs = job.tensors[: job.n_deltas], job.tensors[job.n_deltas:]
+        # a failed round left the tensors untouched: the outer step is on our own progress
+        with torch.no_grad():
+            for a, d in zip(self.anchor, deltas, strict=True):
+                a.grad = d
+            self.outer.step()
+            for a in self.anchor:
+                a.grad = None
+        self._buffer_state = bufs
+        self.outer_step += 1
+        per_step = job.local_steps * allreduce_bytes(self.params, "none", len(outcome.participants))
+        report = StepReport(
+            "diloco", self.outer_step, job.local_steps, outcome.participants, outcome.bytes_sent, per_step,
+            job.finished - job.started, job.error, self._solo_reason(outcome, job.error),
+            waited=waited, overlapped=True,
+        )
+        self._log(report)
+        self._account(report)
+        return report
+
+    def _rebase(self, target: list[torch.Tensor]) -> None:
+        """Put the model on ``target``; the next phase's progress is measured from it as held."""
+        with torch.no_grad():
+            self._upload(target)
+            for (_, b), v in zip(self.named_buffers, self._shared_buffers(), strict=True):
+                b.copy_(v)
+            # what the model holds, computed on the anchor's side (no download from the GPU)
+            self._phase_start = [
+                t.to(p.dtype).to(a.dtype) if t.dtype != p.dtype else t.clone()
+                for t, p, a in zip(target, self.params, self.anchor, strict=True)
+            ]
+
+    def _upload(self, values: list[torch.Tensor]) -> None:
+        """Copy ``values`` (anchor side) into the model without making the CPU wait for the GPU.
+
+        CUDA parameters are filled from the pinned buffers on a side stream that starts after the
+        inner steps queued so far; the compute stream waits for it on the GPU, not the host.
+        """
+        pinned = self._staging()
+        for i, (p, v) in enumerate(zip(self.params, values, strict=True)):
+            if pinned is None or pinned[i] is p or not p.is_cuda:
+                p.copy_(v)
+                continue
+            pinned[i].copy_(v)  # its previous upload finished: _stage_params synchronised since
+            compute = torch.cuda.current_stream(p.device)
+            side = self._side_stream(p.device)
+            side.wait_stream(compute)
+            with torch.cuda.stream(side):
+                p.copy_(pinned[i], non_blocking=True)
+            compute.wait_stream(side)
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        streams = self.__dict__.setdefault("_side_streams", {})
+        if device not in streams:
+            streams[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        return cast(torch.cuda.Stream, streams[device])
+
+    def _trial_outer(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+        saved = [a.detach().clone() for a in self.anchor]
+        state = copy.deepcopy(self.outer.state_dict())
+        try:
+            for a, d in zip(self.anchor, deltas, strict=True):
+                a.grad = d
+            self.outer.step()
+            return [a.detach().clone() for a in self.anchor]
+        finally:
+            for a, s in zip(self.anchor, saved, strict=True):
+                a.grad = None
+                a.copy_(s)
+            self.outer.load_state_dict(state)
+
+    async def flush(self) -> StepReport | None:
+        """Overlapped mode: wait for the round in flight and apply it (None when there is none).
+
+        The model becomes the new anchor plus the progress of the current inner phase. Call it
+        after the last step, before evaluating or leaving; blocking mode has nothing to flush.
+
+        Example::
+
+            for x, y in batches:
+                ...
+                await opt.astep()
+            await opt.flush()   # the last outer step, applied
+        """
+        job = self._pending
+        if job is None:
+            return None
+        t0 = trio.current_time()
+        await job.done.wait()
+        report = self._land(job, t0)
+        with torch.no_grad():
+            progress = self.pseudo_gradient()  # since this phase started
+            self._phase_start = None
+            for p, a, d in zip(self.params, self.anchor, progress, strict=True):
+                p.copy_(a - d)
+            for (_, b), v in zip(self.named_buffers, self._shared_buffers(), strict=True):
+                b.copy_(v)
+        await self._save()
+        self._notify(report)
+        self._check_alone(report)
+        return report
+
+    def abandon(self) -> None:
+        """Cancel the round in flight, if any, without applying it (its phase's progress is lost)."""
+        if self._pending is not None:
+            self._pending.scope.cancel()
+            self._pending = None
+        self._phase_start = None
 
     def _solo_reason(self, outcome: AveragingOutcome, error: str | None) -> str | None:
         if len(outcome.participants) > 1:
@@ -544,6 +850,10 @@ class DiLoCo(torch.optim.Optimizer):
                 tensors[f"buffer/{name}"] = v.detach().to("cpu", copy=True)
         meta: dict[str, int | float | str | bool] = {"mode": self.mode, "inner_steps": self.inner_steps}
         meta.update({f"tag/{k}": v for k, v in self.tags.items()})
+        if self._pending is not None:
+            # the round of this step is in flight: a joiner must not take part in it (it cannot
+            # apply its average) and needs the next state before its first round
+            meta["in_flight"] = True
         if local:
             meta["local_steps"] = self.local_steps
             meta["total_inner_steps"] = self.total_inner_steps
@@ -574,7 +884,9 @@ class DiLoCo(torch.optim.Optimizer):
 
     def state_digest(self) -> bytes:
         """SHA-256 of the shared state: equal on every peer that took part in the same rounds."""
-        return self.export_state().digest()
+        state = self.export_state()
+        state.meta.pop("in_flight", None)  # whether a round is in flight is not state
+        return state.digest()
 
     def load_state(self, state: TrainingState) -> None:
         """Adopt ``state`` (from a checkpoint or from peers); checks names, shapes and dtypes first.
@@ -585,6 +897,7 @@ class DiLoCo(torch.optim.Optimizer):
         """
         if state.meta.get("mode", self.mode) != self.mode:
             raise ConfigError(f"state is for mode {state.meta.get('mode')!r}, not {self.mode!r}")
+        self.abandon()
         for k, v in self.tags.items():
             theirs = state.meta.get(f"tag/{k}", v)
             if theirs != v:
@@ -625,6 +938,30 @@ class DiLoCo(torch.optim.Optimizer):
         self.total_inner_steps = int(state.meta.get("total_inner_steps", self.total_inner_steps))
         self._weight = float(self.local_steps)
         self._load_inner(state)
+        self._catch_up_to = state.step + 1 if state.meta.get("in_flight") and self.overlap else None
+
+    def _adopt_shared(self, state: TrainingState) -> None:
+        """Take the anchor, outer momentum, buffers and step of ``state``; the model is left alone."""
+        for name, a in zip((n for n, _ in self.named), self.anchor, strict=True):
+            t = state.tensors.get(f"param/{name}")
+            if t is None or t.shape != a.shape or t.dtype != a.dtype:
+                raise ConfigError(f"state does not match the model at parameter {name!r}")
+        with torch.no_grad():
+            for (name, _), a in zip(self.named, self.anchor, strict=True):
+                a.copy_(state.tensors[f"param/{name}"])
+                buf = state.tensors.get(f"outer/{name}")
+                if buf is None:
+                    self.outer.state.pop(a, None)
+                else:
+                    self.outer.state[a]["momentum_buffer"] = buf.to(a.device, a.dtype, copy=True)
+            if self.named_buffers:
+                held = self._buffer_values()
+                for i, (name, _) in enumerate(self.named_buffers):
+                    t = state.tensors.get(f"buffer/{name}")
+                    if t is not None:
+                        held[i] = t.to(held[i].device, held[i].dtype, copy=True)
+                self._buffer_state = held
+        self.outer_step = state.step
 
     def _load_inner(self, state: TrainingState) -> None:
         per_param: dict[int, dict[str, Any]] = {}
@@ -682,6 +1019,7 @@ class DiLoCo(torch.optim.Optimizer):
         for (name, _), a, t in zip(self.named, self.anchor, anchor, strict=True):
             if t.shape != a.shape or t.dtype != a.dtype:
                 raise ConfigError(f"state_dict does not match the model at parameter {name!r}")
+        self.abandon()
         self.inner.load_state_dict({k: v for k, v in state_dict.items() if k != "diloco"})
         with torch.no_grad():
             for a, t in zip(self.anchor, anchor, strict=True):

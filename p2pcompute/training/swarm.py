@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -58,6 +59,7 @@ from p2pcompute.training.statesync import StateServer, download_state, fetch_man
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+OVERLAP_SWITCH_INTERVAL = 0.0005  # seconds; see Swarm.diloco
 PARTNER_TTL = 600.0  # seconds a peer seen in our run (its state, or a round with us) counts as a partner
 
 
@@ -94,7 +96,10 @@ class CollectiveAverager:
         max_attempts: int = 3,
         others: Callable[[], int] | None = None,
         partners: Callable[[], Awaitable[int]] | None = None,
+        forget: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
+        #: told the peers a round left out (dead or silent), so they stop counting as partners
+        self.forget = forget
         self.collective = collective
         self.others = others
         self.partners = partners
@@ -127,10 +132,13 @@ class CollectiveAverager:
             await trio.lowlevel.checkpoint()
             self.last_reason = "no other peer known"
             return AveragingOutcome((self.peer_id,), total_weight=weight)
-        if self.partners is not None and await self.partners() == 0:
-            # Peers there may be (providers, other runs), but none trains this run and model.
-            self.last_reason = "no other peer of this run known"
-            return AveragingOutcome((self.peer_id,), total_weight=weight)
+        expected: int | None = None
+        if self.partners is not None:
+            expected = await self.partners()
+            if expected == 0:
+                # Peers there may be (providers, other runs), but none trains this run and model.
+                self.last_reason = "no other peer of this run known"
+                return AveragingOutcome((self.peer_id,), total_weight=weight)
         start = time.perf_counter()
         before = self.lane.statistics()
         result = await self.collective.average(
@@ -145,7 +153,10 @@ class CollectiveAverager:
             codec=compression,
             max_attempts=self.max_attempts,
             aggregator=aggregator,
+            expected=expected,  # every known partner here: no need to wait out patience
         )
+        if self.forget is not None and result.excluded:
+            self.forget(tuple(result.excluded))
         after = self.lane.statistics()
         sent = after.bytes_sent - before.bytes_sent
         received = after.bytes_received - before.bytes_received
@@ -175,9 +186,15 @@ class SwarmDiLoCo(DiLoCo):
         self.elastic = True
 
     async def astep(self, samples: float = 1.0) -> StepReport | None:
+        return await self._after(super().astep(samples))
+
+    async def flush(self) -> StepReport | None:
+        return await self._after(super().flush())
+
+    async def _after(self, step: Awaitable[StepReport | None]) -> StepReport | None:
         alone: TrainingAlone | None = None
         try:
-            report = await super().astep(samples)
+            report = await step
         except TrainingAlone as exc:  # the step was applied: publish and re-sync, then tell the caller
             alone, report = exc, exc.report
         if report is not None and self.mode == "diloco":
@@ -273,6 +290,7 @@ class Swarm:
         self._partners: dict[str, float] = {}  # peer id -> when it last served our run's state
         self._obs: tuple[Any, Any] | None = None  # (Observer, its registry), made on first use
         self.progress: ProgressFn | None = None
+        self._nursery: trio.Nursery | None = None  # background rounds of overlapped DiLoCo
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -356,7 +374,11 @@ class Swarm:
                     self.collective, self.lane, self.run_name, target=self.group_size,
                     min_size=self.min_group, matchmaking_timeout=self.matchmaking_timeout,
                     patience=self.patience, others=self._count_others, partners=self._count_partners,
+                    forget=self._forget_partners,
                 )
+            # overlapped DiLoCo's background rounds: cancelled first when the swarm closes
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(self._nursery.cancel_scope.cancel)
             self._token = trio.lowlevel.current_trio_token()
             self._ready.set()
             await self._stop.wait()
@@ -456,6 +478,12 @@ class Swarm:
             fresh = [p for p, seen in self._partners.items() if now - seen < PARTNER_TTL and p in alive]
         return len(fresh)
 
+    def _forget_partners(self, peers: Sequence[str]) -> None:
+        # a partner a round left out (killed, paused) is not waited for in the next matchmaking;
+        # it counts again once it serves our run's state or averages with us
+        for p in peers:
+            self._partners.pop(p, None)
+
     async def _peer_ids(self) -> list[str]:
         await trio.lowlevel.checkpoint()
         if self.node is None:
@@ -494,7 +522,9 @@ class Swarm:
         optimizer (a :class:`~p2pcompute.training.ranks.ShardedAverager` wrapping it on rank 0 of
         an FSDP peer; ``model`` is then that rank's ``(name, local shard)`` pairs and ``join``
         must be False). Other ``options`` go to :class:`DiLoCo`
-        (``min_participants``, ``keep_checkpoints``, ``compression``...).
+        (``min_participants``, ``keep_checkpoints``, ``compression``, ``overlap``...).
+        With ``overlap=True`` the averaging runs in the swarm's background while the next inner
+        phase computes; call ``opt.finish()`` after the last step to land the last round.
 
         Example::
 
@@ -505,9 +535,16 @@ class Swarm:
             raise ConfigError("joining (downloading state) is for unsharded models: pass join=False")
         opt = SwarmDiLoCo(
             self, model, inner_optimizer, averager or self.averager, inner_steps=inner_steps,
-            runner=self.call, checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, **options,
+            runner=self.call, checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, nursery=self._nursery,
+            **options,
         )
         opt.elastic = averager is None
+        opt.catch_up = self._catch_up
+        if opt.overlap is not None:
+            # the background round runs on our trio thread while the training thread holds the GIL
+            # between torch calls: with the default 5 ms switch interval every handoff to the
+            # network costs up to 5 ms and a round took 5x longer (docs/design/training.md)
+            sys.setswitchinterval(min(sys.getswitchinterval(), OVERLAP_SWITCH_INTERVAL))
         opt.tags = {"run": self.run_name, "model": opt.model_digest()}
         self._tags = dict(opt.tags)
         if isinstance(self.averager, CollectiveAverager):
@@ -581,6 +618,18 @@ class Swarm:
                 f"peers of run {self.run_name!r} are at outer step {newest} but their state could not be "
                 f"downloaded (see the warning above); pass require_join=False to train on alone"
             )
+
+    async def _catch_up(self, step: int) -> TrainingState | None:
+        """The shared state of outer ``step`` or newer, once a peer of our run serves it (overlap)."""
+        with trio.move_on_after(self.matchmaking_timeout):
+            while not any(s >= step for s, _ in (await self._offers()).values()):  # noqa: ASYNC110
+                await trio.sleep(0.2)  # remote progress: polled, as in _join (no local event)
+        try:
+            state, _ = await download_state(self.node, await self._peer_ids(), timeout=60.0)
+        except P2PComputeError as exc:
+            log.warning("state download failed: %s", exc)
+            return None
+        return _shared_only(state)
 
     async def _download(self, opt: DiLoCo) -> bool:
         peers = await self._peer_ids()
