@@ -19,7 +19,10 @@ Under ``--wan`` (``python -m benchmarks tasks --wan 50ms,200mbit``) every node i
 its own namespace instead: bootstrap node and requester in peer 0's, one provider in each other
 peer's, and each recovery's victim a fresh process that SIGKILLs itself when its run starts.
 
-Run: ``python -m benchmarks.tasks [--quick] [--out PATH]``.
+With ``--procs`` every node is a process on 127.0.0.1 the same way, without namespaces
+(the set-up of issue #15's small-task target: 1 requester and 4 providers).
+
+Run: ``python -m benchmarks.tasks [--quick] [--procs] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -195,6 +198,7 @@ async def _measure(quick: bool) -> dict[str, Any]:
 # sells "spin" at price 1.0, the fallback); each recovery starts a victim process that sells
 # "spin" at price 0.0 and SIGKILLs itself, after printing the time, when its run starts.
 
+
 async def _requester_main(quick: bool, providers: int) -> None:
     out = _empty()
     async with (
@@ -275,15 +279,27 @@ def _measure_wan(quick: bool, layout: dict[str, Any]) -> dict[str, Any]:
             stop_all(workers)
 
 
-def run(quick: bool = False, **options: Any) -> SuiteResult:
+def loopback_layout(providers: int = 4) -> dict[str, Any]:
+    """A layout that puts each node in its own process on 127.0.0.1 (no namespaces): peer 0
+    holds the bootstrap node and the requester, peers 1..``providers`` one provider each.
+
+    Example::
+
+        figures = _measure_wan(True, loopback_layout(4))
+    """
+    return {"peers": [{"index": i, "addr": None, "exec": []} for i in range(providers + 1)]}
+
+
+def run(quick: bool = False, procs: bool = False, **options: Any) -> SuiteResult:
     """Run the suite and return its result (see the module docstring).
 
-    Under ``--wan`` (a layout from the runner) every node is a process in its own namespace.
+    Under ``--wan`` (a layout from the runner) every node is a process in its own namespace;
+    with ``procs`` every node is a process on loopback (1 requester, 4 providers).
     Example::
 
         result = run(quick=True)
     """
-    layout = wan_layout()
+    layout = wan_layout() or (loopback_layout(4) if procs else None)
     if layout is None:
         figures = trio.run(_measure, quick)
         procs, providers = 1, 4
@@ -317,9 +333,10 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
         rec.notes.append("kill = the provider's node exits mid-run; a stream reset or lease_ttl shows it")
     else:
         rec.notes.append("kill = the provider's process SIGKILLs itself when the run starts")
+        where = "under --wan" if wan_layout() is not None else "on loopback (--procs)"
         for row in result.configs:
             row.notes.append(
-                f"under --wan: requester and bootstrap node in peer 0's namespace, {providers} providers "
+                f"{where}: requester and bootstrap node in peer 0's namespace, {providers} providers "
                 "in the others, each a process; rss_mib is the requester's"
             )
     if figures["recover_misses"]:
@@ -337,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.tasks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few samples: a smoke run")
     parser.add_argument("--out", default="bench-results", help="JSON file or folder")
+    parser.add_argument(
+        "--procs",
+        action="store_true",
+        help="every node its own process on loopback (1 requester, 4 providers)",
+    )
     parser.add_argument("--worker", choices=["requester", "provider", "victim"], help=argparse.SUPPRESS)
     parser.add_argument("--providers", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--boot", help=argparse.SUPPRESS)
@@ -348,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker in ("provider", "victim"):
         trio.run(functools.partial(_provider_main, args.boot, spin=args.spin, victim=args.worker == "victim"))
         return 0
-    result = run(args.quick)
+    result = run(args.quick, procs=args.procs)
     print_table(result, ["lease_ms", "lease_ms_p50", "lease_ms_p99", "tasks_per_s", "recover_s", "rss_mib"])
     path = write_results(result, args.out)
     print(f"results: {path}")

@@ -5,7 +5,7 @@ What travels where (details in docs/protocol/tasks.md):
 * ``task-request`` -- GossipSub, signed by the requester (envelope kind ``task-request``);
 * ``task-offer``   -- provider -> requester stream, signed by the provider (kind ``task-offer``);
 * ``task-accept`` / ``task-grant`` / ``task-reject`` / ``task-heartbeat`` / ``task-result`` /
-  ``task-error`` / ``task-cancel`` / ``task-receipt`` -- on the lease stream, which py-libp2p
+  ``task-error`` / ``task-cancel`` / ``task-receipt`` / ``task-end`` -- on the lease stream, which py-libp2p
   authenticates (Noise), so they are not signed again; the receipt inside is.
 
 Every type has a version and a size cap; decoding raises a typed
@@ -283,9 +283,14 @@ def signer_peer_id(signer: Signer) -> str:
 
 LEASE_FRAME_CAP = 256 * 1024
 
+#: The longest session a requester may ask for (seconds idle between its items).
+MAX_SESSION = 3600.0
+
+# v2 (sessions): ``session`` asks the provider to keep the offer open that many idle seconds
+# after each lease, so that further items follow on the same stream without a new request.
 ACCEPT = Schema(
     "task-accept",
-    1,
+    2,
     max_size=MAX_PARAMS + 1024,
     fields=(
         _id_field("lease_id"),
@@ -295,18 +300,28 @@ ACCEPT = Schema(
         Field("input_bytes", int, min=0, max=MAX_TENSOR_BYTES),
         Field("input_digest", bytes, exact_len=DIGEST_LEN),
         Field("lane", bool),
+        Field("session", float, min=0, max=MAX_SESSION),
     ),
 )
+# v2 (sessions): ``session`` is the idle time granted (0: none; the stream ends with the lease).
 GRANT = Schema(
     "task-grant",
-    1,
+    2,
     max_size=256,
     fields=(
         _id_field("lease_id"),
         Field("lease_ttl", float, min=0.05, max=3600),
         Field("heartbeat", float, min=0.01, max=600),
         Field("lane", bool),
+        Field("session", float, min=0, max=MAX_SESSION),
     ),
+)
+#: The requester ends its session on this stream (sent between leases, instead of an accept).
+END = Schema(
+    "task-end",
+    1,
+    max_size=MAX_REASON + 256,
+    fields=(_id_field("offer_id"), Field("reason", str, max_len=MAX_REASON)),
 )
 REJECT = Schema(
     "task-reject",
@@ -361,7 +376,7 @@ RECEIPT_MSG = Schema(
 )
 
 LEASE_SCHEMAS: dict[str, Schema] = {
-    s.type: s for s in (ACCEPT, GRANT, REJECT, HEARTBEAT, RESULT, ERROR, CANCEL, RECEIPT_MSG)
+    s.type: s for s in (ACCEPT, GRANT, REJECT, HEARTBEAT, RESULT, ERROR, CANCEL, RECEIPT_MSG, END)
 }
 
 
