@@ -114,7 +114,7 @@ class SessionPool:
         elif lent and s.lent:
             s.lent -= 1
         s.granted = granted
-        s.idle_until = max(s.idle_until, now + min(self.idle, granted))
+        s.idle_until = now + min(self.idle, granted)  # the latest grant counts
         s.streams.append(stream)
         self._changed.set()
 
