@@ -12,6 +12,9 @@ Rows:
   is from the request being published to the grant (p50 and p99 over the samples);
 * ``small_tasks``: ``map_tasks`` of many 2x2 matmuls spread over the four providers;
   ``tasks_per_s`` end to end, including signing and countersigning every receipt;
+* both rows twice: ``*_nosession`` with one-shot leases (``session=0``: a request, an offer
+  and a new lease stream per call, the path before sessions) and then with sessions (the
+  default: later calls lease on the open sessions' streams, docs/design/sessions.md);
 * ``recover_killed``: the cheapest provider takes the lease and is killed while the
   task runs; ``recover_s`` is from the kill to the result arriving from another provider.
 
@@ -53,6 +56,7 @@ from p2pcompute.tasks.driver import TaskService, open_tasks, serve_tasks
 CAP = Capacity(cpu_cores=2, ram_total=8 << 30, ram_available=4 << 30, platform="bench")
 OPTS: dict[str, Any] = {"capacity": CAP}
 ECHO = "/p2pcompute/bench-echo/1"
+PARALLEL = 16  # leases at once in the small-task map (4 providers x capacity 2, twice over)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -132,7 +136,7 @@ async def _one_recovery(boot: Node, tasks: TaskService) -> float | None:
 def _samples(quick: bool) -> dict[str, int]:
     return {
         "lease": 10 if quick else 60,
-        "map_items": 16 if quick else 96,
+        "map_items": 48 if quick else 192,
         "map_reps": 1 if quick else 3,
         "kills": 1 if quick else 3,
     }
@@ -153,20 +157,30 @@ async def _steady(
         out["rtt_ms"].append((trio.current_time() - t0) * 1000)
         await s.close()
 
-    for _ in range(n["lease"]):
-        r = await tasks.run_task("matmul", {"a": a, "b": a}, {})
-        out["lease_ms"].append(r.lease_seconds * 1000)
-
     items = [({"a": a, "b": a}, {}) for _ in range(n["map_items"])]
-    for _ in range(n["map_reps"]):
-        t0 = trio.current_time()
-        results = await tasks.map_tasks("matmul", items, parallel=8, offer_window=0.3, enough_offers=4)
-        out["tasks_per_s"].append(len(results) / (trio.current_time() - t0))
-        out["providers_used"] = len({r.provider for r in results})  # type: ignore[union-attr]
+    for session, tag in ((0.0, "_nosession"), (None, "")):  # one-shot leases first: the old path
+        for _ in range(n["lease"]):
+            r = await tasks.run_task("matmul", {"a": a, "b": a}, {}, session=session)
+            out["lease_ms" + tag].append(r.lease_seconds * 1000)
+        for _ in range(n["map_reps"]):
+            t0 = trio.current_time()
+            results = await tasks.map_tasks(
+                "matmul", items, parallel=PARALLEL, offer_window=0.3, enough_offers=4, session=session
+            )
+            out["tasks_per_s" + tag].append(len(results) / (trio.current_time() - t0))
+            out["providers_used"] = len({r.provider for r in results})  # type: ignore[union-attr]
 
 
 def _empty() -> dict[str, Any]:
-    return {"rtt_ms": [], "lease_ms": [], "tasks_per_s": [], "recover_s": [], "recover_misses": 0}
+    return {
+        "rtt_ms": [],
+        "lease_ms": [],
+        "lease_ms_nosession": [],
+        "tasks_per_s": [],
+        "tasks_per_s_nosession": [],
+        "recover_s": [],
+        "recover_misses": 0,
+    }
 
 
 async def _measure(quick: bool) -> dict[str, Any]:
@@ -317,15 +331,21 @@ def run(quick: bool = False, procs: bool = False, **options: Any) -> SuiteResult
     base.baseline = "libp2p_rtt"
     for v in figures["rtt_ms"]:
         base.add("lease_ms", v)
-    lease = result.config("request_to_lease", size="tiny", kind="matmul 2x2")
-    for v in figures["lease_ms"]:
-        lease.add("lease_ms", v)
-    lease.add("lease_ms_p50", statistics.median(figures["lease_ms"]))
-    lease.add("lease_ms_p99", percentile(figures["lease_ms"], 99))
-    small = result.config("small_tasks", size="map", kind="matmul 2x2", parallel=8)
-    for v in figures["tasks_per_s"]:
-        small.add("tasks_per_s", v)
-    small.notes.append(f"providers used: {figures.get('providers_used')}")
+    for tag, how in (("_nosession", "one-shot leases (session=0)"), ("", "sessions (the default)")):
+        lease = result.config("request_to_lease" + tag, size="tiny", kind="matmul 2x2")
+        lease.notes.append(how)
+        for v in figures["lease_ms" + tag]:
+            lease.add("lease_ms", v)
+        lease.add("lease_ms_p50", statistics.median(figures["lease_ms" + tag]))
+        lease.add("lease_ms_p99", percentile(figures["lease_ms" + tag], 99))
+        small = result.config("small_tasks" + tag, size="map", kind="matmul 2x2", parallel=PARALLEL)
+        small.notes.append(how)
+        for v in figures["tasks_per_s" + tag]:
+            small.add("tasks_per_s", v)
+        small.notes.append(f"providers used: {figures.get('providers_used')}")
+    load = os.getloadavg()[0]
+    for row in result.configs:
+        row.notes.append(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} cores")
     rec = result.config("recover_killed", size="kill", lease_ttl_s=4.0)
     for v in figures["recover_s"]:
         rec.add("recover_s", v)
