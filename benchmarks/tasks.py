@@ -252,11 +252,11 @@ async def _provider_main(boot: str, *, spin: bool, victim: bool) -> None:
         await trio.to_thread.run_sync(sys.stdin.read)  # until the suite closes our stdin
 
 
-def _measure_wan(quick: bool, layout: dict[str, Any]) -> dict[str, Any]:
+def _measure_wan(quick: bool, layout: dict[str, Any], *, recover: bool = True) -> dict[str, Any]:
     peers = layout["peers"]
     if len(peers) < 3:
         raise ValueError("the tasks suite under --wan needs at least 3 peers (--wan-peers)")
-    kills = _samples(quick)["kills"]
+    kills = _samples(quick)["kills"] if recover else 0
     flag = ["--quick"] if quick else []
     me = "benchmarks.tasks"
     workers: list[Worker] = []
