@@ -148,6 +148,8 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
         for v in small["tasks_per_s" + tag]:
             row.add("tasks_per_s", v)
         row.add("lease_p50_s", statistics.median(small["lease_ms" + tag]) / 1000)
+        for v in small["cpu_ms" + tag]:
+            row.add("requester_cpu_ms", v)
     for row in result.configs:
         row.add("rss_mib", peak_rss_mib())
     result.add_ratios(lambda a, b: a.params.get("size") == b.params.get("size"))
@@ -163,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.quick)
     print_table(
         result,
-        ["outer_s", "overhead_s", "utilization", "verify_overhead", "tasks_per_s", "lease_p50_s"],
+        [
+            "outer_s",
+            "overhead_s",
+            "utilization",
+            "verify_overhead",
+            "tasks_per_s",
+            "lease_p50_s",
+            "requester_cpu_ms",
+        ],
     )
     path = write_results(result, args.out)
     print(f"results: {path}")

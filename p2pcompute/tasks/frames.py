@@ -1,5 +1,8 @@
 """Tensors in frames on a lease stream: a capped ``task-tensors`` header, then raw chunks.
 
+Tensors of at most :data:`~p2pcompute.tasks.messages.INLINE_TENSORS` bytes in all ride
+inside the header (one frame: small tasks pay one write, not one per tensor).
+
 Used when no tensor lane is given (see :mod:`p2pcompute.tasks.driver`). The receiver
 checks dtypes, shapes and the total against its cap *before* allocating anything.
 
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from p2pcompute.errors import LocalProtocolError, MalformedMessage
-from p2pcompute.tasks.messages import DTYPES, TENSORS_HEADER
+from p2pcompute.tasks.messages import DTYPES, INLINE_TENSORS, TENSORS_HEADER
 from p2pcompute.tasks.receipts import tensor_digest
 
 if TYPE_CHECKING:
@@ -58,13 +61,18 @@ async def send_tensors(stream: FramedStream, tensors: Mapping[str, torch.Tensor]
     """
     names = sorted(tensors)
     flat = [tensors[n].detach().cpu().contiguous().reshape(-1) for n in names]
+    total = sum(nbytes(t) for t in flat)
+    small = total <= INLINE_TENSORS  # small tensors ride in the header: one frame in all
     header = TENSORS_HEADER.build(
         names=names,
         dtypes=[str(tensors[n].dtype).removeprefix("torch.") for n in names],
         shapes=[list(tensors[n].shape) for n in names],
-        nbytes=sum(nbytes(t) for t in flat),
+        nbytes=total,
+        inline=b"".join(bytes(_bytes_of(t)) for t in flat) if small else b"",
     )
     await stream.send_frame(header)
+    if small:
+        return
     for t in flat:
         if t.numel() == 0:
             continue
@@ -102,6 +110,20 @@ async def recv_tensors(
     if total != h["nbytes"] or total > cap:
         raise MalformedMessage(f"tensors of {h['nbytes']} bytes (cap {cap}, computed {total})", peer=peer)
     out: dict[str, torch.Tensor] = {}
+    inline = h["inline"]
+    if inline or total == 0:
+        if len(inline) != total or total > INLINE_TENSORS:
+            raise MalformedMessage(f"{len(inline)} inline bytes for tensors of {total}", peer=peer)
+        at = 0
+        for name, dtype, shape, size in plan:
+            buf = torch.empty(size, dtype=torch.uint8)
+            _bytes_of(buf)[:] = inline[at : at + size]
+            at += size
+            out[name] = buf.view(dtype).reshape(shape) if size else torch.empty(shape, dtype=dtype)
+        touch()
+        return out
+    if total <= INLINE_TENSORS:
+        raise MalformedMessage(f"tensors of {total} bytes must travel inline", peer=peer)
     for name, dtype, shape, size in plan:
         buf = torch.empty(size, dtype=torch.uint8)
         view = _bytes_of(buf)

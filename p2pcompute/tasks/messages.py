@@ -426,14 +426,20 @@ DTYPES = (
     "bool",
 )
 
+#: Tensors of at most this many bytes in all travel inside their header frame.
+INLINE_TENSORS = 16 * 1024
+
+# v2 (small tasks fast): ``inline`` carries the tensors' bytes when they total at most
+# INLINE_TENSORS (one frame instead of a header and a chunk per tensor); empty otherwise.
 TENSORS_HEADER = Schema(
     "task-tensors",
-    1,
+    2,
     max_size=64 * 1024,
     fields=(
         Field("names", list, max_len=256, item=str),
         Field("dtypes", list, max_len=256, item=str),
         Field("shapes", list, max_len=256, item=list),
         Field("nbytes", int, min=0, max=MAX_TENSOR_BYTES),
+        Field("inline", bytes, max_len=INLINE_TENSORS),
     ),
 )
