@@ -56,7 +56,7 @@ from p2pcompute.tasks.driver import TaskService, open_tasks, serve_tasks
 CAP = Capacity(cpu_cores=2, ram_total=8 << 30, ram_available=4 << 30, platform="bench")
 OPTS: dict[str, Any] = {"capacity": CAP}
 ECHO = "/p2pcompute/bench-echo/1"
-PARALLEL = 16  # leases at once in the small-task map (4 providers x capacity 2, twice over)
+PARALLEL = 8  # leases at once in the small-task map (4 providers x capacity 2)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -143,6 +143,10 @@ class ProviderConfig:
         return self.result_deadline + output_bytes / self.input_rate
 
 
+#: The reason of the reject that an accept gets for an offer (or session) the provider no longer keeps.
+EXPIRED_OFFER = "unknown or expired offer"
+
+
 class ProviderEvent(enum.Enum):
     """What can end a provider's lease."""
 
@@ -379,7 +383,7 @@ class ProviderCore:
             return [SendReject(sender, lease_id, reason, retryable)]
 
         if record is None or record.offer.requester != sender or record.expires <= now:
-            return reject("unknown or expired offer", True)
+            return reject(EXPIRED_OFFER, True)
         if record.active >= record.offer.slots:
             return reject("all slots of this offer are in use", True)
         if self.free_slots() <= 0:
@@ -550,4 +554,4 @@ class ProviderCore:
                 del self._offers[offer_id]
 
 
-__all__ = ["PROVIDER_LEASE", "KindTerms", "ProviderConfig", "ProviderCore", "ProviderEvent"]
+__all__ = ["EXPIRED_OFFER", "PROVIDER_LEASE", "KindTerms", "ProviderConfig", "ProviderCore", "ProviderEvent"]

@@ -54,6 +54,7 @@ from p2pcompute.tasks.messages import (
     reason_text,
     seal_request,
 )
+from p2pcompute.tasks.provider_core import EXPIRED_OFFER
 from p2pcompute.tasks.receipts import Receipt, countersign, params_digest, tensor_digest
 from p2pcompute.tasks.registry import check_params
 from p2pcompute.tasks.sessions import SessionPool
@@ -153,6 +154,7 @@ class _LeaseIO:
     lent: bool = False  # counted by the session pool
     heard: bool = False  # the provider answered on this stream
     settled: bool = False  # the receipt went out: the stream may carry the session's next lease
+    handed_back: bool = False  # the stream went back to its session's pool
     lock: trio.Lock = field(default_factory=trio.Lock)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -343,13 +345,24 @@ class RequesterJob:
                         break
         finally:
             stream, io.stream = io.stream, None  # late heartbeats of this lease go nowhere
-            if pool is not None and stream is not None and io.settled and io.session > 0:
+            if io.handed_back:
+                pass
+            elif pool is not None and stream is not None and io.settled and io.session > 0:
                 pool.give_back(offer, stream, io.session, trio.current_time(), lent=io.lent)
             else:
                 if pool is not None:
                     pool.returned(offer.offer_id, lent=io.lent)
                 if stream is not None:
                     await self._close(stream)
+
+    def _hand_back(self, accept: core.SendAccept, io: _LeaseIO) -> None:
+        """Give a settled lease's stream to its session now (synchronous: no frame can slip in)."""
+        pool = self.ctx.sessions if self.session > 0 else None
+        if pool is None or not io.settled or io.session <= 0 or io.stream is None:
+            return
+        stream, io.stream = io.stream, None  # late heartbeats of this lease go nowhere
+        pool.give_back(accept.offer, stream, io.session, trio.current_time(), lent=io.lent)
+        io.handed_back = True
 
     @staticmethod
     async def _close(stream: FramedStream) -> None:
@@ -384,8 +397,8 @@ class RequesterJob:
                 io.session = m["session"]
                 self.do(self.core.handle_grant(provider, lease_id, now))
             elif kind == "task-reject":
-                if self.ctx.sessions is not None:  # a session it no longer keeps
-                    self.ctx.sessions.drop(accept.offer.offer_id)
+                if self.ctx.sessions is not None and m["reason"] == EXPIRED_OFFER:
+                    self.ctx.sessions.drop(accept.offer.offer_id)  # a session it no longer keeps
                 self.do(self.core.handle_reject(provider, lease_id, m["reason"], now))
                 return
             elif kind == "task-heartbeat":
@@ -479,11 +492,14 @@ class RequesterJob:
             return
         self.in_flight += 1
         try:
-            self.do(actions)
             with contextlib.suppress(P2PComputeError), give_up_after(10):
                 async with io.lock:
                     await stream.send_frame(RECEIPT_MSG.build(lease_id=lease_id, receipt=receipt.encode()))
                     io.settled = True
+            # the stream goes back to its session *before* the item's next accepts are made,
+            # so that they find it idle instead of opening a new stream each
+            self._hand_back(accept, io)
+            self.do(actions)
             self.ctx.bump("receipts")
             await self.ctx.record(receipt, "requester")
         finally:

@@ -56,12 +56,15 @@ class SessionPool:
         pool.give_back(offer, stream, granted, now, lent=lent)
     """
 
-    def __init__(self, idle: float = 10.0, max_sessions: int = 256) -> None:
+    def __init__(self, idle: float = 10.0, max_sessions: int = 256, max_idle_streams: int = 4) -> None:
         self.idle = idle
         self.max_sessions = max_sessions
+        # idle streams kept per provider: a provider caps the lease streams one peer holds open
+        # (ProviderConfig.streams_per_requester), so the pool must not hoard them
+        self.max_idle_streams = max_idle_streams
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
         self._changed = trio.Event()
-        self._closing: list[tuple[bytes, FramedStream]] = []
+        self._closing: list[tuple[bytes | None, FramedStream]] = []  # (None: close, no task-end)
         self.stats: dict[str, int] = {"opened": 0, "reused": 0, "lapsed": 0, "dropped": 0}
 
     def __len__(self) -> int:
@@ -115,7 +118,11 @@ class SessionPool:
             s.lent -= 1
         s.granted = granted
         s.idle_until = now + min(self.idle, granted)  # the latest grant counts
-        s.streams.append(stream)
+        idle = sum(len(o.streams) for o in self._sessions.values() if o.offer.provider == offer.provider)
+        if idle < self.max_idle_streams:
+            s.streams.append(stream)
+        else:  # enough idle streams to this provider: close this one (the session stays open)
+            self._closing.append((None, stream))
         self._changed.set()
 
     def drop(self, offer_id: bytes) -> None:
@@ -147,22 +154,23 @@ class SessionPool:
                     self.stats["lapsed"] += 1
                     self._end(offer_id)
             closing, self._closing = self._closing, []
-            for offer_id, stream in closing:
-                await _end_stream(offer_id, stream, "session idle")
+            for ending, stream in closing:
+                await _end_stream(ending, stream, "session idle")
 
     async def aclose(self) -> None:
         """End every session (the task service is closing)."""
         for offer_id in list(self._sessions):
             self._end(offer_id)
         closing, self._closing = self._closing, []
-        for offer_id, stream in closing:
-            await _end_stream(offer_id, stream, "requester closing")
+        for ending, stream in closing:
+            await _end_stream(ending, stream, "requester closing")
 
 
-async def _end_stream(offer_id: bytes, stream: FramedStream, reason: str) -> None:
+async def _end_stream(offer_id: bytes | None, stream: FramedStream, reason: str) -> None:
     with trio.CancelScope(shield=True), give_up_after(1), contextlib.suppress(P2PComputeError):
         try:
-            await stream.send_frame(END.build(offer_id=offer_id, reason=reason_text(reason)))
+            if offer_id is not None:
+                await stream.send_frame(END.build(offer_id=offer_id, reason=reason_text(reason)))
         finally:
             await stream.close()
 
