@@ -332,6 +332,7 @@ class Rogue:
                 input_digest=b"\x01" * 32 if inputs else EMPTY_DIGEST,
                 lane=False,
                 session=0.0,
+                inputs=b"",
             )
         )
         return lid, stream

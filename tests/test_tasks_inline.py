@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from p2pcompute.errors import LocalProtocolError, MalformedMessage
-from p2pcompute.tasks.frames import recv_tensors, send_tensors
-from p2pcompute.tasks.messages import INLINE_TENSORS, TENSORS_HEADER
+from p2pcompute.tasks.frames import inline_frame, recv_tensors, send_tensors
+from p2pcompute.tasks.messages import INLINE_FRAME, INLINE_TENSORS, TENSORS_HEADER
 
 
 class OneFrame:
@@ -58,3 +58,12 @@ async def test_inline_is_capped() -> None:
         TENSORS_HEADER.build(
             names=["a"], dtypes=["uint8"], shapes=[[too_big]], nbytes=too_big, inline=b"\0" * too_big
         )
+
+
+def test_inputs_and_outputs_fit_inside_the_accept_and_the_result() -> None:
+    """A small task's inputs travel inside its accept, its outputs inside its result; big ones
+    (and none) do not."""
+    small = inline_frame({"a": torch.ones(2, 2), "b": torch.ones(2, 2)})
+    assert 0 < len(small) <= INLINE_FRAME
+    assert inline_frame({"a": torch.ones(INLINE_TENSORS // 4 + 1)}) == b""
+    assert inline_frame({}) == b""

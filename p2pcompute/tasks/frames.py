@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from p2pcompute.errors import LocalProtocolError, MalformedMessage
-from p2pcompute.tasks.messages import DTYPES, INLINE_TENSORS, TENSORS_HEADER
+from p2pcompute.tasks.messages import DTYPES, INLINE_FRAME, INLINE_TENSORS, TENSORS_HEADER
 from p2pcompute.tasks.receipts import tensor_digest
 
 if TYPE_CHECKING:
@@ -50,6 +50,30 @@ def nbytes(t: torch.Tensor) -> int:
         16
     """
     return t.numel() * t.element_size()
+
+
+def inline_frame(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """``tensors`` as one ``task-tensors`` frame with their bytes inline, if that frame fits
+    :data:`~p2pcompute.tasks.messages.INLINE_FRAME`; else ``b""`` (send them with :func:`send_tensors`).
+
+    Example::
+
+        >>> len(inline_frame({"a": torch.ones(2, 2)})) > 16, inline_frame({"a": torch.ones(1 << 20)})
+        (True, b'')
+    """
+    names = sorted(tensors)
+    flat = [tensors[n].detach().cpu().contiguous().reshape(-1) for n in names]
+    total = sum(nbytes(t) for t in flat)
+    if not names or total > INLINE_TENSORS:
+        return b""
+    frame = TENSORS_HEADER.build(
+        names=names,
+        dtypes=[str(tensors[n].dtype).removeprefix("torch.") for n in names],
+        shapes=[list(tensors[n].shape) for n in names],
+        nbytes=total,
+        inline=b"".join(bytes(_bytes_of(t)) for t in flat),
+    )
+    return frame if len(frame) <= INLINE_FRAME else b""
 
 
 async def send_tensors(stream: FramedStream, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -151,4 +175,13 @@ def need_lane(lane: TensorLane | None) -> TensorLane:
     return lane
 
 
-__all__ = ["CHUNK", "EMPTY_DIGEST", "LEASE_MAX_FRAME", "nbytes", "need_lane", "recv_tensors", "send_tensors"]
+__all__ = [
+    "CHUNK",
+    "EMPTY_DIGEST",
+    "LEASE_MAX_FRAME",
+    "inline_frame",
+    "nbytes",
+    "need_lane",
+    "recv_tensors",
+    "send_tensors",
+]

@@ -33,6 +33,10 @@ MAX_REASON = 1024
 MAX_COUNT = 1024
 #: Upper bound on one lease's inputs or outputs (bytes); a provider may set a lower one.
 MAX_TENSOR_BYTES = 1 << 40
+#: Tensors of at most this many bytes in all travel inside their header frame, and that frame
+#: (at most INLINE_FRAME bytes) inside the accept (inputs) or the result (outputs).
+INLINE_TENSORS = 16 * 1024
+INLINE_FRAME = INLINE_TENSORS + 4096
 
 REQUEST_KIND = "task-request"
 OFFER_KIND = "task-offer"
@@ -288,10 +292,12 @@ MAX_SESSION = 3600.0
 
 # v2 (sessions): ``session`` asks the provider to keep the offer open that many idle seconds
 # after each lease, so that further items follow on the same stream without a new request.
+# ``inputs`` (v2 too): the inputs' ``task-tensors`` frame when they fit INLINE_FRAME (no
+# separate input frames follow), else empty.
 ACCEPT = Schema(
     "task-accept",
     2,
-    max_size=MAX_PARAMS + 1024,
+    max_size=MAX_PARAMS + INLINE_FRAME + 1024,
     fields=(
         _id_field("lease_id"),
         _id_field("offer_id"),
@@ -301,6 +307,7 @@ ACCEPT = Schema(
         Field("input_digest", bytes, exact_len=DIGEST_LEN),
         Field("lane", bool),
         Field("session", float, min=0, max=MAX_SESSION),
+        Field("inputs", bytes, max_len=INLINE_FRAME),
     ),
 )
 # v2 (sessions): ``session`` is the idle time granted (0: none; the stream ends with the lease).
@@ -339,10 +346,12 @@ HEARTBEAT = Schema(
     max_size=128,
     fields=(_id_field("lease_id"), Field("seq", int, min=0, max=1 << 62)),
 )
+# v2 (small tasks fast): ``outputs`` is the outputs' ``task-tensors`` frame when it fits
+# INLINE_FRAME (no separate output frames follow), else empty.
 RESULT = Schema(
     "task-result",
-    1,
-    max_size=MAX_PARAMS + 4096,
+    2,
+    max_size=MAX_PARAMS + INLINE_FRAME + 4096,
     fields=(
         _id_field("lease_id"),
         Field("info", bytes, max_len=MAX_PARAMS),
@@ -350,6 +359,7 @@ RESULT = Schema(
         Field("output_digest", bytes, exact_len=DIGEST_LEN),
         Field("receipt_body", bytes, max_len=2048),
         Field("provider_sig", bytes, exact_len=64),
+        Field("outputs", bytes, max_len=INLINE_FRAME),
     ),
 )
 ERROR = Schema(
@@ -425,9 +435,6 @@ DTYPES = (
     "uint8",
     "bool",
 )
-
-#: Tensors of at most this many bytes in all travel inside their header frame.
-INLINE_TENSORS = 16 * 1024
 
 # v2 (small tasks fast): ``inline`` carries the tensors' bytes when they total at most
 # INLINE_TENSORS (one frame instead of a header and a chunk per tensor); empty otherwise.

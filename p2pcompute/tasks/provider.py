@@ -43,6 +43,7 @@ from p2pcompute.tasks import negotiation as core
 from p2pcompute.tasks.frames import (
     EMPTY_DIGEST,
     LEASE_MAX_FRAME,
+    inline_frame,
     nbytes,
     need_lane,
     recv_tensors,
@@ -268,6 +269,7 @@ class ProviderLease:
             result = self._result
             if result is None:  # pragma: no cover - run_succeeded is only called with a result ready
                 return
+            inline = b"" if self.via_lane else inline_frame(result.outputs)  # small: in the result
             self._send(
                 RESULT.build(
                     lease_id=lid,
@@ -276,9 +278,10 @@ class ProviderLease:
                     output_digest=result.body.output_digest,
                     receipt_body=result.body_bytes,
                     provider_sig=result.sig,
+                    outputs=inline,
                 )
             )
-            if result.outputs and not self.via_lane:
+            if result.outputs and not self.via_lane and not inline:
                 outputs = result.outputs
                 self._send(lambda stream: send_tensors(stream, outputs))
             self._result_sent = True
@@ -419,6 +422,9 @@ class ProviderLease:
             self.memory = kind.run_memory(params, acc["input_bytes"])
             if acc["input_digest"] == EMPTY_DIGEST:
                 tensors: dict[str, torch.Tensor] = {}
+            elif acc["inputs"]:  # small inputs came inside the accept
+                cap = min(acc["input_bytes"], self.core.config.max_input_bytes)
+                tensors = await recv_tensors(self.stream, acc["inputs"], cap=cap, touch=self._touch)
             elif self.via_lane:
                 tag = f"task/{self.lease_id.hex()}/in"
                 wait = self.core.config.input_seconds(acc["input_bytes"])
@@ -683,7 +689,8 @@ class ProviderSide:
 
     async def _serve_one(self, stream: FramedStream, peer: str, acc: dict[str, Any]) -> ProviderLease | None:
         lease_id = acc["lease_id"]
-        inputs = None if acc["input_digest"] == EMPTY_DIGEST else acc["input_bytes"]
+        # (inputs inside the accept have arrived: no input deadline for them)
+        inputs = None if acc["input_digest"] == EMPTY_DIGEST or acc["inputs"] else acc["input_bytes"]
         if lease_id in self._leases:  # the same accept on a second stream: never a second run
             self.do(self.core.handle_accept(peer, lease_id, acc["offer_id"], trio.current_time()))
             return None

@@ -35,6 +35,7 @@ from p2pcompute.tasks import negotiation as core
 from p2pcompute.tasks.frames import (
     EMPTY_DIGEST,
     LEASE_MAX_FRAME,
+    inline_frame,
     nbytes,
     need_lane,
     recv_tensors,
@@ -155,6 +156,7 @@ class _LeaseIO:
     heard: bool = False  # the provider answered on this stream
     settled: bool = False  # the receipt went out: the stream may carry the session's next lease
     handed_back: bool = False  # the stream went back to its session's pool
+    inline: bytes = b""  # the inputs, when they went inside the accept
     lock: trio.Lock = field(default_factory=trio.Lock)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -311,7 +313,7 @@ class RequesterJob:
         lease_id, offer = accept.lease_id, accept.offer
         pool = self.ctx.sessions if self.session > 0 else None
         reused, io.lent = pool.take(offer.offer_id) if pool is not None else (None, False)
-        accept_frame = self._accept_frame(accept)
+        accept_frame = self._accept_frame(accept, io)
         try:
             with io.scope:
                 for stream in (reused, None) if reused is not None else (None,):
@@ -369,8 +371,10 @@ class RequesterJob:
         with trio.CancelScope(shield=True), give_up_after(1):
             await stream.close()
 
-    def _accept_frame(self, accept: core.SendAccept) -> bytes:
+    def _accept_frame(self, accept: core.SendAccept, io: _LeaseIO) -> bytes:
         item = self.items[accept.item]
+        # small inputs ride inside the accept (not on the lane: it is chosen at the grant)
+        io.inline = b"" if self.ctx.lane is not None else inline_frame(item.tensors)
         return ACCEPT.build(
             lease_id=accept.lease_id,
             offer_id=accept.offer.offer_id,
@@ -380,6 +384,7 @@ class RequesterJob:
             input_digest=item.input_digest,
             lane=self.ctx.lane is not None,
             session=float(self.session),
+            inputs=io.inline,
         )
 
     async def _read_lease(self, stream: FramedStream, accept: core.SendAccept, io: _LeaseIO) -> None:
@@ -422,6 +427,8 @@ class RequesterJob:
             raise IntegrityError(f"outputs of {m['output_bytes']} bytes over our cap", peer=provider)
         if m["output_digest"] == EMPTY_DIGEST:
             return {}
+        if m["outputs"]:  # small outputs came inside the result
+            return await recv_tensors(stream, m["outputs"], cap=m["output_bytes"], touch=touch)
         if not io.via_lane:
             header = await stream.recv_frame(TENSORS_HEADER.max_size)
             return await recv_tensors(stream, header, cap=m["output_bytes"], touch=touch)
@@ -509,7 +516,7 @@ class RequesterJob:
     async def _send_inputs(self, a: core.SendInputs) -> None:
         io = self.leases.get(a.lease_id)
         item = self.items[a.item]
-        if io is None or io.stream is None or not item.tensors:
+        if io is None or io.stream is None or not item.tensors or io.inline:
             return
         try:
             if io.via_lane:
