@@ -8,8 +8,9 @@ figures are pessimistic). The model is a small decoder-only LM; each segment is 
 Rows:
 
 * ``local_segment``: H inner steps of the same model on the same shard run here, with no
-  network (after a warm-up; the least of four runs is the floor used below): the compute of one segment, which is what a swarm peer does per outer step before
-  its all-reduce (the floor under any outer step); ``outer_s``;
+  network (after a warm-up; the least of four runs is the floor used below): the compute of
+  one segment, which is what a swarm peer does per outer step before its all-reduce (the
+  floor under any outer step); ``outer_s``;
 * ``rent_outer_step``: an outer step of the rent path, no verification (``verify_fraction=0``):
   ``outer_s``, ``overhead_s`` (``outer_s`` minus the local segment: negotiation on the open
   session, state and data out, pseudo-gradient back, receipts, DiLoCo's outer step) and
