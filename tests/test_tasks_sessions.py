@@ -63,3 +63,30 @@ async def test_calls_reuse_the_session_and_each_item_keeps_its_receipt(tmp_path:
         report = verify_ledger(tmp_path / f"{side}.jsonl")
         assert report.ok, report.problems
         assert len(report.entries) == 9
+
+
+async def test_a_provider_gone_with_an_open_session_fails_only_that_attempt() -> None:
+    """The session's provider leaves: the next call's accept on its session fails, and the
+    item goes to another provider through a fresh request; the call succeeds."""
+    opts = {"capacity": TEST_CAPACITY}
+    a = torch.ones(2, 2)
+    with trio.fail_after(60):
+        async with open_node(role="bootstrap", **opts) as boot:  # noqa: SIM117 (separate lifetimes)
+            async with (
+                open_node(bootstrap=boot.addrs, **opts) as stay,
+                serve_tasks(stay),
+                open_node(bootstrap=boot.addrs, **opts) as rnode,
+                open_tasks(rnode) as tasks,
+            ):
+                async with open_node(bootstrap=boot.addrs, **opts) as goes, serve_tasks(goes):
+                    await tasks.wait_for_providers(2, timeout=30)
+                    first = await tasks.run_task("matmul", {"a": a, "b": a}, {}, providers=[goes.peer_id])
+                    assert first.provider == goes.peer_id
+                    assert len(tasks.sessions) == 1
+                # py-libp2p does not report the closed connection at once, so the session's
+                # stream looks alive: the accept on it goes unanswered for accept_timeout, the
+                # provider is set aside and the item goes elsewhere (docs/design/sessions.md)
+                result = await tasks.run_task("matmul", {"a": a, "b": a}, {}, accept_timeout=1.0)
+                assert result.provider == stay.peer_id
+                assert torch.equal(result.outputs["c"], a @ a)
+                assert tasks.statistics()["buy_failed"] == 0

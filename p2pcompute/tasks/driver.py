@@ -86,7 +86,7 @@ class TaskService:
     ) -> None:
         self.node = node
         self.session = session  # idle seconds map_tasks asks providers to keep a session open
-        self.sessions = SessionPool(idle=session)
+        self.sessions = SessionPool(idle=session, connected=node.connected_peers)
         self.identity = node.identity
         self.peer_id = node.peer_id
         self.registry = registry

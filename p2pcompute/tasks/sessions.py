@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +57,17 @@ class SessionPool:
         pool.give_back(offer, stream, granted, now, lent=lent)
     """
 
-    def __init__(self, idle: float = 10.0, max_sessions: int = 256, max_idle_streams: int = 4) -> None:
+    def __init__(
+        self,
+        idle: float = 10.0,
+        max_sessions: int = 256,
+        max_idle_streams: int = 4,
+        *,
+        connected: Callable[[], Iterable[str]] | None = None,
+    ) -> None:
         self.idle = idle
+        # the peers we hold a connection to: a session with any other is over (its provider left)
+        self._connected = connected
         self.max_sessions = max_sessions
         # idle streams kept per provider: a provider caps the lease streams one peer holds open
         # (ProviderConfig.streams_per_requester), so the pool must not hoard them
@@ -71,7 +81,16 @@ class SessionPool:
         return len(self._sessions)
 
     def offers(self, now: float) -> list[tuple[Offer, float]]:
-        """The open sessions' offers, each with the time (trio clock) until which it may be accepted."""
+        """The open sessions' offers, each with the time (trio clock) until which it may be accepted.
+
+        A session whose provider we are no longer connected to is ended here: its stream is
+        dead, and a job that accepted on it would only wait for its accept timeout.
+        """
+        if self._connected is not None and self._sessions:
+            live = set(self._connected())
+            for offer_id in [o for o, s in self._sessions.items() if s.offer.provider not in live]:
+                self.stats["dropped"] += 1
+                self._end(offer_id)
         out = []
         for s in self._sessions.values():
             until = s.idle_until if not s.lent else max(s.idle_until, now + min(self.idle, s.granted))
