@@ -55,7 +55,7 @@ from p2pcompute.errors import ConfigError
 
 #: Suites in the order ``all`` runs them. ``wan`` measures the emulation itself; ``growth`` is the
 #: overlay growth curve (8 -> 256 nodes).
-SUITES = ("stream", "allreduce", "overlay", "tasks", "training", "wan", "growth", "attack")
+SUITES = ("stream", "allreduce", "overlay", "tasks", "training", "wan", "growth", "attack", "rent")
 RUN_SCHEMA = "p2pcompute-bench-run/1"
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TIMEOUT = {True: 300.0, False: 3600.0}  # per suite, by quick

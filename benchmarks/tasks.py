@@ -12,6 +12,9 @@ Rows:
   is from the request being published to the grant (p50 and p99 over the samples);
 * ``small_tasks``: ``map_tasks`` of many 2x2 matmuls spread over the four providers;
   ``tasks_per_s`` end to end, including signing and countersigning every receipt;
+* both rows twice: ``*_nosession`` with one-shot leases (``session=0``: a request, an offer
+  and a new lease stream per call, the path before sessions) and then with sessions (the
+  default: later calls lease on the open sessions' streams, docs/design/sessions.md);
 * ``recover_killed``: the cheapest provider takes the lease and is killed while the
   task runs; ``recover_s`` is from the kill to the result arriving from another provider.
 
@@ -19,7 +22,10 @@ Under ``--wan`` (``python -m benchmarks tasks --wan 50ms,200mbit``) every node i
 its own namespace instead: bootstrap node and requester in peer 0's, one provider in each other
 peer's, and each recovery's victim a fresh process that SIGKILLs itself when its run starts.
 
-Run: ``python -m benchmarks.tasks [--quick] [--out PATH]``.
+With ``--procs`` every node is a process on 127.0.0.1 the same way, without namespaces
+(the set-up of issue #15's small-task target: 1 requester and 4 providers).
+
+Run: ``python -m benchmarks.tasks [--quick] [--procs] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from p2pcompute.tasks.driver import TaskService, open_tasks, serve_tasks
 CAP = Capacity(cpu_cores=2, ram_total=8 << 30, ram_available=4 << 30, platform="bench")
 OPTS: dict[str, Any] = {"capacity": CAP}
 ECHO = "/p2pcompute/bench-echo/1"
+PARALLEL = 8  # leases at once in the small-task map (4 providers x capacity 2)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -129,7 +136,7 @@ async def _one_recovery(boot: Node, tasks: TaskService) -> float | None:
 def _samples(quick: bool) -> dict[str, int]:
     return {
         "lease": 10 if quick else 60,
-        "map_items": 16 if quick else 96,
+        "map_items": 48 if quick else 192,
         "map_reps": 1 if quick else 3,
         "kills": 1 if quick else 3,
     }
@@ -150,20 +157,34 @@ async def _steady(
         out["rtt_ms"].append((trio.current_time() - t0) * 1000)
         await s.close()
 
-    for _ in range(n["lease"]):
-        r = await tasks.run_task("matmul", {"a": a, "b": a}, {})
-        out["lease_ms"].append(r.lease_seconds * 1000)
-
     items = [({"a": a, "b": a}, {}) for _ in range(n["map_items"])]
-    for _ in range(n["map_reps"]):
-        t0 = trio.current_time()
-        results = await tasks.map_tasks("matmul", items, parallel=8, offer_window=0.3, enough_offers=4)
-        out["tasks_per_s"].append(len(results) / (trio.current_time() - t0))
-        out["providers_used"] = len({r.provider for r in results})  # type: ignore[union-attr]
+    for session, tag in ((0.0, "_nosession"), (None, "")):  # one-shot leases first: the old path
+        for _ in range(n["lease"]):
+            r = await tasks.run_task("matmul", {"a": a, "b": a}, {}, session=session)
+            out["lease_ms" + tag].append(r.lease_seconds * 1000)
+        for _ in range(n["map_reps"]):
+            t0, cpu0 = trio.current_time(), time.process_time()
+            results = await tasks.map_tasks(
+                "matmul", items, parallel=PARALLEL, offer_window=0.3, enough_offers=4, session=session
+            )
+            out["tasks_per_s" + tag].append(len(results) / (trio.current_time() - t0))
+            # the requester's own CPU per task: what bounds tasks_per_s on a core of its own
+            out["cpu_ms" + tag].append((time.process_time() - cpu0) * 1000 / len(results))
+            out["providers_used"] = len({r.provider for r in results})  # type: ignore[union-attr]
 
 
 def _empty() -> dict[str, Any]:
-    return {"rtt_ms": [], "lease_ms": [], "tasks_per_s": [], "recover_s": [], "recover_misses": 0}
+    return {
+        "rtt_ms": [],
+        "lease_ms": [],
+        "lease_ms_nosession": [],
+        "tasks_per_s": [],
+        "tasks_per_s_nosession": [],
+        "cpu_ms": [],
+        "cpu_ms_nosession": [],
+        "recover_s": [],
+        "recover_misses": 0,
+    }
 
 
 async def _measure(quick: bool) -> dict[str, Any]:
@@ -194,6 +215,7 @@ async def _measure(quick: bool) -> dict[str, Any]:
 # holds the bootstrap node and the requester; peers 1..k each hold one provider (peer 1's also
 # sells "spin" at price 1.0, the fallback); each recovery starts a victim process that sells
 # "spin" at price 0.0 and SIGKILLs itself, after printing the time, when its run starts.
+
 
 async def _requester_main(quick: bool, providers: int) -> None:
     out = _empty()
@@ -234,11 +256,11 @@ async def _provider_main(boot: str, *, spin: bool, victim: bool) -> None:
         await trio.to_thread.run_sync(sys.stdin.read)  # until the suite closes our stdin
 
 
-def _measure_wan(quick: bool, layout: dict[str, Any]) -> dict[str, Any]:
+def _measure_wan(quick: bool, layout: dict[str, Any], *, recover: bool = True) -> dict[str, Any]:
     peers = layout["peers"]
     if len(peers) < 3:
         raise ValueError("the tasks suite under --wan needs at least 3 peers (--wan-peers)")
-    kills = _samples(quick)["kills"]
+    kills = _samples(quick)["kills"] if recover else 0
     flag = ["--quick"] if quick else []
     me = "benchmarks.tasks"
     workers: list[Worker] = []
@@ -275,15 +297,27 @@ def _measure_wan(quick: bool, layout: dict[str, Any]) -> dict[str, Any]:
             stop_all(workers)
 
 
-def run(quick: bool = False, **options: Any) -> SuiteResult:
+def loopback_layout(providers: int = 4) -> dict[str, Any]:
+    """A layout that puts each node in its own process on 127.0.0.1 (no namespaces): peer 0
+    holds the bootstrap node and the requester, peers 1..``providers`` one provider each.
+
+    Example::
+
+        figures = _measure_wan(True, loopback_layout(4))
+    """
+    return {"peers": [{"index": i, "addr": None, "exec": []} for i in range(providers + 1)]}
+
+
+def run(quick: bool = False, procs: bool = False, **options: Any) -> SuiteResult:
     """Run the suite and return its result (see the module docstring).
 
-    Under ``--wan`` (a layout from the runner) every node is a process in its own namespace.
+    Under ``--wan`` (a layout from the runner) every node is a process in its own namespace;
+    with ``procs`` every node is a process on loopback (1 requester, 4 providers).
     Example::
 
         result = run(quick=True)
     """
-    layout = wan_layout()
+    layout = wan_layout() or (loopback_layout(4) if procs else None)
     if layout is None:
         figures = trio.run(_measure, quick)
         procs, providers = 1, 4
@@ -301,15 +335,23 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
     base.baseline = "libp2p_rtt"
     for v in figures["rtt_ms"]:
         base.add("lease_ms", v)
-    lease = result.config("request_to_lease", size="tiny", kind="matmul 2x2")
-    for v in figures["lease_ms"]:
-        lease.add("lease_ms", v)
-    lease.add("lease_ms_p50", statistics.median(figures["lease_ms"]))
-    lease.add("lease_ms_p99", percentile(figures["lease_ms"], 99))
-    small = result.config("small_tasks", size="map", kind="matmul 2x2", parallel=8)
-    for v in figures["tasks_per_s"]:
-        small.add("tasks_per_s", v)
-    small.notes.append(f"providers used: {figures.get('providers_used')}")
+    for tag, how in (("_nosession", "one-shot leases (session=0)"), ("", "sessions (the default)")):
+        lease = result.config("request_to_lease" + tag, size="tiny", kind="matmul 2x2")
+        lease.notes.append(how)
+        for v in figures["lease_ms" + tag]:
+            lease.add("lease_ms", v)
+        lease.add("lease_ms_p50", statistics.median(figures["lease_ms" + tag]))
+        lease.add("lease_ms_p99", percentile(figures["lease_ms" + tag], 99))
+        small = result.config("small_tasks" + tag, size="map", kind="matmul 2x2", parallel=PARALLEL)
+        small.notes.append(how)
+        for v in figures["tasks_per_s" + tag]:
+            small.add("tasks_per_s", v)
+        for v in figures.get("cpu_ms" + tag, []):
+            small.add("requester_cpu_ms", v)
+        small.notes.append(f"providers used: {figures.get('providers_used')}")
+    load = os.getloadavg()[0]
+    for row in result.configs:
+        row.notes.append(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} cores")
     rec = result.config("recover_killed", size="kill", lease_ttl_s=4.0)
     for v in figures["recover_s"]:
         rec.add("recover_s", v)
@@ -317,9 +359,10 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
         rec.notes.append("kill = the provider's node exits mid-run; a stream reset or lease_ttl shows it")
     else:
         rec.notes.append("kill = the provider's process SIGKILLs itself when the run starts")
+        where = "under --wan" if wan_layout() is not None else "on loopback (--procs)"
         for row in result.configs:
             row.notes.append(
-                f"under --wan: requester and bootstrap node in peer 0's namespace, {providers} providers "
+                f"{where}: requester and bootstrap node in peer 0's namespace, {providers} providers "
                 "in the others, each a process; rss_mib is the requester's"
             )
     if figures["recover_misses"]:
@@ -337,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.tasks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few samples: a smoke run")
     parser.add_argument("--out", default="bench-results", help="JSON file or folder")
+    parser.add_argument(
+        "--procs",
+        action="store_true",
+        help="every node its own process on loopback (1 requester, 4 providers)",
+    )
     parser.add_argument("--worker", choices=["requester", "provider", "victim"], help=argparse.SUPPRESS)
     parser.add_argument("--providers", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--boot", help=argparse.SUPPRESS)
@@ -348,8 +396,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker in ("provider", "victim"):
         trio.run(functools.partial(_provider_main, args.boot, spin=args.spin, victim=args.worker == "victim"))
         return 0
-    result = run(args.quick)
-    print_table(result, ["lease_ms", "lease_ms_p50", "lease_ms_p99", "tasks_per_s", "recover_s", "rss_mib"])
+    result = run(args.quick, procs=args.procs)
+    metrics = [
+        "lease_ms",
+        "lease_ms_p50",
+        "lease_ms_p99",
+        "tasks_per_s",
+        "requester_cpu_ms",
+        "recover_s",
+        "rss_mib",
+    ]
+    print_table(result, metrics)
     path = write_results(result, args.out)
     print(f"results: {path}")
     return 0

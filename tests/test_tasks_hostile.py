@@ -331,6 +331,8 @@ class Rogue:
                 input_bytes=inputs,
                 input_digest=b"\x01" * 32 if inputs else EMPTY_DIGEST,
                 lane=False,
+                session=0.0,
+                inputs=b"",
             )
         )
         return lid, stream

@@ -54,6 +54,7 @@ class SendGrant:
     lease_id: bytes
     lease_ttl: float
     heartbeat: float
+    session: float = 0.0  # idle seconds the offer stays open for further accepts (0: no session)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from p2pcompute.tasks.requester import (
     job_spec,
     prepare_items,
 )
+from p2pcompute.tasks.sessions import SessionPool
 from p2pcompute.tensors import TensorLane
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,11 @@ class TaskService:
         ledger: Ledger | None,
         lane: TensorLane | None,
         faults: ProviderFaults = NO_FAULTS,
+        session: float = 10.0,
     ) -> None:
         self.node = node
+        self.session = session  # idle seconds map_tasks asks providers to keep a session open
+        self.sessions = SessionPool(idle=session, connected=node.connected_peers)
         self.identity = node.identity
         self.peer_id = node.peer_id
         self.registry = registry
@@ -112,6 +116,7 @@ class TaskService:
             self._bump,
             self._append,
             self._blame,
+            self.sessions,
         )
         self._side: ProviderSide | None = None
         if registry is not None:
@@ -132,6 +137,7 @@ class TaskService:
     # -- lifecycle
 
     async def _start(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.sessions.janitor)
         self.node.set_stream_handler(OFFER_PROTOCOL, self._on_offer_stream, max_frame=8192)
         side = self._side
         if side is not None:
@@ -275,6 +281,7 @@ class TaskService:
         retries: int = 3,
         deadline: float = 300.0,
         offer_window: float = 0.3,
+        session: float | None = None,
         enough_offers: int | None = None,
         lease_ttl: float = 10.0,
         accept_timeout: float = 5.0,
@@ -294,7 +301,11 @@ class TaskService:
         :class:`~p2pcompute.progress.Progress` and its renderers to this callback).
         ``result_timeout`` (seconds from a grant to the result and its outputs; ``None``:
         only ``deadline``) sets aside a provider that keeps a lease alive without answering.
-        ``providers`` keeps only offers from these peers (a pinned session). ``check(outputs,
+        ``providers`` keeps only offers from these peers (a pinned worker). ``session``
+        (seconds; ``None``: the service's, 0: off) asks each provider to keep its offer open
+        that long between leases: later calls of the same kind and terms then lease on the
+        open session's stream at once, with no request and no offer window
+        (docs/design/sessions.md). ``check(outputs,
         info, provider)`` runs on every result before its receipt is countersigned; raising
         :class:`~p2pcompute.errors.WorkRejected` refuses the work (no receipt, the provider
         set aside and blamed, the item retried elsewhere within ``retries``).
@@ -337,6 +348,7 @@ class TaskService:
             max_output_bytes,
             progress,
             check,
+            self.session if session is None else session,
         )
         self.items_in_flight += len(prepared)
         try:
@@ -378,6 +390,8 @@ async def open_tasks(
     accept_deadline: float = 30.0,
     receipt_deadline: float = 30.0,
     faults: ProviderFaults = NO_FAULTS,
+    session: float = 10.0,
+    session_idle: float = 30.0,
 ) -> AsyncIterator[TaskService]:
     """Run the task service on ``node`` for the ``async with`` block.
 
@@ -386,7 +400,9 @@ async def open_tasks(
     records every dual-signed receipt. ``lane`` (from :func:`p2pcompute.tensors.open_lane`)
     carries inputs and outputs; without it they travel in capped frames on the lease stream.
     ``faults`` is a test seam (:class:`ProviderFaults`): deliberate misbehaviour, none by default.
-    ``max_leases_per_requester`` and the deadlines are those of
+    ``session`` is how long (idle seconds) this node, buying, asks providers to keep a session
+    open (0: none; a :meth:`~TaskService.map_tasks` call may ask otherwise); ``session_idle``
+    is the most it grants, selling. ``max_leases_per_requester`` and the deadlines are those of
     :class:`~p2pcompute.tasks.negotiation.ProviderConfig` (docs/tasks.md, "Deadlines and limits").
 
     Example::
@@ -410,8 +426,9 @@ async def open_tasks(
         result_deadline=result_deadline,
         accept_deadline=accept_deadline,
         receipt_deadline=receipt_deadline,
+        session_idle=session_idle,
     )
-    service = TaskService(node, registry, config, ledger=ledger, lane=lane, faults=faults)
+    service = TaskService(node, registry, config, ledger=ledger, lane=lane, faults=faults, session=session)
     try:
         async with trio.open_nursery() as nursery:
             await service._start(nursery)
@@ -419,6 +436,8 @@ async def open_tasks(
                 yield service
             finally:
                 service._close()
+                with trio.CancelScope(shield=True):
+                    await service.sessions.aclose()
                 nursery.cancel_scope.cancel()
     finally:
         if own_ledger is not None:

@@ -1,5 +1,8 @@
 """Tensors in frames on a lease stream: a capped ``task-tensors`` header, then raw chunks.
 
+Tensors of at most :data:`~p2pcompute.tasks.messages.INLINE_TENSORS` bytes in all ride
+inside the header (one frame: small tasks pay one write, not one per tensor).
+
 Used when no tensor lane is given (see :mod:`p2pcompute.tasks.driver`). The receiver
 checks dtypes, shapes and the total against its cap *before* allocating anything.
 
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from p2pcompute.errors import LocalProtocolError, MalformedMessage
-from p2pcompute.tasks.messages import DTYPES, TENSORS_HEADER
+from p2pcompute.tasks.messages import DTYPES, INLINE_FRAME, INLINE_TENSORS, TENSORS_HEADER
 from p2pcompute.tasks.receipts import tensor_digest
 
 if TYPE_CHECKING:
@@ -49,6 +52,30 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def inline_frame(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """``tensors`` as one ``task-tensors`` frame with their bytes inline, if that frame fits
+    :data:`~p2pcompute.tasks.messages.INLINE_FRAME`; else ``b""`` (send them with :func:`send_tensors`).
+
+    Example::
+
+        >>> len(inline_frame({"a": torch.ones(2, 2)})) > 16, inline_frame({"a": torch.ones(1 << 20)})
+        (True, b'')
+    """
+    names = sorted(tensors)
+    flat = [tensors[n].detach().cpu().contiguous().reshape(-1) for n in names]
+    total = sum(nbytes(t) for t in flat)
+    if not names or total > INLINE_TENSORS:
+        return b""
+    frame = TENSORS_HEADER.build(
+        names=names,
+        dtypes=[str(tensors[n].dtype).removeprefix("torch.") for n in names],
+        shapes=[list(tensors[n].shape) for n in names],
+        nbytes=total,
+        inline=b"".join(bytes(_bytes_of(t)) for t in flat),
+    )
+    return frame if len(frame) <= INLINE_FRAME else b""
+
+
 async def send_tensors(stream: FramedStream, tensors: Mapping[str, torch.Tensor]) -> None:
     """Send ``tensors`` as a header and raw chunks (the caller owns the stream's writes).
 
@@ -58,13 +85,18 @@ async def send_tensors(stream: FramedStream, tensors: Mapping[str, torch.Tensor]
     """
     names = sorted(tensors)
     flat = [tensors[n].detach().cpu().contiguous().reshape(-1) for n in names]
+    total = sum(nbytes(t) for t in flat)
+    small = total <= INLINE_TENSORS  # small tensors ride in the header: one frame in all
     header = TENSORS_HEADER.build(
         names=names,
         dtypes=[str(tensors[n].dtype).removeprefix("torch.") for n in names],
         shapes=[list(tensors[n].shape) for n in names],
-        nbytes=sum(nbytes(t) for t in flat),
+        nbytes=total,
+        inline=b"".join(bytes(_bytes_of(t)) for t in flat) if small else b"",
     )
     await stream.send_frame(header)
+    if small:
+        return
     for t in flat:
         if t.numel() == 0:
             continue
@@ -102,6 +134,20 @@ async def recv_tensors(
     if total != h["nbytes"] or total > cap:
         raise MalformedMessage(f"tensors of {h['nbytes']} bytes (cap {cap}, computed {total})", peer=peer)
     out: dict[str, torch.Tensor] = {}
+    inline = h["inline"]
+    if inline or total == 0:
+        if len(inline) != total or total > INLINE_TENSORS:
+            raise MalformedMessage(f"{len(inline)} inline bytes for tensors of {total}", peer=peer)
+        at = 0
+        for name, dtype, shape, size in plan:
+            buf = torch.empty(size, dtype=torch.uint8)
+            _bytes_of(buf)[:] = inline[at : at + size]
+            at += size
+            out[name] = buf.view(dtype).reshape(shape) if size else torch.empty(shape, dtype=dtype)
+        touch()
+        return out
+    if total <= INLINE_TENSORS:
+        raise MalformedMessage(f"tensors of {total} bytes must travel inline", peer=peer)
     for name, dtype, shape, size in plan:
         buf = torch.empty(size, dtype=torch.uint8)
         view = _bytes_of(buf)
@@ -129,4 +175,13 @@ def need_lane(lane: TensorLane | None) -> TensorLane:
     return lane
 
 
-__all__ = ["CHUNK", "EMPTY_DIGEST", "LEASE_MAX_FRAME", "nbytes", "need_lane", "recv_tensors", "send_tensors"]
+__all__ = [
+    "CHUNK",
+    "EMPTY_DIGEST",
+    "LEASE_MAX_FRAME",
+    "inline_frame",
+    "nbytes",
+    "need_lane",
+    "recv_tensors",
+    "send_tensors",
+]

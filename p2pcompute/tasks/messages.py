@@ -5,7 +5,7 @@ What travels where (details in docs/protocol/tasks.md):
 * ``task-request`` -- GossipSub, signed by the requester (envelope kind ``task-request``);
 * ``task-offer``   -- provider -> requester stream, signed by the provider (kind ``task-offer``);
 * ``task-accept`` / ``task-grant`` / ``task-reject`` / ``task-heartbeat`` / ``task-result`` /
-  ``task-error`` / ``task-cancel`` / ``task-receipt`` -- on the lease stream, which py-libp2p
+  ``task-error`` / ``task-cancel`` / ``task-receipt`` / ``task-end`` -- on the lease stream, which py-libp2p
   authenticates (Noise), so they are not signed again; the receipt inside is.
 
 Every type has a version and a size cap; decoding raises a typed
@@ -33,6 +33,10 @@ MAX_REASON = 1024
 MAX_COUNT = 1024
 #: Upper bound on one lease's inputs or outputs (bytes); a provider may set a lower one.
 MAX_TENSOR_BYTES = 1 << 40
+#: Tensors of at most this many bytes in all travel inside their header frame, and that frame
+#: (at most INLINE_FRAME bytes) inside the accept (inputs) or the result (outputs).
+INLINE_TENSORS = 16 * 1024
+INLINE_FRAME = INLINE_TENSORS + 4096
 
 REQUEST_KIND = "task-request"
 OFFER_KIND = "task-offer"
@@ -283,10 +287,17 @@ def signer_peer_id(signer: Signer) -> str:
 
 LEASE_FRAME_CAP = 256 * 1024
 
+#: The longest session a requester may ask for (seconds idle between its items).
+MAX_SESSION = 3600.0
+
+# v2 (sessions): ``session`` asks the provider to keep the offer open that many idle seconds
+# after each lease, so that further items follow on the same stream without a new request.
+# ``inputs`` (v2 too): the inputs' ``task-tensors`` frame when they fit INLINE_FRAME (no
+# separate input frames follow), else empty.
 ACCEPT = Schema(
     "task-accept",
-    1,
-    max_size=MAX_PARAMS + 1024,
+    2,
+    max_size=MAX_PARAMS + INLINE_FRAME + 1024,
     fields=(
         _id_field("lease_id"),
         _id_field("offer_id"),
@@ -295,18 +306,29 @@ ACCEPT = Schema(
         Field("input_bytes", int, min=0, max=MAX_TENSOR_BYTES),
         Field("input_digest", bytes, exact_len=DIGEST_LEN),
         Field("lane", bool),
+        Field("session", float, min=0, max=MAX_SESSION),
+        Field("inputs", bytes, max_len=INLINE_FRAME),
     ),
 )
+# v2 (sessions): ``session`` is the idle time granted (0: none; the stream ends with the lease).
 GRANT = Schema(
     "task-grant",
-    1,
+    2,
     max_size=256,
     fields=(
         _id_field("lease_id"),
         Field("lease_ttl", float, min=0.05, max=3600),
         Field("heartbeat", float, min=0.01, max=600),
         Field("lane", bool),
+        Field("session", float, min=0, max=MAX_SESSION),
     ),
+)
+#: The requester ends its session on this stream (sent between leases, instead of an accept).
+END = Schema(
+    "task-end",
+    1,
+    max_size=MAX_REASON + 256,
+    fields=(_id_field("offer_id"), Field("reason", str, max_len=MAX_REASON)),
 )
 REJECT = Schema(
     "task-reject",
@@ -324,10 +346,12 @@ HEARTBEAT = Schema(
     max_size=128,
     fields=(_id_field("lease_id"), Field("seq", int, min=0, max=1 << 62)),
 )
+# v2 (small tasks fast): ``outputs`` is the outputs' ``task-tensors`` frame when it fits
+# INLINE_FRAME (no separate output frames follow), else empty.
 RESULT = Schema(
     "task-result",
-    1,
-    max_size=MAX_PARAMS + 4096,
+    2,
+    max_size=MAX_PARAMS + INLINE_FRAME + 4096,
     fields=(
         _id_field("lease_id"),
         Field("info", bytes, max_len=MAX_PARAMS),
@@ -335,6 +359,7 @@ RESULT = Schema(
         Field("output_digest", bytes, exact_len=DIGEST_LEN),
         Field("receipt_body", bytes, max_len=2048),
         Field("provider_sig", bytes, exact_len=64),
+        Field("outputs", bytes, max_len=INLINE_FRAME),
     ),
 )
 ERROR = Schema(
@@ -361,7 +386,7 @@ RECEIPT_MSG = Schema(
 )
 
 LEASE_SCHEMAS: dict[str, Schema] = {
-    s.type: s for s in (ACCEPT, GRANT, REJECT, HEARTBEAT, RESULT, ERROR, CANCEL, RECEIPT_MSG)
+    s.type: s for s in (ACCEPT, GRANT, REJECT, HEARTBEAT, RESULT, ERROR, CANCEL, RECEIPT_MSG, END)
 }
 
 
@@ -411,14 +436,17 @@ DTYPES = (
     "bool",
 )
 
+# v2 (small tasks fast): ``inline`` carries the tensors' bytes when they total at most
+# INLINE_TENSORS (one frame instead of a header and a chunk per tensor); empty otherwise.
 TENSORS_HEADER = Schema(
     "task-tensors",
-    1,
+    2,
     max_size=64 * 1024,
     fields=(
         Field("names", list, max_len=256, item=str),
         Field("dtypes", list, max_len=256, item=str),
         Field("shapes", list, max_len=256, item=list),
         Field("nbytes", int, min=0, max=MAX_TENSOR_BYTES),
+        Field("inline", bytes, max_len=INLINE_TENSORS),
     ),
 )

@@ -43,6 +43,7 @@ from p2pcompute.tasks import negotiation as core
 from p2pcompute.tasks.frames import (
     EMPTY_DIGEST,
     LEASE_MAX_FRAME,
+    inline_frame,
     nbytes,
     need_lane,
     recv_tensors,
@@ -88,6 +89,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FROM_REQUESTER = frozenset({"task-heartbeat", "task-cancel", "task-receipt"})
+# between a session's leases: the next accept, the end, or a late frame of the lease just over
+_SESSION = frozenset({"task-accept", "task-end", "task-heartbeat", "task-cancel"})
+_FIRST = frozenset({"task-accept"})  # a new stream starts with an accept
 _LEASE_ACTIONS = (
     core.SendGrant,
     core.SendReject,
@@ -217,6 +221,8 @@ class ProviderLease:
         self._thread_alive = False  # a sync kind's worker thread is running
         self._abandoned = False  # ... and its slot was handed back before it stopped
         self.memory = 0  # bytes the run holds (accounted while an abandoned thread stops)
+        self.session = 0.0  # idle seconds granted to the session on this lease's offer
+        self.settled = False  # the co-signed receipt came back and was recorded
 
     # -- the executor
 
@@ -241,8 +247,10 @@ class ProviderLease:
                     lane=self.via_lane,
                     lease_ttl=float(action.lease_ttl),
                     heartbeat=float(action.heartbeat),
+                    session=float(action.session),
                 )
             )
+            self.session = float(action.session)
         elif isinstance(action, core.SendReject):
             self._send(
                 REJECT.build(lease_id=lid, reason=reason_text(action.reason), retryable=action.retryable)
@@ -261,6 +269,7 @@ class ProviderLease:
             result = self._result
             if result is None:  # pragma: no cover - run_succeeded is only called with a result ready
                 return
+            inline = b"" if self.via_lane else inline_frame(result.outputs)  # small: in the result
             self._send(
                 RESULT.build(
                     lease_id=lid,
@@ -269,9 +278,10 @@ class ProviderLease:
                     output_digest=result.body.output_digest,
                     receipt_body=result.body_bytes,
                     provider_sig=result.sig,
+                    outputs=inline,
                 )
             )
-            if result.outputs and not self.via_lane:
+            if result.outputs and not self.via_lane and not inline:
                 outputs = result.outputs
                 self._send(lambda stream: send_tensors(stream, outputs))
             self._result_sent = True
@@ -412,6 +422,9 @@ class ProviderLease:
             self.memory = kind.run_memory(params, acc["input_bytes"])
             if acc["input_digest"] == EMPTY_DIGEST:
                 tensors: dict[str, torch.Tensor] = {}
+            elif acc["inputs"]:  # small inputs came inside the accept
+                cap = min(acc["input_bytes"], self.core.config.max_input_bytes)
+                tensors = await recv_tensors(self.stream, acc["inputs"], cap=cap, touch=self._touch)
             elif self.via_lane:
                 tag = f"task/{self.lease_id.hex()}/in"
                 wait = self.core.config.input_seconds(acc["input_bytes"])
@@ -526,6 +539,13 @@ class ProviderLease:
             return
         self.ctx.bump("receipts")
         await self.ctx.record(receipt, "provider")
+        self.settled = True
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the stream may carry the session's next lease: granted a session, settled
+        cleanly (the requester's receipt read, so no frame of this lease is left unread)."""
+        return self.session > 0 and self.settled and self._fault is None
 
 
 class ProviderSide:
@@ -623,34 +643,73 @@ class ProviderSide:
                 del self._streams[peer]
 
     async def _lease(self, stream: FramedStream) -> None:
+        """Serve the leases of one stream: one, or, in a session, one after another.
+
+        A lease granted a session whose receipt came back leaves the stream open: the
+        requester's next ``task-accept`` (or its ``task-end``) is awaited for the idle time
+        granted, plus ``lease_ttl`` of slack. Frames of the lease just ended that cross
+        (a late heartbeat or cancel) are skipped.
+        """
         peer = stream.peer
         if self.closed or peer is None:
             return
-        acc: dict[str, Any] | None = None
-        with give_up_after(self.core.config.accept_deadline):
+        wait, allowed = self.core.config.accept_deadline, _FIRST
+        while not self.closed:
+            acc = await self._next_accept(stream, peer, wait, allowed)
+            if acc is None:
+                return  # an idle stream, or the session ended: drop it
+            lease = await self._serve_one(stream, peer, acc)
+            if lease is None or not lease.reusable:
+                return
+            wait, allowed = lease.session + self.core.config.lease_ttl, _SESSION
+
+    async def _next_accept(
+        self, stream: FramedStream, peer: str, wait: float, allowed: frozenset[str]
+    ) -> dict[str, Any] | None:
+        """The stream's next ``task-accept`` within ``wait`` s (``None``: none came, or ``task-end``)."""
+        with give_up_after(wait):
             try:
-                acc = ACCEPT.parse(await stream.recv_frame(ACCEPT.max_size), peer=peer)
+                while True:
+                    raw = await stream.recv_frame(ACCEPT.max_size)
+                    m = parse_lease_message(raw, peer=peer, allowed=allowed)
+                    if m["t"] == "task-accept":
+                        return m
+                    if m["t"] == "task-end":
+                        self.core.end_session(peer, m["offer_id"])
+                        self._wake.set()
+                        return None
+                    if m["lease_id"] in self._leases:  # only frames of a lease already over may cross
+                        raise MalformedMessage(f"{m['t']} for a live lease between leases", peer=peer)
+            except PeerGone:
+                return None  # the requester closed the session's stream
             except RemoteProtocolError:
                 self.ctx.bump("bad_requests")
                 raise  # the node's stream handler counts it against the peer
-        if acc is None:
-            return  # an idle stream: drop it
+        return None
+
+    async def _serve_one(self, stream: FramedStream, peer: str, acc: dict[str, Any]) -> ProviderLease | None:
         lease_id = acc["lease_id"]
-        inputs = None if acc["input_digest"] == EMPTY_DIGEST else acc["input_bytes"]
+        # (inputs inside the accept have arrived: no input deadline for them)
+        inputs = None if acc["input_digest"] == EMPTY_DIGEST or acc["inputs"] else acc["input_bytes"]
         if lease_id in self._leases:  # the same accept on a second stream: never a second run
             self.do(self.core.handle_accept(peer, lease_id, acc["offer_id"], trio.current_time()))
-            return
+            return None
         lease = ProviderLease(stream, acc, self.ctx, self.core, self.do)
         self._leases[lease_id] = lease
         try:
             now = trio.current_time()
-            self.do(self.core.handle_accept(peer, lease_id, acc["offer_id"], now, inputs=inputs))
+            self.do(
+                self.core.handle_accept(
+                    peer, lease_id, acc["offer_id"], now, inputs=inputs, session=acc["session"]
+                )
+            )
             await lease.serve()
         finally:
             if self._leases.get(lease_id) is lease:
                 del self._leases[lease_id]
             lease.release()
             self._wake.set()
+        return lease
 
     def close(self) -> None:
         """Stop serving: cancel every lease; later gossip and streams are ignored."""

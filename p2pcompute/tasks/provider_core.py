@@ -16,6 +16,7 @@ Imports :mod:`p2pcompute.tasks.actions`, :mod:`p2pcompute.tasks.messages`, error
 from __future__ import annotations
 
 import enum
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ class ProviderConfig:
       (``None``: ``4 * per_requester + 4``); more are closed at once, unread.
     * ``accept_deadline``: how long a new lease stream may take to send its accept;
       ``receipt_deadline``: how long the provider waits for the co-signed receipt.
+    * ``session_idle``: the longest a *session* may sit idle (docs/design/sessions.md). An
+      accept that asks for a session keeps its offer open after each lease for that long
+      (at most this), so the requester sends its next items on the same terms and stream
+      without a new request; every item is still its own lease, with the caps above. 0
+      turns sessions off (each offer then lives ``offer_valid_for`` as before).
     * ``max_lingering_bytes``: memory that cancelled runs still stopping (a worker thread
       finishing its chunk) may hold while their slots are already free again; at most
       ``capacity`` such runs, any beyond keep their slot until they stop.
@@ -95,6 +101,7 @@ class ProviderConfig:
     receipt_deadline: float = 30.0
     max_lingering_bytes: int = 1 << 30
     max_lease_streams_per_requester: int | None = None
+    session_idle: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_leases_per_requester is not None and self.max_leases_per_requester < 1:
@@ -104,6 +111,8 @@ class ProviderConfig:
         times = (self.input_deadline, self.result_deadline, self.accept_deadline, self.receipt_deadline)
         if not all(t > 0 for t in times) or not self.input_rate > 0:
             raise ConfigError("deadlines and input_rate must be positive")
+        if not 0 <= self.session_idle <= 3600:
+            raise ConfigError("session_idle must be between 0 and 3600 s")
 
     @property
     def per_requester(self) -> int:
@@ -132,6 +141,10 @@ class ProviderConfig:
     def result_seconds(self, output_bytes: int) -> float:
         """Seconds the provider spends at most delivering a result of ``output_bytes``."""
         return self.result_deadline + output_bytes / self.input_rate
+
+
+#: The reason of the reject that an accept gets for an offer (or session) the provider no longer keeps.
+EXPIRED_OFFER = "unknown or expired offer"
 
 
 class ProviderEvent(enum.Enum):
@@ -172,6 +185,7 @@ class _POffer:
     offer: Offer
     expires: float
     active: int = 0
+    session: float = 0.0  # idle seconds granted to a session on this offer (0: none yet)
 
 
 class ProviderCore:
@@ -217,6 +231,8 @@ class ProviderCore:
             "busy_refusals": 0,
             "offers_replaced": 0,
             "input_timeouts": 0,
+            "sessions": 0,
+            "sessions_ended": 0,
         }
 
     # -- queries
@@ -334,7 +350,14 @@ class ProviderCore:
         return [SendOffer(request.requester, offer)]
 
     def handle_accept(
-        self, sender: str, lease_id: bytes, offer_id: bytes, now: float, *, inputs: int | None = None
+        self,
+        sender: str,
+        lease_id: bytes,
+        offer_id: bytes,
+        now: float,
+        *,
+        inputs: int | None = None,
+        session: float = 0.0,
     ) -> list[Action]:
         """``sender`` accepts our offer as lease ``lease_id``: grant it if we still can.
 
@@ -342,6 +365,11 @@ class ProviderCore:
         none); they must all arrive by ``config.input_seconds(inputs)`` after the grant
         (:meth:`inputs_received`), heartbeats or not. A requester that already holds
         ``config.per_requester`` leases is refused with a retryable reject.
+
+        ``session`` > 0 asks to keep the offer open as a session: after each of its leases
+        the offer stays acceptable for ``min(session, config.session_idle)`` more seconds
+        (plus ``lease_ttl`` of slack for the requester's later clock), so that the requester
+        leases its next items without a new request. The grant says what was granted.
         """
         if lease_id in self._leases or lease_id in self._ended:
             self.stats["ignored"] += 1  # duplicate or late: never a second run
@@ -354,8 +382,8 @@ class ProviderCore:
             self.stats["rejected"] += 1
             return [SendReject(sender, lease_id, reason, retryable)]
 
-        if record is None or record.offer.requester != sender:
-            return reject("unknown or expired offer", True)
+        if record is None or record.offer.requester != sender or record.expires <= now:
+            return reject(EXPIRED_OFFER, True)
         if record.active >= record.offer.slots:
             return reject("all slots of this offer are in use", True)
         if self.free_slots() <= 0:
@@ -377,12 +405,17 @@ class ProviderCore:
         )
         if inputs is not None:
             lease.inputs_due = now + self.config.input_seconds(inputs)
+        granted = min(max(0.0, session), self.config.session_idle)
+        if granted > 0:
+            if record.session == 0:
+                self.stats["sessions"] += 1
+            record.session = max(record.session, granted)
         record.active += 1
         self._leases[lease_id] = lease
         self._running.add(lease_id)
         self.stats["granted"] += 1
         return [
-            SendGrant(sender, lease_id, self.config.lease_ttl, self.config.heartbeat),
+            SendGrant(sender, lease_id, self.config.lease_ttl, self.config.heartbeat, granted),
             StartRun(lease_id, sender, lease.kind, offer_id, lease.price),
         ]
 
@@ -407,7 +440,7 @@ class ProviderCore:
         if lease is None or lease.requester != sender:
             self.stats["ignored"] += 1
             return []
-        self._end(lease, ProviderEvent.CANCEL)
+        self._end(lease, ProviderEvent.CANCEL, now)
         return [AbortRun(lease_id, f"cancelled by requester: {reason}")]
 
     def run_succeeded(self, lease_id: bytes, now: float) -> list[Action]:
@@ -416,7 +449,7 @@ class ProviderCore:
         lease = self._leases.get(lease_id)
         if lease is None:
             return []  # cancelled or expired meanwhile: the result is dropped
-        self._end(lease, ProviderEvent.RUN_OK)
+        self._end(lease, ProviderEvent.RUN_OK, now)
         return [SendResult(lease.requester, lease_id)]
 
     def run_failed(self, lease_id: bytes, reason: str, retryable: bool, now: float) -> list[Action]:
@@ -425,8 +458,26 @@ class ProviderCore:
         lease = self._leases.get(lease_id)
         if lease is None:
             return []
-        self._end(lease, ProviderEvent.RUN_FAILED)
+        self._end(lease, ProviderEvent.RUN_FAILED, now)
         return [SendError(lease.requester, lease_id, reason, retryable)]
+
+    def end_session(self, sender: str, offer_id: bytes) -> None:
+        """``sender`` ends its session on ``offer_id``: no more accepts on that offer (its
+        leases in progress run on). Another peer's offer, or an unknown one, is ignored.
+
+        Example::
+
+            core.end_session(requester, offer.offer_id)   # the requester said task-end
+        """
+        record = self._offers.get(offer_id)
+        if record is None or record.offer.requester != sender:
+            self.stats["ignored"] += 1
+            return
+        self.stats["sessions_ended"] += 1
+        if record.active == 0:
+            del self._offers[offer_id]
+        else:  # leases still hold it: closed to accepts now, forgotten with the last of them
+            record.session, record.expires = 0.0, -math.inf
 
     def run_stopped(self, lease_id: bytes) -> None:
         """An aborted run has really stopped: its slot is free again (a lingering run is forgotten)."""
@@ -449,13 +500,13 @@ class ProviderCore:
         out: list[Action] = []
         for lease in list(self._leases.values()):
             if lease.inputs_due is not None and now >= lease.inputs_due:
-                self._end(lease, ProviderEvent.EXPIRE)
+                self._end(lease, ProviderEvent.EXPIRE, now)
                 self.stats["input_timeouts"] += 1
                 reason = f"inputs not received within {lease.inputs_due - lease.granted:g} s"
                 out.append(SendError(lease.requester, lease.lease_id, reason, True))
                 out.append(AbortRun(lease.lease_id, reason))
             elif now >= lease.expires:
-                self._end(lease, ProviderEvent.EXPIRE)
+                self._end(lease, ProviderEvent.EXPIRE, now)
                 out.append(AbortRun(lease.lease_id, "lease expired: no heartbeat from the requester"))
             elif now >= lease.next_heartbeat:
                 lease.seq += 1
@@ -466,13 +517,15 @@ class ProviderCore:
 
     # -- internals
 
-    def _end(self, lease: _PLease, event: ProviderEvent) -> None:
+    def _end(self, lease: _PLease, event: ProviderEvent, now: float) -> None:
         outcome = PROVIDER_LEASE[event]
         del self._leases[lease.lease_id]
         self._ended.put(lease.lease_id, outcome)
         record = self._offers.get(lease.offer_id)
         if record is not None:
             record.active -= 1
+            if record.session > 0:  # a session: idle time counts from its last lease
+                record.expires = max(record.expires, now + record.session + self.config.lease_ttl)
         self.stats[outcome.value] += 1
 
     def _room_for_offer(self, requester: str) -> bool:
@@ -501,4 +554,4 @@ class ProviderCore:
                 del self._offers[offer_id]
 
 
-__all__ = ["PROVIDER_LEASE", "KindTerms", "ProviderConfig", "ProviderCore", "ProviderEvent"]
+__all__ = ["EXPIRED_OFFER", "PROVIDER_LEASE", "KindTerms", "ProviderConfig", "ProviderCore", "ProviderEvent"]

@@ -35,6 +35,7 @@ from p2pcompute.tasks import negotiation as core
 from p2pcompute.tasks.frames import (
     EMPTY_DIGEST,
     LEASE_MAX_FRAME,
+    inline_frame,
     nbytes,
     need_lane,
     recv_tensors,
@@ -54,8 +55,10 @@ from p2pcompute.tasks.messages import (
     reason_text,
     seal_request,
 )
+from p2pcompute.tasks.provider_core import EXPIRED_OFFER
 from p2pcompute.tasks.receipts import Receipt, countersign, params_digest, tensor_digest
 from p2pcompute.tasks.registry import check_params
+from p2pcompute.tasks.sessions import SessionPool
 from p2pcompute.wire.codec import decode
 from p2pcompute.wire.signing import Signer
 
@@ -140,6 +143,7 @@ class RequesterContext:
     bump: Callable[[str], None]
     record: Callable[[Receipt, str], Awaitable[None]]
     blame: Callable[[str, str], None] = lambda peer, reason: None
+    sessions: SessionPool | None = None  # open sessions to lease on (None: one stream per lease)
 
 
 @dataclass
@@ -147,6 +151,12 @@ class _LeaseIO:
     stream: FramedStream | None = None
     via_lane: bool = False
     granted_at: float = 0.0
+    session: float = 0.0  # idle seconds the provider granted to the session (0: none)
+    lent: bool = False  # counted by the session pool
+    heard: bool = False  # the provider answered on this stream
+    settled: bool = False  # the receipt went out: the stream may carry the session's next lease
+    handed_back: bool = False  # the stream went back to its session's pool
+    inline: bytes = b""  # the inputs, when they went inside the accept
     lock: trio.Lock = field(default_factory=trio.Lock)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -173,8 +183,10 @@ class RequesterJob:
         max_output_bytes: int,
         progress: ProgressFn | None,
         check: CheckFn | None = None,
+        session: float = 0.0,
     ) -> None:
         self.ctx = ctx
+        self.session = session if ctx.sessions is not None else 0.0
         self.check = check
         self.core = requester
         self.items = items
@@ -196,7 +208,9 @@ class RequesterJob:
             self.nursery = nursery
             try:
                 self.t0 = trio.current_time()
-                self.do(self.core.start(self.t0))
+                pool = self.ctx.sessions
+                seeds = pool.offers(self.t0) if pool is not None and self.session > 0 else []
+                self.do(self.core.start(self.t0, sessions=seeds))
                 while not self.core.done or self.in_flight:
                     deadline = self.core.next_deadline()
                     with trio.move_on_at(math.inf if deadline is None else deadline):
@@ -282,48 +296,96 @@ class RequesterJob:
         stream = io.stream
         with contextlib.suppress(P2PComputeError), give_up_after(10):
             async with io.lock:
-                await stream.send_frame(frame)
+                if io.stream is stream:  # (a session's stream may have moved on to its next lease)
+                    await stream.send_frame(frame)
 
     def _lost(self, lease_id: bytes, reason: str) -> None:
         if lease_id in self.leases:
             self.do(self.core.lease_lost(lease_id, reason, trio.current_time()))
 
     async def _lease(self, accept: core.SendAccept, io: _LeaseIO) -> None:
-        lease_id = accept.lease_id
+        """One lease: on an open session's idle stream if there is one, else on a new stream.
+
+        A reused stream that turns out dead before the provider said anything (it closed the
+        idle session meanwhile) costs no attempt: the accept is sent again on a new stream.
+        A lease that settles cleanly with a session granted hands its stream back to the pool.
+        """
+        lease_id, offer = accept.lease_id, accept.offer
+        pool = self.ctx.sessions if self.session > 0 else None
+        reused, io.lent = pool.take(offer.offer_id) if pool is not None else (None, False)
+        accept_frame = self._accept_frame(accept, io)
+        try:
+            with io.scope:
+                for stream in (reused, None) if reused is not None else (None,):
+                    if stream is None:
+                        try:
+                            stream = await self.ctx.net.open_stream(
+                                accept.to,
+                                self.ctx.lease_protocol,
+                                timeout=self.core.spec.accept_timeout,
+                                max_frame=LEASE_MAX_FRAME,
+                            )
+                        except P2PComputeError as exc:  # PeerUnreachable, PeerTimeout, PeerGone ...
+                            self._lost(lease_id, f"cannot reach provider: {exc}")
+                            return
+                    io.stream = stream
+                    try:
+                        async with io.lock:
+                            await stream.send_frame(accept_frame)
+                        await self._read_lease(stream, accept, io)
+                        break
+                    except (PeerGone, RemoteProtocolError) as exc:
+                        if stream is reused and not io.heard and isinstance(exc, PeerGone):
+                            if pool is not None:
+                                pool.drop(offer.offer_id)
+                            io.stream = None
+                            await self._close(stream)
+                            continue  # the idle session had lapsed: a new stream
+                        if isinstance(exc, RemoteProtocolError):
+                            self.ctx.blame(accept.to, f"bad lease message: {exc}")
+                        self._lost(lease_id, f"lease stream failed: {exc}")
+                        break
+        finally:
+            stream, io.stream = io.stream, None  # late heartbeats of this lease go nowhere
+            if io.handed_back:
+                pass
+            elif pool is not None and stream is not None and io.settled and io.session > 0:
+                pool.give_back(offer, stream, io.session, trio.current_time(), lent=io.lent)
+            else:
+                if pool is not None:
+                    pool.returned(offer.offer_id, lent=io.lent)
+                if stream is not None:
+                    await self._close(stream)
+
+    def _hand_back(self, accept: core.SendAccept, io: _LeaseIO) -> None:
+        """Give a settled lease's stream to its session now (synchronous: no frame can slip in)."""
+        pool = self.ctx.sessions if self.session > 0 else None
+        if pool is None or not io.settled or io.session <= 0 or io.stream is None:
+            return
+        stream, io.stream = io.stream, None  # late heartbeats of this lease go nowhere
+        pool.give_back(accept.offer, stream, io.session, trio.current_time(), lent=io.lent)
+        io.handed_back = True
+
+    @staticmethod
+    async def _close(stream: FramedStream) -> None:
+        with trio.CancelScope(shield=True), give_up_after(1):
+            await stream.close()
+
+    def _accept_frame(self, accept: core.SendAccept, io: _LeaseIO) -> bytes:
         item = self.items[accept.item]
-        with io.scope:
-            try:
-                stream = await self.ctx.net.open_stream(
-                    accept.to,
-                    self.ctx.lease_protocol,
-                    timeout=self.core.spec.accept_timeout,
-                    max_frame=LEASE_MAX_FRAME,
-                )
-            except P2PComputeError as exc:  # PeerUnreachable, PeerTimeout, PeerGone ...
-                self._lost(lease_id, f"cannot reach provider: {exc}")
-                return
-            io.stream = stream
-            try:
-                async with io.lock:
-                    await stream.send_frame(
-                        ACCEPT.build(
-                            lease_id=lease_id,
-                            offer_id=accept.offer.offer_id,
-                            request_id=accept.offer.request_id,
-                            params=item.params_bytes,
-                            input_bytes=item.input_bytes,
-                            input_digest=item.input_digest,
-                            lane=self.ctx.lane is not None,
-                        )
-                    )
-                await self._read_lease(stream, accept, io)
-            except (PeerGone, RemoteProtocolError) as exc:
-                if isinstance(exc, RemoteProtocolError):
-                    self.ctx.blame(accept.to, f"bad lease message: {exc}")
-                self._lost(lease_id, f"lease stream failed: {exc}")
-            finally:
-                with trio.CancelScope(shield=True), give_up_after(1):
-                    await stream.close()
+        # small inputs ride inside the accept (not on the lane: it is chosen at the grant)
+        io.inline = b"" if self.ctx.lane is not None else inline_frame(item.tensors)
+        return ACCEPT.build(
+            lease_id=accept.lease_id,
+            offer_id=accept.offer.offer_id,
+            request_id=accept.offer.request_id,
+            params=item.params_bytes,
+            input_bytes=item.input_bytes,
+            input_digest=item.input_digest,
+            lane=self.ctx.lane is not None,
+            session=float(self.session),
+            inputs=io.inline,
+        )
 
     async def _read_lease(self, stream: FramedStream, accept: core.SendAccept, io: _LeaseIO) -> None:
         lease_id, provider = accept.lease_id, accept.to
@@ -333,11 +395,15 @@ class RequesterJob:
                 raise MalformedMessage("message for another lease on this stream", peer=provider)
             now = trio.current_time()
             kind = m["t"]
+            io.heard = True
             if kind == "task-grant":
                 io.via_lane = bool(m["lane"]) and self.ctx.lane is not None
                 io.granted_at = now
+                io.session = m["session"]
                 self.do(self.core.handle_grant(provider, lease_id, now))
             elif kind == "task-reject":
+                if self.ctx.sessions is not None and m["reason"] == EXPIRED_OFFER:
+                    self.ctx.sessions.drop(accept.offer.offer_id)  # a session it no longer keeps
                 self.do(self.core.handle_reject(provider, lease_id, m["reason"], now))
                 return
             elif kind == "task-heartbeat":
@@ -361,6 +427,8 @@ class RequesterJob:
             raise IntegrityError(f"outputs of {m['output_bytes']} bytes over our cap", peer=provider)
         if m["output_digest"] == EMPTY_DIGEST:
             return {}
+        if m["outputs"]:  # small outputs came inside the result
+            return await recv_tensors(stream, m["outputs"], cap=m["output_bytes"], touch=touch)
         if not io.via_lane:
             header = await stream.recv_frame(TENSORS_HEADER.max_size)
             return await recv_tensors(stream, header, cap=m["output_bytes"], touch=touch)
@@ -431,10 +499,14 @@ class RequesterJob:
             return
         self.in_flight += 1
         try:
-            self.do(actions)
             with contextlib.suppress(P2PComputeError), give_up_after(10):
                 async with io.lock:
                     await stream.send_frame(RECEIPT_MSG.build(lease_id=lease_id, receipt=receipt.encode()))
+                    io.settled = True
+            # the stream goes back to its session *before* the item's next accepts are made,
+            # so that they find it idle instead of opening a new stream each
+            self._hand_back(accept, io)
+            self.do(actions)
             self.ctx.bump("receipts")
             await self.ctx.record(receipt, "requester")
         finally:
@@ -444,7 +516,7 @@ class RequesterJob:
     async def _send_inputs(self, a: core.SendInputs) -> None:
         io = self.leases.get(a.lease_id)
         item = self.items[a.item]
-        if io is None or io.stream is None or not item.tensors:
+        if io is None or io.stream is None or not item.tensors or io.inline:
             return
         try:
             if io.via_lane:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from p2pcompute.errors import ConfigError, LocalProtocolError
@@ -193,6 +194,7 @@ class RequesterCore:
             "done": 0,
             "failed": 0,
             "ignored": 0,
+            "session_offers": 0,
         }
 
     # -- queries
@@ -240,15 +242,52 @@ class RequesterCore:
 
     # -- events
 
-    def start(self, now: float) -> list[Action]:
-        """Begin the job: publish the first request."""
+    def start(self, now: float, sessions: Sequence[tuple[Offer, float]] = ()) -> list[Action]:
+        """Begin the job: lease on open ``sessions`` at once, publish a request if they are not enough.
+
+        ``sessions`` are offers of earlier jobs that their providers keep open as sessions
+        (docs/design/sessions.md), each with the time (this core's clock) until which it may
+        be accepted. Those that pass the job's filters (kind, price, providers, needs,
+        heartbeat) are used with no request round and no offer window. When their free slots
+        cover ``min(parallel, items)``, nothing is published; otherwise a request goes out too
+        and its offers are used as they arrive. Should the sessions fail, the job falls back
+        to request rounds by itself.
+
+        Example::
+
+            actions = core.start(now, sessions=[(offer, now + 20.0)])   # SendAccept, no Publish
+        """
         if self._started:
             raise LocalProtocolError("job already started")
         self._started = True
         self._deadline = now + self.spec.deadline
         out: list[Action] = []
-        self._new_round(now, out)
+        for offer, until in sessions:
+            if until > now and offer.offer_id not in self._offers and self._acceptable(offer, now):
+                self._offers[offer.offer_id] = _ROffer(offer, until)
+                self.stats["session_offers"] += 1
+        if self._offers:
+            self._first_round_done = True  # known terms: no window to wait for
+            self._next_round_at = now  # a round as soon as the sessions run out
+            room = sum(r.offer.slots for r in self._usable_offers(now))
+            if room < min(self.spec.parallel, self.spec.items):
+                self._new_round(now, out)
+            self._assign(now, out)
+        else:
+            self._new_round(now, out)
         return out
+
+    def _acceptable(self, offer: Offer, now: float) -> bool:
+        """Whether ``offer`` fits this job: kind, price, pinned providers, exclusions, needs, timing."""
+        return (
+            offer.requester == self.peer_id
+            and offer.kind == self.spec.kind
+            and offer.price <= self.spec.max_price
+            and (self.spec.providers is None or offer.provider in self.spec.providers)
+            and not self._is_excluded(offer.provider, now)
+            and self.spec.needs.fits_in(offer.resources)
+            and offer.heartbeat * 2 <= self.spec.lease_ttl
+        )
 
     def handle_offer(self, offer: Offer, now: float) -> list[Action]:
         """A verified offer (signed by ``offer.provider``, addressed to us) arrived."""
@@ -256,13 +295,7 @@ class RequesterCore:
             self._finished
             or offer.request_id not in self._rounds
             or offer.offer_id in self._offers
-            or offer.requester != self.peer_id
-            or offer.kind != self.spec.kind
-            or offer.price > self.spec.max_price
-            or (self.spec.providers is not None and offer.provider not in self.spec.providers)
-            or self._is_excluded(offer.provider, now)
-            or not self.spec.needs.fits_in(offer.resources)
-            or offer.heartbeat * 2 > self.spec.lease_ttl
+            or not self._acceptable(offer, now)
         ):
             self.stats["ignored"] += 1
             return []
