@@ -513,14 +513,23 @@ class Libp2pStack:
         with reaching(peer_id, f"opening {protocol}", timeout=timeout):
             if known_addrs and peer_id not in self.connected_peers():
                 self._remember_addrs(pid, direct)
-                if relayed and not direct:  # a private peer: only its relays reach it
-                    await self._dial_relayed(peer_id, relayed)
+                if relayed:  # a private peer: its relays reach it when its own addresses do not
+                    await self._dial_direct_then_relayed(peer_id, direct, relayed)
             raw = await self.host.new_stream(pid, [protocol])
         return FramedStream(raw, peer=peer_id, max_frame=max_frame, protocol=protocol, tally=self.bytes)
 
-    async def _dial_relayed(self, peer_id: str, addrs: Sequence[str]) -> None:
+    async def _dial_direct_then_relayed(
+        self, peer_id: str, direct: Sequence[str], relayed: Sequence[str]
+    ) -> None:
+        if direct:
+            with trio.move_on_after(self.config.dial_timeout):
+                try:
+                    await self.host.connect(peer_info(f"{direct[0].split('/p2p/')[0]}/p2p/{peer_id}"))
+                    return
+                except Exception as exc:  # py-libp2p raises assorted types; the relay is the fallback
+                    log.debug("direct dial to %s failed (%s); trying its relays", peer_id, exc)
         failure: PeerError | None = None
-        for addr in addrs:
+        for addr in relayed:
             try:
                 await self.relay.dial(addr, peer_id)
                 return

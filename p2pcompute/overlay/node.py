@@ -55,6 +55,7 @@ from p2pcompute.overlay.messages import check_swarm, topic_name
 from p2pcompute.overlay.reach import (
     PRIVATE,
     REACH_PROTOCOL,
+    UNKNOWN,
     Reachability,
     advertisable,
     ask_dial_back,
@@ -462,12 +463,21 @@ class Node:
             await self._stack.relay.reserve(peer, addr, timeout=self.config.dial_timeout)
 
     async def _reach_loop(self) -> None:
+        retry = min(5.0, self.config.reach_interval)
         while True:
             if not self._stack.direct_peers():
                 await self._changed.wait()
                 continue
-            await self.check_reachability()
-            await trio.sleep(self.config.reach_interval)
+            state = await self.check_reachability()
+            settled = state != UNKNOWN or self.config.reachability != "auto"
+            if state == PRIVATE and not self._stack.relay.reservations:
+                settled = False  # private without a relay slot: nobody reaches us; try again soon
+            if settled:
+                retry = min(5.0, self.config.reach_interval)
+                await trio.sleep(self.config.reach_interval)
+            else:  # no answer (busy, gone) or no relay slot: try again soon, backing off to reach_interval
+                await trio.sleep(retry)
+                retry = min(retry * 2, self.config.reach_interval)
 
     def _on_connections(self) -> None:
         # a connection authenticates its peer (secure channel): those peers become verified
