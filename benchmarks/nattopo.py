@@ -132,7 +132,7 @@ def plan(tag: str) -> tuple[dict[str, Box], list[tuple[str, ...]], list[tuple[st
         )
         boxes[name] = Box(name, ns, ip, router)
     namespaces = [hub, *(b.netns for b in boxes.values())]
-    teardown = [("ip", "netns", "del", ns) for ns in namespaces]
+    teardown: list[tuple[str, ...]] = [("ip", "netns", "del", ns) for ns in namespaces]
     return boxes, setup, teardown, nft
 
 
