@@ -43,7 +43,7 @@ def tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 
 def say(**obj: Any) -> None:
-    print(json.dumps(obj), flush=True)
+    print(json.dumps(obj, default=lambda o: o.hex() if isinstance(o, bytes) else str(o)), flush=True)
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ class CircuitRelay:
             reservation_ttl=config.relay_reservation_ttl,
         )
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if self.hop else RelayRole.STOP)
-        self.protocol: Any = CircuitV2Protocol(host, self.limits, allow_hop=self.hop)
+        self.protocol: Any = _relay_protocol(CircuitV2Protocol)(host, self.limits, allow_hop=self.hop)
         relay_config = RelayConfig(roles=roles, limits=self.limits)
         self.transport: Any = CircuitV2Transport(host, self.protocol, relay_config)
         self.reservations: dict[str, str] = {}
@@ -131,6 +131,39 @@ class CircuitRelay:
             why = f"{type(exc).__name__}: {exc}"
             raise PeerUnreachable(f"relayed dial to {peer} failed: {why}", peer=peer) from None
         self.stats["relayed_dials"] += 1
+
+
+class _NoBook(dict):  # type: ignore[type-arg]
+    """A dict that keeps nothing: py-libp2p's per-peer circuit book, disabled (see below)."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        return None
+
+
+def _relay_protocol(base: Any) -> Any:
+    """py-libp2p's ``CircuitV2Protocol`` with its per-peer circuit book disabled.
+
+    0.8.1 files every circuit under one peer id (``_active_relays[peer]``); when a circuit ends,
+    its cleanup closes whatever streams are filed under that id, which may belong to another,
+    live circuit to the same peer (two peers that dial each other at once through the relay: the
+    duplicate connection is closed, and takes the kept one's streams with it). Here each relay
+    direction only half-closes its own destination when its source ends; resets travel as usual.
+    """
+
+    class Relay(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._active_relays = _NoBook()
+
+        async def _relay_data(self, src_stream: Any, dst_stream: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                await super()._relay_data(src_stream, dst_stream, *args, **kwargs)
+            finally:
+                # the stream may be gone already
+                with trio.CancelScope(shield=True), trio.move_on_after(5), contextlib.suppress(Exception):
+                    await dst_stream.close()
+
+    return Relay
 
 
 def is_relayed_connection(conn: Any) -> bool:
