@@ -2,6 +2,7 @@
 
     python -m demos.diloco            # the whole show, a minute or two on 2 cores
     python -m demos.diloco --bootstrap-only --listen /ip4/0.0.0.0/tcp/4001
+    sudo python -m demos.diloco --nat     # peer1 behind a NAT (network namespaces, nft masquerade)
 
 Every peer is a separate process running ``examples/train.py`` unchanged (the same script
 that trains alone). Midway the third peer is killed with SIGKILL and a fourth one starts; it
@@ -11,6 +12,11 @@ bytes per-step gradient averaging would have sent for the same samples, the roun
 and how long compute waited for it (``--overlap``: rounds run during the next inner phase); at the end, the
 final loss beside the same model trained alone on as many samples. Exit status 0 when the
 survivors finished with bit-identical state and the joiner took part.
+
+With ``--nat`` (root, ``ip`` and ``nft``) every process runs in a network namespace of
+benchmarks/nattopo.py: the bootstrap node (a relay) on a public address, peer1 behind a home-router
+NAT (it cannot be dialed; others reach it through the bootstrap node's relay, it sends directly),
+peers 2-4 on a public address.
 
 Lives outside the package, in the checkout's ``demos/`` (``make demo``); uses :mod:`p2pcompute.overlay`
 (the bootstrap node) and :mod:`p2pcompute.testing` (the synthetic task).
@@ -53,12 +59,22 @@ class Show:
     killed: str = ""
     kill_now: trio.Event = field(default_factory=trio.Event)
     log: list[str] = field(default_factory=list)
+    topo: Any = None  # benchmarks.nattopo.NatTopology with --nat
+
+
+def _where(show: Show, label: str) -> list[str]:
+    """The argv prefix that runs ``label``'s process in its namespace (--nat), else nothing."""
+    if show.topo is None:
+        return []
+    box = {"bootstrap": "boot", "peer1": "a"}.get(label, "pub")
+    prefix: list[str] = show.topo.boxes[box].exec()
+    return prefix
 
 
 async def _bootstrap_only(listen: str) -> None:
     from p2pcompute.overlay import open_node
 
-    async with open_node(listen=[listen], role="bootstrap") as node:
+    async with open_node(listen=[listen], role="bootstrap", relay=True) as node:
         print(json.dumps({"event": "bootstrap", "addrs": node.addrs}), flush=True)
         await trio.sleep_forever()
 
@@ -81,6 +97,7 @@ def _spawn_args(show: Show, boot: str, seed: int) -> list[str]:
         "--inner-steps", str(a.inner_steps), "--batch", str(a.batch), "--group-size", "3",
         "--patience", str(a.patience), "--data-seed", str(seed), "--compression", a.compression,
         "--matchmaking-timeout", str(a.matchmaking_timeout), *(["--overlap"] if a.overlap else []),
+        *(["--listen", "/ip4/0.0.0.0/tcp/0"] if a.nat else []),
     ]
 
 
@@ -128,7 +145,7 @@ async def _stderr_sink(peer: Peer) -> None:
 
 async def _start_peer(show: Show, nursery: trio.Nursery, label: str, boot: str, seed: int) -> Peer:
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-c", _LAUNCHER, *_spawn_args(show, boot, seed)],
+        [*_where(show, label), sys.executable, "-c", _LAUNCHER, *_spawn_args(show, boot, seed)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
     )
     peer = Peer(label, proc)
@@ -195,13 +212,31 @@ async def _demo(args: argparse.Namespace) -> int:
         print(f"demo: {EXAMPLE} not found (run the demo from a source checkout)", file=sys.stderr)
         return 1
     show = Show(args)
+    if args.nat:
+        from benchmarks.nattopo import NatTopology, unavailable
+
+        why = unavailable()
+        if why is not None:
+            print(f"demo: --nat needs network namespaces with NAT: {why}", file=sys.stderr)
+            return 2
+        with NatTopology() as topo:
+            show.topo = topo
+            a, router = topo.boxes["a"], topo.boxes["nat1"]
+            print(f"  --nat: peer1 at {a.ip} behind a NAT ({router.ip}); the others public", flush=True)
+            return await _run_show(show)
+    return await _run_show(show)
+
+
+async def _run_show(show: Show) -> int:
+    args = show.args
     t0 = time.monotonic()
     print(f"p2pcompute training demo: bootstrap + 3 peers, {args.outer_steps} outer steps of "
           f"{args.inner_steps} inner steps; peer3 is killed after outer step {args.kill_at} and peer4 joins.",
           flush=True)
     with trio.fail_after(args.timeout):
         boot_proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "demos.diloco", "--bootstrap-only"], stdout=subprocess.PIPE,
+            [*_where(show, "bootstrap"), sys.executable, "-m", "demos.diloco", "--bootstrap-only",
+             "--listen", "/ip4/0.0.0.0/tcp/4001" if args.nat else args.listen], stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, env=_env(),
         )
         try:
@@ -286,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--overlap", action="store_true",
                         help="average each outer step in the background during the next inner phase")
+    parser.add_argument(
+        "--nat",
+        action="store_true",
+        help="run each process in a network namespace, peer1 behind a NAT (needs root, ip, nft)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.bootstrap_only:

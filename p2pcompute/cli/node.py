@@ -72,11 +72,15 @@ def _gib(n: int) -> str:
 
 
 def peer_json(rec: PeerRecord) -> dict[str, Any]:
-    """The JSON form of a peer: id, role, addresses, last seen, expiry (wall clock), capacity."""
+    """The JSON form of a peer: id, role, addresses, how it is reached (``reach``: ``direct``, or
+    ``relayed`` when it advertises only relay addresses: a peer behind NAT), last seen, expiry
+    (wall clock), capacity."""
+    relayed = bool(rec.addrs) and all("/p2p-circuit" in a for a in rec.addrs)
     return {
         "peer_id": rec.peer_id,
         "role": rec.role,
         "addrs": list(rec.addrs),
+        "reach": "relayed" if relayed else "direct",
         "last_seen": rec.last_seen,
         "expires": rec.expires,
         "capacity": rec.capacity.to_wire(),
@@ -141,6 +145,10 @@ def _node_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {"swarm": args.swarm, "dial_timeout": args.timeout}
     if getattr(args, "announce", None):
         opts["announce"] = tuple(args.announce)
+    if getattr(args, "relay", None) is not None:
+        opts["relay"] = args.relay
+    if getattr(args, "reachability", None) is not None:
+        opts["reachability"] = args.reachability
     if getattr(args, "advert_interval", None) is not None:
         # a peer that misses two re-publishes in a row is still alive; a third expires it
         opts["advert_interval"] = args.advert_interval
@@ -383,6 +391,12 @@ def _common(p: argparse.ArgumentParser, *, listen: str) -> None:
         help="re-publish this node's advert every S seconds, valid for 3 S (default 10). Each node "
         "receives N/S adverts a second in a swarm of N; raise it for large swarms",
     )
+    p.add_argument(
+        "--reachability",
+        choices=("auto", "public", "private"),
+        help="auto (default): learn it from dial-backs by peers; public/private: say so (a private "
+        "peer reserves a relay slot and advertises its relayed address; docs/operations.md)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     p.add_argument(
         "--log-format",
@@ -421,6 +435,12 @@ def add_parsers(sub: Any) -> None:
     """Register ``bootstrap``, ``peer`` and ``status`` on the ``p2pcompute`` parser."""
     p = sub.add_parser("bootstrap", help="run a bootstrap node (introduces peers to each other)")
     _common(p, listen="/ip4/0.0.0.0/tcp/4001")
+    p.add_argument(
+        "--no-relay",
+        dest="relay",
+        action="store_false",
+        help="do not act as a circuit relay for peers behind NAT (a bootstrap node relays by default)",
+    )
     _observe_args(p)
     p.set_defaults(func=cmd_bootstrap)
 
@@ -447,6 +467,13 @@ def add_parsers(sub: Any) -> None:
         help="price of one training segment of --recipes (default 0)",
     )
     p.add_argument("--ledger", metavar="FILE", help="append signed receipts to this ledger file")
+    p.add_argument(
+        "--relay",
+        action="store_true",
+        default=None,
+        help="also act as a circuit relay for peers behind NAT (for a publicly reachable peer; "
+        "limits in docs/operations.md)",
+    )
     _observe_args(p)
     p.set_defaults(func=cmd_peer)
 

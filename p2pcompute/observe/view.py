@@ -264,6 +264,7 @@ class Observer:
                     "role": rec.role,
                     "addrs": list(rec.addrs),
                     "connected": rec.peer_id in connected,
+                    "link": self.node.link(rec.peer_id) if hasattr(self.node, "link") else "",
                     "age_seconds": max(0.0, now - rec.last_seen),
                     "expires_in_seconds": rec.expires - now,
                     "cpu_cores": cap.cpu_cores,
@@ -281,6 +282,9 @@ class Observer:
         out["rounds_in_progress"] = list(log.in_progress.values()) if log is not None else []
         out["rounds_recent"] = list(log.recent) if log is not None else []
         out["recent_errors"] = self.errors.recent()
+        reach = getattr(self.node, "reach_status", None)
+        if callable(reach):  # this node's reachability: public, private (behind NAT) or unknown
+            out["reach"] = reach()
         out["now"] = now
         return out
 

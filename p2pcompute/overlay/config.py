@@ -53,6 +53,17 @@ class NodeConfig:
       an offence is counted). After a handler returns, at most ``max_frame`` bytes are
       read and discarded for ``dial_timeout`` seconds before the stream is reset.
 
+    Reachability and relays (docs/design/nat.md, docs/operations.md):
+
+    * ``reachability`` (``auto``): ``auto`` asks connected peers for a dial-back every
+      ``reach_interval`` (300 s; each dial-back gives up after ``reach_timeout``, 3 s);
+      ``public`` or ``private`` pins it. A private node reserves a slot at relays and
+      advertises only its relayed (``/p2p-circuit``) addresses.
+    * ``relay`` (off; on for bootstrap nodes): serve circuit relay v2 to others, with at
+      most ``relay_reservations`` (64) reservations of ``relay_reservation_ttl`` (3600 s),
+      ``relay_circuits`` (16) circuits per reserving peer, each circuit closed after
+      ``relay_duration`` (3600 s) or ``relay_bytes`` (1 GiB) relayed.
+
     Example::
 
         config = NodeConfig(advert_interval=30.0, advert_ttl=90.0).check()
@@ -94,6 +105,15 @@ class NodeConfig:
     max_connection_buffer: int = 128 << 20
     gossip_scoring: bool = True
     offence_weight: float = 10.0
+    reachability: str = "auto"
+    reach_interval: float = 300.0
+    reach_timeout: float = 3.0
+    relay: bool = False
+    relay_reservations: int = 64
+    relay_circuits: int = 16
+    relay_duration: int = 3600
+    relay_bytes: int = 1 << 30
+    relay_reservation_ttl: int = 3600
 
     def check(self) -> NodeConfig:
         """Return ``self`` when every field is in range; raise :class:`ConfigError` otherwise.
@@ -116,6 +136,8 @@ class NodeConfig:
             "max_advert_ttl",
             "stream_rate",
             "offence_weight",
+            "reach_interval",
+            "reach_timeout",
         )
         for name in positive:
             value = getattr(self, name)
@@ -123,6 +145,8 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be a positive number, not {value!r}")
         if self.advert_ttl < self.advert_interval:
             raise ConfigError("advert_ttl must be at least advert_interval")
+        if self.reachability not in ("auto", "public", "private"):
+            raise ConfigError(f"reachability must be auto, public or private, not {self.reachability!r}")
         if self.role not in ("peer", "bootstrap"):
             raise ConfigError(f"role must be 'peer' or 'bootstrap', not {self.role!r}")
         if not 0 <= self.px_limit <= MAX_PX_ADVERTS:
@@ -143,6 +167,11 @@ class NodeConfig:
             "max_stream_buffer",
             "max_connection_buffer",
             "offence_limit",
+            "relay_reservations",
+            "relay_circuits",
+            "relay_duration",
+            "relay_bytes",
+            "relay_reservation_ttl",
         )
         for name in caps:
             value = getattr(self, name)

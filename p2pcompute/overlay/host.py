@@ -34,6 +34,7 @@ from p2pcompute.overlay import guards
 from p2pcompute.overlay.config import NodeConfig
 from p2pcompute.overlay.failures import parse_multiaddr, peer_info, reaching, to_peer_id
 from p2pcompute.overlay.limits import Occupancy, RateLimiter
+from p2pcompute.overlay.relay import CircuitRelay, is_relayed_connection
 from p2pcompute.overlay.streams import DEFAULT_MAX_FRAME, ByteTally, FramedStream
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class Libp2pStack:
             self.host.set_stream_handler(protocol, self._guarded_pubsub_stream)
         guards.guard_signatures(self.pubsub, on_malformed_rpc)
         network.register_notifee(_connection_watch(on_connections, self._on_connected, self._on_disconnected))
+        self.relay = CircuitRelay(self.host, config)
 
     def flood_publish(self, topics: set[str]) -> None:
         """Send our own messages on ``topics`` (full ids) to every subscribed peer above the
@@ -199,8 +201,8 @@ class Libp2pStack:
             on_exceeded=lambda kind: self._overflow(conn, peer, kind),
         )
         ip = guards.remote_ip(conn)
-        if ip is None or guards.is_exempt(ip, self.config.exempt_networks):
-            return
+        if ip is None or guards.is_exempt(ip, self.config.exempt_networks) or is_relayed_connection(conn):
+            return  # a relayed connection shows the relay's IP, not the peer's
         self._conn_ips[id(conn)] = ip
         self._ip_conns[ip] += 1
         if self.gossipsub.scorer is not None:
@@ -251,7 +253,11 @@ class Libp2pStack:
             self._nursery = nursery
             self.listening = True
             try:
-                async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
+                async with (
+                    self.relay.run(),
+                    background_trio_service(self.pubsub),
+                    background_trio_service(self.gossipsub),
+                ):
                     await self.pubsub.wait_until_ready()
                     yield
             finally:
@@ -308,6 +314,47 @@ class Libp2pStack:
         """
         return [p.to_base58() for p in self.host.get_connected_peers()]
 
+    def direct_peers(self) -> dict[str, str]:
+        """Peers with a direct (not relayed) connection, mapped to the multiaddr we reach them at
+        (``/ip4/<ip>/tcp/<port>``; for a connection they opened, their source port). Example::
+
+            stack.direct_peers()     # {'12D3KooW...': '/ip4/203.0.113.7/tcp/4001'}
+        """
+        out: dict[str, str] = {}
+        for pid, conns in list(self.host.get_network().connections.items()):
+            for conn in conns if isinstance(conns, list) else [conns]:
+                if is_relayed_connection(conn):
+                    continue
+                remote = None
+                with contextlib.suppress(Exception):
+                    remote = conn.muxed_conn.get_remote_address()
+                if not remote:
+                    continue
+                ip, port = remote
+                family = "ip6" if ":" in str(ip) else "ip4"
+                out[str(pid.to_base58())] = f"/{family}/{ip}/tcp/{port}"
+        return out
+
+    def relayed_peers(self) -> list[str]:
+        """Peers whose only connection to us runs through a relay. Example::
+
+            stack.relayed_peers()
+        """
+        direct = self.direct_peers()
+        return [p for p in self.connected_peers() if p not in direct]
+
+    def serves_relay(self, peer: str) -> bool:
+        """True when identify says ``peer`` relays for others (circuit relay v2 "hop"). Example::
+
+            stack.serves_relay(boot_id)
+        """
+        from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID
+
+        with contextlib.suppress(Exception):
+            protocols = self.host.get_peerstore().get_protocols(to_peer_id(peer))
+            return str(PROTOCOL_ID) in [str(p) for p in protocols]
+        return False
+
     async def dial(self, addr: str, *, timeout: float | None = None) -> str:
         """Connect to a full multiaddr (``.../p2p/<id>``) and return the peer id.
 
@@ -323,7 +370,11 @@ class Libp2pStack:
         self.stats["dials"] += 1
         try:
             with reaching(peer, "dialing", timeout=timeout or self.config.dial_timeout):
-                await self.host.connect(info)
+                if "/p2p-circuit" in addr:
+                    if peer not in self.connected_peers():
+                        await self.relay.dial(addr, peer)
+                else:
+                    await self.host.connect(info)
         except PeerError:
             self.stats["dial_failures"] += 1
             raise
@@ -457,11 +508,35 @@ class Libp2pStack:
         pid = to_peer_id(peer_id)
         if peer_id in self.banned:
             raise PeerUnreachable(f"peer {peer_id} is blacklisted", peer=peer_id)
-        if known_addrs and peer_id not in self.connected_peers():
-            self._remember_addrs(pid, known_addrs)
+        relayed = [a for a in known_addrs if "/p2p-circuit" in a]
+        direct = [a for a in known_addrs if "/p2p-circuit" not in a]
         with reaching(peer_id, f"opening {protocol}", timeout=timeout):
+            if known_addrs and peer_id not in self.connected_peers():
+                self._remember_addrs(pid, direct)
+                if relayed:  # a private peer: its relays reach it when its own addresses do not
+                    await self._dial_direct_then_relayed(peer_id, direct, relayed)
             raw = await self.host.new_stream(pid, [protocol])
         return FramedStream(raw, peer=peer_id, max_frame=max_frame, protocol=protocol, tally=self.bytes)
+
+    async def _dial_direct_then_relayed(
+        self, peer_id: str, direct: Sequence[str], relayed: Sequence[str]
+    ) -> None:
+        if direct:
+            with trio.move_on_after(self.config.dial_timeout):
+                try:
+                    await self.host.connect(peer_info(f"{direct[0].split('/p2p/')[0]}/p2p/{peer_id}"))
+                    return
+                except Exception as exc:  # py-libp2p raises assorted types; the relay is the fallback
+                    log.debug("direct dial to %s failed (%s); trying its relays", peer_id, exc)
+        failure: PeerError | None = None
+        for addr in relayed:
+            try:
+                await self.relay.dial(addr, peer_id)
+                return
+            except PeerError as exc:
+                failure = exc
+        if failure is not None:
+            raise failure
 
     def _remember_addrs(self, pid: Any, addrs: Sequence[str]) -> None:
         maddrs = []
@@ -530,6 +605,30 @@ class Libp2pStack:
                 await stream.reset()
             if isinstance(exc, DecodeError):  # the peer sent bytes that are not an RPC
                 self._on_malformed_rpc(peer, MalformedMessage(f"malformed pubsub RPC: {exc}", peer=peer))
+
+
+def stream_remote_ip(stream: FramedStream) -> str | None:
+    """The IP a stream's connection comes from, None when unknown or relayed (``/p2p-circuit``:
+    the address would be the relay's). Example::
+
+        stream_remote_ip(stream)     # '198.51.100.4'
+    """
+    try:
+        muxed = stream.raw.muxed_conn  # type: ignore[attr-defined]
+        addrs = muxed.get_transport_addresses() if hasattr(muxed, "get_transport_addresses") else []
+        if any("/p2p-circuit" in str(a) for a in addrs or ()):
+            return None
+        remote = stream.raw.get_remote_address()  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    if not remote:
+        return None
+    try:
+        import ipaddress
+
+        return str(ipaddress.ip_address(remote[0]))
+    except ValueError:
+        return None
 
 
 def _blamed(exc: RemoteProtocolError, peer: str) -> RemoteProtocolError:
@@ -621,6 +720,7 @@ __all__ = [
     "is_teardown_race",
     "leaves",
     "single_leaf",
+    "stream_remote_ip",
 ]
 
 

@@ -36,7 +36,7 @@ import trio
 
 from p2pcompute.capacity.model import CapacityQuery
 from p2pcompute.deadlines import give_up_after
-from p2pcompute.errors import LocalProtocolError, PeerTimeout, RemoteProtocolError
+from p2pcompute.errors import LocalProtocolError, P2PComputeError, PeerTimeout, RemoteProtocolError
 from p2pcompute.identity import Identity
 from p2pcompute.overlay._logging import quiet_libp2p_logs
 from p2pcompute.overlay.config import NodeConfig, node_config
@@ -49,8 +49,19 @@ from p2pcompute.overlay.host import (
     is_teardown_race,
     leaves,
     single_leaf,
+    stream_remote_ip,
 )
 from p2pcompute.overlay.messages import check_swarm, topic_name
+from p2pcompute.overlay.reach import (
+    PRIVATE,
+    REACH_PROTOCOL,
+    UNKNOWN,
+    Reachability,
+    advertisable,
+    ask_dial_back,
+    is_loopback,
+    serve_dial_back,
+)
 from p2pcompute.overlay.streams import DEFAULT_MAX_FRAME, FramedStream
 from p2pcompute.overlay.table import PeerRecord, PeerTable
 from p2pcompute.overlay.topics import TopicHandler, TopicRouter
@@ -132,6 +143,8 @@ class Node:
             on_offence=self.report_offence,
         )
         self._advert_topic = self._discovery.advert_topic
+        manual = None if config.reachability == "auto" else config.reachability
+        self.reach = Reachability(manual=manual)
 
     # -- addresses and connections ----------------------------------------------------------------
 
@@ -143,7 +156,48 @@ class Node:
 
             other = await stack.enter_async_context(open_node(bootstrap=boot.addrs))
         """
-        return self._stack.full_addrs(self.config.announce)
+        if self.config.announce:
+            return self._stack.full_addrs(self.config.announce)
+        own = f"/p2p/{self.peer_id}"
+        relayed = [f"{c}{own}" for c in self._stack.relay.reservations.values()]
+        reached = [f"{a}{own}" for a in self.reach.reached]
+        state = self.reach.state
+        return advertisable(self._stack.full_addrs(), state=state, relayed=relayed, reached=reached)[:8]
+
+    @property
+    def reachability(self) -> str:
+        """``public`` (a peer dialed us back), ``private`` (behind NAT or a firewall: reached
+        through relays) or ``unknown``. See docs/design/nat.md.
+
+        Example::
+
+            if node.reachability == "private": print("reached through", node.addrs)
+        """
+        return self.reach.state
+
+    def link(self, peer_id: str) -> str:
+        """How we are connected to ``peer_id``: ``"direct"``, ``"circuit"`` (through a relay) or
+        ``""`` (not connected). Example::
+
+            node.link(peer)      # 'circuit' for a peer behind NAT reached through a relay
+        """
+        if peer_id in self._stack.direct_peers():
+            return "direct"
+        return "circuit" if peer_id in self._stack.connected_peers() else ""
+
+    def reach_status(self) -> dict[str, Any]:
+        """Reachability for status output: ``state``, ``observed`` IPs, dialed-back addresses
+        (``reached``), ``relays`` we hold a reservation at, ``relay`` (whether we relay for
+        others) and ``relay_reservations_served``. Example::
+
+            print(node.reach_status()["state"])
+        """
+        out: dict[str, Any] = dict(self.reach.statistics())
+        out["relays"] = sorted(self._stack.relay.reservations)
+        out["relay"] = self.config.relay
+        out["relay_reservations_served"] = self._stack.relay.served() if self.config.relay else 0
+        out["relayed_peers"] = len(self._stack.relayed_peers())
+        return out
 
     def topic_peers(self, topic: str) -> list[str]:
         """Peer ids (sorted) known through GossipSub to subscribe to our ``topic`` (unprefixed name).
@@ -357,6 +411,75 @@ class Node:
         if scope.cancelled_caught:
             raise PeerTimeout(f"condition not met after {timeout} s")
 
+    async def _serve_reach(self, stream: FramedStream) -> None:
+        await serve_dial_back(stream, stream_remote_ip(stream), timeout=self.config.reach_timeout)
+
+    async def check_reachability(self) -> str:
+        """Ask up to three directly connected peers (bootstrap nodes first) to dial us back,
+        reserve relay slots when that makes us private, and re-advertise when our addresses
+        changed; return the state. The node does this by itself every ``reach_interval``.
+
+        Example::
+
+            state = await node.check_reachability()
+        """
+        before = self.addrs
+        direct = self._stack.direct_peers()
+        boot = {a.split("/p2p/")[-1] for a in self._discovery.bootstrap_addrs}
+        servers = sorted(direct, key=lambda p: p not in boot)[:3]
+        own = [a for a in self._stack.full_addrs() if not is_loopback(a)]
+        if self.config.reachability == "auto" and own:
+            for server in servers:
+                try:
+                    stream = await self._stack.open_stream(
+                        server, REACH_PROTOCOL, timeout=self.config.dial_timeout
+                    )
+                    try:
+                        with give_up_after(self.config.reach_timeout + self.config.dial_timeout):
+                            reached, observed = await ask_dial_back(stream, own)
+                            self.reach.record(server, reached=reached, observed=observed)
+                    finally:
+                        await stream.close()
+                except P2PComputeError as exc:
+                    log.info("dial-back by %s failed: %s", server, exc)
+        if self.reach.state == PRIVATE:
+            await self._reserve_relays(direct, boot)
+        if self.addrs != before and self.config.advertise:
+            await self.readvertise()
+        self._notify()
+        return self.reach.state
+
+    async def _reserve_relays(self, direct: dict[str, str], boot: set[str]) -> None:
+        relays = [p for p in direct if p in boot or self._stack.serves_relay(p)]
+        relays.sort(key=lambda p: p not in boot)
+        held = self._stack.relay.reservations
+        for stale in [p for p in held if p not in direct]:
+            held.pop(stale, None)
+        for peer in relays[:2]:
+            addr = direct[peer]
+            # a bootstrap node's listen address beats the one we saw
+            for a in self._discovery.bootstrap_addrs:
+                if a.endswith(f"/p2p/{peer}"):
+                    addr = a.split("/p2p/")[0]
+            await self._stack.relay.reserve(peer, addr, timeout=self.config.dial_timeout)
+
+    async def _reach_loop(self) -> None:
+        retry = min(5.0, self.config.reach_interval)
+        while True:
+            if not self._stack.direct_peers():
+                await self._changed.wait()
+                continue
+            state = await self.check_reachability()
+            settled = state != UNKNOWN or self.config.reachability != "auto"
+            if state == PRIVATE and not self._stack.relay.reservations:
+                settled = False  # private without a relay slot: nobody reaches us; try again soon
+            if settled:
+                retry = min(5.0, self.config.reach_interval)
+                await trio.sleep(self.config.reach_interval)
+            else:  # no answer (busy, gone) or no relay slot: try again soon, backing off to reach_interval
+                await trio.sleep(retry)
+                retry = min(retry * 2, self.config.reach_interval)
+
     def _on_connections(self) -> None:
         # a connection authenticates its peer (secure channel): those peers become verified
         self.peers.mark_connected(self._stack.connected_peers())
@@ -474,7 +597,10 @@ async def open_node(
             stack.flood_publish({node._advert_topic})
             async with trio.open_nursery() as nursery:
                 node._nursery = nursery
+                node.set_stream_handler(REACH_PROTOCOL, node._serve_reach, max_frame=4096)
                 await node._discovery.start(nursery, bootstrap)
+                if config.reachability != "public" or config.relay:
+                    nursery.start_soon(node._reach_loop)
                 try:
                     yield node
                     body_done = True

@@ -34,7 +34,7 @@ import socket as _stdsocket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -74,7 +74,10 @@ log = logging.getLogger(__name__)
 class TransferReport:
     """What one transfer moved: encoded payload ``bytes``, wall ``seconds``, ``path`` ("direct"/"relay"),
     the record ``cipher`` the two lanes agreed on and ``cipher_why``, the measured figures that
-    chose it (the slowest of both sides' seal and open MB/s, and the runner-up).
+    chose it (the slowest of both sides' seal and open MB/s, and the runner-up). ``link`` says what
+    carried a "relay" transfer's overlay stream: ``"direct"`` (a peer-to-peer libp2p connection,
+    dialed or hole-punched) or ``"circuit"`` (through a circuit relay: a peer behind NAT);
+    ``""`` for a direct transfer. :attr:`route` joins the two (``relay/circuit``).
 
     Example::
 
@@ -88,6 +91,12 @@ class TransferReport:
     records: int = 0
     cipher: str = ""
     cipher_why: str = ""
+    link: str = ""
+
+    @property
+    def route(self) -> str:
+        """``direct``, ``relay/direct`` or ``relay/circuit``: the whole way the bytes went."""
+        return self.path if not self.link else f"{self.path}/{self.link}"
 
 
 @dataclass
@@ -101,7 +110,8 @@ class LaneStatistics:
     ``evicted_unclaimed`` (a parked transfer made room for a peer holding fewer) and
     ``refused_too_large`` (over ``max_transfer_bytes``) count busy refusals of authenticated
     transfers. Sending side: ``direct_fallbacks`` counts sends that gave up the direct path
-    for the relay one.
+    for the relay one. ``routes`` counts transfers both ways by :attr:`TransferReport.route`
+    (``direct``, ``relay/direct``, ``relay/circuit``).
 
     Example::
 
@@ -125,6 +135,7 @@ class LaneStatistics:
     expired_unclaimed: int = 0
     relay_transfers: int = 0
     direct_fallbacks: int = 0
+    routes: dict[str, int] = field(default_factory=dict)  # transfers (both ways) by TransferReport.route
 
 
 class TensorLane:
@@ -208,7 +219,7 @@ class TensorLane:
         self.connect_timeout = connect_timeout
         self.max_transfer_bytes = max_transfer_bytes
         self.force_staging = force_staging
-        self.data_addrs: list[tuple[str, int]] = []
+        self._port: int | None = None
         self._stats = LaneStatistics()
         self._sessions = Sessions(
             node,
@@ -247,11 +258,8 @@ class TensorLane:
             await listener.bind((self.bind, 0))
             listener.listen(128)
             self._listener = listener
-            port = listener.getsockname()[1]
-            self.data_addrs = self.advertise if self.advertise is not None else self._guess_addrs(port)
+            self._port = listener.getsockname()[1]
             nursery.start_soon(self._inbox.accept_loop, listener)
-        elif self.advertise is not None:
-            self.data_addrs = list(self.advertise)
         self.node.set_stream_handler(PROTO_SESSION, self._sessions.serve, max_frame=HELLO.max_size)
         self.node.set_stream_handler(PROTO_DATA, self._inbox.serve_relay)
 
@@ -262,11 +270,27 @@ class TensorLane:
             return ips[0]
         return "0.0.0.0" if ips else "127.0.0.1"
 
-    def _guess_addrs(self, port: int) -> list[tuple[str, int]]:
-        assert self.bind is not None
-        if self.bind not in ("0.0.0.0", "::"):
-            return [(self.bind, port)]
-        hosts = [h for h in self.node.listen_ips() if h not in ("0.0.0.0", "::")]
+    @property
+    def data_addrs(self) -> list[tuple[str, int]]:
+        """The direct data addresses we tell a peer at each handshake: ``advertise`` when given;
+        none when the node is private (behind NAT: senders go straight to the stream path);
+        else the bind address, or for a wildcard bind the IPs the node advertises (never
+        loopback next to others, see :mod:`p2pcompute.overlay.reach`).
+        """
+        if self.advertise is not None:
+            return list(self.advertise)
+        port, bind = self._port, self.bind
+        if port is None or bind is None or getattr(self.node, "reachability", "unknown") == "private":
+            return []
+        if bind not in ("0.0.0.0", "::"):
+            return [(bind, port)]
+        hosts: list[str] = []
+        for addr in self.node.addrs:
+            parts = addr.split("/")
+            if "/p2p-circuit" in addr or len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+                continue
+            if (parts[1] == "ip6") == (bind == "::") and parts[2] not in hosts:
+                hosts.append(parts[2])
         return [(h, port) for h in hosts] or [("127.0.0.1", port)]
 
     async def _close(self) -> None:
@@ -290,7 +314,9 @@ class TensorLane:
         stats.pending_auth = self._inbox.pending_count()
         for name, value in vars(counters).items():
             setattr(stats, name, value)
-        return LaneStatistics(**vars(stats))
+        out = LaneStatistics(**vars(stats))
+        out.routes = dict(stats.routes)
+        return out
 
     # -- public API -----------------------------------------------------------------------------------
 
@@ -392,7 +418,18 @@ class TensorLane:
         if path == "relay":
             self._stats.relay_transfers += 1
         keys = session.keys
-        return TransferReport(total, time.perf_counter() - start, path, records, keys.cipher, keys.cipher_why)
+        report = TransferReport(
+            total, time.perf_counter() - start, path, records, keys.cipher, keys.cipher_why,
+            self._link(peer_id, path),
+        )
+        self._stats.routes[report.route] = self._stats.routes.get(report.route, 0) + 1
+        return report
+
+    def _link(self, peer_id: str, path: str) -> str:
+        if path == "direct":
+            return ""
+        link = getattr(self.node, "link", None)
+        return str(link(peer_id)) if callable(link) else ""
 
     async def _connect(self, peer: str, session: Session, *, direct: bool) -> tuple[Conn, str]:
         """A direct connection to one of the peer's data addresses, else a relay stream."""
@@ -488,6 +525,7 @@ class TensorLane:
             report.path,
             cipher=report.cipher,
             cipher_why=report.cipher_why,
+            link=report.link,
         )
 
     async def _receive(
@@ -525,7 +563,9 @@ class TensorLane:
             incoming.path,
             cipher=incoming.opener.cipher,
             cipher_why=incoming.cipher_why,
+            link=self._link(peer_id, incoming.path),
         )
+        self._stats.routes[report.route] = self._stats.routes.get(report.route, 0) + 1
         return result, report
 
 

@@ -217,6 +217,9 @@ class Swarm:
     swarm of one with ``network=False``). ``key``: path of the identity key file (created on
     first use) or an :class:`Identity`. ``run`` names the training run: peers average only
     with peers of the same run (and model). ``group_size``/``min_group``/``patience``: matchmaking.
+    ``listen``: multiaddrs to listen on (default every interface, a port the OS picks; loopback
+    is advertised only when it is all there is, and a peer behind NAT advertises its relayed
+    address instead, docs/design/nat.md).
 
     Attributes: ``peer_id`` (this peer's id, fixed by its key), ``addrs`` (the multiaddrs it
     listens on, ending in ``/p2p/<peer_id>``: what others pass as ``bootstrap``; empty until
@@ -239,7 +242,7 @@ class Swarm:
         bootstrap: Sequence[str] = (),
         *,
         key: str | os.PathLike[str] | Identity | None = None,
-        listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
         run: str = "default",
         swarm: str = "default",
         network: bool = True,
