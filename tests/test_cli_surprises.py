@@ -378,6 +378,11 @@ def test_task_run_and_list_against_a_real_peer(tmp_path: Path) -> None:
 
         missing = cli("task", "run", "matmul", "--bootstrap", addr, *LOCAL, "--input", "a=/nonexistent.npy")
         one_error_line(missing, 3, "/nonexistent.npy")
+
+        # a kind nobody sells is refused at once (it waited out the whole --deadline, 300 s)
+        a_npy = f"a={tmp_path / 'a.npy'}"
+        unsold = cli("task", "run", "matmull", "--bootstrap", addr, *LOCAL, "--input", a_npy)
+        one_error_line(unsold, 3, "sells task kind 'matmull' (on offer: matmul, matmul-bench")
     finally:
         codes = [p.stop() for p in reversed(procs)]
     assert codes == [0, 0]

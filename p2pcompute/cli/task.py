@@ -244,6 +244,36 @@ def _join_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"swarm": args.swarm, "dial_timeout": args.timeout, "advertise": False}
 
 
+async def _check_sold(node: Node, providers: list[str], kind: str, *, timeout: float) -> None:
+    """Refuse at once (:class:`ConfigError`) a kind that no provider we found sells.
+
+    A request for a kind nobody sells would otherwise wait out the whole ``--deadline`` for an
+    offer. Only a definite answer counts: when any provider does not publish its catalog (a
+    provider run from Python without the command line), the run goes ahead and waits as before.
+    """
+    catalogs: list[list[dict[str, Any]] | None] = []
+    limit = trio.CapacityLimiter(16)
+
+    async def ask(peer: str) -> None:
+        async with limit:
+            try:
+                catalogs.append(await fetch_catalog(node, peer, timeout=timeout))
+            except P2PComputeError:
+                catalogs.append(None)
+
+    async with trio.open_nursery() as nursery:
+        for peer in providers[:64]:
+            nursery.start_soon(ask, peer)
+    if not catalogs or any(c is None for c in catalogs):
+        return
+    sold = sorted({entry["kind"] for c in catalogs if c is not None for entry in c})
+    if kind not in sold:
+        raise ConfigError(
+            f"no provider of the {len(catalogs)} found sells task kind {kind!r} "
+            f"(on offer: {', '.join(sold) or 'nothing'}; see 'p2pcompute task list')"
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``task run KIND``: buy one run of KIND and write its outputs."""
     from p2pcompute.cli.node import identity_from, lane_bind, run_until_signal
@@ -267,6 +297,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             open_tasks(node, lane=lane, ledger=args.ledger) as tasks,
         ):
             await tasks.wait_for_providers(1, timeout=args.wait)
+            await _check_sold(node, sorted(tasks.providers()), args.kind, timeout=args.timeout)
             options: dict[str, Any] = {"deadline": args.deadline}
             if args.max_price is not None:
                 options["max_price"] = args.max_price
