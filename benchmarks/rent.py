@@ -24,8 +24,10 @@ Rows:
   2x2 matmuls) and ``lease_p50_s`` (request to grant of sequential ``run_task`` calls), with
   sessions (the default) and with one-shot leases (``*_nosession``).
 
-The comparison with the swarm's own all-reduce path (benchmarks/training.py) is not made
-here: ``local_segment`` is the compute both paths share.
+* ``swarm_outer_step``: the swarm path on the same model and shards: two ``Swarm`` peers in this
+  process (each loop in its own thread) running DiLoCo with the same H over the real all-reduce;
+  ``outer_s`` is H inner steps plus the round, ``overhead_s`` and ``utilization`` as above, so
+  the rent path's overhead reads against the swarm's (both pay the same compute).
 
 Run: ``python -m benchmarks.rent [--quick] [--out PATH]``.
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -46,8 +49,9 @@ from p2pcompute.benchresults import SuiteResult, peak_rss_mib, print_table, writ
 from p2pcompute.capacity.model import Capacity
 from p2pcompute.overlay import open_node
 from p2pcompute.rent import RentJob, RentOptions, TrainingWorker, builtin_book, builtin_recipes
-from p2pcompute.rent.segment import run_segment, state_of
+from p2pcompute.rent.segment import micro_batches, run_segment, state_of
 from p2pcompute.tasks.driver import open_tasks, serve_tasks
+from p2pcompute.training.swarm import Swarm
 
 CAP = Capacity(cpu_cores=2, ram_total=8 << 30, ram_available=4 << 30, platform="bench")
 CFG = {"layers": 2, "width": 64, "heads": 4, "vocab": 64, "context": 32, "lr": 3e-3}
@@ -104,6 +108,54 @@ async def _rent_steps(verify: float, quick: bool) -> dict[str, Any]:
     return out
 
 
+def _swarm_steps(quick: bool) -> list[float]:
+    """Outer-step seconds of the swarm path on the same model: WORKERS ``Swarm`` peers in this
+    process (each training loop in its own thread, as a user's script would), DiLoCo over the
+    real all-reduce; an outer step is its H inner steps plus the round, as measured by the loop."""
+    n = _sizes(quick)
+    recipe = builtin_recipes()["lm"]
+    seconds: dict[int, list[float]] = {}
+    errors: list[BaseException] = []
+    with Swarm(network=True, advertise=True, role="bootstrap", advert_interval=1.0) as boot:
+        common: dict[str, Any] = {"bootstrap": boot.addrs, "patience": 5.0, "matchmaking_timeout": 60.0,
+                  "advert_interval": 1.0, "run": "bench-rent"}
+        with contextlib.ExitStack() as stack:
+            peers = [stack.enter_context(Swarm(**common)) for _ in range(WORKERS)]
+            for sw in peers:
+                sw.wait_for_peers(WORKERS - 1, timeout=60)
+            barrier = threading.Barrier(WORKERS, timeout=120)
+
+            def train(i: int) -> None:
+                try:
+                    cfg, model = recipe.make(CFG)  # one seed: every peer starts from one state
+                    opt = peers[i].diloco(model, recipe.optimizer(cfg, model.parameters()),
+                                          inner_steps=n["steps"], join=False, compression="bf16")
+                    shards = _shards(n["outer"] + 1, 100 + i, n["steps"], n["batch"])
+                    barrier.wait()
+                    times = seconds.setdefault(i, [])
+                    for shard in shards:
+                        t0 = time.perf_counter()
+                        for batch in micro_batches(shard, n["steps"]):
+                            recipe.loss(model, batch).backward()
+                            opt.step()
+                            opt.zero_grad()
+                        times.append(time.perf_counter() - t0)
+                    if any(r.solo for r in opt.history):
+                        raise RuntimeError(f"peer {i} averaged alone: {opt.history}")
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=train, args=(i,)) for i in range(WORKERS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(600)
+    if errors:
+        raise errors[0]
+    # the first outer step is a warm-up (as on the rent path); a step ends when both peers' does
+    return [max(seconds[i][k] for i in seconds) for k in range(1, n["outer"] + 1)]
+
+
 def _small_tasks(quick: bool) -> dict[str, Any]:
     return _measure_wan(quick, loopback_layout(4), recover=False)
 
@@ -124,6 +176,7 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
     )
     _local_segment(n["steps"], n["batch"])  # warm-up: torch's threads and kernels
     local = [_local_segment(n["steps"], n["batch"]) for _ in range(4)]
+    swarm = _swarm_steps(quick)
     plain = trio.run(_rent_steps, 0.0, quick)
     checked = trio.run(_rent_steps, 0.1, quick)
     base = result.config("local_segment", size="lm", what=f"{n['steps']} inner steps here, no network")
@@ -131,6 +184,11 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
     for v in local:
         base.add("outer_s", v)
     seg = min(local)  # the compute floor: a loaded machine only ever adds to it
+    path = result.config("swarm_outer_step", size="lm", workers=WORKERS, what="Swarm peers, all-reduce")
+    for v in swarm:
+        path.add("outer_s", v)
+        path.add("overhead_s", v - seg)
+        path.add("utilization", seg / v)
     rent = result.config("rent_outer_step", size="lm", workers=WORKERS, verify=0.0)
     for v in plain["outer_s"]:
         rent.add("outer_s", v)
