@@ -277,21 +277,24 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
                                   "loadavg_start": list(os.getloadavg())})
     if options.get("bytes", True):
         _bytes_part(result, peers=peers, steps=steps, batch=batch, h=h, repeats=repeats, tasks=tasks)
-    if options.get("gap", True):
-        _gap_part(result, peers=peers, steps=steps, batch=batch, h=h, repeats=repeats)
+    if options.get("gap", True):  # a smoke run compares two peers, not four
+        _gap_part(result, peers=2 if quick else peers, steps=steps, batch=batch, h=h, repeats=repeats)
     result.add_ratios(
         match=lambda a, b: a.params.get("part") == b.params.get("part") == "bytes"
         and a.params.get("task") == b.params.get("task")
     )
     if options.get("processes", True):
         # a smoke run: two peers, three outer steps, the victim killed once (after step 1),
-        # without the fault-free comparison run
+        # without the fault-free comparison run nor the blocking mode
         _processes_part(
             result, peers=int(options.get("proc_peers", 2 if quick else 3)),
             outer=int(options.get("outer_steps", 3 if quick else 12)),
             inner=int(options.get("proc_inner_steps", 20 if quick else 50)),
             kill_every=int(options.get("kill_every", 1 if quick else 3)), faultless=not quick,
             timeout=float(options.get("timeout", 600)),
+            # a smoke run takes the overlapped path only (it includes the blocking one's matchmaking
+            # and rounds); each mode is a set of processes, about 20 s on two loaded cores
+            modes=("overlapped",) if quick else ("blocking", "overlapped"),
         )
     for base in (c for c in result.configs if c.baseline == "per_step" and c.samples):
         floor = base.params["loss_floor"]

@@ -83,7 +83,10 @@ class RentOptions:
       ``bench_timeout`` for it to come back (a peer that sells no tasks never offers).
     * ``segment_timeout``: seconds a segment may take from its request to its result;
       ``max_replacements``: spares tried per slot and outer step; ``dial_timeout``: how long a
-      worker we are not connected to may take to answer a dial before its slot goes to a spare.
+      worker we are not connected to may take to answer a dial before its slot goes to a spare;
+      ``grant_timeout``: how long a worker may take to grant a leased segment or speed check (a
+      provider process busy with other requesters' segments grants late; the task layer's
+      default of 5 s refused honest workers on a loaded two-core machine).
 
     Example::
 
@@ -105,6 +108,7 @@ class RentOptions:
     bench_timeout: float = 10.0
     segment_timeout: float = 120.0
     dial_timeout: float = 3.0
+    grant_timeout: float = 15.0
     max_replacements: int = 2
     verify_seed: int | None = None
 
@@ -115,6 +119,8 @@ class RentOptions:
             raise ConfigError(f"codec must be one of {', '.join(CODEC_DTYPES)}")
         if not 0.0 <= self.verify_fraction <= 1.0 or not self.tolerance > 0:
             raise ConfigError("verify_fraction must lie in [0, 1] and tolerance be positive")
+        if not self.grant_timeout > 0:
+            raise ConfigError("grant_timeout must be positive")
         if not self.segment_timeout > 0:
             raise ConfigError("segment_timeout must be positive")
 
@@ -264,6 +270,7 @@ class RentJob:
                 providers=[peer],
                 retries=0,
                 deadline=30.0,
+                accept_timeout=self.options.grant_timeout,
                 max_price=self.options.max_price,
             )
         except TaskFailed as exc:
@@ -486,6 +493,7 @@ class RentJob:
                         max_price=opts.max_price,
                         deadline=opts.segment_timeout,
                         result_timeout=opts.segment_timeout,
+                        accept_timeout=opts.grant_timeout,
                         check=check,
                     ),
                 )
