@@ -57,6 +57,7 @@ from p2pcompute.collective.roundcore import (
     StopTransfers,
     Timeouts,
 )
+from p2pcompute.collective.verify import check_part, part_digest, sample_positions
 from p2pcompute.deadlines import give_up_after
 from p2pcompute.errors import (
     ConfigError,
@@ -507,6 +508,18 @@ class RoundDriver:
                 dest.copy_(shard)
 
         await _offload(self.acc, finalize)
+        if self.rows is not None:
+            # the echo: the rows we used, at positions drawn from the part we now commit to
+            rows = self.rows
+            mine = list(self._shards(start, end, None).values())
+            echo: list[torch.Tensor] = []
+
+            def sample() -> None:
+                pos = sample_positions(part_digest(_joined(mine)), end - start)
+                echo.append(rows[:, pos].to(torch.float32))
+
+            await _offload(self.acc, sample)
+            shards = {**shards, "v": echo[0]}
         for peer in att.others:
             assert self._transfers is not None
             self._transfers.start_soon(self._send, att, peer, "p", shards)
@@ -528,6 +541,8 @@ class RoundDriver:
                 acc.copy_(out)
 
         await _offload(rows, work)
+        if self.faults.tamper_part is not None:  # the test seam: a reducer that lies about its part
+            self.faults.tamper_part(acc)
         seen = {c for c in contributors if c != att.me}
         clipped = {contributors[i] for i in done[0].counted(self.agg.count_below)} & seen
         self.clipped = tuple(sorted(clipped))
@@ -549,14 +564,44 @@ class RoundDriver:
     async def _receive_part(self, att: AttemptCore, reducer: str) -> None:
         start, end = att.plan.part_of(reducer)
         into = self._shards(start, end, None)
+        echoed = self.rows is not None
         try:
             got = await self.lane.receive(reducer, self._tag(att, "p"), into=into)
-            if set(got) != set(into):
+            if set(got) != set(into) | ({"v"} if echoed else set()):
                 raise IntegrityError("averaged part with the wrong shards", peer=reducer)
+            if echoed:
+                await self._verify_part(att, reducer, start, end, list(into.values()), got["v"])
         except _TRANSFER_ERRORS as exc:
             self._failed(att, reducer, exc)
             return
         self._apply(att.averaged_part_done(reducer, trio.current_time()))
+
+    async def _verify_part(
+        self, att: AttemptCore, reducer: str, start: int, end: int, part: list[torch.Tensor],
+        echo: torch.Tensor,
+    ) -> None:
+        """Check ``reducer``'s part against its echo (p2pcompute.collective.verify); raise
+        :class:`IntegrityError` naming it when the part fails."""
+        plan = att.plan
+        contributors = plan.contributors
+        why: list[str | None] = []
+
+        def check() -> None:
+            joined = _joined(part)
+            pos = sample_positions(part_digest(joined), end - start)
+            mine = None
+            if att.me in contributors:
+                mine = (contributors.index(att.me), self.flat[start:end][pos])
+            why.append(check_part(
+                self.agg, joined[pos], echo, [plan.weight_of(c) for c in contributors],
+                codec=self.codec, mine=mine,
+            ))
+
+        await _offload(self.flat[start:end], check)
+        if why[0] is not None:
+            self.stats["parts_refuted"] += 1
+            log.info("collective %s: the part of %s fails its check: %s", self.round_id, reducer, why[0])
+            raise IntegrityError(f"averaged part refuted: {why[0]}", peer=reducer)
 
 
 class Rounds:
@@ -677,6 +722,11 @@ class Rounds:
         await trio.lowlevel.checkpoint()  # after the first attempt started
         for peer, msg in self._early.pop(round_id, []):
             _deliver(rnd, peer, msg)
+
+
+def _joined(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One float32 vector of a part's values (its views may span tensors of several dtypes)."""
+    return torch.cat([v.detach().reshape(-1).to(torch.float32) for v in views])
 
 
 def _deliver(rnd: RoundDriver, peer: str, msg: Mapping[str, Any]) -> None:
