@@ -3,7 +3,8 @@
 The check (p2pcompute/collective/verify.py) is tested on its own with hypothesis: honest
 parts pass under every codec's rounding, lies are refuted. Then once end to end: real nodes
 and lanes, CenteredClip, one of four reducers shifts its part; every honest member refutes
-it, blames it, and the retry without it ends with the honest members' robust average.
+it, blames it, and the retry without it ends with the honest members' robust average; in the
+next round the members that refuted it keep it out from the first attempt.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ KINDS = ["centered_clip", "trimmed_mean"]
 CODECS = ["none", "fp16", "bf16", "int8"]
 
 
-def _honest(kind: str, rows: torch.Tensor, weights: list[float], codec: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _honest(
+    kind: str, rows: torch.Tensor, weights: list[float], codec: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the part as members land it, the echo as members land it) from an honest reducer."""
     seen = rows.clone()
     for r in seen:  # each contribution went through the codec on its way to the reducer
@@ -64,7 +67,9 @@ def test_an_honest_part_passes_and_a_shifted_one_is_refuted(
     forged = echo.clone()
     forged[n - 1] += 10 * float(rows.abs().max())
     pos = sample_positions(part_digest(part), m)
-    assert check_part(Aggregator(kind), part[pos], forged[:, pos], weights, codec=codec, mine=(n - 1, rows[n - 1][pos])) is not None
+    mine = (n - 1, rows[n - 1][pos])
+    refuted = check_part(Aggregator(kind), part[pos], forged[:, pos], weights, codec=codec, mine=mine)
+    assert refuted is not None
 
 
 def test_a_trimmed_mean_lie_inside_the_range_is_refuted_and_a_bad_echo_shape_too() -> None:
@@ -79,18 +84,20 @@ def test_a_trimmed_mean_lie_inside_the_range_is_refuted_and_a_bad_echo_shape_too
 def test_positions_depend_on_the_part() -> None:
     a = sample_positions(part_digest(torch.zeros(10_000)), 10_000)
     b = sample_positions(part_digest(torch.ones(10_000)), 10_000)
-    assert a.numel() == b.numel() == 64 and not torch.equal(a, b)
+    assert a.numel() == b.numel() == 64
+    assert not torch.equal(a, b)
     assert torch.equal(a, sample_positions(part_digest(torch.zeros(10_000)), 10_000))
     assert sample_positions(b"\0" * 32, 5).tolist() == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.slow
-async def test_a_lying_reducer_is_refuted_blamed_and_excluded() -> None:
+async def test_a_lying_reducer_is_refuted_blamed_excluded_and_kept_out_of_the_next_round() -> None:
     n, liar = 4, 1
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(20_001, generator=gen)
     xs = [[base + 0.1 * torch.randn(20_001, generator=gen)] for _ in range(n)]
     spec = Aggregator("centered_clip", blame_after=None)
+    second: dict[int, RoundOutcome] = {}
     with trio.fail_after(GUARD):
         async with swarm(n) as (boot, peers):
             peers[liar].faults.tamper_part = lambda part: part.add_(100.0)
@@ -98,8 +105,12 @@ async def test_a_lying_reducer_is_refuted_blamed_and_excluded() -> None:
             async def body(p: Peer) -> RoundOutcome:
                 p.tensors = [t.clone() for t in xs[p.index]]
                 assert p.coll is not None
-                return await p.coll.average("verify", "r1", p.tensors, target=n, min_size=2,
-                                            matchmaking_timeout=60, aggregator=spec)
+                first = await p.coll.average("verify", "r1", p.tensors, target=n, min_size=2,
+                                             matchmaking_timeout=60, aggregator=spec)
+                again = [t.clone() for t in xs[p.index]]
+                second[p.index] = await p.coll.average("verify", "r2", again, target=n, min_size=2,
+                                                       matchmaking_timeout=60, aggregator=spec)
+                return first
 
             await run_peers(boot, peers, body, timeouts=Timeouts())
     honest = [p for p in peers if p.index != liar]
@@ -108,10 +119,21 @@ async def test_a_lying_reducer_is_refuted_blamed_and_excluded() -> None:
     spread = max(float(torch.linalg.vector_norm(xs[p.index][0] - honest_mean)) for p in honest)
     for p in honest:
         r = p.result
-        assert r is not None and r.ok, r
-        assert liar_id in r.excluded and liar_id not in r.participants
+        assert r is not None
+        assert r.ok, r
+        assert liar_id in r.excluded
+        assert liar_id not in r.participants
         assert r.attempts == 2
         assert torch.equal(p.tensors[0], honest[0].tensors[0])
         assert float(torch.linalg.vector_norm(p.tensors[0] - honest_mean)) < spread
         assert p.coll is not None
-        assert p.coll.statistics().get("parts_refuted", 0) >= 1
+        stats = p.coll.statistics()
+        assert stats.get("parts_refuted", 0) >= 1
+        # round 2: the group forms with the liar (matchmaking views stay the same everywhere),
+        # and every honest member that refuted it blames it again before its data counts
+        r2 = second[p.index]
+        assert r2.ok, r2
+        assert liar_id in r2.excluded
+        assert liar_id not in r2.participants
+        assert stats.get("blocked_blamed", 0) >= 1
+        assert liar_id in p.coll.blocked_peers()

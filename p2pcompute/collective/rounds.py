@@ -84,6 +84,57 @@ _BUSY_MAX = 1.0  # the backoff doubles up to this
 Tell = Callable[[str, bytes], Awaitable[None]]
 
 
+class Blocklist:
+    """Peers this node blamed itself (bad bytes, a refuted part, clipped again and again), each
+    kept out of our later rounds for ``hold`` seconds; at most ``max_peers``, oldest out first.
+
+    Only our own evidence counts: a blame in another member's status excludes a peer from that
+    round's retry but is not recorded here (a Byzantine member could name anyone).
+
+    Example::
+
+        >>> b = Blocklist(hold=10.0)
+        >>> b.add("p", now=0.0)
+        >>> b.holds("p", now=5.0), b.holds("p", now=11.0)
+        (True, False)
+    """
+
+    def __init__(self, *, hold: float = 3600.0, max_peers: int = 4096) -> None:
+        self.hold = hold
+        self.max_peers = max_peers
+        self._until: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def add(self, peer: str, now: float) -> None:
+        """Keep ``peer`` out until ``now + hold``. Example::
+
+        blocklist.add(peer, trio.current_time())
+        """
+        self._until[peer] = now + self.hold
+        self._until.move_to_end(peer)
+        while len(self._until) > self.max_peers:
+            self._until.popitem(last=False)
+
+    def holds(self, peer: str, now: float) -> bool:
+        """Whether ``peer`` is still kept out at ``now``. Example::
+
+        if blocklist.holds(peer, trio.current_time()): ...
+        """
+        until = self._until.get(peer)
+        if until is None:
+            return False
+        if until <= now:
+            del self._until[peer]
+            return False
+        return True
+
+    def peers(self, now: float) -> list[str]:
+        """The peers kept out at ``now``. Example::
+
+        blocklist.peers(trio.current_time())     # ['12D3KooW...']
+        """
+        return [p for p in list(self._until) if self.holds(p, now)]
+
+
 class RoundDriver:
     """Drives one RoundCore over the lane: the attempts of one all-reduce.
 
@@ -109,9 +160,11 @@ class RoundDriver:
         leave_timeout: float = 2.0,
         aggregator: Aggregator | None = None,
         ledger: ClipLedger | None = None,
+        blocked: Blocklist | None = None,
     ) -> None:
         self.agg = aggregator if aggregator is not None else Aggregator()
         self.ledger = ledger if ledger is not None else ClipLedger()
+        self.blocked = blocked if blocked is not None else Blocklist()
         self.lane = lane
         self.tell = tell
         self.faults = faults
@@ -328,6 +381,13 @@ class RoundDriver:
             nursery.start_soon(self._watchdog, att)
             self._transfers = await nursery.start(self._run_transfers, att)
             self._apply(self.rc.kickoff(trio.current_time()))
+            now = trio.current_time()
+            for peer in att.others:
+                if self.blocked.holds(peer, now):
+                    # we blamed it ourselves in an earlier round: out before its data counts
+                    self.stats["blocked_blamed"] += 1
+                    log.info("collective %s: %s was blamed by us before; excluding it", self.round_id, peer)
+                    self._apply(att.peer_failed(peer, now, "blamed by us in an earlier round", blame=True))
             await self._decided.wait()
             nursery.cancel_scope.cancel()
         self._transfers = None
@@ -386,6 +446,7 @@ class RoundDriver:
         blame = isinstance(exc, IntegrityError | RemoteProtocolError) and getattr(exc, "peer", None) == peer
         if blame:
             self.stats["blamed"] += 1
+            self.blocked.add(peer, trio.current_time())
         log.debug("collective %s: transfer with %s failed: %r", self.round_id, peer, exc)
         self._apply(att.peer_failed(peer, trio.current_time(), repr(exc), blame=blame))
 
@@ -556,6 +617,7 @@ class RoundDriver:
         for peer in sorted(blame):
             self.stats["blamed"] += 1
             self.stats["clip_blamed"] += 1
+            self.blocked.add(peer, now)
             why = f"its contributions were clipped in {self.ledger.streak.get(peer, 0)} consecutive rounds"
             log.info("collective %s: blaming %s: %s", self.round_id, peer, why)
             self._apply(att.peer_failed(peer, now, why, blame=True))
@@ -635,6 +697,7 @@ class Rounds:
         self.leave_timeout = leave_timeout
         self.scratch = Scratch()
         self.ledger = ClipLedger()  # per-sender clip counts across rounds (robust aggregators)
+        self.blocked = Blocklist()  # peers we blamed ourselves: out of our later rounds for a while
         self._rounds: dict[str, RoundDriver] = {}
         self._closed_rounds: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._early: collections.OrderedDict[str, list[tuple[str, Mapping[str, Any]]]] = (
@@ -702,7 +765,7 @@ class Rounds:
         rnd = RoundDriver(
             round_id, rc, tensors, codec, lane=self.lane, tell=self.tell, faults=self.faults,
             scratch=self.scratch, stats=self.stats, leave_timeout=self.leave_timeout,
-            aggregator=agg, ledger=self.ledger,
+            aggregator=agg, ledger=self.ledger, blocked=self.blocked,
         )
         self._rounds[round_id] = rnd
         try:
@@ -736,4 +799,4 @@ def _deliver(rnd: RoundDriver, peer: str, msg: Mapping[str, Any]) -> None:
         rnd.on_left(peer)
 
 
-__all__ = ["CODECS", "RoundDriver", "Rounds", "Scratch", "flat_dtype"]
+__all__ = ["CODECS", "Blocklist", "RoundDriver", "Rounds", "Scratch", "flat_dtype"]
