@@ -27,11 +27,15 @@ after the overlay's scoring and flood defences land, then tighten this test):
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
-from benchmarks.attack import measure
+from benchmarks.attack import OPTS, Sybil, measure
+from p2pcompute.overlay import Node, open_node
 
 HONEST = 4
 SYBILS = 4 * HONEST
@@ -56,3 +60,52 @@ async def test_honest_adverts_and_tasks_survive_sybils_four_to_one() -> None:
     # NOT asserted, they fail today (see the module docstring):
     #   attack["advert_reach"] >= 0.99
     #   median(attack["lease_ms"]) <= 2 * median(quiet["lease_ms"])
+
+
+async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll live GossipSub state (no event to wait on) every 50 ms, for at most ``timeout`` s."""
+    with trio.move_on_after(timeout):
+        while not condition():
+            await trio.sleep(0.05)
+    assert condition(), what
+
+
+def _mesh(node: Node) -> set[str]:
+    return {str(p.to_base58()) for p in node.gossipsub.mesh.get(node._advert_topic, ())}
+
+
+async def test_sybils_that_drop_are_pruned_from_the_mesh_and_scored_down() -> None:
+    """A victim whose only links are the bootstrap node and three dropping sybils: it still
+    hears a writer's adverts (forwarded by the bootstrap node past its mesh), and after two
+    relayed adverts that none of the sybils forwarded it prunes all three and scores them down."""
+    opts: dict[str, Any] = {**OPTS, "target_connections": 0}
+    with trio.fail_after(60):  # outside the stack: the nodes' nurseries nest inside it
+        async with contextlib.AsyncExitStack() as stack:
+            boot = await stack.enter_async_context(open_node(role="bootstrap", **opts))
+            writer = await stack.enter_async_context(open_node(bootstrap=boot.addrs, **opts))
+            victim = await stack.enter_async_context(
+                open_node(bootstrap=boot.addrs, **{**opts, "dropper_misses": 2})
+            )
+            sybils = []
+            for _ in range(3):
+                s = Sybil(await stack.enter_async_context(open_node(bootstrap=boot.addrs, **opts)))
+                s.install()
+                s.attacking = True
+                await s.node.connect(victim.addrs[0])
+                sybils.append(s.node.peer_id)
+            await _until(lambda: set(sybils) <= _mesh(victim), 20, "the sybils never got into the mesh")
+            assert writer.peer_id not in victim.connected_peers()
+            heard = 0
+            for _ in range(2):
+                before = victim.peers.get(writer.peer_id)
+                await writer.readvertise()
+                await _until(lambda b=before: victim.peers.get(writer.peer_id) != b, 10, "advert lost")
+                heard += 1
+            await _until(lambda: not set(sybils) & _mesh(victim), 10, "the droppers were not pruned")
+            assert victim.stats.get("droppers_pruned", 0) >= 3
+            for peer in sybils:
+                assert victim._stack.deliveries.verdicts(peer) >= 1
+                assert victim._stack._app_score(peer) < 0  # GossipSub's P6: grafting avoids it
+            assert victim._stack.deliveries.verdicts(boot.peer_id) == 0  # the forwarder is kept
+            assert boot.peer_id in _mesh(victim)
+            assert heard == 2

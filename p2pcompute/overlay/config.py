@@ -40,6 +40,11 @@ class NodeConfig:
       per advertised IP and ``table_per_subnet`` (32) per /24 (IPv6 /48);
       ``exempt_networks`` (loopback) are not counted by these caps nor by
       ``max_connections_per_ip``.
+    * Droppers (sybils that sit in a GossipSub mesh and forward nothing): adverts of
+      others are forwarded, besides the mesh, to up to ``flood_forward`` (64) more
+      well-scored peers, and a mesh peer of the advert topic that missed
+      ``dropper_misses`` (8) adverts in a row, which we had from others, is pruned from the
+      mesh and scored ``-offence_weight`` per such verdict (not an offence: no ban).
     * Connections: ``max_connections`` (1000) in all, one per peer,
       ``max_connections_per_ip`` (16); the newest excess connection is closed.
     * Streams we serve: ``max_streams_per_peer`` (64) at once per peer (one connection
@@ -94,6 +99,8 @@ class NodeConfig:
     max_connection_buffer: int = 128 << 20
     gossip_scoring: bool = True
     offence_weight: float = 10.0
+    flood_forward: int = 64
+    dropper_misses: int = 8
 
     def check(self) -> NodeConfig:
         """Return ``self`` when every field is in range; raise :class:`ConfigError` otherwise.
@@ -127,6 +134,8 @@ class NodeConfig:
             raise ConfigError(f"role must be 'peer' or 'bootstrap', not {self.role!r}")
         if not 0 <= self.px_limit <= MAX_PX_ADVERTS:
             raise ConfigError(f"px_limit must be within 0..{MAX_PX_ADVERTS}")
+        if not (isinstance(self.flood_forward, int) and self.flood_forward >= 0):
+            raise ConfigError(f"flood_forward must be an integer >= 0, not {self.flood_forward!r}")
         if self.target_connections < 0 or self.handler_queue < 1 or self.max_message_size < 1:
             raise ConfigError("target_connections, handler_queue and max_message_size must be positive")
         if self.advert_ttl > self.max_advert_ttl:
@@ -143,6 +152,7 @@ class NodeConfig:
             "max_stream_buffer",
             "max_connection_buffer",
             "offence_limit",
+            "dropper_misses",
         )
         for name in caps:
             value = getattr(self, name)

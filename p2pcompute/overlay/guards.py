@@ -13,7 +13,10 @@ write-ups):
 * :func:`guard_signatures`: Pubsub drops a message whose signature fails without counting
   it against anyone; the guard counts it against the forwarding peer first.
 * :func:`flood_own_messages`: py-libp2p has no flood publishing; our own messages on chosen
-  topics go to every subscribed peer that passes the publish threshold, not just the mesh.
+  topics go to every subscribed peer that passes the publish threshold, not just the mesh
+  (and others' messages on low-rate topics to a capped number of well-scored peers).
+* :func:`watch_deliveries`: py-libp2p never penalises a mesh peer that delivers nothing
+  (GossipSub's P3); a :class:`DeliveryWatch` finds such droppers and they are pruned.
 
 Imports :mod:`p2pcompute.errors`; py-libp2p lazily.
 """
@@ -26,6 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, SupportsIndex
 
 from p2pcompute.errors import BadSignature, RemoteProtocolError
+from p2pcompute.overlay.delivery import DeliveryWatch
 
 log = logging.getLogger(__name__)
 
@@ -250,32 +254,134 @@ def guard_signatures(pubsub: Any, on_offence: Callable[[str, RemoteProtocolError
     pubsub.push_msg = push_msg
 
 
-def flood_own_messages(gossipsub: Any, own_id: Any, topics: set[str]) -> None:
+def flood_own_messages(
+    gossipsub: Any,
+    own_id: Any,
+    topics: set[str],
+    *,
+    forward_topics: set[str] | None = None,
+    max_forward: int = 0,
+) -> None:
     """Send our own messages on ``topics`` to every subscribed GossipSub peer above the publish
     threshold (flood publishing, GossipSub v1.1), not just to our mesh.
 
+    Messages of others on ``forward_topics`` go, besides the mesh, to up to ``max_forward``
+    more subscribed peers whose score is at least the gossip threshold, best scored first
+    (ties in random order). A node whose mesh is full of sybils that drop everything still
+    hears a message from any honest neighbour this way (docs/design/threat-model.md, "Advert
+    reach under attack"); for low-rate topics only (it costs up to ``max_forward`` sends per
+    message and node).
+
     Example::
 
-        flood_own_messages(stack.gossipsub, stack.host.get_id(), {advert_topic("lab")})
+        flood_own_messages(stack.gossipsub, stack.host.get_id(), {advert_topic("lab")},
+                           forward_topics={advert_topic("lab")}, max_forward=64)
     """
+    import random
+
     original = gossipsub._get_peers_to_send
+    forward = forward_topics if forward_topics is not None else set()  # read live: callers may add
 
     def peers_to_send(
         topic_ids: Iterable[str], msg_forwarder: Any, origin: Any, *args: Any, **kw: Any
     ) -> Any:
         topic_ids = list(topic_ids)
         chosen = set(original(topic_ids, msg_forwarder, origin, *args, **kw))
-        if origin == own_id and msg_forwarder == own_id and gossipsub.pubsub is not None:
-            scorer = gossipsub.scorer
-            for topic in topic_ids:
-                if topic not in topics:
-                    continue
-                for peer in gossipsub.pubsub.peer_topics.get(topic, ()):
+        if gossipsub.pubsub is None:
+            return chosen
+        scorer = gossipsub.scorer
+        own = origin == own_id and msg_forwarder == own_id
+        for topic in topic_ids:
+            subscribed = gossipsub.pubsub.peer_topics.get(topic, ())
+            if own and topic in topics:
+                for peer in subscribed:
                     if scorer is None or scorer.allow_publish(peer, [topic]):
                         chosen.add(peer)
+            elif not own and topic in forward and max_forward > 0:
+                extra = [p for p in subscribed if p not in chosen and p not in (msg_forwarder, origin)]
+                if scorer is not None:
+                    rated = [(scorer.score(p, [topic]), random.random(), p) for p in extra]
+                    extra = [p for s, _r, p in sorted(rated, reverse=True) if s >= GOSSIP_THRESHOLD]
+                else:
+                    random.shuffle(extra)
+                chosen.update(extra[:max_forward])
         return chosen
 
     gossipsub._get_peers_to_send = peers_to_send
+
+
+def watch_deliveries(
+    pubsub: Any,
+    gossipsub: Any,
+    watch: DeliveryWatch,
+    topics: Callable[[], set[str]],
+    on_dropper: Callable[[str, str], None] = lambda _topic, _peer: None,
+) -> None:
+    """Feed ``watch`` from ``pubsub`` and prune the droppers it finds at every GossipSub heartbeat.
+
+    Every valid message on ``topics()`` that reaches us (first or again) is reported with
+    its forwarder, origin and our mesh at that moment. Before each heartbeat's mesh upkeep,
+    each dropper still in a mesh is removed from it, sent a PRUNE, backed off for
+    GossipSub's prune back-off (a GRAFT from it in that time is penalised as a flood), and
+    ``on_dropper(topic, peer)`` is called; the heartbeat then refills the mesh from the
+    other peers. Its application score is the caller's to lower (see :func:`score_params`).
+
+    Example::
+
+        watch_deliveries(stack.pubsub, stack.gossipsub, DeliveryWatch(), lambda: {advert_topic("lab")})
+    """
+    import time as _time
+
+    from libp2p.peer.id import ID
+
+    own = pubsub.host.get_id()
+    original_push = pubsub.push_msg
+
+    async def push_msg(msg_forwarder: Any, msg: Any) -> None:
+        watched = topics()
+        mine = [t for t in msg.topicIDs if t in watched]
+        if not mine or msg_forwarder == own:
+            await original_push(msg_forwarder, msg)
+            return
+        seen_before = pubsub._is_msg_seen(msg)
+        await original_push(msg_forwarder, msg)
+        if not (seen_before or pubsub._is_msg_seen(msg)):
+            return  # dropped: invalid, refused, or its forwarder is blacklisted
+        forwarder = str(msg_forwarder.to_base58())
+        try:
+            origin = str(ID(bytes(msg.from_id)).to_base58())
+        except Exception:
+            return
+        for topic in mine:
+            if seen_before:
+                watch.delivered(topic, forwarder, origin)
+            else:
+                mesh = {str(p.to_base58()) for p in gossipsub.mesh.get(topic, ())}
+                watch.accepted(topic, forwarder, origin, mesh)
+
+    pubsub.push_msg = push_msg
+    original_heartbeat = gossipsub.mesh_heartbeat
+
+    def mesh_heartbeat() -> Any:
+        meshes = {t: {str(p.to_base58()): p for p in peers} for t, peers in gossipsub.mesh.items()}
+        pruned: list[tuple[str, Any]] = []
+        for topic, name in watch.droppers(meshes):
+            peer = meshes[topic][name]
+            gossipsub.mesh[topic].discard(peer)
+            if gossipsub.scorer is not None:
+                gossipsub.scorer.on_leave_mesh(peer, topic)
+            gossipsub._add_back_off(peer, topic, False)
+            gossipsub.graft_flood_tracking[peer][topic] = _time.time()
+            pruned.append((topic, peer))
+            log.info("pruned %s from the %s mesh: it forwarded none of %d", name, topic, watch.misses)
+            on_dropper(topic, name)
+        to_graft, to_prune = original_heartbeat()
+        for topic, peer in pruned:
+            if topic not in to_prune[peer]:
+                to_prune[peer].append(topic)
+        return to_graft, to_prune
+
+    gossipsub.mesh_heartbeat = mesh_heartbeat
 
 
 __all__ = [
@@ -286,4 +392,5 @@ __all__ = [
     "is_exempt",
     "remote_ip",
     "score_params",
+    "watch_deliveries",
 ]

@@ -197,6 +197,17 @@ class Node:
             )
         await self._stack.publish(topic_name(self.swarm, topic), bytes(data))
 
+    def flood(self, topic: str) -> None:
+        """Send our own messages on ``topic`` to every subscribed peer, not just the GossipSub mesh.
+
+        For topics whose messages must not wait for a mesh that may hold peers that drop
+        them (a task request to providers we are connected to); others' messages still go
+        through the mesh. Example::
+
+            node.flood("tasks/1")
+        """
+        self._stack.flood_own(topic_name(self.swarm, topic))
+
     def subscribe(self, topic: str, handler: TopicHandler) -> None:
         """Call ``await handler(sender_peer_id, data)`` for every message on ``topic`` from another peer.
 
@@ -454,7 +465,7 @@ async def open_node(
     try:
         async with stack.run(listen):
             stack.set_topic_validator(node._advert_topic, node._validate_advert)
-            stack.flood_publish({node._advert_topic})
+            stack.flood_publish({node._advert_topic}, forward={node._advert_topic})
             async with trio.open_nursery() as nursery:
                 node._nursery = nursery
                 await node._discovery.start(nursery, bootstrap)
