@@ -43,8 +43,8 @@ def part_digest(part: torch.Tensor) -> bytes:
         >>> len(part_digest(torch.zeros(3)))
         32
     """
-    data = part.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=32, person=b"p2pc-verify").digest()
+    data = part.detach().to("cpu", torch.float32).contiguous().numpy()  # no copy when it is so already
+    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=32, person=b"p2pc-verify").digest()
 
 
 def sample_positions(digest: bytes, size: int, k: int = SAMPLES) -> torch.Tensor:
