@@ -101,3 +101,20 @@ def test_a_peer_that_left_the_mesh_owes_nothing() -> None:
 def test_misses_must_be_positive() -> None:
     with pytest.raises(ValueError, match="misses"):
         DeliveryWatch(misses=0)
+
+
+def test_the_penalty_is_one_verdict_at_most_and_decays() -> None:
+    watch = DeliveryWatch(misses=1)
+    for _ in range(3):
+        watch.accepted(TOPIC, "x", "w", {"x", "sybil"})
+        assert watch.droppers({TOPIC: {"x", "sybil"}}) == [(TOPIC, "sybil")]
+    assert watch.verdicts("sybil") == 3
+    assert watch.penalty("sybil") == 1.0
+    assert watch.penalty("x") == 0.0
+    for _ in range(200):
+        watch.decay(0.99)
+    assert 0 < watch.penalty("sybil") < 0.5
+    for _ in range(400):
+        watch.decay(0.99)
+    assert watch.penalty("sybil") == 0.0
+    assert watch.verdicts("sybil") == 3  # the count stays

@@ -44,7 +44,7 @@ def part_digest(part: torch.Tensor) -> bytes:
         32
     """
     data = part.detach().to("cpu", torch.float32).contiguous().numpy()  # no copy when it is so already
-    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=32, person=b"p2pc-verify").digest()
+    return hashlib.blake2b(data.data.cast("B"), digest_size=32, person=b"p2pc-verify").digest()
 
 
 def sample_positions(digest: bytes, size: int, k: int = SAMPLES) -> torch.Tensor:

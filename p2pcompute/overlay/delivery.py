@@ -52,6 +52,7 @@ class DeliveryWatch:
         self.misses = misses
         self._missed: dict[str, dict[str, int]] = defaultdict(dict)  # topic -> peer -> misses in a row
         self._verdicts: dict[str, int] = defaultdict(int)  # peer -> times found dropping
+        self._standing: dict[str, float] = {}  # peer -> recent verdicts, decaying (see penalty)
 
     def accepted(self, topic: str, forwarder: str, origin: str, mesh: Iterable[str]) -> None:
         """A valid message on ``topic`` written by ``origin`` reached us first from ``forwarder``.
@@ -118,6 +119,7 @@ class DeliveryWatch:
                     continue
                 del missed[peer]
                 self._verdicts[peer] += 1
+                self._standing[peer] = self._standing.get(peer, 0.0) + 1.0
                 out.append((topic, peer))
         return sorted(out)
 
@@ -129,6 +131,28 @@ class DeliveryWatch:
             score = -10.0 * watch.verdicts(peer)
         """
         return self._verdicts.get(peer, 0)
+
+    def penalty(self, peer: str) -> float:
+        """How much of one verdict still counts against ``peer``: between 0 and 1.
+
+        Capped at one verdict's worth and decaying (:meth:`decay`), because an honest mesh
+        peer that always hears a message from us first forwards us nothing and looks like a
+        dropper: it may lose its mesh place for a while, never its standing with the swarm.
+        Example::
+
+            score = -10.0 * watch.penalty(peer)
+        """
+        return min(1.0, self._standing.get(peer, 0.0))
+
+    def decay(self, factor: float) -> None:
+        """Multiply every recent verdict by ``factor`` (once per heartbeat). Example::
+
+        watch.decay(0.99)     # half-life about 70 heartbeats
+        """
+        for peer in list(self._standing):
+            self._standing[peer] *= factor
+            if self._standing[peer] < 0.01:
+                del self._standing[peer]
 
     def forget(self, peer: str) -> None:
         """Drop what is known about ``peer``'s misses (it disconnected); verdicts are kept.

@@ -38,6 +38,7 @@ PUBLISH_THRESHOLD = -50.0
 GOSSIP_THRESHOLD = -25.0
 GRAYLIST_THRESHOLD = -80.0
 ACCEPT_PX_THRESHOLD = 10.0
+DROPPER_DECAY = 0.99  # per heartbeat: a dropper verdict weighs half after about 70 s
 
 
 class _Buffer(bytearray):
@@ -375,6 +376,7 @@ def watch_deliveries(
             pruned.append((topic, peer))
             log.info("pruned %s from the %s mesh: it forwarded none of %d", name, topic, watch.misses)
             on_dropper(topic, name)
+        watch.decay(DROPPER_DECAY)
         to_graft, to_prune = original_heartbeat()
         for topic, peer in pruned:
             if topic not in to_prune[peer]:

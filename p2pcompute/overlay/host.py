@@ -212,7 +212,7 @@ class Libp2pStack:
         self._flood_own.add(topic)
 
     def _app_score(self, peer: str) -> float:
-        return self._app_score_fn(peer) - self.config.offence_weight * self.deliveries.verdicts(peer)
+        return self._app_score_fn(peer) - self.config.offence_weight * self.deliveries.penalty(peer)
 
     def _on_dropper(self, topic: str, peer: str) -> None:
         self.stats["droppers_pruned"] = self.stats.get("droppers_pruned", 0) + 1
