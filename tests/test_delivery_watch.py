@@ -34,7 +34,7 @@ def replay(watch: DeliveryWatch, log: list[tuple[str, str, str]], mesh: set[str]
     return found
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(log=events, misses=st.integers(1, 6))
 def test_a_peer_is_a_dropper_only_after_missing_misses_relayed_messages_in_a_row(
     log: list[tuple[str, str, str]], misses: int

@@ -40,7 +40,7 @@ def _honest(
     return part, echo
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     n=st.integers(2, 7),
     m=st.integers(1, 300),
