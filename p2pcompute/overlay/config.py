@@ -40,9 +40,9 @@ class NodeConfig:
       per advertised IP and ``table_per_subnet`` (32) per /24 (IPv6 /48);
       ``exempt_networks`` (loopback) are not counted by these caps nor by
       ``max_connections_per_ip``.
-    * Droppers (sybils that sit in a GossipSub mesh and forward nothing): adverts of
-      others are forwarded, besides the mesh, to up to ``flood_forward`` (64) more
-      well-scored peers, and a mesh peer of the advert topic that missed
+    * Droppers (sybils that sit in a GossipSub mesh and forward nothing): adverts (and task
+      requests) are forwarded, besides the mesh, to up to ``flood_forward`` (6) more
+      subscribed peers with a score of at least 0, best first, and a mesh peer of the advert topic that missed
       ``dropper_misses`` (8) adverts in a row, which we had from others, is pruned from the
       mesh and scored ``-offence_weight`` per such verdict (not an offence: no ban).
     * Connections: ``max_connections`` (1000) in all, one per peer,
@@ -99,7 +99,7 @@ class NodeConfig:
     max_connection_buffer: int = 128 << 20
     gossip_scoring: bool = True
     offence_weight: float = 10.0
-    flood_forward: int = 64
+    flood_forward: int = 6
     dropper_misses: int = 8
 
     def check(self) -> NodeConfig:

@@ -177,6 +177,8 @@ def is_exempt(ip: str, exempt: Iterable[str]) -> bool:
 def score_params(app_score: Callable[[str], float]) -> Any:
     """GossipSub v1.1 score parameters for our topics (py-libp2p's ``ScoreParams``).
 
+    * P2 first deliveries of valid messages: 1 point each, capped at 10, decaying by 1 % per
+      heartbeat (peers that deliver are preferred when forwarding past the mesh);
     * P4 invalid messages (our validators' rejections): 5 points each, capped at 50,
       decaying by 5 % per heartbeat (1 s);
     * P5 behaviour (py-libp2p's IHAVE/IWANT/GRAFT flood penalties): weight 1 past 20;
@@ -200,6 +202,8 @@ def score_params(app_score: Callable[[str], float]) -> Any:
         return app_score(str(peer.to_base58()))
 
     return ScoreParams(
+        # P2: a peer that delivers valid messages first is worth forwarding to (flood_own_messages)
+        p2_first_message_deliveries=TopicScoreParams(weight=1.0, cap=10.0, decay=0.99),
         p4_invalid_messages=TopicScoreParams(weight=5.0, cap=50.0, decay=0.95),
         p5_behavior_penalty_weight=1.0,
         p5_behavior_penalty_threshold=20.0,
@@ -266,12 +270,13 @@ def flood_own_messages(
     """Send our own messages on ``topics`` to every subscribed GossipSub peer above the publish
     threshold (flood publishing, GossipSub v1.1), not just to our mesh.
 
-    Messages of others on ``forward_topics`` go, besides the mesh, to up to ``max_forward``
-    more subscribed peers whose score is at least the gossip threshold, best scored first
-    (ties in random order). A node whose mesh is full of sybils that drop everything still
-    hears a message from any honest neighbour this way (docs/design/threat-model.md, "Advert
-    reach under attack"); for low-rate topics only (it costs up to ``max_forward`` sends per
-    message and node).
+    Messages on ``forward_topics`` (others', and ours where not flooded) go, besides the
+    mesh, to up to ``max_forward`` more subscribed peers with a score of at least 0, best
+    scored first (ties in random order): peers that delivered valid messages first (P2) come
+    before unknown ones, and peers caught spamming or dropping come last or not at all. A
+    node whose mesh holds only sybils that drop everything still hears a message from an
+    honest neighbour that picked it (docs/design/threat-model.md, "Overlay"); it costs up to
+    ``max_forward`` more sends per message and node.
 
     Example::
 
@@ -298,11 +303,11 @@ def flood_own_messages(
                 for peer in subscribed:
                     if scorer is None or scorer.allow_publish(peer, [topic]):
                         chosen.add(peer)
-            elif not own and topic in forward and max_forward > 0:
+            elif topic in forward and max_forward > 0:
                 extra = [p for p in subscribed if p not in chosen and p not in (msg_forwarder, origin)]
                 if scorer is not None:
                     rated = [(scorer.score(p, [topic]), random.random(), p) for p in extra]
-                    extra = [p for s, _r, p in sorted(rated, reverse=True) if s >= GOSSIP_THRESHOLD]
+                    extra = [p for s, _r, p in sorted(rated, reverse=True) if s >= 0]
                 else:
                     random.shuffle(extra)
                 chosen.update(extra[:max_forward])

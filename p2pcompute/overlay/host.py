@@ -181,11 +181,12 @@ class Libp2pStack:
             self.host.set_stream_handler(protocol, self._guarded_pubsub_stream)
         guards.guard_signatures(self.pubsub, on_malformed_rpc)
         self._flood_own: set[str] = set()
+        self._forward: set[str] = set()
         guards.flood_own_messages(
             self.gossipsub,
             self.host.get_id(),
             self._flood_own,
-            forward_topics=self.watched_topics,
+            forward_topics=self._forward,
             max_forward=config.flood_forward,
         )
         guards.watch_deliveries(
@@ -196,20 +197,22 @@ class Libp2pStack:
     def flood_publish(self, topics: set[str], *, forward: set[str] | None = None) -> None:
         """Send our own messages on ``topics`` (full ids) to every subscribed peer above the
         publish threshold, not just our GossipSub mesh; others' messages on ``forward`` also
-        to up to ``config.flood_forward`` well-scored peers outside the mesh, and watch the
-        ``forward`` topics' mesh peers for droppers. Example::
+        to up to ``config.flood_forward`` well-scored peers outside the mesh (see
+        :meth:`forward_wider`), and watch the ``forward`` topics' mesh peers for droppers. Example::
 
             stack.flood_publish({advert_topic("lab")}, forward={advert_topic("lab")})
         """
         self._flood_own |= set(topics)
+        self._forward |= set(forward or ())
         self.watched_topics |= set(forward or ())
 
-    def flood_own(self, topic: str) -> None:
-        """Flood-publish our own messages on ``topic`` (a full id). Example::
+    def forward_wider(self, topic: str) -> None:
+        """Send messages on ``topic`` (a full id) to up to ``config.flood_forward`` well-scored
+        subscribed peers besides the mesh. Example::
 
-        stack.flood_own(topic_name("lab", "tasks/1"))
+        stack.forward_wider(topic_name("lab", "tasks/1"))
         """
-        self._flood_own.add(topic)
+        self._forward.add(topic)
 
     def _app_score(self, peer: str) -> float:
         return self._app_score_fn(peer) - self.config.offence_weight * self.deliveries.penalty(peer)

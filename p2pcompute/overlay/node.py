@@ -198,15 +198,16 @@ class Node:
         await self._stack.publish(topic_name(self.swarm, topic), bytes(data))
 
     def flood(self, topic: str) -> None:
-        """Send our own messages on ``topic`` to every subscribed peer, not just the GossipSub mesh.
+        """Send messages on ``topic`` (ours and the ones we forward) to the GossipSub mesh and
+        to up to ``flood_forward`` more subscribed peers, best scored first.
 
         For topics whose messages must not wait for a mesh that may hold peers that drop
-        them (a task request to providers we are connected to); others' messages still go
-        through the mesh. Example::
+        them (task requests); it costs up to ``flood_forward`` more sends per message.
+        Example::
 
             node.flood("tasks/1")
         """
-        self._stack.flood_own(topic_name(self.swarm, topic))
+        self._stack.forward_wider(topic_name(self.swarm, topic))
 
     def subscribe(self, topic: str, handler: TopicHandler) -> None:
         """Call ``await handler(sender_peer_id, data)`` for every message on ``topic`` from another peer.
