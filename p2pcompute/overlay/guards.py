@@ -265,6 +265,7 @@ def flood_own_messages(
     topics: set[str],
     *,
     forward_topics: set[str] | None = None,
+    own_wider_topics: set[str] | None = None,
     max_forward: int = 0,
 ) -> None:
     """Send our own messages on ``topics`` to every subscribed GossipSub peer above the publish
@@ -276,7 +277,8 @@ def flood_own_messages(
     before unknown ones, and peers caught spamming or dropping come last or not at all. A
     node whose mesh holds only sybils that drop everything still hears a message from an
     honest neighbour that picked it (docs/design/threat-model.md, "Overlay"); it costs up to
-    ``max_forward`` more sends per message and node.
+    ``max_forward`` more sends per message and node. On ``own_wider_topics`` only our own
+    messages take that wider path (frequent topics, such as task requests).
 
     Example::
 
@@ -287,6 +289,7 @@ def flood_own_messages(
 
     original = gossipsub._get_peers_to_send
     forward = forward_topics if forward_topics is not None else set()  # read live: callers may add
+    own_wider = own_wider_topics if own_wider_topics is not None else set()
 
     def peers_to_send(
         topic_ids: Iterable[str], msg_forwarder: Any, origin: Any, *args: Any, **kw: Any
@@ -303,7 +306,7 @@ def flood_own_messages(
                 for peer in subscribed:
                     if scorer is None or scorer.allow_publish(peer, [topic]):
                         chosen.add(peer)
-            elif topic in forward and max_forward > 0:
+            elif (topic in forward or (own and topic in own_wider)) and max_forward > 0:
                 extra = [p for p in subscribed if p not in chosen and p not in (msg_forwarder, origin)]
                 if scorer is not None:
                     rated = [(scorer.score(p, [topic]), random.random(), p) for p in extra]
