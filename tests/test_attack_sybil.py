@@ -19,7 +19,8 @@ What is checked here (since the defences of #14 landed, see docs/design/threat-m
   within 2x of quiet: task requests take the same wider path, so a task-topic mesh of
   droppers no longer delays them to the next heartbeat's gossip (on main: 325 -> 980 ms and
   174 -> 987 ms in two runs). With the defences: 1192 -> 171 ms and 446 -> 42 ms (forwarding
-  to 64 extra peers, loaded box), 269 -> 46 ms (6 extra peers, load ~3; the whole test 25 s).
+  to 64 extra peers, loaded box), 269 -> 46 and 240 -> 78 ms (6 extra peers, load ~3; the
+  whole test 25-29 s).
 
 The second test builds the eclipse by hand (a victim linked only to the bootstrap node and
 three dropping sybils) and shows the droppers pruned from its mesh and scored down.
