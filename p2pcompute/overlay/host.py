@@ -182,13 +182,11 @@ class Libp2pStack:
         guards.guard_signatures(self.pubsub, on_malformed_rpc)
         self._flood_own: set[str] = set()
         self._forward: set[str] = set()
-        self._own_wider: set[str] = set()
         guards.flood_own_messages(
             self.gossipsub,
             self.host.get_id(),
             self._flood_own,
             forward_topics=self._forward,
-            own_wider_topics=self._own_wider,
             max_forward=config.flood_forward,
         )
         guards.watch_deliveries(
@@ -199,8 +197,8 @@ class Libp2pStack:
     def flood_publish(self, topics: set[str], *, forward: set[str] | None = None) -> None:
         """Send our own messages on ``topics`` (full ids) to every subscribed peer above the
         publish threshold, not just our GossipSub mesh; others' messages on ``forward`` also
-        to up to ``config.flood_forward`` well-scored peers outside the mesh (see
-        :meth:`publish_wider`), and watch the ``forward`` topics' mesh peers for droppers. Example::
+        to up to ``config.flood_forward`` well-scored peers outside the mesh, and watch the
+        ``forward`` topics' mesh peers for droppers. Example::
 
             stack.flood_publish({advert_topic("lab")}, forward={advert_topic("lab")})
         """
@@ -208,13 +206,13 @@ class Libp2pStack:
         self._forward |= set(forward or ())
         self.watched_topics |= set(forward or ())
 
-    def publish_wider(self, topic: str) -> None:
-        """Send our own messages on ``topic`` (a full id) to up to ``config.flood_forward``
-        well-scored subscribed peers besides the mesh. Example::
+    def flood_own(self, topic: str) -> None:
+        """Flood-publish our own messages on ``topic`` (a full id), as :meth:`flood_publish`.
+        Example::
 
-        stack.publish_wider(topic_name("lab", "tasks/1"))
+            stack.flood_own(topic_name("lab", "tasks/1"))
         """
-        self._own_wider.add(topic)
+        self._flood_own.add(topic)
 
     def _app_score(self, peer: str) -> float:
         return self._app_score_fn(peer) - self.config.offence_weight * self.deliveries.penalty(peer)

@@ -198,17 +198,17 @@ class Node:
         await self._stack.publish(topic_name(self.swarm, topic), bytes(data))
 
     def flood(self, topic: str) -> None:
-        """Send our own messages on ``topic`` to the GossipSub mesh and to up to
-        ``flood_forward`` more subscribed peers, best scored first (others' messages still go
-        through the mesh only).
+        """Flood-publish our own messages on ``topic``: to every subscribed peer above the
+        publish threshold, not just the GossipSub mesh (others' messages still go through
+        the mesh only).
 
         For topics whose messages must not wait for a mesh that may hold peers that drop
-        them (task requests); it costs up to ``flood_forward`` more sends per message we
-        publish. Example::
+        them (task requests reach every provider we are connected to); it costs one send
+        per subscribed peer per message we publish. Example::
 
             node.flood("tasks/1")
         """
-        self._stack.publish_wider(topic_name(self.swarm, topic))
+        self._stack.flood_own(topic_name(self.swarm, topic))
 
     def subscribe(self, topic: str, handler: TopicHandler) -> None:
         """Call ``await handler(sender_peer_id, data)`` for every message on ``topic`` from another peer.
