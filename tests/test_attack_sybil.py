@@ -16,11 +16,12 @@ What is checked here (since the defences of #14 landed, see docs/design/threat-m
   recorded runs gave 1.0, 1.0, 1.0 and 0.5: sybils that filled an honest node's advert mesh
   eclipsed it);
 * under attack honest tasks complete (none fails) and the median request-to-lease time stays
-  within 2x of quiet: task requests take the same wider path, so a task-topic mesh of
-  droppers no longer delays them to the next heartbeat's gossip (on main: 325 -> 980 ms and
+  within 2x of quiet: our own task requests are flood-published to every subscribed peer
+  (the provider among them), so a task-topic mesh of droppers no longer delays them to the
+  next heartbeat's gossip (on main: 325 -> 980 ms and
   174 -> 987 ms in two runs). With the defences: 1192 -> 171 ms and 446 -> 42 ms (forwarding
   to 64 extra peers, loaded box), 269 -> 46 and 240 -> 78 ms (6 extra peers, load ~3; the
-  whole test 25-29 s).
+  whole test 25-29 s), 127 -> 79 ms (final code).
 
 The second test builds the eclipse by hand (a victim linked only to the bootstrap node and
 three dropping sybils) and shows the droppers pruned from its mesh and scored down.
