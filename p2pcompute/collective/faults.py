@@ -18,6 +18,7 @@ Imports :mod:`p2pcompute.errors` only.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from p2pcompute.errors import ConfigError
 
@@ -34,6 +35,9 @@ class FaultPlan:
 
     ``silent_exit``: a "crashed" peer says nothing on its way out (no leave notice).
     ``muted``: a "hung" peer neither answers nor tells anything (its node and lane stay up).
+    ``tamper_part(part)``: a lying reducer (robust aggregators): it changes its averaged part
+    in place after aggregating it and before committing to it (the check in
+    :mod:`p2pcompute.collective.verify` should catch it).
 
     Example::
 
@@ -46,11 +50,17 @@ class FaultPlan:
     """
 
     def __init__(
-        self, hooks: Mapping[str, Hook] | None = None, *, silent_exit: bool = False, muted: bool = False
+        self,
+        hooks: Mapping[str, Hook] | None = None,
+        *,
+        silent_exit: bool = False,
+        muted: bool = False,
+        tamper_part: Callable[[Any], None] | None = None,
     ) -> None:
         self.hooks: dict[str, Hook] = {}
         self.silent_exit = silent_exit
         self.muted = muted
+        self.tamper_part = tamper_part
         for point, hook in (hooks or {}).items():
             self.on(point, hook)
 

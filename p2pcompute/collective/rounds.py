@@ -57,6 +57,7 @@ from p2pcompute.collective.roundcore import (
     StopTransfers,
     Timeouts,
 )
+from p2pcompute.collective.verify import check_part, part_digest, sample_positions
 from p2pcompute.deadlines import give_up_after
 from p2pcompute.errors import (
     ConfigError,
@@ -81,6 +82,57 @@ _BUSY_FIRST = 0.05  # first backoff after a receiver refused a send because it i
 _BUSY_MAX = 1.0  # the backoff doubles up to this
 
 Tell = Callable[[str, bytes], Awaitable[None]]
+
+
+class Blocklist:
+    """Peers this node blamed itself (bad bytes, a refuted part, clipped again and again), each
+    kept out of our later rounds for ``hold`` seconds; at most ``max_peers``, oldest out first.
+
+    Only our own evidence counts: a blame in another member's status excludes a peer from that
+    round's retry but is not recorded here (a Byzantine member could name anyone).
+
+    Example::
+
+        >>> b = Blocklist(hold=10.0)
+        >>> b.add("p", now=0.0)
+        >>> b.holds("p", now=5.0), b.holds("p", now=11.0)
+        (True, False)
+    """
+
+    def __init__(self, *, hold: float = 3600.0, max_peers: int = 4096) -> None:
+        self.hold = hold
+        self.max_peers = max_peers
+        self._until: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def add(self, peer: str, now: float) -> None:
+        """Keep ``peer`` out until ``now + hold``. Example::
+
+        blocklist.add(peer, trio.current_time())
+        """
+        self._until[peer] = now + self.hold
+        self._until.move_to_end(peer)
+        while len(self._until) > self.max_peers:
+            self._until.popitem(last=False)
+
+    def holds(self, peer: str, now: float) -> bool:
+        """Whether ``peer`` is still kept out at ``now``. Example::
+
+        if blocklist.holds(peer, trio.current_time()): ...
+        """
+        until = self._until.get(peer)
+        if until is None:
+            return False
+        if until <= now:
+            del self._until[peer]
+            return False
+        return True
+
+    def peers(self, now: float) -> list[str]:
+        """The peers kept out at ``now``. Example::
+
+        blocklist.peers(trio.current_time())     # ['12D3KooW...']
+        """
+        return [p for p in list(self._until) if self.holds(p, now)]
 
 
 class RoundDriver:
@@ -108,9 +160,11 @@ class RoundDriver:
         leave_timeout: float = 2.0,
         aggregator: Aggregator | None = None,
         ledger: ClipLedger | None = None,
+        blocked: Blocklist | None = None,
     ) -> None:
         self.agg = aggregator if aggregator is not None else Aggregator()
         self.ledger = ledger if ledger is not None else ClipLedger()
+        self.blocked = blocked if blocked is not None else Blocklist()
         self.lane = lane
         self.tell = tell
         self.faults = faults
@@ -327,6 +381,13 @@ class RoundDriver:
             nursery.start_soon(self._watchdog, att)
             self._transfers = await nursery.start(self._run_transfers, att)
             self._apply(self.rc.kickoff(trio.current_time()))
+            now = trio.current_time()
+            for peer in att.others:
+                if self.blocked.holds(peer, now):
+                    # we blamed it ourselves in an earlier round: out before its data counts
+                    self.stats["blocked_blamed"] += 1
+                    log.info("collective %s: %s was blamed by us before; excluding it", self.round_id, peer)
+                    self._apply(att.peer_failed(peer, now, "blamed by us in an earlier round", blame=True))
             await self._decided.wait()
             nursery.cancel_scope.cancel()
         self._transfers = None
@@ -385,6 +446,7 @@ class RoundDriver:
         blame = isinstance(exc, IntegrityError | RemoteProtocolError) and getattr(exc, "peer", None) == peer
         if blame:
             self.stats["blamed"] += 1
+            self.blocked.add(peer, trio.current_time())
         log.debug("collective %s: transfer with %s failed: %r", self.round_id, peer, exc)
         self._apply(att.peer_failed(peer, trio.current_time(), repr(exc), blame=blame))
 
@@ -507,6 +569,18 @@ class RoundDriver:
                 dest.copy_(shard)
 
         await _offload(self.acc, finalize)
+        if self.rows is not None:
+            # the echo: the rows we used, at positions drawn from the part we now commit to
+            rows = self.rows
+            mine = list(self._shards(start, end, None).values())
+            echo: list[torch.Tensor] = []
+
+            def sample() -> None:
+                pos = sample_positions(part_digest(_joined(mine)), end - start)
+                echo.append(rows[:, pos].to(torch.float32))
+
+            await _offload(self.acc, sample)
+            shards = {**shards, "v": echo[0]}
         for peer in att.others:
             assert self._transfers is not None
             self._transfers.start_soon(self._send, att, peer, "p", shards)
@@ -528,6 +602,8 @@ class RoundDriver:
                 acc.copy_(out)
 
         await _offload(rows, work)
+        if self.faults.tamper_part is not None:  # the test seam: a reducer that lies about its part
+            self.faults.tamper_part(acc)
         seen = {c for c in contributors if c != att.me}
         clipped = {contributors[i] for i in done[0].counted(self.agg.count_below)} & seen
         self.clipped = tuple(sorted(clipped))
@@ -541,6 +617,7 @@ class RoundDriver:
         for peer in sorted(blame):
             self.stats["blamed"] += 1
             self.stats["clip_blamed"] += 1
+            self.blocked.add(peer, now)
             why = f"its contributions were clipped in {self.ledger.streak.get(peer, 0)} consecutive rounds"
             log.info("collective %s: blaming %s: %s", self.round_id, peer, why)
             self._apply(att.peer_failed(peer, now, why, blame=True))
@@ -549,14 +626,44 @@ class RoundDriver:
     async def _receive_part(self, att: AttemptCore, reducer: str) -> None:
         start, end = att.plan.part_of(reducer)
         into = self._shards(start, end, None)
+        echoed = self.rows is not None
         try:
             got = await self.lane.receive(reducer, self._tag(att, "p"), into=into)
-            if set(got) != set(into):
+            if set(got) != set(into) | ({"v"} if echoed else set()):
                 raise IntegrityError("averaged part with the wrong shards", peer=reducer)
+            if echoed:
+                await self._verify_part(att, reducer, start, end, list(into.values()), got["v"])
         except _TRANSFER_ERRORS as exc:
             self._failed(att, reducer, exc)
             return
         self._apply(att.averaged_part_done(reducer, trio.current_time()))
+
+    async def _verify_part(
+        self, att: AttemptCore, reducer: str, start: int, end: int, part: list[torch.Tensor],
+        echo: torch.Tensor,
+    ) -> None:
+        """Check ``reducer``'s part against its echo (p2pcompute.collective.verify); raise
+        :class:`IntegrityError` naming it when the part fails."""
+        plan = att.plan
+        contributors = plan.contributors
+        why: list[str | None] = []
+
+        def check() -> None:
+            joined = _joined(part)
+            pos = sample_positions(part_digest(joined), end - start)
+            mine = None
+            if att.me in contributors:
+                mine = (contributors.index(att.me), self.flat[start:end][pos])
+            why.append(check_part(
+                self.agg, joined[pos], echo, [plan.weight_of(c) for c in contributors],
+                codec=self.codec, mine=mine,
+            ))
+
+        await _offload(self.flat[start:end], check)
+        if why[0] is not None:
+            self.stats["parts_refuted"] += 1
+            log.info("collective %s: the part of %s fails its check: %s", self.round_id, reducer, why[0])
+            raise IntegrityError(f"averaged part refuted: {why[0]}", peer=reducer)
 
 
 class Rounds:
@@ -590,6 +697,7 @@ class Rounds:
         self.leave_timeout = leave_timeout
         self.scratch = Scratch()
         self.ledger = ClipLedger()  # per-sender clip counts across rounds (robust aggregators)
+        self.blocked = Blocklist()  # peers we blamed ourselves: out of our later rounds for a while
         self._rounds: dict[str, RoundDriver] = {}
         self._closed_rounds: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._early: collections.OrderedDict[str, list[tuple[str, Mapping[str, Any]]]] = (
@@ -657,7 +765,7 @@ class Rounds:
         rnd = RoundDriver(
             round_id, rc, tensors, codec, lane=self.lane, tell=self.tell, faults=self.faults,
             scratch=self.scratch, stats=self.stats, leave_timeout=self.leave_timeout,
-            aggregator=agg, ledger=self.ledger,
+            aggregator=agg, ledger=self.ledger, blocked=self.blocked,
         )
         self._rounds[round_id] = rnd
         try:
@@ -679,6 +787,11 @@ class Rounds:
             _deliver(rnd, peer, msg)
 
 
+def _joined(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One float32 vector of a part's values (its views may span tensors of several dtypes)."""
+    return torch.cat([v.detach().reshape(-1).to(torch.float32) for v in views])
+
+
 def _deliver(rnd: RoundDriver, peer: str, msg: Mapping[str, Any]) -> None:
     if msg["t"] == STATUS.type:
         rnd.on_status(peer, msg)
@@ -686,4 +799,4 @@ def _deliver(rnd: RoundDriver, peer: str, msg: Mapping[str, Any]) -> None:
         rnd.on_left(peer)
 
 
-__all__ = ["CODECS", "RoundDriver", "Rounds", "Scratch", "flat_dtype"]
+__all__ = ["CODECS", "Blocklist", "RoundDriver", "Rounds", "Scratch", "flat_dtype"]

@@ -193,11 +193,23 @@ class Collective:
         """
         return dict(self.rounds.ledger.total)
 
+    def blocked_peers(self) -> list[str]:
+        """Peers this node blamed itself (bad bytes, a refuted averaged part, contributions
+        clipped ``blame_after`` rounds running), kept out of its rounds for an hour: when one
+        is in a group with us we blame it at the start of the round, before its data counts.
+
+        Example::
+
+            assert bad_peer in coll.blocked_peers()
+        """
+        return self.rounds.blocked.peers(trio.current_time())
+
     def statistics(self) -> dict[str, int]:
         """Counters: rejected adverts and messages, rounds averaged and failed, peers blamed
         (``blamed``), sends refused by a full receiver (``busy_refusals``), contributions
         clipped by a robust aggregator (``clipped_contributions``) and blames for it
-        (``clip_blamed``), ...
+        (``clip_blamed``), averaged parts that failed their check (``parts_refuted``), peers
+        blamed again at a round's start for an earlier blame of ours (``blocked_blamed``), ...
 
         Example::
 

@@ -40,6 +40,14 @@ class NodeConfig:
       per advertised IP and ``table_per_subnet`` (32) per /24 (IPv6 /48);
       ``exempt_networks`` (loopback) are not counted by these caps nor by
       ``max_connections_per_ip``.
+    * Droppers (sybils that sit in a GossipSub mesh and forward nothing): adverts (and task
+      requests) are forwarded, besides the mesh, to up to ``flood_forward`` (6) more
+      subscribed peers with a score of at least 0, best first. With ``dropper_misses`` N > 0,
+      a mesh peer of the advert topic that missed N adverts in a row, which we had from others,
+      is pruned from the mesh and scored ``-offence_weight`` per such verdict (not an offence:
+      no ban). It is off by default (0): at 16 honest nodes and 64 sybils it pruned 132 peers,
+      most of them honest (a node that has an advert first never gets it back from honest mesh
+      peers), and honest reach after the attack fell to 0.37 against 0.85 without it.
     * Connections: ``max_connections`` (1000) in all, one per peer,
       ``max_connections_per_ip`` (16); the newest excess connection is closed.
     * Streams we serve: ``max_streams_per_peer`` (64) at once per peer (one connection
@@ -114,6 +122,8 @@ class NodeConfig:
     relay_duration: int = 3600
     relay_bytes: int = 1 << 30
     relay_reservation_ttl: int = 3600
+    flood_forward: int = 6
+    dropper_misses: int = 0
 
     def check(self) -> NodeConfig:
         """Return ``self`` when every field is in range; raise :class:`ConfigError` otherwise.
@@ -151,6 +161,10 @@ class NodeConfig:
             raise ConfigError(f"role must be 'peer' or 'bootstrap', not {self.role!r}")
         if not 0 <= self.px_limit <= MAX_PX_ADVERTS:
             raise ConfigError(f"px_limit must be within 0..{MAX_PX_ADVERTS}")
+        if not (isinstance(self.dropper_misses, int) and self.dropper_misses >= 0):
+            raise ConfigError(f"dropper_misses must be an integer >= 0 (0: off), not {self.dropper_misses!r}")
+        if not (isinstance(self.flood_forward, int) and self.flood_forward >= 0):
+            raise ConfigError(f"flood_forward must be an integer >= 0, not {self.flood_forward!r}")
         if self.target_connections < 0 or self.handler_queue < 1 or self.max_message_size < 1:
             raise ConfigError("target_connections, handler_queue and max_message_size must be positive")
         if self.advert_ttl > self.max_advert_ttl:

@@ -13,7 +13,10 @@ write-ups):
 * :func:`guard_signatures`: Pubsub drops a message whose signature fails without counting
   it against anyone; the guard counts it against the forwarding peer first.
 * :func:`flood_own_messages`: py-libp2p has no flood publishing; our own messages on chosen
-  topics go to every subscribed peer that passes the publish threshold, not just the mesh.
+  topics go to every subscribed peer that passes the publish threshold, not just the mesh
+  (and others' messages on low-rate topics to a capped number of well-scored peers).
+* :func:`watch_deliveries`: py-libp2p never penalises a mesh peer that delivers nothing
+  (GossipSub's P3); a :class:`DeliveryWatch` finds such droppers and they are pruned.
 
 Imports :mod:`p2pcompute.errors`; py-libp2p lazily.
 """
@@ -26,6 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, SupportsIndex
 
 from p2pcompute.errors import BadSignature, RemoteProtocolError
+from p2pcompute.overlay.delivery import DeliveryWatch
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ PUBLISH_THRESHOLD = -50.0
 GOSSIP_THRESHOLD = -25.0
 GRAYLIST_THRESHOLD = -80.0
 ACCEPT_PX_THRESHOLD = 10.0
+DROPPER_DECAY = 0.99  # per heartbeat: a dropper verdict weighs half after about 70 s
 
 
 class _Buffer(bytearray):
@@ -172,6 +177,8 @@ def is_exempt(ip: str, exempt: Iterable[str]) -> bool:
 def score_params(app_score: Callable[[str], float]) -> Any:
     """GossipSub v1.1 score parameters for our topics (py-libp2p's ``ScoreParams``).
 
+    * P2 first deliveries of valid messages: 1 point each, capped at 10, decaying by 1 % per
+      heartbeat (peers that deliver are preferred when forwarding past the mesh);
     * P4 invalid messages (our validators' rejections): 5 points each, capped at 50,
       decaying by 5 % per heartbeat (1 s);
     * P5 behaviour (py-libp2p's IHAVE/IWANT/GRAFT flood penalties): weight 1 past 20;
@@ -195,6 +202,8 @@ def score_params(app_score: Callable[[str], float]) -> Any:
         return app_score(str(peer.to_base58()))
 
     return ScoreParams(
+        # P2: a peer that delivers valid messages first is worth forwarding to (flood_own_messages)
+        p2_first_message_deliveries=TopicScoreParams(weight=1.0, cap=10.0, decay=0.99),
         p4_invalid_messages=TopicScoreParams(weight=5.0, cap=50.0, decay=0.95),
         p5_behavior_penalty_weight=1.0,
         p5_behavior_penalty_threshold=20.0,
@@ -250,32 +259,139 @@ def guard_signatures(pubsub: Any, on_offence: Callable[[str, RemoteProtocolError
     pubsub.push_msg = push_msg
 
 
-def flood_own_messages(gossipsub: Any, own_id: Any, topics: set[str]) -> None:
+def flood_own_messages(
+    gossipsub: Any,
+    own_id: Any,
+    topics: set[str],
+    *,
+    forward_topics: set[str] | None = None,
+    own_wider_topics: set[str] | None = None,
+    max_forward: int = 0,
+) -> None:
     """Send our own messages on ``topics`` to every subscribed GossipSub peer above the publish
     threshold (flood publishing, GossipSub v1.1), not just to our mesh.
 
+    Messages on ``forward_topics`` (others', and ours where not flooded) go, besides the
+    mesh, to up to ``max_forward`` more subscribed peers with a score of at least 0, best
+    scored first (ties in random order): peers that delivered valid messages first (P2) come
+    before unknown ones, and peers caught spamming or dropping come last or not at all. A
+    node whose mesh holds only sybils that drop everything still hears a message from an
+    honest neighbour that picked it (docs/design/threat-model.md, "Overlay"); it costs up to
+    ``max_forward`` more sends per message and node. On ``own_wider_topics`` only our own
+    messages take that wider path (frequent topics, such as task requests).
+
     Example::
 
-        flood_own_messages(stack.gossipsub, stack.host.get_id(), {advert_topic("lab")})
+        flood_own_messages(stack.gossipsub, stack.host.get_id(), {advert_topic("lab")},
+                           forward_topics={advert_topic("lab")}, max_forward=64)
     """
+    import random
+
     original = gossipsub._get_peers_to_send
+    forward = forward_topics if forward_topics is not None else set()  # read live: callers may add
+    own_wider = own_wider_topics if own_wider_topics is not None else set()
 
     def peers_to_send(
         topic_ids: Iterable[str], msg_forwarder: Any, origin: Any, *args: Any, **kw: Any
     ) -> Any:
         topic_ids = list(topic_ids)
         chosen = set(original(topic_ids, msg_forwarder, origin, *args, **kw))
-        if origin == own_id and msg_forwarder == own_id and gossipsub.pubsub is not None:
-            scorer = gossipsub.scorer
-            for topic in topic_ids:
-                if topic not in topics:
-                    continue
-                for peer in gossipsub.pubsub.peer_topics.get(topic, ()):
+        if gossipsub.pubsub is None:
+            return chosen
+        scorer = gossipsub.scorer
+        own = origin == own_id and msg_forwarder == own_id
+        for topic in topic_ids:
+            subscribed = gossipsub.pubsub.peer_topics.get(topic, ())
+            if own and topic in topics:
+                for peer in subscribed:
                     if scorer is None or scorer.allow_publish(peer, [topic]):
                         chosen.add(peer)
+            elif (topic in forward or (own and topic in own_wider)) and max_forward > 0:
+                extra = [p for p in subscribed if p not in chosen and p not in (msg_forwarder, origin)]
+                if scorer is not None:
+                    rated = [(scorer.score(p, [topic]), random.random(), p) for p in extra]
+                    extra = [p for s, _r, p in sorted(rated, reverse=True) if s >= 0]
+                else:
+                    random.shuffle(extra)
+                chosen.update(extra[:max_forward])
         return chosen
 
     gossipsub._get_peers_to_send = peers_to_send
+
+
+def watch_deliveries(
+    pubsub: Any,
+    gossipsub: Any,
+    watch: DeliveryWatch,
+    topics: Callable[[], set[str]],
+    on_dropper: Callable[[str, str], None] = lambda _topic, _peer: None,
+) -> None:
+    """Feed ``watch`` from ``pubsub`` and prune the droppers it finds at every GossipSub heartbeat.
+
+    Every valid message on ``topics()`` that reaches us (first or again) is reported with
+    its forwarder, origin and our mesh at that moment. Before each heartbeat's mesh upkeep,
+    each dropper still in a mesh is removed from it, sent a PRUNE, backed off for
+    GossipSub's prune back-off (a GRAFT from it in that time is penalised as a flood), and
+    ``on_dropper(topic, peer)`` is called; the heartbeat then refills the mesh from the
+    other peers. Its application score is the caller's to lower (see :func:`score_params`).
+
+    Example::
+
+        watch_deliveries(stack.pubsub, stack.gossipsub, DeliveryWatch(), lambda: {advert_topic("lab")})
+    """
+    import time as _time
+
+    from libp2p.peer.id import ID
+
+    own = pubsub.host.get_id()
+    original_push = pubsub.push_msg
+
+    async def push_msg(msg_forwarder: Any, msg: Any) -> None:
+        watched = topics()
+        mine = [t for t in msg.topicIDs if t in watched]
+        if not mine or msg_forwarder == own:
+            await original_push(msg_forwarder, msg)
+            return
+        seen_before = pubsub._is_msg_seen(msg)
+        await original_push(msg_forwarder, msg)
+        if not (seen_before or pubsub._is_msg_seen(msg)):
+            return  # dropped: invalid, refused, or its forwarder is blacklisted
+        forwarder = str(msg_forwarder.to_base58())
+        try:
+            origin = str(ID(bytes(msg.from_id)).to_base58())
+        except Exception:
+            return
+        for topic in mine:
+            if seen_before:
+                watch.delivered(topic, forwarder, origin)
+            else:
+                mesh = {str(p.to_base58()) for p in gossipsub.mesh.get(topic, ())}
+                watch.accepted(topic, forwarder, origin, mesh)
+
+    pubsub.push_msg = push_msg
+    original_heartbeat = gossipsub.mesh_heartbeat
+
+    def mesh_heartbeat() -> Any:
+        meshes = {t: {str(p.to_base58()): p for p in peers} for t, peers in gossipsub.mesh.items()}
+        pruned: list[tuple[str, Any]] = []
+        for topic, name in watch.droppers(meshes):
+            peer = meshes[topic][name]
+            gossipsub.mesh[topic].discard(peer)
+            if gossipsub.scorer is not None:
+                gossipsub.scorer.on_leave_mesh(peer, topic)
+            gossipsub._add_back_off(peer, topic, False)
+            gossipsub.graft_flood_tracking[peer][topic] = _time.time()
+            pruned.append((topic, peer))
+            log.info("pruned %s from the %s mesh: it forwarded none of %d", name, topic, watch.misses)
+            on_dropper(topic, name)
+        watch.decay(DROPPER_DECAY)
+        to_graft, to_prune = original_heartbeat()
+        for topic, peer in pruned:
+            if topic not in to_prune[peer]:
+                to_prune[peer].append(topic)
+        return to_graft, to_prune
+
+    gossipsub.mesh_heartbeat = mesh_heartbeat
 
 
 __all__ = [
@@ -286,4 +402,5 @@ __all__ = [
     "is_exempt",
     "remote_ip",
     "score_params",
+    "watch_deliveries",
 ]

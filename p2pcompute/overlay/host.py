@@ -32,6 +32,7 @@ from p2pcompute.errors import (
 from p2pcompute.identity import Identity
 from p2pcompute.overlay import guards
 from p2pcompute.overlay.config import NodeConfig
+from p2pcompute.overlay.delivery import DeliveryWatch
 from p2pcompute.overlay.failures import parse_multiaddr, peer_info, reaching, to_peer_id
 from p2pcompute.overlay.limits import Occupancy, RateLimiter
 from p2pcompute.overlay.relay import CircuitRelay, is_relayed_connection
@@ -125,6 +126,11 @@ class Libp2pStack:
         self.bytes = ByteTally()  # bytes on our framed streams, by protocol
         self.listening = False
         self._on_malformed_rpc = on_malformed_rpc
+        self._app_score_fn = app_score
+        # mesh peers that forward nothing on the watched topics (GossipSub's P3, missing in 0.8.1)
+        # off by default (dropper_misses 0): see NodeConfig and docs/design/threat-model.md
+        self.deliveries = DeliveryWatch(misses=config.dropper_misses or 8)
+        self.watched_topics: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._rates = RateLimiter(rate=config.stream_rate, burst=config.stream_burst)
         self._peer_streams = Occupancy(config.max_streams_per_peer)
@@ -161,7 +167,7 @@ class Libp2pStack:
             heartbeat_interval=config.heartbeat_interval,  # type: ignore[arg-type]
             spam_protection_enabled=True,
             max_messages_per_topic_per_second=config.topic_rate_limit,
-            score_params=guards.score_params(app_score) if config.gossip_scoring else None,
+            score_params=guards.score_params(self._app_score) if config.gossip_scoring else None,
         )
         self.pubsub: Any = Pubsub(
             self.host,
@@ -176,16 +182,47 @@ class Libp2pStack:
         for protocol in self.gossipsub.get_protocols():
             self.host.set_stream_handler(protocol, self._guarded_pubsub_stream)
         guards.guard_signatures(self.pubsub, on_malformed_rpc)
+        self._flood_own: set[str] = set()
+        self._forward: set[str] = set()
+        guards.flood_own_messages(
+            self.gossipsub,
+            self.host.get_id(),
+            self._flood_own,
+            forward_topics=self._forward,
+            max_forward=config.flood_forward,
+        )
+        if config.dropper_misses:
+            guards.watch_deliveries(
+                self.pubsub, self.gossipsub, self.deliveries, lambda: self.watched_topics, self._on_dropper
+            )
         network.register_notifee(_connection_watch(on_connections, self._on_connected, self._on_disconnected))
         self.relay = CircuitRelay(self.host, config)
 
-    def flood_publish(self, topics: set[str]) -> None:
+    def flood_publish(self, topics: set[str], *, forward: set[str] | None = None) -> None:
         """Send our own messages on ``topics`` (full ids) to every subscribed peer above the
-        publish threshold, not just our GossipSub mesh. Example::
+        publish threshold, not just our GossipSub mesh; others' messages on ``forward`` also
+        to up to ``config.flood_forward`` well-scored peers outside the mesh, and watch the
+        ``forward`` topics' mesh peers for droppers. Example::
 
-            stack.flood_publish({advert_topic("lab")})
+            stack.flood_publish({advert_topic("lab")}, forward={advert_topic("lab")})
         """
-        guards.flood_own_messages(self.gossipsub, self.host.get_id(), topics)
+        self._flood_own |= set(topics)
+        self._forward |= set(forward or ())
+        self.watched_topics |= set(forward or ())
+
+    def flood_own(self, topic: str) -> None:
+        """Flood-publish our own messages on ``topic`` (a full id), as :meth:`flood_publish`.
+        Example::
+
+            stack.flood_own(topic_name("lab", "tasks/1"))
+        """
+        self._flood_own.add(topic)
+
+    def _app_score(self, peer: str) -> float:
+        return self._app_score_fn(peer) - self.config.offence_weight * self.deliveries.penalty(peer)
+
+    def _on_dropper(self, topic: str, peer: str) -> None:
+        self.stats["droppers_pruned"] = self.stats.get("droppers_pruned", 0) + 1
 
     # -- connection admission -------------------------------------------------------------------
 

@@ -252,6 +252,19 @@ class Node:
             )
         await self._stack.publish(topic_name(self.swarm, topic), bytes(data))
 
+    def flood(self, topic: str) -> None:
+        """Flood-publish our own messages on ``topic``: to every subscribed peer above the
+        publish threshold, not just the GossipSub mesh (others' messages still go through
+        the mesh only).
+
+        For topics whose messages must not wait for a mesh that may hold peers that drop
+        them (task requests reach every provider we are connected to); it costs one send
+        per subscribed peer per message we publish. Example::
+
+            node.flood("tasks/1")
+        """
+        self._stack.flood_own(topic_name(self.swarm, topic))
+
     def subscribe(self, topic: str, handler: TopicHandler) -> None:
         """Call ``await handler(sender_peer_id, data)`` for every message on ``topic`` from another peer.
 
@@ -594,7 +607,7 @@ async def open_node(
     try:
         async with stack.run(listen):
             stack.set_topic_validator(node._advert_topic, node._validate_advert)
-            stack.flood_publish({node._advert_topic})
+            stack.flood_publish({node._advert_topic}, forward={node._advert_topic})
             async with trio.open_nursery() as nursery:
                 node._nursery = nursery
                 node.set_stream_handler(REACH_PROTOCOL, node._serve_reach, max_frame=4096)

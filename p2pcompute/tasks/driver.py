@@ -139,6 +139,9 @@ class TaskService:
     async def _start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.sessions.janitor)
         self.node.set_stream_handler(OFFER_PROTOCOL, self._on_offer_stream, max_frame=8192)
+        # our requests go straight to every subscribed provider we are connected to, so a
+        # mesh of peers that drop them only delays the ones further away (threat-model.md)
+        self.node.flood(TOPIC)
         side = self._side
         if side is not None:
             await nursery.start(side.clock)
