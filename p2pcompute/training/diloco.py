@@ -60,7 +60,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, cast
 
@@ -451,6 +451,14 @@ class DiLoCo(torch.optim.Optimizer):
             torch.cuda.current_stream(dev).synchronize()
         return pinned
 
+    def _outer_update(self, deltas: Sequence[torch.Tensor]) -> None:
+        """The outer optimizer's step on the anchor with ``deltas`` (averaged or our own) as grads."""
+        for a, d in zip(self.anchor, deltas, strict=True):
+            a.grad = d
+        self.outer.step()
+        for a in self.anchor:
+            a.grad = None
+
     def _load_params(self) -> None:
         """Copy the anchor into the model; uploads to CUDA go through the pinned buffers, not waited for."""
         pinned = self._staging()
@@ -493,11 +501,7 @@ class DiLoCo(torch.optim.Optimizer):
             error = f"{type(exc).__name__}: {exc}"
             outcome = AveragingOutcome((self.averager.peer_id,))
         with torch.no_grad():
-            for a, d in zip(self.anchor, deltas, strict=True):
-                a.grad = d
-            self.outer.step()
-            for a in self.anchor:
-                a.grad = None
+            self._outer_update(deltas)
             self._load_params()
             for (_, b), v in zip(self.named_buffers, bufs, strict=True):
                 b.copy_(v)
@@ -633,11 +637,7 @@ class DiLoCo(torch.optim.Optimizer):
         deltas, bufs = job.tensors[: job.n_deltas], job.tensors[job.n_deltas:]
         # a failed round left the tensors untouched: the outer step is on our own progress
         with torch.no_grad():
-            for a, d in zip(self.anchor, deltas, strict=True):
-                a.grad = d
-            self.outer.step()
-            for a in self.anchor:
-                a.grad = None
+            self._outer_update(deltas)
         self._buffer_state = bufs
         self.outer_step += 1
         per_step = job.local_steps * allreduce_bytes(self.params, "none", len(outcome.participants))
