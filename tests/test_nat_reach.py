@@ -90,6 +90,15 @@ def test_one_dial_back_makes_us_public_and_enough_failures_private(
     assert Reachability(manual=PRIVATE).state == PRIVATE
 
 
+def test_a_server_on_this_machine_that_reached_nothing_gives_no_verdict() -> None:
+    # it saw us over loopback and only dials the IP it saw: its failure says nothing of others
+    r = Reachability(confirmations=1)
+    assert r.record("local-boot", reached=[], observed="127.0.0.1") == UNKNOWN
+    assert r.record("local-boot6", reached=[], observed="::1") == UNKNOWN
+    assert r.record("far", reached=[], observed="198.51.100.7") == PRIVATE
+    assert r.record("local-boot", reached=["/ip4/127.0.0.1/tcp/1"], observed="127.0.0.1") == PUBLIC
+
+
 def test_reach_messages_are_capped_and_strict() -> None:
     raw = REACH_REQUEST.build(addrs=["/ip4/10.0.0.2/tcp/1"])
     assert REACH_REQUEST.parse(raw)["addrs"] == ["/ip4/10.0.0.2/tcp/1"]

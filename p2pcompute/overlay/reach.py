@@ -184,6 +184,13 @@ def dial_back_targets(addrs: Sequence[str], observed_ip: str | None) -> list[tup
     return out
 
 
+def _is_loopback_ip(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
 # -- verdicts (sans-IO) ------------------------------------------------------------------------------
 
 
@@ -224,7 +231,16 @@ class Reachability:
         return UNKNOWN
 
     def record(self, server: str, *, reached: Sequence[str], observed: str | None) -> str:
-        """Take one server's answer; return the new state."""
+        """Take one server's answer; return the new state.
+
+        A server that saw us over loopback (it runs on this machine) gives no verdict when it
+        reached nothing: it only dials addresses on the IP it saw, and loopback is never one
+        we advertise beside others, so its failure says nothing about the world (a peer that
+        joined through a bootstrap node on 127.0.0.1 was called private and went relay-only).
+        """
+        if not reached and observed is not None and _is_loopback_ip(observed):
+            self.forget(server)
+            return self.state
         if server not in self.results and len(self.results) >= self.max_servers:
             self.results.pop(next(iter(self.results)))
         self.results[server] = bool(reached)
