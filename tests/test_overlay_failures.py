@@ -118,6 +118,7 @@ async def test_the_dial_mapping_table() -> None:
     ):
         raise ConnectionRefusedError("refused")
     assert caught.value.peer == "12D3KooWpeer"
+    assert "no connection to the peer could be made" in str(caught.value)
     with pytest.raises(LocalProtocolError), reaching("p", "dialing", timeout=None):
         raise LocalProtocolError("ours pass through")
     with pytest.raises(ConfigError):

@@ -82,9 +82,15 @@ def reaching(peer: str, what: str, *, timeout: float | None) -> Iterator[None]:
         except P2PComputeError:
             raise
         except Exception as exc:  # py-libp2p raises many unrelated types for one failed dial
-            raise PeerUnreachable(
-                f"{what} to {peer} failed: {exc.__class__.__name__}: {exc}", peer=peer
-            ) from None
+            raise PeerUnreachable(f"{what} to {peer} failed: {_why(exc)}", peer=peer) from None
+
+
+def _why(exc: Exception) -> str:
+    """Our words for a failed dial or stream open; the underlying exception is kept in brackets."""
+    text, kind = str(exc), exc.__class__.__name__
+    if "No valid connections" in text or isinstance(exc, ConnectionRefusedError):
+        return f"no connection to the peer could be made: it is gone or unreachable ({kind}: {text})"
+    return f"{text or 'no reason given'} ({kind})"
 
 
 @contextmanager
