@@ -244,6 +244,24 @@ def _join_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"swarm": args.swarm, "dial_timeout": args.timeout, "advertise": False}
 
 
+async def _catalogs(node: Node, peers: list[str], *, timeout: float) -> dict[str, list[dict[str, Any]] | str]:
+    """Each peer's catalog (:func:`fetch_catalog`, 16 at once), or why it gave none."""
+    found: dict[str, list[dict[str, Any]] | str] = {}
+    limit = trio.CapacityLimiter(16)
+
+    async def ask(peer: str) -> None:
+        async with limit:
+            try:
+                found[peer] = await fetch_catalog(node, peer, timeout=timeout)
+            except P2PComputeError as exc:
+                found[peer] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            nursery.start_soon(ask, peer)
+    return found
+
+
 async def _check_sold(node: Node, providers: list[str], kind: str, *, timeout: float) -> None:
     """Refuse at once (:class:`ConfigError`) a kind that no provider we found sells.
 
@@ -251,22 +269,10 @@ async def _check_sold(node: Node, providers: list[str], kind: str, *, timeout: f
     offer. Only a definite answer counts: when any provider does not publish its catalog (a
     provider run from Python without the command line), the run goes ahead and waits as before.
     """
-    catalogs: list[list[dict[str, Any]] | None] = []
-    limit = trio.CapacityLimiter(16)
-
-    async def ask(peer: str) -> None:
-        async with limit:
-            try:
-                catalogs.append(await fetch_catalog(node, peer, timeout=timeout))
-            except P2PComputeError:
-                catalogs.append(None)
-
-    async with trio.open_nursery() as nursery:
-        for peer in providers[:64]:
-            nursery.start_soon(ask, peer)
-    if not catalogs or any(c is None for c in catalogs):
+    catalogs = list((await _catalogs(node, providers[:64], timeout=timeout)).values())
+    if not catalogs or any(isinstance(c, str) for c in catalogs):
         return
-    sold = sorted({entry["kind"] for c in catalogs if c is not None for entry in c})
+    sold = sorted({entry["kind"] for c in catalogs if not isinstance(c, str) for entry in c})
     if kind not in sold:
         raise ConfigError(
             f"no provider of the {len(catalogs)} found sells task kind {kind!r} "
@@ -353,21 +359,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         ):
             await trio.sleep(args.wait)  # adverts and topic subscriptions arrive by gossip
             found = set(tasks.providers()) | {r.peer_id for r in node.peers.alive() if r.role == "peer"}
-            limit = trio.CapacityLimiter(16)
-
-            async def ask(peer: str) -> None:
-                async with limit:
-                    try:
-                        rows[peer] = {
-                            "peer": peer,
-                            "kinds": await fetch_catalog(node, peer, timeout=args.timeout),
-                        }
-                    except P2PComputeError as exc:
-                        rows[peer] = {"peer": peer, "kinds": None, "error": str(exc)}
-
-            async with trio.open_nursery() as nursery:
-                for peer in sorted(found):
-                    nursery.start_soon(ask, peer)
+            for peer, got in (await _catalogs(node, sorted(found), timeout=args.timeout)).items():
+                if isinstance(got, str):
+                    rows[peer] = {"peer": peer, "kinds": None, "error": got}
+                else:
+                    rows[peer] = {"peer": peer, "kinds": got}
 
     run_until_signal(main)
     listed = [rows[p] for p in sorted(rows)]

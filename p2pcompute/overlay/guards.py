@@ -285,6 +285,7 @@ def flood_own_messages(
         flood_own_messages(stack.gossipsub, stack.host.get_id(), {advert_topic("lab")},
                            forward_topics={advert_topic("lab")}, max_forward=64)
     """
+    import heapq
     import random
 
     original = gossipsub._get_peers_to_send
@@ -308,12 +309,12 @@ def flood_own_messages(
                         chosen.add(peer)
             elif (topic in forward or (own and topic in own_wider)) and max_forward > 0:
                 extra = [p for p in subscribed if p not in chosen and p not in (msg_forwarder, origin)]
-                if scorer is not None:
-                    rated = [(scorer.score(p, [topic]), random.random(), p) for p in extra]
-                    extra = [p for s, _r, p in sorted(rated, reverse=True) if s >= 0]
+                if scorer is not None:  # per message: keep the best few, not a sort of every peer
+                    rated = ((scorer.score(p, [topic]), random.random(), p) for p in extra)
+                    best = heapq.nlargest(max_forward, (r for r in rated if r[0] >= 0))
+                    chosen.update(p for _s, _r, p in best)
                 else:
-                    random.shuffle(extra)
-                chosen.update(extra[:max_forward])
+                    chosen.update(random.sample(extra, min(max_forward, len(extra))))
         return chosen
 
     gossipsub._get_peers_to_send = peers_to_send
