@@ -34,7 +34,7 @@ typecheck: $(STAMP)
 # Two workers (PYTEST_WORKERS=0 runs the suite in one process, e.g. to debug a test).
 PYTEST_WORKERS ?= 2
 unit: $(STAMP)
-	$(VENV)/bin/pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS))
+	$(VENV)/bin/pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
 
 test: lint typecheck unit
 

@@ -30,6 +30,9 @@ from p2pcompute.identity import Identity
 # more than CI's whole budget has left. Opt in with P2PCOMPUTE_NAT_TESTS=1 (docs/design/nat.md).
 pytestmark = [
     pytest.mark.slow,
+    # one topology (fixed namespace names) per module, and the joiner test reads what the
+    # averaging test left: every test of this file runs on one xdist worker (`make test`: loadgroup)
+    pytest.mark.xdist_group("nat-topology"),
     pytest.mark.skipif(
         os.environ.get("P2PCOMPUTE_NAT_TESTS") != "1",
         reason="NAT namespace tests take minutes; set P2PCOMPUTE_NAT_TESTS=1 to run them",
