@@ -12,6 +12,12 @@ loopback, in the same invocation over:
   ``into`` a preallocated tensor. The row's ``params`` name the ``cipher`` and ``cipher_why``.
 * ``lane-gcm/none``, ``lane-ocb3/none``, ``lane-chacha/none``: the same lane held to one cipher
   (each this process has), to show what the choice is worth.
+* ``lane-cuda/<codec>`` (``--cuda``, on a machine with a GPU): the same transfer from a CUDA tensor
+  into a CUDA tensor (GPU to GPU through the lane's pinned staging buffers), for issue #18's
+  target of >= 0.9x the host-to-host lane (its ``ratio_vs_lane``).
+
+``lane/none`` is also a baseline (``lane``), so every row has its ``ratio_vs_lane``: the codecs'
+target is >= 0.8x of the lane with no codec.
 
 Figures per configuration: ``mb_per_s`` (tensor MB / sender wall time until the receiver's
 acknowledgement; the primary metric), ``cpu_s_per_gb_send`` / ``cpu_s_per_gb_recv``,
@@ -40,6 +46,7 @@ PROTO = "/p2pcompute/bench-stream/1.0.0"
 CODECS = ("none", "fp16", "bf16", "int8")
 _IP = ["127.0.0.1"]  # this worker's address: loopback, or its namespace's under --wan
 _SEAL_THREADS: list[int | None] = [None]  # --seal-threads: the lanes' pool size (None: their default)
+_DEVICE = ["cpu"]  # this worker's tensor device: "cuda" for the lane-cuda rows
 _PHASES: dict[str, float] = {}  # --budget: thread CPU seconds per step of the lane's record loops
 BUDGET_STEPS = ("stage", "seal", "send", "recv", "open", "land")
 
@@ -82,15 +89,17 @@ def _current_rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
-def _tensor(size: int, fill: bool) -> Any:
+def _tensor(size: int, fill: bool, device: str = "cpu") -> Any:
     import libp2p  # noqa: F401  (imported before the base RSS is taken, in every worker alike)
     import torch
 
-    t = torch.empty(size // 4, dtype=torch.float32)
+    t = torch.empty(size // 4, dtype=torch.float32, device=device)
     if fill:
         t.normal_()
     else:
         t.zero_()  # touch every page so RSS counts the tensor before the transfer
+    if t.is_cuda:
+        torch.cuda.synchronize()
     return t
 
 
@@ -240,7 +249,7 @@ async def _lane_recv(size: int, reps: int, sender: str) -> dict[str, Any]:
     from p2pcompute.overlay import open_node
     from p2pcompute.tensors import open_lane
 
-    dst = _tensor(size, fill=False)
+    dst = _tensor(size, fill=False, device=_DEVICE[0])
     base = _current_rss_mib()
     listen = [f"/ip4/{_IP[0]}/tcp/0"]
     async with open_node(None, listen=listen, advertise=False) as node, open_lane(
@@ -265,7 +274,7 @@ async def _lane_send(
     from p2pcompute.overlay import open_node
     from p2pcompute.tensors import open_lane
 
-    src = _tensor(size, fill=True)
+    src = _tensor(size, fill=True, device=_DEVICE[0])
     base = _current_rss_mib()
     ident = Identity.from_seed(bytes.fromhex(seed))
     times = []
@@ -298,6 +307,7 @@ def _worker(spec: dict[str, Any]) -> int:
     kind, role, size, reps = spec["kind"], spec["role"], spec["size"], spec["reps"]
     _IP[0] = spec.get("ip", "127.0.0.1")
     _SEAL_THREADS[0] = spec.get("seal_threads")
+    _DEVICE[0] = spec.get("device", "cpu")
     if spec.get("budget"):
         _instrument()
     if role == "send" and spec.get("await_peer"):
@@ -356,7 +366,7 @@ def _read_json(proc: subprocess.Popen[str], key: str) -> dict[str, Any]:
 def _pair(
     kind: str, size: int, reps: int, codec: str = "none", timeout: float = 900,
     layout: dict[str, Any] | None = None, cipher: str | None = None, budget: bool = False,
-    seal_threads: int | None = None,
+    seal_threads: int | None = None, device: str = "cpu",
 ) -> dict[str, Any]:
     """One receiver and one sender process (peers 0 and 1 of the WAN ``layout`` when given)."""
     from p2pcompute.identity import Identity
@@ -366,7 +376,7 @@ def _pair(
     where = [{"ip": p["addr"], "prefix": list(p["exec"])} for p in layout["peers"][:2]] if layout else None
     recv = _spawn(
         {"kind": kind, "role": "recv", "size": size, "reps": reps, "sender": sender_id, "budget": budget,
-         "seal_threads": seal_threads,
+         "seal_threads": seal_threads, "device": device,
          **({"ip": where[0]["ip"]} if where else {})},
         prefix=where[0]["prefix"] if where else None,
     )
@@ -376,7 +386,7 @@ def _pair(
         send = _spawn(
             {"kind": kind, "role": "send", "size": size, "reps": reps, "seed": seed, "codec": codec,
              "cipher": cipher, "await_peer": True, "budget": budget, "seal_threads": seal_threads,
-             **({"ip": where[1]["ip"]} if where else {})},
+             "device": device, **({"ip": where[1]["ip"]} if where else {})},
             stdin=True,
             prefix=where[1]["prefix"] if where else None,
         )
@@ -408,6 +418,7 @@ def run(
     codecs: tuple[str, ...] = CODECS,
     budget: bool = False,
     seal_threads: int | None = None,
+    cuda: bool = False,
     **_: Any,
 ) -> SuiteResult:
     """Measure every configuration at every size; returns the suite with ratios filled in."""
@@ -421,29 +432,33 @@ def run(
         "stream",
         "mb_per_s",
         options={"sizes": list(sizes), "reps": reps, "libp2p_reps": libp2p_reps, "codecs": list(codecs),
-             "seal_threads": seal_threads},
+             "seal_threads": seal_threads, "cuda": cuda},
     )
     for size in sizes:
         label = f"{size >> 20}MiB"
-        plan: list[tuple[str, str, str, int, str | None, str | None]] = [
-            (f"raw_tcp {label}", "raw", "none", reps, "raw_tcp", None),
-            (f"libp2p {label}", "libp2p", "none", max(1, libp2p_reps), "libp2p", None),
-            *((f"lane/{c} {label}", "lane", c, reps, None, None) for c in codecs),
+        plan: list[tuple[str, str, str, int, str | None, str | None, str]] = [
+            (f"raw_tcp {label}", "raw", "none", reps, "raw_tcp", None, "cpu"),
+            (f"libp2p {label}", "libp2p", "none", max(1, libp2p_reps), "libp2p", None, "cpu"),
+            *((f"lane/{c} {label}", "lane", c, reps, "lane" if c == "none" else None, None, "cpu")
+              for c in codecs),
         ]
         if "none" in codecs and not quick:
-            for cipher in available_ciphers():
-                short = cipher.split("-")[-1].replace("poly1305", "chacha")
-                plan.append((f"lane-{short}/none {label}", "lane", "none", reps, None, cipher))
-        for name, kind, codec, n, baseline, cipher in plan:
+            for held in available_ciphers():
+                short = held.split("-")[-1].replace("poly1305", "chacha")
+                plan.append((f"lane-{short}/none {label}", "lane", "none", reps, None, held, "cpu"))
+        if cuda:
+            plan.extend((f"lane-cuda/{c} {label}", "lane", c, reps, None, None, "cuda") for c in codecs)
+        for name, kind, codec, n, baseline, cipher, device in plan:
             out = _pair(
                 kind, size, n, codec, layout=layout, cipher=cipher, budget=budget and kind == "lane",
-                seal_threads=seal_threads,
+                seal_threads=seal_threads, device=device,
             )
+            extra: dict[str, Any] = {}
             if kind == "lane" and seal_threads is not None:
-                params_threads = {"seal_threads": seal_threads}
-            else:
-                params_threads = {}
-            row = suite.config(name, size=size, kind=kind, codec=codec, **params_threads)
+                extra["seal_threads"] = seal_threads
+            if device != "cpu":
+                extra["device"] = device
+            row = suite.config(name, size=size, kind=kind, codec=codec, **extra)
             row.baseline = baseline
             gb = size * n / 1e9
             for seconds in out["send"]["times"]:
@@ -505,16 +520,26 @@ def main(argv: list[str] | None = None) -> int:
         help="threads that seal/open each lane transfer's records (default: the lane's own choice, "
         "1 below 8 cores)",
     )
+    parser.add_argument(
+        "--cuda", action="store_true",
+        help="also send CUDA tensors GPU to GPU through the lane (rows lane-cuda/<codec>; needs a GPU)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return _worker(json.loads(args.worker))
     sizes = tuple(int(s) << 20 for s in args.sizes.split(",")) if args.sizes else None
     codecs = tuple(c for c in args.codecs.split(",") if c)
+    if args.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--cuda: this machine has no CUDA device", file=sys.stderr)
+            return 2
     print(f"load before: {os.getloadavg()}", flush=True)
     result = run(
         args.quick, sizes=sizes, reps=args.reps, libp2p_reps=args.libp2p_reps, codecs=codecs,
-        budget=args.budget, seal_threads=args.seal_threads,
+        budget=args.budget, seal_threads=args.seal_threads, cuda=args.cuda,
     )
     print(f"load after: {os.getloadavg()}", flush=True)
     print_table(

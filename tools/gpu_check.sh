@@ -3,6 +3,8 @@
 #
 #   tools/gpu_check.sh prepare PYVER   # here, online: wheels of our pure deps for that Python -> .device/
 #   tools/gpu_check.sh run             # there, offline: install them, run the tests marked `cuda`
+#   tools/gpu_check.sh lane            # there: the stream suite at 1 GiB on the GPU machine's cores,
+#                                      # the seal pool off and on, and CUDA-to-CUDA rows (issue #18)
 #
 # .device/ is git-ignored; pass it to the device tool as a carried path. py-libp2p 0.8.1 imports
 # fastecdsa at import time and fastecdsa has no wheel for Python 3.12, so `prepare` writes a stand-in
@@ -28,17 +30,27 @@ prepare)
     printf '\n\ndef int_bytelen(n):\n    return (n.bit_length() + 7) // 8\n' >>.device/stub/fastecdsa/encoding/util.py
     du -sh .device
     ;;
-run)
+run | lane)
     python -V
     python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
     python -m pip install -q --no-index --no-deps .device/wheels/*.whl
     export PYTHONPATH=$PWD/.device/stub:$PWD
+    if [ "$1" = lane ]; then
+        out=${OUT:-bench-results}
+        nproc
+        # one process pair at a time; each row is a fresh pair of processes
+        timeout "${T:-400}" python -m benchmarks.stream --sizes 1024 --reps 2 --codecs none,bf16 \
+            --seal-threads 1 --out "$out/stream-pool1.json"
+        timeout "${T:-400}" python -m benchmarks.stream --sizes 1024 --reps 2 --codecs none,bf16 \
+            --cuda --out "$out/stream-pool.json"
+        exit 0
+    fi
     # shellcheck disable=SC2086
     timeout "${T:-400}" python -m pytest -q -p no:cacheprovider -m cuda -W ignore::DeprecationWarning \
         ${TESTS:-tests}
     ;;
 *)
-    echo "usage: tools/gpu_check.sh prepare [PYVER] | run" >&2
+    echo "usage: tools/gpu_check.sh prepare [PYVER] | run | lane" >&2
     exit 2
     ;;
 esac
