@@ -19,6 +19,12 @@ Rows:
 * ``rent_verify10``: the same with 10% of segments re-run locally (``verify_fraction=0.1``,
   ``verify_first=False``, a fixed seed); ``verify_overhead`` is its ``outer_s`` over the
   unverified one, minus 1; ``verified`` counts the segments re-run;
+* ``rent_overlapped``: the same steps through ``RentJob.train`` with ``overlap=True`` (each worker
+  starts its next segment when it returns one; the update lands while it runs): ``outer_s`` is
+  the time between two updates landing;
+* ``rent_hetero_blocking`` / ``rent_hetero_overlapped``: both again with the second worker slower
+  by one local segment's time per segment (a card half as fast): ``outer_s`` and
+  ``utilization`` (here the fast worker's compute over the step's time);
 * ``small_tasks``: issue #15's small-task figures, every node its own process on loopback
   (1 requester, 4 providers, ``benchmarks.tasks --procs``): ``tasks_per_s`` (a ``map_tasks`` of
   2x2 matmuls) and ``lease_p50_s`` (request to grant of sequential ``run_task`` calls), with
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import threading
 import time
@@ -77,13 +84,29 @@ def _local_segment(steps: int, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-async def _rent_steps(verify: float, quick: bool) -> dict[str, Any]:
+class _SlowerWorker(TrainingWorker):
+    """A worker on a slower card: each segment takes ``pause`` seconds more (it sleeps in its thread)."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__(builtin_book(["lm"], price=0.01))
+        self.pause = pause
+
+    def run(self, recipe: Any, tensors: Any, params: Any) -> Any:
+        time.sleep(self.pause)
+        return super().run(recipe, tensors, params)
+
+
+async def _rent_steps(
+    verify: float, quick: bool, *, overlap: bool = False, slower: float = 0.0
+) -> dict[str, Any]:
+    """Outer steps of a RentJob; with ``overlap`` through ``train`` (a step's seconds are then the
+    time between two updates landing); ``slower``: the second worker's extra seconds per segment."""
     n = _sizes(quick)
     out: dict[str, Any] = {"outer_s": [], "verified": 0, "workers": 0}
     async with open_node(role="bootstrap", capacity=CAP) as boot, contextlib.AsyncExitStack() as stack:
-        for _ in range(WORKERS):
+        for i in range(WORKERS):
             pnode = await stack.enter_async_context(open_node(bootstrap=boot.addrs, capacity=CAP))
-            worker = TrainingWorker(builtin_book(["lm"], price=0.01))
+            worker = _SlowerWorker(slower if i == 1 else 0.0)
             await stack.enter_async_context(serve_tasks(pnode, worker.registry()))
         rnode = await stack.enter_async_context(open_node(bootstrap=boot.addrs, capacity=CAP))
         tasks = await stack.enter_async_context(open_tasks(rnode))
@@ -96,10 +119,26 @@ async def _rent_steps(verify: float, quick: bool) -> dict[str, Any]:
             verify_first=False,
             verify_seed=7,
             max_replacements=0,
+            overlap=overlap,
         )
         job = RentJob(tasks, rnode, builtin_recipes()["lm"], CFG, opts)
         await job.recruit(timeout=60)
         await job.outer_step(_shards(WORKERS, 0, n["steps"], n["batch"]))  # warm-up: full state sent
+        if overlap:
+            last = time.monotonic()
+
+            def landed(report: Any) -> None:
+                nonlocal last
+                now = time.monotonic()
+                out["outer_s"].append(now - last)
+                last = now
+                out["verified"] += sum(s.verified for s in report.segments)
+                out["workers"] = len(report.workers)
+
+            await job.train(
+                n["outer"], lambda step: _shards(WORKERS, step, n["steps"], n["batch"]), on_report=landed
+            )
+            return out
         for step in range(1, n["outer"] + 1):
             report = await job.outer_step(_shards(WORKERS, step, n["steps"], n["batch"]))
             out["outer_s"].append(report.seconds)
@@ -179,6 +218,10 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
     swarm = _swarm_steps(quick)
     plain = trio.run(_rent_steps, 0.0, quick)
     checked = trio.run(_rent_steps, 0.1, quick)
+    lapped = trio.run(functools.partial(_rent_steps, 0.0, quick, overlap=True))
+    floor = min(local)
+    hetero = trio.run(functools.partial(_rent_steps, 0.0, quick, slower=floor))
+    hetero_lapped = trio.run(functools.partial(_rent_steps, 0.0, quick, overlap=True, slower=floor))
     base = result.config("local_segment", size="lm", what=f"{n['steps']} inner steps here, no network")
     base.baseline = "local_segment"
     for v in local:
@@ -194,6 +237,18 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
         rent.add("outer_s", v)
         rent.add("overhead_s", v - seg)
         rent.add("utilization", seg / v)
+    lap = result.config("rent_overlapped", size="lm", workers=WORKERS, verify=0.0, overlap=True)
+    lap.notes.append("RentJob.train with overlap=True: seconds between two updates landing")
+    for v in lapped["outer_s"]:
+        lap.add("outer_s", v)
+        lap.add("overhead_s", v - seg)
+        lap.add("utilization", seg / v)
+    for tag, got in (("blocking", hetero), ("overlapped", hetero_lapped)):
+        row = result.config(f"rent_hetero_{tag}", size="lm", workers=WORKERS, slower_s=round(seg, 3))
+        row.notes.append("the second worker takes one local segment's time longer per segment")
+        for v in got["outer_s"]:
+            row.add("outer_s", v)
+            row.add("utilization", seg / v)  # the fast worker's compute over the step's time
     ver = result.config("rent_verify10", size="lm", workers=WORKERS, verify=0.1)
     for v in checked["outer_s"]:
         ver.add("outer_s", v)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -243,3 +244,50 @@ async def test_bad_configs_are_refused_locally_and_by_the_provider(tmp_path: Pat
     assert report.workers == []
     assert report.dropped == [0]
     assert "over this provider's cap" in job.excluded[provider]
+
+
+class SlowWorker(TrainingWorker):
+    """An honest worker that notes when each segment starts and takes ``pause`` seconds longer."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__(builtin_book(price=0.01))
+        self.pause = pause
+        self.starts: list[float] = []
+
+    def run(self, recipe: Recipe, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Any:
+        self.starts.append(time.monotonic())
+        time.sleep(self.pause)  # a slower card: this worker's segments simply take longer
+        return super().run(recipe, tensors, params)
+
+
+async def test_overlapped_steps_start_before_the_last_update_lands_and_starts_are_verified(
+    tmp_path: Path,
+) -> None:
+    fast, slow = SlowWorker(0.0), SlowWorker(0.6)
+    landed: list[tuple[int, float]] = []
+    with trio.fail_after(120):
+        async with (
+            open_node(role="bootstrap", capacity=TEST_CAPACITY) as boot,
+            trio.open_nursery() as nursery,
+        ):
+            ids = [await nursery.start(_provider, boot, w) for w in (fast, slow)]
+            async with requester(boot, tmp_path / "r.jsonl", 2) as (node, tasks):
+                # every segment re-run locally, and its start state checked by digest
+                opts = RentOptions(workers=2, inner_steps=STEPS, verify_fraction=1.0, overlap=True)
+                job = RentJob(tasks, node, LM, CFG, opts)
+                job.workers = list(ids)
+                reports = await job.train(
+                    4,
+                    lambda step: shards(2, step),
+                    on_report=lambda r: landed.append((r.outer_step, time.monotonic())),
+                )
+                after = await job.outer_step(shards(2, 9))  # back to blocking: full shared state
+            nursery.cancel_scope.cancel()
+    assert [r.outer_step for r in reports] == [0, 1, 2, 3]
+    assert job.evidence == [], [e.reason for e in job.evidence]
+    assert all(sorted(r.workers) == sorted(ids) for r in [*reports, after])
+    assert [r.overlapped for r in reports] == [False, True, True, True]
+    assert all(s.verified for r in reports for s in r.segments)
+    # the fast worker began step 1 while the slow one still ran step 0: before its update landed
+    assert fast.starts[1] < landed[0][1]
+    assert len(verify_ledger(tmp_path / "r.jsonl").entries) == 10  # 5 steps x 2 workers, no speed checks

@@ -144,6 +144,25 @@ class Renter:
         job = self._need_job()
         return self._call(lambda: job.outer_step(shards))
 
+    def train(
+        self,
+        steps: int,
+        shards: Callable[[int], Sequence[Mapping[str, torch.Tensor]]],
+        *,
+        on_report: Callable[[OuterReport], None] | None = None,
+    ) -> list[OuterReport]:
+        """``steps`` outer steps, overlapped when the options say so (see :meth:`RentJob.train`).
+
+        ``shards`` and ``on_report`` are called in the renter's thread, not the caller's.
+
+        Example::
+
+            for r in renter.train(10, lambda step: [{"tokens": t} for t in batches(step)]):
+                print(r.line())
+        """
+        job = self._need_job()
+        return self._call(lambda: job.train(steps, shards, on_report=on_report))
+
     def model(self) -> torch.nn.Module:
         """A fresh model holding the current global state."""
         return self._need_job().model()

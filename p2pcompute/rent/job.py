@@ -19,6 +19,14 @@ A :class:`RentJob` holds the model's global state (float32) and DiLoCo's outer o
 4. the mean pseudo-gradient feeds the outer optimizer; the report gives loss, workers,
    bytes, seconds and price.
 
+With ``RentOptions(overlap=True)``, :meth:`RentJob.train` runs the steps as a pipeline: a
+worker that returns its segment of step k starts step k+1 at once instead of waiting for the
+slowest worker and the outer update, from its own progress laid on the newest shared state
+(``x[k-1] - g[k]``: the delayed outer step of docs/design/training.md, the same rule as
+``DiLoCo(overlap=True)``); the update of step k lands while step k+1 runs. Each worker is
+then at most one step ahead of the slowest. Its start states are its own, sent as updates
+against what it holds, and verified the same way.
+
 Workers come from signed capacity adverts (:meth:`~p2pcompute.overlay.Node.find_peers` with
 the job's :class:`~p2pcompute.capacity.model.CapacityQuery`), among the peers that listen
 for tasks, each speed-checked before its first segment (``min_tflops``).
@@ -81,6 +89,8 @@ class RentOptions:
       rounding, 0.29 for half the steps, 0.5 for a pseudo-gradient scaled by 0.5).
     * ``bench``: ``matmul-bench`` params of the speed check, ``min_tflops`` to pass it,
       ``bench_timeout`` for it to come back (a peer that sells no tasks never offers).
+    * ``overlap``: :meth:`RentJob.train` lets each worker start its next segment as soon as it
+      returns one (see the module doc) instead of waiting for every worker and the outer update.
     * ``segment_timeout``: seconds a segment may take from its request to its result;
       ``max_replacements``: spares tried per slot and outer step; ``dial_timeout``: how long a
       worker we are not connected to may take to answer a dial before its slot goes to a spare;
@@ -111,6 +121,7 @@ class RentOptions:
     grant_timeout: float = 15.0
     max_replacements: int = 2
     verify_seed: int | None = None
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.inner_steps < 1 or self.max_replacements < 0:
@@ -170,6 +181,7 @@ class OuterReport:
     seconds: float
     price: float
     eval_loss: float | None = None
+    overlapped: bool = False  # its segments ran while the previous step's update was pending
 
     def line(self, names: Mapping[str, str] | None = None) -> str:
         """A one-line summary for a log or a terminal."""
@@ -185,6 +197,7 @@ class OuterReport:
             f"{', '.join(name(w) or w[:8] for w in self.workers)}{extra}; "
             f"sent {self.bytes_sent / 1e6:.2f} MB, got {self.bytes_received / 1e6:.2f} MB, "
             f"{self.seconds:.2f} s, paid {self.price:.4f}, verified {checked}"
+            + (", overlapped" if self.overlapped else "")
         )
 
 
@@ -236,6 +249,9 @@ class RentJob:
         self.reports: list[OuterReport] = []
         self.spent = 0.0
         self._proven: set[str] = set()  # workers with one verified segment
+        # overlap=True: the start state each worker holds (its own), under a version of its own
+        self._own: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
+        self._serial = 1 << 40  # versions of those states, apart from the shared state's
         seed = self.options.verify_seed
         self._rng: random.Random = random.SystemRandom() if seed is None else random.Random(seed)
 
@@ -321,6 +337,7 @@ class RentJob:
         log.warning("worker %s excluded: %s", peer, why)
         self.excluded[peer] = why
         self.held.pop(peer, None)
+        self._own.pop(peer, None)
 
     # -- training
 
@@ -343,6 +360,7 @@ class RentJob:
             await self.recruit()
         if len(shards) < len(self.workers):
             raise ConfigError(f"{len(self.workers)} worker slots but {len(shards)} data shards")
+        self._own.clear()  # every worker now starts from the shared state
         t0 = time.monotonic()
         step = len(self.reports)
         records: list[SegmentRecord] = []
@@ -351,30 +369,164 @@ class RentJob:
         start = {k: v.clone() for k, v in self.state.items()}
 
         async def slot_main(slot: int) -> None:
-            tries = 0
-            while True:
-                worker = self.workers[slot]
-                if worker is None:
-                    return
-                got = await self._segment(slot, worker, start, shards[slot], step, records)
-                if got is not None:
-                    grads[slot] = got
-                    return
-                if tries >= self.options.max_replacements:
-                    self.workers[slot] = None
-                    return
-                tries += 1
-                spare = await self._next_worker()
-                self.workers[slot] = spare
-                if spare is not None:
-                    replaced.append((worker, spare))
-                    log.warning("slot %d: worker %s replaced by %s", slot, worker, spare)
+            got = await self._slot_segment(slot, start, None, shards[slot], step, records, replaced)
+            if got is not None:
+                grads[slot] = got
 
         async with trio.open_nursery() as nursery:
             for slot in range(len(self.workers)):
                 nursery.start_soon(slot_main, slot)
-        dropped = [i for i in range(len(self.workers)) if i not in grads]
-        self.workers = [w for w in self.workers if w is not None]  # (dropped slots close)
+        return await self._finish_step(step, len(self.workers), grads, records, replaced, t0, False)
+
+    async def train(
+        self,
+        steps: int,
+        shards: Callable[[int], Sequence[Mapping[str, torch.Tensor]]],
+        *,
+        on_report: Callable[[OuterReport], None] | None = None,
+    ) -> list[OuterReport]:
+        """Run ``steps`` outer steps; ``shards(step)`` gives that step's shard per worker slot.
+
+        With ``overlap`` (:class:`RentOptions`) a worker starts its next segment as soon as it
+        returns one, from ``x[k-1] - g[k]`` (its own progress on the newest shared state), and
+        the outer update of step k lands while step k+1 runs; otherwise this is
+        :meth:`outer_step` in a loop. ``on_report`` sees each step's report when its update lands.
+
+        Example::
+
+            reports = await job.train(10, lambda step: [{"tokens": t} for t in batches(step)])
+        """
+        if steps < 1:
+            raise ConfigError("steps must be >= 1")
+        out: list[OuterReport] = []
+
+        def landed(report: OuterReport) -> None:
+            out.append(report)
+            if on_report is not None:
+                on_report(report)
+
+        if not self.options.overlap:
+            for _ in range(steps):
+                landed(await self.outer_step(shards(len(self.reports))))
+            return out
+        if not self.workers:
+            await self.recruit()
+        self.held.clear()  # workers will hold starts of their own, not the shared versions
+        first = len(self.reports)
+        slots = len(self.workers)
+        got_shards: dict[int, Sequence[Mapping[str, torch.Tensor]]] = {}
+        records: list[list[SegmentRecord]] = [[] for _ in range(steps)]
+        grads: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in range(steps)]
+        replaced: list[list[tuple[str, str]]] = [[] for _ in range(steps)]
+        began = [0.0] * steps
+        finished = [0] * steps
+        all_in = [trio.Event() for _ in range(steps)]
+        applied = [trio.Event() for _ in range(steps)]
+        shared: dict[int, dict[str, torch.Tensor]] = {-1: dict(self.state)}  # x after step i
+
+        def shards_of(i: int) -> Sequence[Mapping[str, torch.Tensor]]:
+            if i not in got_shards:
+                got = shards(first + i)
+                if len(got) < slots:
+                    raise ConfigError(f"{slots} worker slots but {len(got)} data shards")
+                got_shards[i] = got
+                began[i] = time.monotonic()
+            return got_shards[i]
+
+        def done(i: int) -> None:
+            finished[i] += 1
+            if finished[i] == slots:
+                all_in[i].set()
+
+        async def slot_main(slot: int) -> None:
+            own: dict[str, torch.Tensor] | None = None  # this slot's last pseudo-gradient
+            for i in range(steps):
+                if own is None:
+                    if i > 0:
+                        await applied[i - 1].wait()
+                    target = None  # the shared state
+                else:
+                    if i >= 2:
+                        await applied[i - 2].wait()
+                    base = shared[i - 2]
+                    target = {k: base[k] - own[k] for k in base}
+                    shared.pop(i - 3, None)
+                own = None
+                if self.workers[slot] is not None:
+                    own = await self._slot_segment(
+                        slot, dict(self.state), target, shards_of(i)[slot], first + i, records[i],
+                        replaced[i],
+                    )
+                if own is not None:
+                    grads[i][slot] = own
+                done(i)
+                if self.workers[slot] is None:  # dropped: it counts as in for every later step
+                    for j in range(i + 1, steps):
+                        done(j)
+                    return
+
+        async def lander() -> None:
+            for i in range(steps):
+                await all_in[i].wait()
+                report = await self._finish_step(
+                    first + i, slots, grads[i], records[i], replaced[i], began[i], i > 0, keep=True
+                )
+                shared[i] = dict(self.state)
+                applied[i].set()
+                landed(report)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lander)
+            for slot in range(slots):
+                nursery.start_soon(slot_main, slot)
+        self.workers = [w for w in self.workers if w is not None]
+        return out
+
+    async def _slot_segment(
+        self,
+        slot: int,
+        start: dict[str, torch.Tensor],
+        target: dict[str, torch.Tensor] | None,
+        shard: Mapping[str, torch.Tensor],
+        step: int,
+        records: list[SegmentRecord],
+        replaced: list[tuple[str, str]],
+    ) -> dict[str, torch.Tensor] | None:
+        """One slot's segment of ``step``, handed to spares while its worker fails; None if none ran it."""
+        tries = 0
+        while True:
+            worker = self.workers[slot]
+            if worker is None:
+                return None
+            got = await self._segment(slot, worker, start, shard, step, records, target=target)
+            if got is not None:
+                return got
+            if tries >= self.options.max_replacements:
+                self.workers[slot] = None
+                return None
+            tries += 1
+            spare = await self._next_worker()
+            self.workers[slot] = spare
+            if spare is not None:
+                replaced.append((worker, spare))
+                log.warning("slot %d: worker %s replaced by %s", slot, worker, spare)
+
+    async def _finish_step(
+        self,
+        step: int,
+        slots: int,
+        grads: dict[int, dict[str, torch.Tensor]],
+        records: list[SegmentRecord],
+        replaced: list[tuple[str, str]],
+        t0: float,
+        overlapped: bool,
+        *,
+        keep: bool = False,
+    ) -> OuterReport:
+        """Apply the step's mean pseudo-gradient and make (and keep) its report."""
+        dropped = [i for i in range(slots) if i not in grads]
+        if not keep:
+            self.workers = [w for w in self.workers if w is not None]  # (dropped slots close)
         if grads:
             self._apply([grads[i] for i in sorted(grads)])
         ok = [r for r in records if r.outcome == "ok"]
@@ -389,22 +541,38 @@ class RentJob:
             bytes_received=sum(r.bytes_received for r in records),
             seconds=time.monotonic() - t0,
             price=sum(r.price for r in records),
+            overlapped=overlapped,
         )
         if self.evaluate is not None:
             report.eval_loss = await trio.to_thread.run_sync(self.evaluate, self.model())
         self.reports.append(report)
         return report
 
-    def _inputs(self, worker: str, shard: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-        held = self.held.get(worker)
+    def _inputs(
+        self, worker: str, shard: Mapping[str, torch.Tensor], target: dict[str, torch.Tensor] | None
+    ) -> tuple[dict[str, torch.Tensor], int, int, dict[str, torch.Tensor]]:
+        """What to send ``worker`` for a segment from the shared state (``target`` None) or from
+        ``target``: (tensors, base version, version, the exact start the worker will hold)."""
         tensors = {DATA + k: v for k, v in shard.items()}
+        if target is not None:
+            self._serial += 1
+            own = self._own.get(worker)
+            if own is None:
+                tensors.update({STATE + k: v for k, v in target.items()})
+                return tensors, -1, self._serial, target
+            dtype = CODEC_DTYPES[self.options.codec]
+            update = {k: (target[k] - own[1][k]).to(dtype) for k in target}
+            tensors.update({UPDATE + k: v for k, v in update.items()})
+            # exactly the worker's sum (p2pcompute.rent.worker): held + update in float32
+            return tensors, own[0], self._serial, {k: own[1][k] + update[k].float() for k in target}
+        held = self.held.get(worker)
         if held == self.version:
-            return tensors, -1
+            return tensors, -1, self.version, self.state
         if held is not None and held == self.version - 1 and self._update is not None:
             tensors.update({UPDATE + k: v for k, v in self._update.items()})
-            return tensors, held
+            return tensors, held, self.version, self.state
         tensors.update({STATE + k: v for k, v in self.state.items()})
-        return tensors, -1
+        return tensors, -1, self.version, self.state
 
     async def _segment(
         self,
@@ -414,6 +582,8 @@ class RentJob:
         shard: Mapping[str, torch.Tensor],
         step: int,
         records: list[SegmentRecord],
+        *,
+        target: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor] | None:
         opts = self.options
         sample = self._rng.random() < opts.verify_fraction or (
@@ -421,23 +591,26 @@ class RentJob:
         )
         rec = SegmentRecord(slot, worker, "failed", 0.0)
         records.append(rec)
+        begin = start  # the state this attempt's segment starts from (set per attempt below)
 
         async def check(outputs: dict[str, torch.Tensor], info: dict[str, Any], provider: str) -> None:
             grad = split_named(outputs, GRAD)
             dtype = CODEC_DTYPES[opts.codec]
             bad = None
-            if set(grad) != set(start) or any(
-                g.shape != start[k].shape or g.dtype != dtype for k, g in grad.items()
+            if set(grad) != set(begin) or any(
+                g.shape != begin[k].shape or g.dtype != dtype for k, g in grad.items()
             ):
                 bad = "the pseudo-gradient does not fit the model"
             elif not all(bool(torch.isfinite(g).all()) for g in grad.values()):
                 bad = "the pseudo-gradient is not finite"
             elif info.get("steps") != opts.inner_steps:
                 bad = f"it reports {info.get('steps')!r} inner steps, not {opts.inner_steps}"
+            elif sample and info.get("start_digest") != state_digest(begin)[:32]:
+                bad = "it started from another state than the one sent"
             if bad is None and sample:
                 ref = await trio.to_thread.run_sync(
                     lambda: run_segment(
-                        self.recipe, self.cfg, start, shard, opts.inner_steps, codec=opts.codec
+                        self.recipe, self.cfg, begin, shard, opts.inner_steps, codec=opts.codec
                     )
                 )
                 d = distance(grad, ref.grad)
@@ -470,12 +643,12 @@ class RentJob:
             self._exclude(worker, "unreachable: no connection and no dial succeeded")
             return None
         for _attempt in range(2):  # a second time with the full state when the worker lost it
-            tensors, base = self._inputs(worker, shard)
+            tensors, base, version, begin = self._inputs(worker, shard, target)
             params = {
                 "v": SEGMENT_VERSION,
                 "job": self.job_id,
                 "config": self.cfg,
-                "version": self.version,
+                "version": version,
                 "base": base,
                 "steps": opts.inner_steps,
                 "codec": opts.codec,
@@ -502,6 +675,7 @@ class RentJob:
                 rec.detail = str(exc)
                 if STATE_MISSING in str(exc) and worker not in self.excluded:
                     self.held.pop(worker, None)
+                    self._own.pop(worker, None)
                     continue
                 proof = [e for e in self.evidence if e.worker == worker and e.outer_step == step]
                 if proof:
@@ -518,7 +692,10 @@ class RentJob:
             loss = r.info.get("loss_last")
             rec.loss = float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
             self.spent += rec.price
-            self.held[worker] = self.version
+            if target is None:
+                self.held[worker] = self.version
+            else:
+                self._own[worker] = (version, begin)
             if rec.verified:
                 self._proven.add(worker)
             return {k: v.float() for k, v in split_named(r.outputs, GRAD).items()}
