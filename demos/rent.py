@@ -126,6 +126,7 @@ async def _researcher(
         outer_lr=0.7,
         outer_momentum=0.9,
         segment_timeout=60.0,
+        overlap=args.overlap,
     )
     g = torch.Generator().manual_seed(0)
     used: list[torch.Tensor] = []
@@ -152,16 +153,20 @@ async def _researcher(
         )
         first = _eval_loss(job.model())
         print(f"before training: held-out loss {first:.4f}", flush=True)
-        for step in range(args.outer_steps):
+
+        def shards_for(step: int) -> list[dict[str, torch.Tensor]]:
+            nonlocal killed
             if step == args.kill_at:
                 victim = next(w for w in job.workers if w is not None and w != cheater)
                 procs[victim].send_signal(signal.SIGKILL)
                 killed = victim
-                print(f"-- SIGKILL {names[victim]} (an honest worker) before outer step {step}", flush=True)
+                print(f"-- SIGKILL {names[victim]} (an honest worker) as outer step {step} is handed out", flush=True)
             shards = [_sequences(args.inner_steps * BATCH, g) for _ in job.workers]
             used.extend(shards)
-            report = await job.outer_step([{"tokens": s} for s in shards])
-            print(report.line(names), flush=True)
+            return [{"tokens": s} for s in shards]
+
+        # overlap=False: outer_step after outer_step; True: each worker runs ahead by a step
+        await job.train(args.outer_steps, shards_for, on_report=lambda r: print(r.line(names), flush=True))
         seconds = time.monotonic() - t0
     return _finish(args, job, used, killed, seconds, names, cheater, workdir, first)
 
@@ -238,6 +243,12 @@ def main() -> int:
     p.add_argument("--inner-steps", type=int, default=20)
     p.add_argument(
         "--kill-at", type=int, default=4, help="outer step before which an honest worker is killed"
+    )
+    p.add_argument(
+        "--overlap",
+        action="store_true",
+        help="overlapped outer steps (RentJob.train): a worker starts its next segment as soon as it "
+        "returns one, while the last step's update lands",
     )
     p.add_argument("--provider", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bootstrap", help=argparse.SUPPRESS)
