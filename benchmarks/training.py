@@ -14,6 +14,9 @@ above the task's floor.
 
 ``loss_gap_overlapped`` (metric ``gap``, a fraction): the held-out loss of overlapped DiLoCo
 (``overlap="delayed"``) against blocking DiLoCo at equal samples on ``lm`` (skip: ``--no-gap``).
+Each overlapped round lands ``--land-lag`` of a phase after it starts (a network's round time,
+counted in inner steps) and is applied at the next inner step; ``loss_gap_overlapped_at_boundary``
+applies it at the next phase boundary (``land_early=False``), a whole phase late.
 
 Part 2 (``utilization`` rows), real processes on 127.0.0.1: a bootstrap node and
 ``--peers`` processes run ``examples/train.py``; utilization is a surviving peer's time in
@@ -67,20 +70,58 @@ class _Teacher:
 TASKS: dict[str, Any] = {"teacher": _Teacher, "lm": lambda: MarkovTextTask(0)}
 
 
+class _Lagged:
+    """An averager whose rounds land ``lag`` of its owner's inner steps after they start.
+
+    The in-memory group finishes a round as soon as every member has contributed; a network
+    takes time, during which an overlapped peer keeps stepping. ``tick()`` counts the owner's
+    steps; a round's result is handed back only once ``lag`` of them have passed since it began.
+    """
+
+    def __init__(self, inner: Any, lag: int) -> None:
+        self.inner, self.lag, self.steps = inner, lag, 0
+        self._waiting: list[tuple[int, trio.Event]] = []
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.inner.peer_id)
+
+    async def average(self, tensors: Any, **kwargs: Any) -> Any:
+        due = self.steps + self.lag
+        out = await self.inner.average(tensors, **kwargs)
+        if self.steps < due:
+            event = trio.Event()
+            self._waiting.append((due, event))
+            await event.wait()
+        return out
+
+    def tick(self, steps: int = 1) -> None:
+        self.steps += steps
+        for due, event in [w for w in self._waiting if w[0] <= self.steps]:
+            self._waiting.remove((due, event))
+            event.set()
+
+    def drain(self) -> None:
+        """No more steps: what is in flight lands after its lag, as the compute waits for it."""
+        self.tick(self.lag)
+
+
 async def _simulate(
     peers: int, steps: int, batch: int, *, mode: str, inner_steps: int, compression: str, lr: float,
-    task_name: str = "teacher", data_seed: int = 100, overlap: str | None = None,
+    task_name: str = "teacher", data_seed: int = 100, overlap: str | None = None, lag: int = 0,
+    land_early: bool = True,
 ) -> tuple[float, int]:
     task = TASKS[task_name]()
     group = LocalGroup()
     models = [task.make_model(0) for _ in range(peers)]
     gens = [torch.Generator().manual_seed(data_seed + i) for i in range(peers)]
+    lagged = [_Lagged(group.join(f"p{i}"), lag) for i in range(peers)]
 
     async with trio.open_nursery() as background:  # overlapped rounds run here
         opts = [
-            DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=lr), group.join(f"p{i}"), inner_steps=inner_steps,
+            DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=lr), lagged[i], inner_steps=inner_steps,  # type: ignore[arg-type]
                    mode=mode, compression=compression, overlap=overlap or False,  # type: ignore[arg-type]
-                   nursery=background)
+                   nursery=background, land_early=land_early)
             for i, m in enumerate(models)
         ]
 
@@ -90,6 +131,9 @@ async def _simulate(
                 task.loss(models[i](x), y).backward()
                 await opts[i].astep(samples=batch)
                 opts[i].zero_grad()
+                lagged[i].tick()
+                await trio.lowlevel.checkpoint()  # let a round in the background move on
+            lagged[i].drain()
             await opts[i].flush()  # the last round lands (overlapped mode)
 
         async with trio.open_nursery() as nursery:
@@ -130,22 +174,42 @@ def _bytes_part(
                 row.add("seconds", time.perf_counter() - t0)
 
 
-def _gap_part(result: SuiteResult, *, peers: int, steps: int, batch: int, h: int, repeats: int) -> None:
-    """``loss_gap_overlapped``: overlapped against blocking DiLoCo at equal samples on ``lm``."""
-    row = result.config("loss_gap_overlapped", part="gap", task="lm", peers=peers, steps=steps, batch=batch,
-                        inner_steps=h, samples=peers * steps * batch)
+def _gap_part(
+    result: SuiteResult, *, peers: int, steps: int, batch: int, h: int, repeats: int, lag: float
+) -> None:
+    """``loss_gap_overlapped``: overlapped against blocking DiLoCo at equal samples on ``lm``.
+
+    Overlapped rounds land ``lag`` x H inner steps after they start (a network's round time in
+    steps) and are applied at once, mid-phase; ``loss_gap_overlapped_at_boundary`` applies them
+    at the next phase boundary instead (a full phase late, whatever the network).
+    """
+    lag_steps = min(h - 1, max(0, round(lag * h)))  # a round landing after a whole phase would stall
+    rows = {
+        True: result.config("loss_gap_overlapped", part="gap", task="lm", peers=peers, steps=steps,
+                            batch=batch, inner_steps=h, samples=peers * steps * batch, land="early",
+                            lag_steps=lag_steps),
+        False: result.config("loss_gap_overlapped_at_boundary", part="gap", task="lm", peers=peers,
+                             steps=steps, batch=batch, inner_steps=h, samples=peers * steps * batch,
+                             land="boundary"),
+    }
     for r in range(repeats):
-        losses = {}
-        for overlap in (None, "delayed"):
-            losses[overlap] = trio.run(
-                lambda overlap=overlap, r=r: _simulate(
+        blocking = trio.run(
+            lambda r=r: _simulate(
+                peers, steps, batch, mode="diloco", inner_steps=h, compression="none", lr=3e-3,
+                task_name="lm", data_seed=100 + 1000 * r,
+            )
+        )[0]
+        for early, row in rows.items():
+            loss = trio.run(
+                lambda r=r, early=early: _simulate(
                     peers, steps, batch, mode="diloco", inner_steps=h, compression="none", lr=3e-3,
-                    task_name="lm", data_seed=100 + 1000 * r, overlap=overlap,
+                    task_name="lm", data_seed=100 + 1000 * r, overlap="delayed", lag=lag_steps,
+                    land_early=early,
                 )
             )[0]
-        row.add("gap", (losses["delayed"] - losses[None]) / losses[None])
-        row.add("final_loss_blocking", losses[None])
-        row.add("final_loss_overlapped", losses["delayed"])
+            row.add("gap", (loss - blocking) / blocking)
+            row.add("final_loss_blocking", blocking)
+            row.add("final_loss_overlapped", loss)
 
 
 def _processes_part(
@@ -278,7 +342,8 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
     if options.get("bytes", True):
         _bytes_part(result, peers=peers, steps=steps, batch=batch, h=h, repeats=repeats, tasks=tasks)
     if options.get("gap", True):  # a smoke run compares two peers, not four
-        _gap_part(result, peers=2 if quick else peers, steps=steps, batch=batch, h=h, repeats=repeats)
+        _gap_part(result, peers=2 if quick else peers, steps=steps, batch=batch, h=h, repeats=repeats,
+                  lag=float(options.get("land_lag", 0.25)))
     result.add_ratios(
         match=lambda a, b: a.params.get("part") == b.params.get("part") == "bytes"
         and a.params.get("task") == b.params.get("task")
@@ -331,13 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bytes", action="store_true", help="skip the bytes/loss part")
     parser.add_argument("--outer-steps", type=int, default=None, help="outer steps of the utilization runs")
     parser.add_argument("--no-gap", action="store_true", help="skip the loss_gap_overlapped row")
+    parser.add_argument("--land-lag", type=float, default=0.25,
+                        help="loss_gap rows: an overlapped round lands this share of an inner phase after "
+                             "it starts (default 0.25)")
     parser.add_argument("--proc-inner-steps", type=int, default=None,
                         help="inner steps per outer step of the utilization runs (default 50)")
     args = parser.parse_args(argv)
     opts: dict[str, Any] = {"peers": args.peers, "repeats": args.repeats,
                             "tasks": tuple(t for t in args.tasks.split(",") if t),
                             "processes": not args.no_processes, "bytes": not args.no_bytes,
-                            "gap": not args.no_gap}
+                            "gap": not args.no_gap, "land_lag": args.land_lag}
     if args.proc_inner_steps:
         opts["proc_inner_steps"] = args.proc_inner_steps
     if args.kill_every:

@@ -122,6 +122,45 @@ async def test_a_round_that_lands_late_is_waited_for_at_the_next_boundary(
     assert peers[0].opt.state_digest() == peers[1].opt.state_digest()
 
 
+@pytest.mark.parametrize("early", [True, False])
+async def test_a_round_that_lands_mid_phase_is_applied_at_the_next_inner_step(
+    autojump_clock: trio.testing.MockClock, early: bool
+) -> None:
+    group = LocalGroup()
+    lag = 2.5 * STEP_SECONDS  # the round is done two and a half inner steps into the next phase
+    landed_at: dict[int, list[int]] = {0: [], 1: []}
+    with trio.fail_after(100):
+        async with trio.open_nursery() as bg:
+            peers = [Peer(LateAverager(group.join(f"p{i}"), lag), bg, i, land_early=early) for i in range(2)]
+
+            async def train(p: Peer) -> None:
+                for step in range(1, 3 * H + 1):
+                    x, y = batch(p.i, step)
+                    torch.nn.functional.mse_loss(p.model(x), y).backward()
+                    await trio.sleep(STEP_SECONDS)
+                    report = await p.opt.astep(samples=8.0)
+                    p.opt.zero_grad()
+                    if report is not None:
+                        p.reports.append(report)
+                        landed_at[p.i].append(step)
+                        if step % H:  # mid-phase: the model is the new anchor plus this phase's steps
+                            assert not p.opt.pending
+                    if step % H == 0:
+                        assert p.opt.pending  # a round was started at the boundary
+
+            async with trio.open_nursery() as n:
+                for p in peers:
+                    n.start_soon(train, p)
+            for p in peers:
+                await p.opt.flush()
+    # launched at steps H and 2H, applied three inner steps later (land_early=False: at the
+    # next boundary, a whole phase late)
+    want = [H + 3, 2 * H + 3] if early else [2 * H, 3 * H]
+    assert landed_at[0] == landed_at[1] == want
+    assert all(r.waited == 0 and r.overlapped for r in peers[0].reports)
+    assert peers[0].opt.state_digest() == peers[1].opt.state_digest()
+
+
 async def test_a_peer_dying_during_a_background_round(autojump_clock: trio.testing.MockClock) -> None:
     group = LocalGroup()
     with trio.fail_after(100):

@@ -226,6 +226,7 @@ class DiLoCo(torch.optim.Optimizer):
         min_participants: int = 1,
         overlap: bool | Overlap = False,
         nursery: trio.Nursery | None = None,
+        land_early: bool = True,
     ) -> None:
         if inner_steps < 1:
             raise ConfigError("inner_steps must be at least 1")
@@ -255,6 +256,9 @@ class DiLoCo(torch.optim.Optimizer):
             raise ConfigError("overlap is for mode='diloco'")
         #: where overlapped rounds run (set by Swarm.diloco; pure trio code passes its own)
         self.nursery = nursery
+        #: overlap="delayed": apply a round at the first inner step after it lands, mid-phase,
+        #: instead of at the next phase boundary (the delay is then the round's time, not a phase)
+        self.land_early = land_early
         self._pending: _Round | None = None
         #: overlapped mode: the parameters at the start of this inner phase (anchor's device and
         #: dtype); None means the anchor (the phase started from it, as in blocking mode)
@@ -371,6 +375,8 @@ class DiLoCo(torch.optim.Optimizer):
         if self.mode == "per_step" or self.local_steps + 1 >= self.inner_steps:
             return self.runner(lambda: self.astep(samples))
         self._inner_step(samples)
+        if self._landed():
+            return self.runner(self.flush)  # once per round: the thread hop is paid when it lands
         return None
 
     def finish(self) -> StepReport | None:
@@ -395,10 +401,15 @@ class DiLoCo(torch.optim.Optimizer):
             return await self._per_step(samples)
         self._inner_step(samples)
         if self.local_steps < self.inner_steps:
-            return None
+            return await self.flush() if self._landed() else None
         if self.overlap is not None:
             return await self._overlapped_sync()
         return await self.outer_sync()
+
+    def _landed(self) -> bool:
+        """A delayed round has landed mid-phase and is to be applied now (``land_early``)."""
+        job = self._pending
+        return job is not None and self.land_early and self.overlap == "delayed" and job.done.is_set()
 
     def _inner_step(self, samples: float) -> None:
         self.inner.step()
