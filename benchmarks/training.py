@@ -197,16 +197,24 @@ def _run_processes(
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
     )
     procs: list[subprocess.Popen[str]] = []
+    log_files: list[Any] = []
     try:
         assert boot.stdout is not None
         addr = json.loads(boot.stdout.readline())["addrs"][0]
 
         def spawn(seed: int, steps: int, slot: int) -> subprocess.Popen[str]:
+            logs = os.environ.get("P2PCOMPUTE_BENCH_LOGS")  # a folder: each peer's stderr (INFO) there
+            err: Any = subprocess.DEVNULL
+            if logs:
+                Path(logs).mkdir(parents=True, exist_ok=True)
+                err = open(Path(logs) / f"peer-{seed}.log", "w")  # noqa: SIM115 (closed below)
+                log_files.append(err)
             p = subprocess.Popen(
                 placed(slot, [sys.executable, str(ROOT / "examples" / "train.py"), "--json",
                               "--bootstrap", addr, "--outer-steps", str(steps), "--inner-steps", str(inner),
                               "--group-size", str(peers), "--data-seed", str(seed), *(extra or [])]),
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+                stdout=subprocess.PIPE, stderr=err, text=True,
+                env={**_env(), "P2PCOMPUTE_LOG": "INFO"} if logs else _env(),
             )
             procs.append(p)
             return p
@@ -250,6 +258,8 @@ def _run_processes(
             if p.poll() is None:
                 p.kill()
             p.wait()
+        for f in log_files:
+            f.close()
         boot.send_signal(signal.SIGINT)
         try:
             boot.wait(10)
