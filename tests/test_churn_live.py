@@ -1,0 +1,95 @@
+"""Matchmaking under churn on real nodes (127.0.0.1, one process): a partner that leaves cleanly
+says so, and one whose connection closes is forgotten at once; the others form without it
+instead of waiting out ``patience`` (here 20 s, so waiting it out fails the bounds below).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+import torch
+import trio
+
+from p2pcompute.collective import Collective, Timeouts, open_collective, tensors_layout
+from p2pcompute.collective.matchcore import Formed
+from p2pcompute.overlay import Node, open_node
+from p2pcompute.overlay.host import to_peer_id
+from p2pcompute.tensors import open_lane
+from tests.conftest import TEST_CAPACITY
+
+GUARD = 120  # absolute guard against hangs (not a speed bound)
+OPTS: dict[str, Any] = {"capacity": TEST_CAPACITY}
+LAYOUT = tensors_layout([torch.zeros(4)])
+
+
+async def _peer(stack: contextlib.AsyncExitStack, boot: Node) -> tuple[Node, Collective]:
+    node = await stack.enter_async_context(open_node(bootstrap=boot.addrs, **OPTS))
+    lane = await stack.enter_async_context(open_lane(node))
+    coll = await stack.enter_async_context(open_collective(node, lane, timeouts=Timeouts(), settle=0.3))
+    return node, coll
+
+
+async def _pair_forms(b: Collective, c: Collective, key: str, expected: dict[Collective, set[str]]) -> float:
+    """B and C match ``key`` expecting ``expected``; both must form {B, C}; the seconds it took."""
+    results: dict[str, Any] = {}
+    start = trio.current_time()
+
+    async def one(coll: Collective) -> None:
+        results[coll.peer_id] = await coll.form_group(
+            "run", key, layout=LAYOUT, target=8, min_size=2, timeout=40.0, patience=20.0,
+            expected=expected[coll],
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, b)
+        nursery.start_soon(one, c)
+    for r in results.values():
+        assert isinstance(r, Formed), r
+        assert {m.peer_id for m in r.members} == {b.peer_id, c.peer_id}
+    return trio.current_time() - start
+
+
+async def _doomed_peer(boot: Node, die: trio.Event, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """A peer that lives (in its own task, which owns its node) until ``die`` is set.
+
+    A killed process's connections close with it (the kernel resets them); a node closed in
+    this process may leave its sockets open, so it drops its connections first, as death would.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        node, coll = await _peer(stack, boot)
+        task_status.started((node, coll))
+        await die.wait()
+        for peer in node.connected_peers():
+            await node.host.disconnect(to_peer_id(peer))
+
+
+@pytest.mark.slow
+async def test_partners_that_leave_or_die_are_not_waited_for() -> None:
+    with trio.fail_after(GUARD):
+        async with open_node(role="bootstrap", **OPTS) as boot, contextlib.AsyncExitStack() as stack:
+            (nb, b), (nc, c), (na, a) = [await _peer(stack, boot) for _ in range(3)]
+            async with trio.open_nursery() as nursery:
+                die = trio.Event()
+                nd, d = await nursery.start(_doomed_peer, boot, die)
+                for node in (nb, nc, na, nd):
+                    await node.wait_for_peers(4, timeout=60)
+                    for other in (nb, nc, na, nd):
+                        if other is not node and other.peer_id not in node.connected_peers():
+                            await node.connect(other.addrs[0], timeout=20)
+
+                # A leaves cleanly: it tells B and C, who then match without waiting for it
+                assert await a.announce("run", [b.peer_id, c.peer_id], "leave") == 2
+                assert a.peer_id in b.noted("run", "leave")
+                expect = {b: {a.peer_id, c.peer_id}, c: {a.peer_id, b.peer_id}}
+                assert await _pair_forms(b, c, "round-1", expect) < 10.0
+
+                # D dies (its node closes) while B and C wait for it: forgotten on the disconnect
+                async def kill_d() -> None:
+                    await trio.sleep(1.0)
+                    die.set()
+
+                expect = {b: {d.peer_id, c.peer_id}, c: {d.peer_id, b.peer_id}}
+                nursery.start_soon(kill_d)
+                assert await _pair_forms(b, c, "round-2", expect) < 10.0
