@@ -93,3 +93,53 @@ async def test_partners_that_leave_or_die_are_not_waited_for() -> None:
                 expect = {b: {d.peer_id, c.peer_id}, c: {d.peer_id, b.peer_id}}
                 nursery.start_soon(kill_d)
                 assert await _pair_forms(b, c, "round-2", expect) < 10.0
+
+
+@pytest.mark.slow
+def test_a_swarm_that_closes_tells_its_partner_which_does_not_wait_for_it() -> None:
+    """Two trainers average one round; A closes (its ``with`` ends); B's next outer step does not
+    wait for A (before: patience, then the whole matchmaking timeout, 20 s here)."""
+    import threading
+    import time
+
+    from p2pcompute.training.swarm import Swarm
+
+    def train(swarm: Swarm, steps: int, out: list[Any]) -> None:
+        try:
+            torch.manual_seed(0)
+            model = torch.nn.Linear(4, 1)
+            opt = swarm.diloco(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_steps=2, join=False)
+            for _ in range(steps):
+                model(torch.ones(3, 4)).sum().backward()
+                if (report := opt.step()) is not None:
+                    out.append(report)
+                opt.zero_grad()
+            out.append(opt)
+        except BaseException as exc:
+            out.append(exc)
+
+    with Swarm(network=True, advertise=True, role="bootstrap", advert_interval=1.0) as boot:
+        common = {"bootstrap": boot.addrs, "patience": 10.0, "matchmaking_timeout": 20.0,
+                  "advert_interval": 1.0}
+        with Swarm(**common) as b:
+            got_a: list[Any] = []
+            got_b: list[Any] = []
+            with Swarm(**common) as a:
+                a.wait_for_peers(1, timeout=30)
+                b.wait_for_peers(1, timeout=30)
+                t = threading.Thread(target=train, args=(a, 2, got_a))
+                t.start()
+                train(b, 2, got_b)
+                t.join(60)
+                assert len(got_a[0].participants) == 2, got_a
+                assert len(got_b[0].participants) == 2, got_b
+            # A's with block ended: it said it was leaving
+            opt = got_b[-1]
+            start = time.monotonic()
+            for _ in range(2):
+                for p in opt.params:
+                    p.grad = torch.ones_like(p)
+                report = opt.step()
+            assert report is not None
+            assert report.solo
+            assert time.monotonic() - start < 5.0, report

@@ -519,10 +519,15 @@ class Swarm:
             self._partners.pop(p, None)
 
     async def _peer_ids(self) -> list[str]:
+        """The other live peers, less those that told us they left our run (not asked for state)."""
         await trio.lowlevel.checkpoint()
         if self.node is None:
             return []
-        return [r.peer_id for r in self.node.peers.alive() if r.role == "peer" and r.peer_id != self.peer_id]
+        left = self.collective.noted(getattr(self.averager, "run", ""), "leave") if self.collective else set()
+        return [
+            r.peer_id for r in self.node.peers.alive()
+            if r.role == "peer" and r.peer_id != self.peer_id and r.peer_id not in left
+        ]
 
     # -- training ---------------------------------------------------------------------------
 
@@ -638,7 +643,10 @@ class Swarm:
         mine = opt.state_digest()
         same = all(d == mine for _, d in offers.values())
         if newest < opt.outer_step or (newest == opt.outer_step and same):
-            return  # we are as new as anyone (peers starting together from one seed, or a resume)
+            # we are as new as anyone (peers starting together from one seed, or a resume): say
+            # so, which also undoes a "leave" of ours they remember (a restart with the same key)
+            await self._announce("join")
+            return
         # Wait for the swarm's next outer step, then take the state it publishes right after.
         # (Polling peers: their progress is remote state, there is no local event to wait on.)
         with trio.move_on_after(timeout):
