@@ -80,7 +80,7 @@ async def test_partners_that_leave_or_die_are_not_waited_for() -> None:
                             await node.connect(other.addrs[0], timeout=20)
 
                 # A leaves cleanly: it tells B and C, who then match without waiting for it
-                assert await a.announce("run", [b.peer_id, c.peer_id], "leave") == 2
+                assert await a.announce("run", [b.peer_id, c.peer_id], "leave", timeout=20.0) == 2
                 assert a.peer_id in b.noted("run", "leave")
                 expect = {b: {a.peer_id, c.peer_id}, c: {a.peer_id, b.peer_id}}
                 assert await _pair_forms(b, c, "round-1", expect) < 10.0

@@ -389,7 +389,7 @@ class Swarm:
             await self._announce("leave")  # partners stop expecting us now, not at a timeout
 
     async def _announce(self, state: str) -> None:
-        """Tell our run's partners we joined (we hold the state) or are leaving; at most 1 s."""
+        """Tell our run's partners we joined (we hold the state) or are leaving; at most 2 s."""
         if not isinstance(self.averager, CollectiveAverager) or self.node is None:
             return
         run = self.averager.run
@@ -398,7 +398,7 @@ class Swarm:
         if not peers:
             return
         with trio.CancelScope(shield=True):  # a close is a cancellation: the note goes out first
-            took = await self.collective.announce(run, peers, state, timeout=1.0)
+            took = await self.collective.announce(run, peers, state, timeout=2.0)
         log.info("told %d of %d partner(s) we %s run %r", took, len(peers),
                  "are leaving" if state == "leave" else "joined", self.run_name)
 
