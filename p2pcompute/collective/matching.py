@@ -392,14 +392,15 @@ class Matchmaker:
             self.forget(peer, run=run)
         return PRESENCE_ACK.build(ok=True)
 
-    def noted(self, run: str, state: str) -> set[str]:
-        """Peers whose last presence note for ``run`` was ``state`` ("join" or "leave").
+    def noted(self, run: str, state: str) -> dict[str, float]:
+        """Peers whose last presence note for ``run`` was ``state`` ("join" or "leave"), with
+        the (trio) time it came.
 
         Example::
 
-            gone = mm.noted("run/abc", "leave")
+            gone = set(mm.noted("run/abc", "leave"))
         """
-        return {p for (r, p), (st, _) in self.presence.items() if r == run and st == state}
+        return {p: t for (r, p), (st, t) in self.presence.items() if r == run and st == state}
 
     def forget(self, peer: str, *, run: str | None = None) -> None:
         """``peer`` is gone (left, or its connection closed): no match in progress waits for it.
@@ -518,7 +519,7 @@ class Matchmaker:
         if not (math.isfinite(weight) and weight >= 0):
             raise ConfigError("weight must be finite and >= 0")
         if expected is not None and not isinstance(expected, int):
-            expected = set(expected) - self.noted(run, "leave")  # a partner that left is not coming
+            expected = set(expected) - set(self.noted(run, "leave"))  # a partner that left is not coming
         if len(layout) != 32:
             raise ConfigError("layout must be a 32-byte digest (see tensors_layout)")
         key = (run, round_key)

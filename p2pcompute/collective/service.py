@@ -287,8 +287,9 @@ class Collective:
         """
         return await self.matchmaker.announce(run, peers, state, timeout=timeout)
 
-    def noted(self, run: str, state: str) -> set[str]:
-        """Peers whose last presence note for ``run`` was ``state`` (``"join"`` or ``"leave"``).
+    def noted(self, run: str, state: str) -> dict[str, float]:
+        """Peers whose last presence note for ``run`` was ``state`` (``"join"`` or ``"leave"``),
+        with the (trio) time each came.
 
         Example::
 

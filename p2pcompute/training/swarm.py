@@ -292,6 +292,7 @@ class Swarm:
         self._closed = False
         self._tags: dict[str, str] = {}
         self._partners: dict[str, float] = {}  # peer id -> when it last served our run's state
+        self._joins_taken: dict[str, float] = {}  # peer id -> its join note taken into _partners
         self._obs: tuple[Any, Any] | None = None  # (Observer, its registry), made on first use
         self.progress: ProgressFn | None = None
         self._nursery: trio.Nursery | None = None  # background rounds of overlapped DiLoCo
@@ -495,9 +496,11 @@ class Swarm:
         def fresh() -> set[str]:
             now = time.monotonic()
             run = getattr(self.averager, "run", "")
-            for p in self.collective.noted(run, "join"):  # a joiner that has the state
-                self._partners.setdefault(p, now)
-            left = self.collective.noted(run, "leave")
+            for p, noted_at in self.collective.noted(run, "join").items():
+                if self._joins_taken.get(p) != noted_at:  # a joiner that has the state (each note
+                    self._joins_taken[p] = noted_at  # once: a round may drop it again, below)
+                    self._partners[p] = now
+            left = set(self.collective.noted(run, "leave"))
             return {
                 p for p, seen in self._partners.items()
                 if now - seen < PARTNER_TTL and p in alive and p in connected and p not in left
@@ -523,7 +526,7 @@ class Swarm:
         await trio.lowlevel.checkpoint()
         if self.node is None:
             return []
-        left = self.collective.noted(getattr(self.averager, "run", ""), "leave") if self.collective else set()
+        left = self.collective.noted(getattr(self.averager, "run", ""), "leave") if self.collective else {}
         return [
             r.peer_id for r in self.node.peers.alive()
             if r.role == "peer" and r.peer_id != self.peer_id and r.peer_id not in left
