@@ -1,6 +1,6 @@
 """Matchmaking under churn on real nodes (127.0.0.1, one process): a partner that leaves cleanly
 says so, and one whose connection closes is forgotten at once; the others form without it
-instead of waiting out ``patience`` (here 20 s, so waiting it out fails the bounds below).
+instead of waiting out ``patience`` (here 60 s; the bounds below, 30 s, leave room for a loaded machine).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from p2pcompute.overlay.host import to_peer_id
 from p2pcompute.tensors import open_lane
 from tests.conftest import TEST_CAPACITY
 
-GUARD = 120  # absolute guard against hangs (not a speed bound)
+GUARD = 240  # absolute guard against hangs (not a speed bound)
 OPTS: dict[str, Any] = {"capacity": TEST_CAPACITY}
 LAYOUT = tensors_layout([torch.zeros(4)])
 
@@ -38,7 +38,7 @@ async def _pair_forms(b: Collective, c: Collective, key: str, expected: dict[Col
 
     async def one(coll: Collective) -> None:
         results[coll.peer_id] = await coll.form_group(
-            "run", key, layout=LAYOUT, target=8, min_size=2, timeout=40.0, patience=20.0,
+            "run", key, layout=LAYOUT, target=8, min_size=2, timeout=90.0, patience=60.0,
             expected=expected[coll],
         )
 
@@ -83,7 +83,7 @@ async def test_partners_that_leave_or_die_are_not_waited_for() -> None:
                 assert await a.announce("run", [b.peer_id, c.peer_id], "leave", timeout=20.0) == 2
                 assert a.peer_id in b.noted("run", "leave")
                 expect = {b: {a.peer_id, c.peer_id}, c: {a.peer_id, b.peer_id}}
-                assert await _pair_forms(b, c, "round-1", expect) < 10.0
+                assert await _pair_forms(b, c, "round-1", expect) < 30.0
 
                 # D dies (its node closes) while B and C wait for it: forgotten on the disconnect
                 async def kill_d() -> None:
@@ -92,7 +92,7 @@ async def test_partners_that_leave_or_die_are_not_waited_for() -> None:
 
                 expect = {b: {d.peer_id, c.peer_id}, c: {d.peer_id, b.peer_id}}
                 nursery.start_soon(kill_d)
-                assert await _pair_forms(b, c, "round-2", expect) < 10.0
+                assert await _pair_forms(b, c, "round-2", expect) < 30.0
 
 
 @pytest.mark.slow
