@@ -158,6 +158,13 @@ class CollectiveAverager:
         )
         if self.forget is not None and result.excluded:
             self.forget(tuple(result.excluded))
+        if self.forget is not None and result.ok and expected is not None and not isinstance(expected, int):
+            # an expected partner that did not come (slow, paused, still catching up) costs one
+            # patience, not one per round: it is expected again once it averages with us or
+            # says it joined
+            missing = set(expected) - set(result.participants)
+            if missing:
+                self.forget(tuple(sorted(missing)))
         after = self.lane.statistics()
         sent = after.bytes_sent - before.bytes_sent
         received = after.bytes_received - before.bytes_received
