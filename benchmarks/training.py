@@ -22,7 +22,9 @@ Part 2 (``utilization`` rows), real processes on 127.0.0.1: a bootstrap node and
 ``--peers`` processes run ``examples/train.py``; utilization is a surviving peer's time in
 local steps divided by its training-loop wall time (the last round's landing included),
 blocking (``utilization_blocking``) and overlapped (``utilization_overlapped``), without faults
-and with one peer killed (SIGKILL) and replaced every ``--kill-every`` outer steps (``_kill``).
+and with one peer killed (SIGKILL) and replaced every ``--kill-every`` outer steps (``_kill``; a
+replacement is killed only once it has averaged with the others, so a slow process start delays
+the next kill instead of turning the row into a measure of start-up).
 Skipped with ``--no-processes``.
 
     python -m benchmarks.training [--quick] [--out results/]
@@ -233,7 +235,9 @@ def _processes_part(
             row.add("utilization", done["compute_seconds"] / done["loop_seconds"])
             row.add("loop_seconds", done["loop_seconds"])
             row.add("sync_seconds", done["sync_seconds"])
-            row.notes.append(f"peer killed {done['kills']} time(s); rounds' peers {done['participants']}; "
+            row.notes.append(f"peer killed {done['kills']} time(s) (a replacement once it averaged with the "
+                             f"others; rounds each replacement averaged in {done['replacement_rounds']}); "
+                             f"rounds' peers {done['participants']}; "
                              f"compute waited (s) {done['waited']}")
 
 
@@ -261,16 +265,24 @@ def _run_processes(
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
     )
     procs: list[subprocess.Popen[str]] = []
+    log_files: list[Any] = []
     try:
         assert boot.stdout is not None
         addr = json.loads(boot.stdout.readline())["addrs"][0]
 
         def spawn(seed: int, steps: int, slot: int) -> subprocess.Popen[str]:
+            logs = os.environ.get("P2PCOMPUTE_BENCH_LOGS")  # a folder: each peer's stderr (INFO) there
+            err: Any = subprocess.DEVNULL
+            if logs:
+                Path(logs).mkdir(parents=True, exist_ok=True)
+                err = open(Path(logs) / f"peer-{seed}.log", "w")  # noqa: SIM115 (closed below)
+                log_files.append(err)
             p = subprocess.Popen(
                 placed(slot, [sys.executable, str(ROOT / "examples" / "train.py"), "--json",
                               "--bootstrap", addr, "--outer-steps", str(steps), "--inner-steps", str(inner),
                               "--group-size", str(peers), "--data-seed", str(seed), *(extra or [])]),
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+                stdout=subprocess.PIPE, stderr=err, text=True,
+                env={**_env(), "P2PCOMPUTE_LOG": "INFO"} if logs else _env(),
             )
             procs.append(p)
             return p
@@ -279,6 +291,18 @@ def _run_processes(
         for i in range(2, peers):
             spawn(i, outer, i)
         victim = spawn(peers, outer, peers) if peers > 1 else None
+
+        def follow(p: subprocess.Popen[str] | None) -> list[str]:
+            out: list[str] = []
+            if p is not None and p.stdout is not None:
+                threading.Thread(target=lambda: out.extend(iter(p.stdout.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+            return out
+
+        def joint_rounds(out: list[str]) -> int:  # rounds a peer averaged with others
+            return sum(1 for x in list(out) if '"outer"' in x and len(json.loads(x)["participants"]) > 1)
+
+        victim_lines = follow(victim)
+        replacements: list[list[str]] = []
         kills = 0
         done: dict[str, Any] = {}
         deadline = time.monotonic() + timeout
@@ -290,12 +314,17 @@ def _run_processes(
             time.sleep(0.2)
             steps = [json.loads(x)["step"] for x in list(lines) if '"outer"' in x]
             step = max(steps, default=0)
-            if kill_every and victim is not None and step - last_kill >= kill_every and step < outer - 1:
+            # a replacement is killed only once it has averaged with the others: killing it while
+            # its process starts would measure process start-up, not churn
+            due = step - last_kill >= kill_every and step < outer - 1
+            if kill_every and victim is not None and due and (kills == 0 or joint_rounds(victim_lines)):
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
                 kills += 1
                 last_kill = step
                 victim = spawn(100 + kills, outer, peers)
+                victim_lines = follow(victim)
+                replacements.append(victim_lines)
         if watched.poll() is None:
             raise TimeoutError(f"peer did not finish within {timeout} s")
         reader.join(5)
@@ -304,6 +333,7 @@ def _run_processes(
             if msg.get("event") == "done":
                 done = msg
         done["kills"] = kills
+        done["replacement_rounds"] = [joint_rounds(r) for r in replacements]
         outers = [json.loads(x) for x in lines if '"outer"' in x]
         done["participants"] = [len(o["participants"]) for o in outers]
         done["waited"] = [o.get("waited") for o in outers]
@@ -314,6 +344,8 @@ def _run_processes(
             if p.poll() is None:
                 p.kill()
             p.wait()
+        for f in log_files:
+            f.close()
         boot.send_signal(signal.SIGINT)
         try:
             boot.wait(10)

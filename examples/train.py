@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 
@@ -53,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", action="store_true",
                         help="average each outer step in the background while the next inner phase runs")
     args = parser.parse_args(argv)
+    if os.environ.get("P2PCOMPUTE_LOG"):  # e.g. INFO: the benchmark keeps each peer's log
+        logging.basicConfig(level=os.environ["P2PCOMPUTE_LOG"].upper(), stream=sys.stderr,
+                            format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s",
+                            datefmt="%H:%M:%S")
     try:
         return train(args)
     except KeyboardInterrupt:

@@ -130,6 +130,15 @@ class Swarm:
         self.timers: dict[str, set[float]] = {}
         self.expected: int | None = None  # passed to every core (peers the caller knows will come)
         self.formed_at: dict[str, float] = {}
+        self.paused: dict[str, tuple[float, float]] = {}  # peer -> (from, until): SIGSTOP
+
+    def awake(self, pid: str, fn: Callable[[], None]) -> bool:
+        """False (and ``fn`` put off until it wakes) while ``pid`` is paused."""
+        start, until = self.paused.get(pid, (0.0, 0.0))
+        if start <= self.now < until:
+            self.at(until, fn)
+            return False
+        return True
 
     def at(self, t: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self.queue, (t, next(self.seq), fn))
@@ -153,11 +162,14 @@ class Swarm:
 
     def deliver_advert(self, to: str, cand: Candidate) -> Callable[[], None]:
         def fn() -> None:
-            self.cores[to].add_candidate(cand, self.now)
-            self.step(to)
+            if self.awake(to, fn):
+                self.cores[to].add_candidate(cand, self.now)
+                self.step(to)
         return fn
 
     def step(self, pid: str) -> None:
+        if not self.awake(pid, lambda: self.step(pid)):
+            return
         core = self.cores[pid]
         for action in core.poll(self.now):
             if isinstance(action, SendHello):
@@ -178,7 +190,7 @@ class Swarm:
     def hello(self, frm: str, to: str, digest: str, seq: int, view: list[Candidate]) -> Callable[[], None]:
         def fn() -> None:
             core = self.cores.get(to)
-            if core is None:
+            if core is None or not self.awake(to, fn):
                 return
             for c in view:
                 core.add_candidate(c, self.now)
@@ -189,8 +201,10 @@ class Swarm:
 
             def answer() -> None:
                 sender = self.cores[frm]
+                if not self.awake(frm, answer):
+                    return
                 if state == "busy":
-                    sender.exclude(to, self.now)
+                    sender.on_busy(to, self.now)
                 else:
                     for c in my_view:
                         sender.add_candidate(c, self.now)
@@ -201,11 +215,15 @@ class Swarm:
 
     def ready(self, frm: str, to: str, digest: str) -> Callable[[], None]:
         def fn() -> None:
+            if not self.awake(to, fn):
+                return
             ok = self.cores[to].on_ready(frm, digest, self.now)
             committed = ok and self.cores[to].committed(digest)
             self.step(to)
 
             def answer() -> None:
+                if not self.awake(frm, answer):
+                    return
                 if not ok:
                     self.cores[frm].on_ready_refused(to, self.now)
                 elif committed:
@@ -224,9 +242,9 @@ class Swarm:
             assert steps < 200_000, "simulation does not settle"
 
 
-def check_consistent(swarm: Swarm) -> None:
+def check_consistent(swarm: Swarm, ignore: frozenset[str] = frozenset()) -> None:
     """Formed groups never overlap partially: two formed peers share a group or nothing."""
-    formed = {p: r for p, r in swarm.results.items() if isinstance(r, Formed)}
+    formed = {p: r for p, r in swarm.results.items() if isinstance(r, Formed) and p not in ignore}
     for p, r in formed.items():
         members = tuple(c.peer_id for c in r.members)
         assert p in members
@@ -374,3 +392,104 @@ def test_an_expected_peer_that_never_comes_costs_patience_only() -> None:
     a2.add_candidate(Candidate("b", 1, 1, 100), 0.1)
     (hello,) = a2.poll(0.6)  # everyone expected is here: settled (0.5 s) is enough
     assert isinstance(hello, SendHello)
+
+
+# -- churn: dead, leaving, paused and late peers (issue 16)
+
+
+def core_ab(**kw: object) -> MatchCore:
+    return MatchCore(Candidate("a", 1, 1, 100), run="r", round_key="k", target=8, min_size=2, now=0,
+                     deadline=30, patience=3.0, **kw)  # type: ignore[arg-type]
+
+
+def test_an_expected_partner_that_dies_or_leaves_is_not_waited_for() -> None:
+    """Expected by id: once the dead partner is forgotten (its connection closed, or it said it
+    was leaving) the others form after the settle window, not after patience."""
+    a = core_ab(expected={"b", "c"})
+    a.add_candidate(Candidate("b", 1, 1, 100), 0.1)
+    assert a.poll(1.0) == []  # c is expected and not here: wait (up to patience)
+    a.forget("c", 1.2)
+    (hello,) = a.poll(1.2)
+    assert isinstance(hello, SendHello)
+    assert set(hello.members) == {"a", "b"}
+    # by count (the older form) forgetting lowers the count the same way
+    a2 = core_ab(expected=2)
+    a2.add_candidate(Candidate("b", 1, 1, 100), 0.1)
+    assert a2.poll(1.0) == []
+    a2.forget("c", 1.2)
+    assert isinstance(a2.poll(1.2)[0], SendHello)
+    # a forgotten candidate that was in the view leaves it
+    a3 = core_ab(expected={"b", "c"})
+    for p in "bc":
+        a3.add_candidate(Candidate(p, 1, 1, 100), 0.1)
+    a3.forget("b", 0.2)
+    assert a3.view(0.7) == ["a", "c"]
+    assert a3.add_candidate(Candidate("b", 1, 1, 200), 0.8) is False
+
+
+def test_a_round_that_closed_without_us_ends_at_once_not_at_the_deadline() -> None:
+    """A joiner late for its round hears ``busy`` from everyone: no group now, not in 30 s."""
+    a = core_ab()
+    a.add_candidate(Candidate("b", 1, 1, 100), 0.1)
+    a.add_candidate(Candidate("c", 1, 1, 100), 0.1)
+    a.on_busy("b", 0.2)
+    assert a.poll(0.2) == []  # c may still be forming with us
+    a.on_busy("c", 0.3)
+    (result,) = a.poll(0.3)
+    assert isinstance(result, NoGroup)
+    assert "closed without us" in result.reason
+    # an expected partner not heard from yet keeps the round open
+    b = core_ab(expected={"c", "d"})
+    b.add_candidate(Candidate("c", 1, 1, 100), 0.1)
+    b.on_busy("c", 0.2)
+    assert b.poll(0.2) == []
+    b.forget("d", 0.4)
+    assert isinstance(b.poll(0.4)[0], NoGroup)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), pause_at=st.floats(0.0, 1.0), known=st.booleans())
+def test_a_peer_paused_during_matchmaking_is_dropped_and_the_others_form(
+    seed: int, pause_at: float, known: bool
+) -> None:
+    """The SIGSTOP case: p2 stops for 8 s mid-matchmaking. p0 and p1 form one group (with p2 when
+    it got far enough before the pause, else without it) within a hello timeout (3 s) of their
+    proposal, never at the deadline (20 s).
+
+    What p2 itself ends with is not checked: readies it reads on waking were sent before the
+    others gave up on it, so it may believe in a group they left (its all-reduce then fails and
+    it re-syncs), and its own timers may fire before it reads them (the driver then asks the
+    others again and learns the round closed, see the next test)."""
+    rng = random.Random(seed)
+    swarm = Swarm(rng, max_delay=0.2, target=8, min_size=2)
+    if known:
+        swarm.expected = 2
+    for i in range(3):
+        swarm.join(f"p{i}", t=rng.uniform(0, 0.1))
+    swarm.paused["p2"] = (pause_at, pause_at + 8.0)
+    swarm.run()
+    check_consistent(swarm, ignore=frozenset({"p2"}))
+    r0, r1 = swarm.results.get("p0"), swarm.results.get("p1")
+    assert isinstance(r0, Formed), r0
+    assert isinstance(r1, Formed), r1
+    if {c.peer_id for c in r0.members} == {"p0", "p1"}:
+        assert max(swarm.formed_at["p0"], swarm.formed_at["p1"]) < (4.5 if known else 14.0)
+
+
+def test_a_peer_that_wakes_to_find_everyone_gone_learns_the_round_closed() -> None:
+    """Woken from a pause, p2's timers dropped p0 and p1 (silent to it) before it read anything;
+    asking them again (the driver pulls from dropped peers once the view is empty) brings
+    ``busy``: the round closed, no group at once rather than at the deadline."""
+    a = core_ab()
+    for p in "bc":
+        a.add_candidate(Candidate(p, 1, 1, 100), 0.1)
+    (hello,) = a.poll(3.0)  # patience over: propose the three of us
+    assert isinstance(hello, SendHello)
+    assert a.poll(9.0) == []  # woken: silent members dropped, nobody left
+    assert a.view(9.0) == ["a"]
+    assert a.silent() == {"b", "c"}
+    assert a.poll(9.05) == []  # nothing heard yet: they may come back to us
+    a.on_busy("b", 9.1)  # b went on without us (c, silent, is no reason to hold on)
+    (result,) = a.poll(9.1)
+    assert isinstance(result, NoGroup)
+    assert "closed without us" in result.reason

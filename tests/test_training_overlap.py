@@ -333,3 +333,57 @@ def test_two_swarms_overlap_for_real_and_close_with_a_round_in_flight() -> None:
     assert [t.name for t in threading.enumerate() if t.name.startswith("p2pcompute-swarm")] == []
     assert pa.outer_step == pb.outer_step == 3
     assert pa.state_digest() == pb.state_digest()
+
+
+class RecordingAverager:
+    """Notes (trio time, round id) of every round this peer starts."""
+
+    def __init__(self, inner: Averager) -> None:
+        self.inner = inner
+        self.started: list[tuple[float, int]] = []
+
+    @property
+    def peer_id(self) -> str:
+        return self.inner.peer_id
+
+    async def average(self, tensors: Sequence[torch.Tensor], **kw: Any) -> AveragingOutcome:
+        self.started.append((trio.current_time(), kw["round_id"]))
+        return await self.inner.average(tensors, **kw)
+
+
+async def test_a_joiner_enters_its_round_before_fetching_the_state_after_the_last_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The fetch of the state after the round in flight when it joined (a poll, a download) may
+    take longer than the others' matchmaking window: the joiner's round starts first, so it is
+    matched with them however long the fetch takes (issue 16: it lost 30 s, then a phase)."""
+    group = LocalGroup()
+    fetch = 0.3  # seconds the joiner's catch-up takes after the state is out (under a phase, 0.5 s)
+    with trio.fail_after(100):
+        async with trio.open_nursery() as bg:
+            peers = [Peer(group.join(f"p{i}"), bg, i) for i in range(2)]
+            await run_all(peers, 2 * H)
+            await trio.testing.wait_all_tasks_blocked()
+            recorder = RecordingAverager(group.join("p2"))
+            joiner = Peer(recorder, bg, 2)  # type: ignore[arg-type]
+            joiner.opt.load_state(peers[0].opt.export_state())
+            fetched_at: list[float] = []
+
+            async def catch_up(step: int) -> TrainingState:
+                while peers[0].opt.outer_step < step:
+                    await trio.sleep(0.05)
+                await trio.sleep(fetch)
+                fetched_at.append(trio.current_time())
+                return peers[0].opt.export_state()
+
+            joiner.opt.catch_up = catch_up
+            async with trio.open_nursery() as n:
+                n.start_soon(run_all, peers, 2 * H)
+                n.start_soon(joiner.train, 2 * H)
+            for p in [*peers, joiner]:
+                await p.opt.flush()
+    first_time, first_round = recorder.started[0]
+    assert first_round == 2  # the swarm's round after the one in flight when it joined
+    assert first_time < fetched_at[0] - fetch  # started before the fetch, not after it
+    assert peers[0].reports[2].participants == ("p0", "p1", "p2")
+    assert len({p.opt.state_digest() for p in [*peers, joiner]}) == 1

@@ -38,7 +38,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from p2pcompute.errors import ConfigError, LocalProtocolError
@@ -163,9 +163,10 @@ class MatchCore:
     deadline: float
     settle: float = 0.5
     patience: float | None = None  # how long to wait for a full group (default: half the time left)
-    #: how many other peers the caller knows will come (its live partners): once the view holds
-    #: them all, the group counts as full and patience is not waited out
-    expected: int | None = None
+    #: the other peers the caller knows will come (its live partners that are ready for this
+    #: round), as their ids or just their number: once the view holds them all, the group counts
+    #: as full and patience is not waited out. One that leaves or dies is :meth:`forget`-ten.
+    expected: int | Collection[str] | None = None
     hello_timeout: float = 3.0
     max_candidates: int = 256
     state: MatchState = MatchState.GATHERING
@@ -193,6 +194,12 @@ class MatchCore:
         self._vote_seq: dict[str, int] = {}
         self.readies: set[str] = set()
         self._locked_at = 0.0
+        #: the expected peers by id (None: only a count, or nobody, is expected)
+        self.expected_ids: set[str] | None = None
+        if self.expected is not None and not isinstance(self.expected, int):
+            self.expected_ids = set(self.expected) - {self.me.peer_id}
+        #: peers that answered ``busy``: they formed (or gave up) this round without us
+        self.busy: set[str] = set()
 
     # -- view
     def view(self, now: float) -> list[str]:
@@ -227,6 +234,44 @@ class MatchCore:
         self.votes.pop(peer, None)
         if peer in self.candidates:
             self._changed_at = now
+
+    def forget(self, peer: str, now: float) -> None:
+        """``peer`` left or died (it said so, or its connection closed): never wait for it again.
+
+        It leaves the view and stops counting as expected, so a group of the others forms at
+        once instead of after ``patience`` or a hello timeout.
+        """
+        if peer == self.me.peer_id:
+            return
+        if self.expected_ids is not None:
+            self.expected_ids.discard(peer)
+        elif isinstance(self.expected, int) and peer not in self.excluded and self.expected > 0:
+            self.expected -= 1
+        settled_since = self._changed_at
+        self.exclude(peer, now)
+        self._changed_at = settled_since  # a peer gone is nothing new to wait and see about
+
+    def on_busy(self, peer: str, now: float) -> None:
+        """``peer`` answered ``busy``: it has formed (or given up) this round without us."""
+        if peer == self.me.peer_id:
+            return
+        self.busy.add(peer)
+        self.exclude(peer, now)
+
+    def silent(self) -> set[str]:
+        """Peers dropped for silence (no answer in time), not known to have moved on.
+
+        Once the view is only us, the driver asks them again: a ``busy`` answer tells us the
+        round closed (a peer woken from a pause otherwise waits out the deadline).
+        """
+        return self.excluded - self.busy
+
+    def _everyone_here(self, now: float) -> bool:
+        """Every peer the caller expects is in the view (or known not to come)."""
+        if self.expected_ids is not None:
+            view = set(self.view(now))
+            return all(p in view or p in self.excluded for p in self.expected_ids)
+        return isinstance(self.expected, int) and len(self.view(now)) > self.expected
 
     def on_vote(self, peer: str, digest: str, seq: int, now: float) -> None:
         """``peer`` told us (in a hello or an answer) which group it proposes as of its ``seq``."""
@@ -300,10 +345,16 @@ class MatchCore:
             waited = now >= self._proposed_at + self.hello_timeout
             for m in [m for m in others if waited and m not in self.votes]:
                 self.exclude(m, now)
+        if self.busy and self.view(now) == [self.me.peer_id] and not self._expected_missing(now):
+            # every peer we heard of has closed this round without us: waiting for the deadline
+            # only delays our next round (a late joiner re-syncs and joins that one)
+            self.state = MatchState.NO_GROUP
+            self.result = NoGroup(f"the round closed without us ({len(self.busy)} peer(s) formed or gave up)")
+            return [*out, self.result]
         group = self.my_group(now)
         settled = now >= self._changed_at + self.settle
         if self.state is MatchState.GATHERING:
-            everyone = self.expected is not None and len(self.view(now)) > self.expected
+            everyone = self._everyone_here(now)
             if group and settled and (len(group) >= self.target or everyone or now >= self._full_by):
                 out += self._propose(group, now)
         elif group != self.proposal:
@@ -324,6 +375,13 @@ class MatchCore:
                 self.result = Formed(self.digest, tuple(self.candidates[m] for m in self.proposal))
                 out.append(self.result)
         return out
+
+    def _expected_missing(self, now: float) -> bool:
+        """An expected peer we have not heard from yet (it may still come)."""
+        if self.expected_ids is None:
+            return False
+        view = set(self.view(now))
+        return any(p not in view and p not in self.excluded for p in self.expected_ids)
 
     def _propose(self, group: tuple[str, ...], now: float) -> list[MatchAction]:
         self.state = MatchState.PROPOSED

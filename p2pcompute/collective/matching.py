@@ -16,11 +16,12 @@ collective's cores and messages, :mod:`p2pcompute.deadlines`, :mod:`p2pcompute.e
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +29,20 @@ import trio
 
 from p2pcompute.collective.links import ControlLinks
 from p2pcompute.collective.matchcore import Candidate, Formed, MatchCore, NoGroup, SendHello, SendReady
-from p2pcompute.collective.messages import HELLO, HELLO_ACK, JOIN, JOIN_KIND, READY, READY_ACK, open_join
+from p2pcompute.collective.messages import (
+    HELLO,
+    HELLO_ACK,
+    JOIN,
+    JOIN_KIND,
+    PRESENCE,
+    PRESENCE_ACK,
+    PRESENCE_STATES,
+    READY,
+    READY_ACK,
+    open_join,
+)
 from p2pcompute.deadlines import give_up_after
-from p2pcompute.errors import ConfigError, P2PComputeError, ProtocolError
+from p2pcompute.errors import ConfigError, MalformedMessage, P2PComputeError, ProtocolError
 from p2pcompute.wire.signing import seal_signed
 
 log = logging.getLogger(__name__)
@@ -54,6 +66,9 @@ class MatchSettings:
     hello_timeout: float = 10.0
     republish_interval: float = 2.0
     pull_fanout: int = 1
+    #: a member that leaves a hello unanswered this long is dropped from the group being formed
+    #: (paused, overloaded or dead without its connection closing); it joins the next round
+    silence: float = 3.0
 
 
 class MatchDriver:
@@ -117,6 +132,7 @@ class MatchDriver:
         core = self.core
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._republish)
+            nursery.start_soon(self._watch_expected)
             while core.result is None:
                 now = trio.current_time()
                 for action in core.poll(now):
@@ -168,6 +184,10 @@ class MatchDriver:
                 except Exception:  # an overlay without a table: gossip only
                     records = []
                 unknown = [r.peer_id for r in records if r.peer_id not in known]
+                if self.core.view(now) == [self.core.me.peer_id]:
+                    # alone: ask the peers we dropped for silence whether the round went on
+                    # without us (a busy answer ends our match now, not at the deadline)
+                    unknown += sorted(self.core.silent() - later)
                 if not self._pulling:  # one batch in flight: never pile work on a slow overlay
                     for peer in random.sample(unknown, min(self.settings.pull_fanout, len(unknown))):
                         self._pulling += 1
@@ -196,6 +216,8 @@ class MatchDriver:
         self.absorb(ack["adverts"], peer)
         if ack["state"] == "ok" and ack["digest"]:
             core.on_vote(peer, ack["digest"], ack["seq"], trio.current_time())
+        elif ack["state"] == "busy":  # it already averaged (or gave up) this round
+            core.on_busy(peer, trio.current_time())
         self.kick()
 
     async def _hello(self, peer: str, action: SendHello) -> None:
@@ -209,7 +231,7 @@ class MatchDriver:
             adverts=core.adverts(trio.current_time()),
         )
         try:
-            ack = await self.links.request(peer, msg, HELLO_ACK, self.settings.hello_timeout)
+            ack = await self.links.request(peer, msg, HELLO_ACK, self._hello_wait())
         except P2PComputeError as exc:
             log.info("collective: hello to %s failed: %r", peer, exc)
             core.exclude(peer, trio.current_time())
@@ -218,10 +240,34 @@ class MatchDriver:
         self.absorb(ack["adverts"], peer)
         now = trio.current_time()
         if ack["state"] == "busy":
-            core.exclude(peer, now)
+            core.on_busy(peer, now)
         elif ack["state"] == "ok":
             core.on_vote(peer, ack["digest"], ack["seq"], now)
         self.kick()
+
+    def _hello_wait(self) -> float:
+        return min(self.settings.hello_timeout, self.settings.silence)
+
+    async def _watch_expected(self) -> None:
+        """An expected partner whose connection closes (killed, gone) is forgotten at once."""
+        ids = self.core.expected_ids
+        wait_until = getattr(self.node, "wait_until", None)
+        if not ids or wait_until is None:
+            return
+
+        def gone() -> list[str]:
+            connected = set(self.node.connected_peers())
+            return [p for p in ids if p not in connected and p not in self.core.excluded]
+
+        while True:
+            with contextlib.suppress(P2PComputeError):  # PeerTimeout: wait again
+                await wait_until(lambda: bool(gone()), timeout=3600.0)
+            lost = gone()
+            for peer in lost:
+                log.info("collective: expected partner %s disconnected: not waiting for it", peer)
+                self.core.forget(peer, trio.current_time())
+            if lost:
+                self.kick()
 
     async def _ready(self, peer: str, digest: str) -> None:
         try:
@@ -279,6 +325,8 @@ class Matchmaker:
         self._adverts: collections.OrderedDict[tuple[str, str, str], tuple[Candidate, bytes]] = (
             collections.OrderedDict()
         )
+        #: (run, peer) -> (state, trio time) of the last presence note: "join" or "leave"
+        self.presence: collections.OrderedDict[tuple[str, str], tuple[str, float]] = collections.OrderedDict()
 
     # -- inbound
     def answer_hello(self, peer: str, msg: dict[str, Any]) -> bytes:
@@ -318,6 +366,85 @@ class Matchmaker:
         else:
             ok = committed = self._finished.get((msg["run"], msg["round"])) == msg["digest"]
         return READY_ACK.build(ok=ok, committed=committed)
+
+    def answer_presence(self, peer: str, msg: dict[str, Any]) -> bytes:
+        """Take a validated presence note of ``peer``: it joined ``run`` or is leaving it.
+
+        A leaving peer is dropped from every match of that run in progress (no one waits for
+        it); either note is remembered for the caller's partner list (:meth:`noted`).
+
+        Example::
+
+            await stream.send_frame(mm.answer_presence(peer, PRESENCE.validate(raw, peer=peer)))
+        """
+        state, run = msg["state"], msg["run"]
+        if state not in PRESENCE_STATES:
+            self.stats["bad_messages"] += 1
+            raise MalformedMessage(f"unknown presence state {state!r}", peer=peer)
+        now = trio.current_time()
+        key = (run, peer)
+        self.presence[key] = (state, now)
+        self.presence.move_to_end(key)
+        while len(self.presence) > _MAX_REMEMBERED:
+            self.presence.popitem(last=False)
+        if state == "leave":
+            log.info("collective: %s left run %s", peer, run)
+            self.forget(peer, run=run)
+        return PRESENCE_ACK.build(ok=True)
+
+    def noted(self, run: str, state: str) -> dict[str, float]:
+        """Peers whose last presence note for ``run`` was ``state`` ("join" or "leave"), with
+        the (trio) time it came.
+
+        Example::
+
+            gone = set(mm.noted("run/abc", "leave"))
+        """
+        return {p: t for (r, p), (st, t) in self.presence.items() if r == run and st == state}
+
+    def forget(self, peer: str, *, run: str | None = None) -> None:
+        """``peer`` is gone (left, or its connection closed): no match in progress waits for it.
+
+        Example::
+
+            mm.forget(dead_peer)
+        """
+        now = trio.current_time()
+        for (r, _), match in list(self._matches.items()):
+            if run is None or r == run:
+                match.core.forget(peer, now)
+                match.kick()
+
+    async def announce(self, run: str, peers: Sequence[str], state: str, *, timeout: float = 1.0) -> int:
+        """Tell ``peers`` that we joined ``run`` or are leaving it; how many took the note.
+
+        Bounded by ``timeout`` in all (a dead peer costs nothing more); never raises for a
+        peer that does not answer.
+
+        Example::
+
+            await mm.announce("run/abc", partners, "leave")   # before closing
+        """
+        if state not in PRESENCE_STATES:
+            raise ConfigError(f"presence state must be one of {PRESENCE_STATES}, not {state!r}")
+        msg = PRESENCE.build(run=run, state=state)
+        took = 0
+
+        async def one(peer: str) -> None:
+            nonlocal took
+            try:
+                ack = await self.links.request(peer, msg, PRESENCE_ACK, timeout)
+            except P2PComputeError as exc:
+                log.debug("collective: presence note to %s not delivered: %r", peer, exc)
+                return
+            took += bool(ack["ok"])
+
+        with give_up_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for peer in dict.fromkeys(peers):
+                    if peer != self.peer_id:
+                        nursery.start_soon(one, peer)
+        return took
 
     async def on_join(self, sender: str, data: bytes) -> None:
         """A join advert gossiped on a run's topic.
@@ -381,7 +508,7 @@ class Matchmaker:
         min_size: int = 2,
         timeout: float = 30.0,
         patience: float | None = None,
-        expected: int | None = None,
+        expected: int | Collection[str] | None = None,
     ) -> Formed | NoGroup:
         """See :meth:`p2pcompute.collective.Collective.form_group`.
 
@@ -391,6 +518,8 @@ class Matchmaker:
         """
         if not (math.isfinite(weight) and weight >= 0):
             raise ConfigError("weight must be finite and >= 0")
+        if expected is not None and not isinstance(expected, int):
+            expected = set(expected) - set(self.noted(run, "leave"))  # a partner that left is not coming
         if len(layout) != 32:
             raise ConfigError("layout must be a 32-byte digest (see tensors_layout)")
         key = (run, round_key)
@@ -424,7 +553,7 @@ class Matchmaker:
             settle=self.settings.settle,
             patience=patience,
             expected=expected,
-            hello_timeout=self.settings.hello_timeout,
+            hello_timeout=min(self.settings.hello_timeout, self.settings.silence),
         )
         for (r, k, _), (cand, lay) in list(self._adverts.items()):
             if r == run and k == round_key and lay == layout:

@@ -5,6 +5,7 @@
 * ``coll.hello`` / ``coll.hello_ack``, ``coll.ready`` / ``coll.ready_ack``: matchmaking, one
   request and one answer per stream of :data:`PROTOCOL`.
 * ``coll.status`` and ``coll.left``: the round's control messages, one per stream, no answer.
+* ``coll.presence`` / ``coll.presence_ack``: a peer says it joined a run or is leaving it.
 
 Point-to-point messages travel on authenticated py-libp2p streams, so their sender is the
 stream's remote peer; only the join advert (forwarded by gossip and in hellos) is signed.
@@ -101,8 +102,19 @@ STATUS = Schema(
 
 LEFT = Schema("coll.left", 1, max_size=3 * MAX_NAME + 64, fields=(Field("round", str, max_len=3 * MAX_NAME),))
 
+#: ``coll.presence``: "I joined this run (I hold its state and will be in its next round)" or
+#: "I am leaving it" (a clean exit), so partners expect us, or stop expecting us, at once
+PRESENCE_STATES = ("join", "leave")
+PRESENCE = Schema(
+    "coll.presence",
+    1,
+    max_size=MAX_NAME + 64,
+    fields=(Field("run", str, max_len=MAX_NAME), Field("state", str, max_len=8)),
+)
+PRESENCE_ACK = Schema("coll.presence_ack", 1, max_size=32, fields=(Field("ok", bool),))
+
 #: largest first frame a collective stream may carry
-MAX_REQUEST = max(HELLO.max_size, STATUS.max_size, READY.max_size, LEFT.max_size)
+MAX_REQUEST = max(HELLO.max_size, STATUS.max_size, READY.max_size, LEFT.max_size, PRESENCE.max_size)
 
 
 def open_join(raw: bytes, *, via: str | None) -> dict[str, Any]:

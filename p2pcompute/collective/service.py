@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,7 +34,7 @@ from p2pcompute.collective.links import _LINK_IDLE as _LINK_IDLE  # re-exported:
 from p2pcompute.collective.links import CONTROL_KINDS, ControlLinks
 from p2pcompute.collective.matchcore import Formed, NoGroup
 from p2pcompute.collective.matching import Matchmaker, MatchSettings
-from p2pcompute.collective.messages import HELLO, MAX_REQUEST, PROTOCOL, READY
+from p2pcompute.collective.messages import HELLO, MAX_REQUEST, PRESENCE, PROTOCOL, READY
 from p2pcompute.collective.plan import layout_digest
 from p2pcompute.collective.roundcore import RoundOutcome, RoundStatus, Timeouts
 from p2pcompute.collective.rounds import CODECS, Rounds, flat_dtype
@@ -127,6 +127,7 @@ class Collective:
         hello_timeout: float = 10.0,
         republish_interval: float = 2.0,
         pull_fanout: int = 1,
+        silence: float = 3.0,
         leave_timeout: float = 2.0,
         faults: FaultPlan | None = None,
     ) -> None:
@@ -155,7 +156,7 @@ class Collective:
         )
         self.matchmaker = Matchmaker(
             node, self.links, self.stats, bandwidth=self.bandwidth, background=background,
-            settings=MatchSettings(settle, hello_timeout, republish_interval, pull_fanout),
+            settings=MatchSettings(settle, hello_timeout, republish_interval, pull_fanout, silence),
         )
         self.rounds = Rounds(
             self.peer_id, lane, self.links.tell, faults=self.faults, stats=self.stats,
@@ -165,6 +166,7 @@ class Collective:
         self._inbound: dict[str, Callable[[FramedStream, str, dict[str, Any]], Awaitable[None]]] = {
             HELLO.type: self._on_hello,
             READY.type: self._on_ready,
+            PRESENCE.type: self._on_presence,
             **{kind: self._on_control for kind in CONTROL_KINDS},
         }
 
@@ -237,6 +239,9 @@ class Collective:
     async def _on_ready(self, stream: FramedStream, peer: str, raw: dict[str, Any]) -> None:
         await stream.send_frame(self.matchmaker.answer_ready(peer, READY.validate(raw, peer=peer)))
 
+    async def _on_presence(self, stream: FramedStream, peer: str, raw: dict[str, Any]) -> None:
+        await stream.send_frame(self.matchmaker.answer_presence(peer, PRESENCE.validate(raw, peer=peer)))
+
     async def _on_control(self, stream: FramedStream, peer: str, raw: dict[str, Any]) -> None:
         await self.links.serve_link(stream, raw, self.rounds.route)
 
@@ -252,12 +257,14 @@ class Collective:
         min_size: int = 2,
         timeout: float = 30.0,
         patience: float | None = None,
-        expected: int | None = None,
+        expected: int | Collection[str] | None = None,
     ) -> Formed | NoGroup:
         """Find peers averaging ``layout`` under ``run`` in round ``round_key``; never waits past ``timeout``.
 
-        ``expected``: how many other peers the caller knows will come; once all are seen the group
-        forms without waiting out ``patience``.
+        ``expected``: the other peers the caller knows will come (their ids, or their number);
+        once all are seen the group forms without waiting out ``patience``. An expected peer
+        whose connection closes, or that announced it is leaving (:meth:`announce`), is not
+        waited for.
 
         Returns :class:`Formed` (members in averaging order) or :class:`NoGroup`.
 
@@ -269,6 +276,26 @@ class Collective:
             run, round_key, layout=layout, weight=weight, target=target, min_size=min_size,
             timeout=timeout, patience=patience, expected=expected,
         )
+
+    async def announce(self, run: str, peers: Sequence[str], state: str, *, timeout: float = 1.0) -> int:
+        """Tell ``peers`` we joined ``run`` (``"join"``) or are leaving it (``"leave"``); how many
+        took the note. Bounded by ``timeout``; an unreachable peer is skipped, never raised.
+
+        Example::
+
+            await coll.announce("run/abc", partners, "leave")   # partners stop waiting for us
+        """
+        return await self.matchmaker.announce(run, peers, state, timeout=timeout)
+
+    def noted(self, run: str, state: str) -> dict[str, float]:
+        """Peers whose last presence note for ``run`` was ``state`` (``"join"`` or ``"leave"``),
+        with the (trio) time each came.
+
+        Example::
+
+            newcomers = coll.noted("run/abc", "join")
+        """
+        return self.matchmaker.noted(run, state)
 
     async def all_reduce(
         self,
@@ -315,7 +342,7 @@ class Collective:
         codec: str = "none",
         max_attempts: int = 3,
         aggregator: str | Aggregator = "mean",
-        expected: int | None = None,
+        expected: int | Collection[str] | None = None,
     ) -> RoundOutcome:
         """Form a group under ``run`` for ``round_key`` and average ``tensors`` in place with it.
 
@@ -357,7 +384,7 @@ class Collective:
         codec: str,
         max_attempts: int,
         aggregator: str | Aggregator,
-        expected: int | None = None,
+        expected: int | Collection[str] | None = None,
     ) -> RoundOutcome:
         group = await self.form_group(
             run,
@@ -384,7 +411,8 @@ async def open_collective(node: Any, lane: Any, **options: Any) -> AsyncIterator
 
     Options: ``bandwidth`` (our share of reduction work, relative to the others'; 0 = only
     contribute and receive), ``timeouts`` (:class:`Timeouts`), ``settle``, ``hello_timeout``,
-    ``republish_interval``, ``pull_fanout``, ``leave_timeout``, and ``faults``
+    ``republish_interval``, ``pull_fanout``, ``silence`` (a member silent this long during
+    matchmaking is dropped from the group), ``leave_timeout``, and ``faults``
     (:class:`~p2pcompute.collective.faults.FaultPlan`, a test seam; default: no faults).
 
     Example::

@@ -568,15 +568,32 @@ class DiLoCo(torch.optim.Optimizer):
         bufs = self._buffer_values()
         weight = self._weight if self._weight > 0 else 1.0
         target: list[torch.Tensor] | None = None
+        early: _Round | None = None
         if self._catch_up_to is not None:
             # a joiner's first boundary: the swarm's round of our state's step has landed by now
             # (or soon); adopt the state after it, keep our phase's progress, join the next round
             step, self._catch_up_to = self._catch_up_to, None
+            if self._pending is None:
+                # ... whose matchmaking starts now, before the fetch: a joiner that arrived after
+                # the others' settle window found their round closed and lost a phase re-syncing
+                early = _Round(
+                    [t.clone() for t in deltas + bufs], len(deltas), weight, step, self.local_steps,
+                    trio.current_time(), own=[d.clone() for d in deltas] if self.overlap == "eager" else [],
+                )
+                self.nursery.start_soon(self._run_round, early, name=f"diloco-round-{step}")
             state = await self.catch_up(step) if self.catch_up is not None else None
             if state is not None and state.step >= step:
                 self._adopt_shared(state)
+                if early is not None and state.step > step:
+                    # the fetch took longer than a phase: the state already holds the round we
+                    # entered early; take part in the newest one instead (as before this change)
+                    early.scope.cancel()
+                    early = None
             else:
                 log.warning("joined during a round and could not fetch the state after it")
+                if early is not None:  # its average would land on a stale anchor: leave it
+                    early.scope.cancel()
+                    early = None
         if self._pending is not None:
             job = self._pending
             await job.done.wait()
@@ -590,14 +607,15 @@ class DiLoCo(torch.optim.Optimizer):
                 else:
                     target = [a - d for a, d in zip(self.anchor, deltas, strict=True)]
         self._rebase(target)
-        job = _Round(
+        job = early or _Round(
             deltas + bufs, len(deltas), weight, self.outer_step, self.local_steps, trio.current_time(),
             own=[d.clone() for d in deltas] if self.overlap == "eager" else [],
         )
         self.local_steps = 0
         self._weight = 0.0
         self._pending = job
-        self.nursery.start_soon(self._run_round, job, name=f"diloco-round-{job.round_id}")
+        if early is None:
+            self.nursery.start_soon(self._run_round, job, name=f"diloco-round-{job.round_id}")
         if report is not None:
             # saved after the rebase: a resumed peer measures its next progress from the anchor,
             # so the progress of the round in flight is not lost with it

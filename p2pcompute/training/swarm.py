@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -71,9 +71,10 @@ class CollectiveAverager:
     """An :class:`~p2pcompute.training.averager.Averager` over :class:`p2pcompute.collective.Collective`.
 
     Each round is matched under ``run`` with the key ``outer-<round_id>``; bytes are the
-    lane's bytes sent during the round. ``partners`` (async, optional) counts the peers known
-    to train the same run and model: with none, the round is solo at once, without
-    matchmaking. A round that finds no group or fails leaves the tensors untouched and raises
+    lane's bytes sent during the round. ``partners`` (async, optional) names (or counts) the
+    peers known to train the same run and model and ready for this round: with none, the round
+    is solo at once, without matchmaking; otherwise matchmaking stops waiting once they are all
+    there. A round that finds no group or fails leaves the tensors untouched and raises
     :class:`TaskFailed` with the collective's reason (DiLoCo then steps on its own
     pseudo-gradient and the swarm re-syncs it from peers).
 
@@ -95,7 +96,7 @@ class CollectiveAverager:
         patience: float | None = 3.0,
         max_attempts: int = 3,
         others: Callable[[], int] | None = None,
-        partners: Callable[[], Awaitable[int]] | None = None,
+        partners: Callable[[], Awaitable[int | Collection[str]]] | None = None,
         forget: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         #: told the peers a round left out (dead or silent), so they stop counting as partners
@@ -132,10 +133,10 @@ class CollectiveAverager:
             await trio.lowlevel.checkpoint()
             self.last_reason = "no other peer known"
             return AveragingOutcome((self.peer_id,), total_weight=weight)
-        expected: int | None = None
+        expected: int | Collection[str] | None = None
         if self.partners is not None:
             expected = await self.partners()
-            if expected == 0:
+            if not expected:
                 # Peers there may be (providers, other runs), but none trains this run and model.
                 self.last_reason = "no other peer of this run known"
                 return AveragingOutcome((self.peer_id,), total_weight=weight)
@@ -157,6 +158,13 @@ class CollectiveAverager:
         )
         if self.forget is not None and result.excluded:
             self.forget(tuple(result.excluded))
+        if self.forget is not None and result.ok and expected is not None and not isinstance(expected, int):
+            # an expected partner that did not come (slow, paused, still catching up) costs one
+            # patience, not one per round: it is expected again once it averages with us or
+            # says it joined
+            missing = set(expected) - set(result.participants)
+            if missing:
+                self.forget(tuple(sorted(missing)))
         after = self.lane.statistics()
         sent = after.bytes_sent - before.bytes_sent
         received = after.bytes_received - before.bytes_received
@@ -291,6 +299,7 @@ class Swarm:
         self._closed = False
         self._tags: dict[str, str] = {}
         self._partners: dict[str, float] = {}  # peer id -> when it last served our run's state
+        self._joins_taken: dict[str, float] = {}  # peer id -> its join note taken into _partners
         self._obs: tuple[Any, Any] | None = None  # (Observer, its registry), made on first use
         self.progress: ProgressFn | None = None
         self._nursery: trio.Nursery | None = None  # background rounds of overlapped DiLoCo
@@ -385,6 +394,21 @@ class Swarm:
             self._token = trio.lowlevel.current_trio_token()
             self._ready.set()
             await self._stop.wait()
+            await self._announce("leave")  # partners stop expecting us now, not at a timeout
+
+    async def _announce(self, state: str) -> None:
+        """Tell our run's partners we joined (we hold the state) or are leaving; at most 2 s."""
+        if not isinstance(self.averager, CollectiveAverager) or self.node is None:
+            return
+        run = self.averager.run
+        connected = set(self.node.connected_peers())
+        peers = [p for p in {*self._partners, *self.collective.noted(run, "join")} if p in connected]
+        if not peers:
+            return
+        with trio.CancelScope(shield=True):  # a close is a cancellation: the note goes out first
+            took = await self.collective.announce(run, peers, state, timeout=2.0)
+        log.info("told %d of %d partner(s) we %s run %r", took, len(peers),
+                 "are leaving" if state == "leave" else "joined", self.run_name)
 
     # -- calls from the user's thread -------------------------------------------------------
 
@@ -468,18 +492,35 @@ class Swarm:
     def _count_others(self) -> int:
         return sum(1 for r in self.node.peers.alive() if r.role == "peer" and r.peer_id != self.peer_id)
 
-    async def _count_partners(self) -> int:
-        """Peers known to train our run and model; asks the peers again when none is fresh."""
+    async def _count_partners(self) -> int | set[str]:
+        """The partners to expect in the next round: peers known to train our run and model that
+        are connected (a killed one's connection is closed), did not say they are leaving and are
+        ready (a joiner counts once it said it holds the state). Asks the peers again when none is
+        fresh."""
         if not self._tags:
             return self._count_others()
-        now = time.monotonic()
-        alive = set(await self._peer_ids())  # a partner that left drops out of the peer table
-        fresh = [p for p, seen in self._partners.items() if now - seen < PARTNER_TTL and p in alive]
-        if not fresh:
-            await self._offers(timeout=2.0)
+
+        def fresh() -> set[str]:
             now = time.monotonic()
-            fresh = [p for p, seen in self._partners.items() if now - seen < PARTNER_TTL and p in alive]
-        return len(fresh)
+            run = getattr(self.averager, "run", "")
+            for p, noted_at in self.collective.noted(run, "join").items():
+                if self._joins_taken.get(p) != noted_at:  # a joiner that has the state (each note
+                    self._joins_taken[p] = noted_at  # once: a round may drop it again, below)
+                    self._partners[p] = now
+            left = set(self.collective.noted(run, "leave"))
+            return {
+                p for p, seen in self._partners.items()
+                if now - seen < PARTNER_TTL and p in alive and p in connected and p not in left
+            }
+
+        alive = set(await self._peer_ids())  # a partner that left drops out of the peer table
+        connected = set(self.node.connected_peers())
+        found = fresh()
+        if not found:
+            await self._offers(timeout=2.0)
+            alive, connected = set(await self._peer_ids()), set(self.node.connected_peers())
+            found = fresh()
+        return found
 
     def _forget_partners(self, peers: Sequence[str]) -> None:
         # a partner a round left out (killed, paused) is not waited for in the next matchmaking;
@@ -488,10 +529,15 @@ class Swarm:
             self._partners.pop(p, None)
 
     async def _peer_ids(self) -> list[str]:
+        """The other live peers, less those that told us they left our run (not asked for state)."""
         await trio.lowlevel.checkpoint()
         if self.node is None:
             return []
-        return [r.peer_id for r in self.node.peers.alive() if r.role == "peer" and r.peer_id != self.peer_id]
+        left = self.collective.noted(getattr(self.averager, "run", ""), "leave") if self.collective else {}
+        return [
+            r.peer_id for r in self.node.peers.alive()
+            if r.role == "peer" and r.peer_id != self.peer_id and r.peer_id not in left
+        ]
 
     # -- training ---------------------------------------------------------------------------
 
@@ -607,7 +653,10 @@ class Swarm:
         mine = opt.state_digest()
         same = all(d == mine for _, d in offers.values())
         if newest < opt.outer_step or (newest == opt.outer_step and same):
-            return  # we are as new as anyone (peers starting together from one seed, or a resume)
+            # we are as new as anyone (peers starting together from one seed, or a resume): say
+            # so, which also undoes a "leave" of ours they remember (a restart with the same key)
+            await self._announce("join")
+            return
         # Wait for the swarm's next outer step, then take the state it publishes right after.
         # (Polling peers: their progress is remote state, there is no local event to wait on.)
         with trio.move_on_after(timeout):
@@ -650,6 +699,9 @@ class Swarm:
             return False
         await self._apublish(opt)
         log.info("downloaded state of outer step %d from %s", state.step, sorted(report.sources))
+        for p in report.sources:  # they serve our run's state: partners
+            self._partners[p] = time.monotonic()
+        await self._announce("join")  # we hold the state: partners expect us in their next round
         return True
 
     async def _resync(self, opt: SwarmDiLoCo) -> None:
