@@ -551,7 +551,9 @@ class Swarm:
         opt.tags = {"run": self.run_name, "model": opt.model_digest()}
         self._tags = dict(opt.tags)
         if isinstance(self.averager, CollectiveAverager):
-            self.averager.run = f"{self.run_name}/{opt.tags['model']}"
+            run = self.averager.run = f"{self.run_name}/{opt.tags['model']}"
+            if opt.join_early:
+                self.call(lambda: self._watch_rounds(opt, run))
         if checkpoint is not None and Path(checkpoint).exists():
             opt.load_state(load_checkpoint(checkpoint))
         if checkpoint_dir is not None:
@@ -562,6 +564,17 @@ class Swarm:
             self.call(lambda: self._join(opt, join_timeout, require_join))
         self.call(lambda: self._apublish(opt))
         return opt
+
+    async def _watch_rounds(self, opt: DiLoCo, run: str) -> None:
+        """``join_early``: every advert of a round of our run and model reaches ``opt.note_round``."""
+        await trio.lowlevel.checkpoint()
+
+        def heard(round_key: str, peer: str) -> None:
+            prefix, _, index = round_key.partition("-")
+            if prefix == "outer" and index.isdigit() and len(index) <= 18:
+                opt.note_round(int(index))
+
+        self.collective.matchmaker.watch(run, heard)
 
     async def _apublish(self, opt: DiLoCo) -> None:
         if self.server is not None:
