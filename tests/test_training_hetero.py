@@ -92,8 +92,10 @@ async def test_a_partial_phase_is_weighted_by_its_samples(autojump_clock: trio.t
             n.start_soon(slow.train, 1)
     (wf, df), (ws, ds) = fast.averager.sent[0], slow.averager.sent[0]
     assert (wf, ws) == (8.0 * H, 16.0)  # 6 fast steps against 2 slow ones, 8 samples each
-    assert slow.reports[0].early and slow.reports[0].local_steps == 2
-    assert not fast.reports[0].early and fast.reports[0].local_steps == H
+    assert slow.reports[0].early
+    assert slow.reports[0].local_steps == 2
+    assert not fast.reports[0].early
+    assert fast.reports[0].local_steps == H
     # outer SGD with lr 1 and no momentum: the new anchor is the start minus the weighted mean
     for a0, a, f, s in zip(start, fast.opt.anchor, df, ds, strict=True):
         assert torch.allclose(a, a0 - (wf * f + ws * s) / (wf + ws), atol=1e-6)
@@ -144,7 +146,8 @@ def test_a_slow_swarm_peer_joins_rounds_for_real() -> None:
     y = x.sum(dim=1, keepdim=True)
     results: dict[str, Any] = {}
     with Swarm(network=True, advertise=True, role="bootstrap", advert_interval=1.0) as boot:
-        common = {"bootstrap": boot.addrs, "patience": 5.0, "matchmaking_timeout": 20.0, "advert_interval": 1.0}
+        common = {"bootstrap": boot.addrs, "patience": 5.0, "matchmaking_timeout": 20.0,
+                  "advert_interval": 1.0}
         with Swarm(**common) as a, Swarm(**common) as b:
             a.wait_for_peers(1, timeout=30)
             b.wait_for_peers(1, timeout=30)
