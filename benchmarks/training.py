@@ -23,9 +23,10 @@ and with one peer killed (SIGKILL) and replaced every ``--kill-every`` outer ste
 Skipped with ``--no-processes``.
 
 ``heterogeneous`` (same processes, no faults): the last of the ``--peers`` processes is 3x slower
-per inner step (``examples/train.py --slowdown 3``) and every peer runs with ``--join-early``;
-``heterogeneous_off`` is the same without it. Phases are ``--hetero-inner-steps`` (400) long, so
-that the slow phase outlasts the fast peers' ``patience`` as a real model's does. Metrics:
+per inner step (``examples/train.py --slowdown 3``) and every peer runs with ``--join-early``
+(``heterogeneous_overlapped``: and ``--overlap``); ``heterogeneous_off`` is the same without it.
+Phases are ``--hetero-inner-steps`` (400) long, so that the slow phase outlasts the fast peers'
+``patience`` as a real model's does. Metrics:
 ``slow_rounds_share``, the share of a fast peer's rounds the slow peer took part in, and
 ``utilization`` of that fast peer. Skip: ``--no-hetero``; only these rows: ``--only-hetero``.
 
@@ -184,12 +185,15 @@ def _hetero_part(
     result: SuiteResult, *, peers: int, outer: int, inner: int, timeout: float, slowdown: float = 3.0,
 ) -> None:
     layout = wan_layout()
-    for name, early in (("heterogeneous", True), ("heterogeneous_off", False)):
+    runs = (("heterogeneous", True, False), ("heterogeneous_overlapped", True, True),
+            ("heterogeneous_off", False, False))
+    for name, early, overlap in runs:
         row = result.config(name, part="heterogeneous", peers=peers, outer_steps=outer, inner_steps=inner,
-                            slowdown=slowdown, join_early=early)
+                            slowdown=slowdown, join_early=early,
+                            outer_mode="overlapped" if overlap else "blocking")
         try:
             done = _run_processes(peers, outer, inner, 0, timeout, layout=layout,
-                                  extra=["--join-early"] if early else [],
+                                  extra=["--join-early"] * early + ["--overlap"] * overlap,
                                   victim_extra=["--slowdown", str(slowdown)])
         except Exception as exc:  # a failed run is reported, not hidden
             row.notes.append(f"run failed: {type(exc).__name__}: {exc}")
