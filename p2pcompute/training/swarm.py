@@ -525,7 +525,10 @@ class Swarm:
         optimizer (a :class:`~p2pcompute.training.ranks.ShardedAverager` wrapping it on rank 0 of
         an FSDP peer; ``model`` is then that rank's ``(name, local shard)`` pairs and ``join``
         must be False). Other ``options`` go to :class:`DiLoCo`
-        (``min_participants``, ``keep_checkpoints``, ``compression``, ``overlap``...).
+        (``min_participants``, ``keep_checkpoints``, ``compression``, ``overlap``, ``join_early``...).
+        With ``join_early=True`` a slower peer ends its phase when another peer of the run starts
+        the round (it hears the matchmaking advert) and averages its partial progress, weighted
+        by its samples, instead of missing the round.
         With ``overlap=True`` the averaging runs in the swarm's background while the next inner
         phase computes; call ``opt.finish()`` after the last step to land the last round.
 
