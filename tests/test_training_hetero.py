@@ -185,3 +185,38 @@ def test_a_slow_swarm_peer_joins_rounds_for_real() -> None:
     assert any(r.early and r.local_steps < 8 for r in slow.history)
     if all(joined) and all(len(r.participants) == 2 for r in fast.history):
         assert fast.state_digest() == slow.state_digest()
+
+
+async def test_local_group_caps_claimed_weights_at_a_multiple_of_the_median() -> None:
+    group = LocalGroup()
+    avgs = [group.join(f"p{i}") for i in range(3)]
+    xs = [torch.full((4,), float(i + 1)) for i in range(3)]
+    outcomes: list[AveragingOutcome] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            for a, x, w in zip(avgs, xs, (1.0, 1.0, 100.0), strict=True):
+                async def one(a: Any = a, x: torch.Tensor = x, w: float = w) -> None:
+                    outcomes.append(await a.average([x], weight=w, round_id=0, weight_cap=4.0))
+                n.start_soon(one)
+    expect = (1 * 1.0 + 1 * 2.0 + 4 * 3.0) / 6  # the claim of 100 counts as 4 (4x the median, 1)
+    assert all(torch.allclose(x, torch.full((4,), expect)) for x in xs)
+    assert {o.total_weight for o in outcomes} == {6.0}
+
+
+@pytest.mark.slow
+async def test_the_network_round_caps_claimed_weights_the_same_on_every_member() -> None:
+    from p2pcompute.collective import RoundOutcome
+    from tests.test_allreduce_integration import GUARD, check, make_inputs, run_peers, swarm
+    from tests.test_allreduce_integration import Peer as NetPeer
+
+    claims = [1.0, 2.0, 300.0]
+    xs = make_inputs(3, [(257,), (3, 5)], seed=7)
+    with trio.fail_after(GUARD):
+        async with swarm(3) as (boot, peers):
+            async def body(p: NetPeer) -> RoundOutcome:
+                p.tensors = [t.clone() for t in xs[p.index]]
+                assert p.coll is not None
+                return await p.coll.average("capped", "round-1", p.tensors, weight=claims[p.index], target=3,
+                                            min_size=2, matchmaking_timeout=60, weight_cap=4.0)
+            await run_peers(boot, peers, body)
+    check(peers, xs, [1.0, 2.0, 8.0], "none", [0, 1, 2], excluded=[])  # 300 counts as 4 x 2

@@ -52,7 +52,9 @@ current phase (the :class:`~p2pcompute.training.swarm.Swarm` hears its matchmaki
 calls :meth:`DiLoCo.note_round`), the next inner step ends the phase, however many steps it
 did, and its partial pseudo-gradient joins the round weighted by its samples: the average is
 the sample-weighted mean of everyone's progress, and a peer 3x slower contributes a third as
-much to every round instead of missing them all (docs/design/training.md).
+much to every round instead of missing them all (docs/design/training.md). Weights are the
+peers' own claims: ``weight_cap`` caps each at that multiple of its group's median before
+averaging (the swarm sets 4 with ``join_early``).
 
 Training scripts are synchronous: :meth:`DiLoCo.step` runs the averaging through a
 ``runner`` (the :class:`~p2pcompute.training.swarm.Swarm` facade supplies one that hops to
@@ -66,6 +68,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -240,6 +243,7 @@ class DiLoCo(torch.optim.Optimizer):
         overlap: bool | Overlap = False,
         nursery: trio.Nursery | None = None,
         join_early: bool = False,
+        weight_cap: float | None = None,
     ) -> None:
         if inner_steps < 1:
             raise ConfigError("inner_steps must be at least 1")
@@ -302,6 +306,11 @@ class DiLoCo(torch.optim.Optimizer):
         self.aggregator = Aggregator.of(aggregator)
         # an averager that predates the option still works for the mean
         self._avg_options: dict[str, Any] = {"aggregator": self.aggregator} if self.aggregator.robust else {}
+        if weight_cap is not None:
+            if not (math.isfinite(weight_cap) and weight_cap >= 1):
+                raise ConfigError(f"weight_cap must be finite and >= 1, not {weight_cap!r}")
+            # passed only when set: an averager that predates the option still works without it
+            self._avg_options["weight_cap"] = float(weight_cap)
         self.timeout = timeout
         self.runner = runner
         self.checkpoint = checkpoint

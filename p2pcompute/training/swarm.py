@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 OVERLAP_SWITCH_INTERVAL = 0.0005  # seconds; see Swarm.diloco
+#: join_early's default cap on a member's weight, as a multiple of its group's median weight
+JOIN_EARLY_WEIGHT_CAP = 4.0
 PARTNER_TTL = 600.0  # seconds a peer seen in our run (its state, or a round with us) counts as a partner
 
 
@@ -125,6 +127,7 @@ class CollectiveAverager:
         compression: str = "none",
         timeout: float | None = None,
         aggregator: str | Aggregator = "mean",
+        weight_cap: float | None = None,
     ) -> AveragingOutcome:
         check_codec(compression)
         if self.others is not None and self.others() == 0:
@@ -154,6 +157,7 @@ class CollectiveAverager:
             max_attempts=self.max_attempts,
             aggregator=aggregator,
             expected=expected,  # every known partner here: no need to wait out patience
+            weight_cap=weight_cap,
         )
         if self.forget is not None and result.excluded:
             self.forget(tuple(result.excluded))
@@ -528,7 +532,8 @@ class Swarm:
         (``min_participants``, ``keep_checkpoints``, ``compression``, ``overlap``, ``join_early``...).
         With ``join_early=True`` a slower peer ends its phase when another peer of the run starts
         the round (it hears the matchmaking advert) and averages its partial progress, weighted
-        by its samples, instead of missing the round.
+        by its samples, instead of missing the round; every weight is then capped at
+        ``weight_cap`` (default 4) times its group's median (a claim cannot buy the average).
         With ``overlap=True`` the averaging runs in the swarm's background while the next inner
         phase computes; call ``opt.finish()`` after the last step to land the last round.
 
@@ -539,6 +544,9 @@ class Swarm:
         """
         if averager is not None and join and self._network:
             raise ConfigError("joining (downloading state) is for unsharded models: pass join=False")
+        if options.get("join_early") and averager is None:
+            # weights are claims, and join_early makes them differ: no claim above 4x the median counts
+            options.setdefault("weight_cap", JOIN_EARLY_WEIGHT_CAP)
         opt = SwarmDiLoCo(
             self, model, inner_optimizer, averager or self.averager, inner_steps=inner_steps,
             runner=self.call, checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, nursery=self._nursery,
