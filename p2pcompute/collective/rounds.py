@@ -754,7 +754,7 @@ class Rounds:
         if round_id in self._rounds:
             raise ConfigError(f"round {round_id!r} is already running")
         weights = [c.weight for c in group.members]
-        if weight_cap is not None:
+        if weight_cap is not None and sum(weights) > 0:  # none positive: the round core says so
             # the same function of the same signed adverts on every member: one set of weights
             weights = capped_weights(weights, weight_cap)
         rc = RoundCore(

@@ -129,8 +129,8 @@ class StepReport:
     waited: float = 0.0
     #: True when the round ran in the background during the next inner phase
     overlapped: bool = False
-    #: True when the phase ended before ``inner_steps`` because the swarm called the round
-    #: (``join_early``): ``local_steps`` is this peer's partial phase, weighted by its samples
+    #: True when the phase ended before ``inner_steps`` (the swarm called the round with
+    #: ``join_early``, or ``outer_sync()`` was called early): ``local_steps`` is the partial phase
     early: bool = False
 
     @property

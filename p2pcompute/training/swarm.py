@@ -298,6 +298,7 @@ class Swarm:
         self._obs: tuple[Any, Any] | None = None  # (Observer, its registry), made on first use
         self.progress: ProgressFn | None = None
         self._nursery: trio.Nursery | None = None  # background rounds of overlapped DiLoCo
+        self._unwatch: Callable[[], None] | None = None  # stops join_early's advert listener
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -585,7 +586,9 @@ class Swarm:
             if prefix == "outer" and index.isdigit() and len(index) <= 18:
                 opt.note_round(int(index))
 
-        self.collective.matchmaker.watch(run, heard)
+        if self._unwatch is not None:
+            self._unwatch()  # one optimizer per swarm hears the rounds: the newest
+        self._unwatch = self.collective.matchmaker.watch(run, heard)
 
     async def _apublish(self, opt: DiLoCo) -> None:
         if self.server is not None:
