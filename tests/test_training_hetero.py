@@ -17,7 +17,10 @@ import pytest
 import torch
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from p2pcompute.collective.aggregate import capped_weights
 from p2pcompute.errors import ConfigError
 from p2pcompute.testing import LocalGroup
 from p2pcompute.training.averager import Averager, AveragingOutcome
@@ -220,3 +223,14 @@ async def test_the_network_round_caps_claimed_weights_the_same_on_every_member()
                                             min_size=2, matchmaking_timeout=60, weight_cap=4.0)
             await run_peers(boot, peers, body)
     check(peers, xs, [1.0, 2.0, 8.0], "none", [0, 1, 2], excluded=[])  # 300 counts as 4 x 2
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.floats(0, 1e6), min_size=1, max_size=12).filter(lambda ws: sum(ws) > 0),
+       st.floats(1, 16))
+def test_capping_twice_is_capping_once(weights: list[float], cap: float) -> None:
+    # a join_early round caps the weights before the plan and a robust aggregator caps them again:
+    # the second cap must change nothing (the median survives the first), or members would disagree
+    once = capped_weights(weights, cap)
+    assert capped_weights(once, cap) == once
+    assert all(c <= w for c, w in zip(once, weights, strict=True))
