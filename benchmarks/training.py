@@ -27,6 +27,14 @@ replacement is killed only once it has averaged with the others, so a slow proce
 the next kill instead of turning the row into a measure of start-up).
 Skipped with ``--no-processes``.
 
+``heterogeneous`` (same processes, no faults): the last of the ``--peers`` processes is 3x slower
+per inner step (``examples/train.py --slowdown 3``) and every peer runs with ``--join-early``
+(``heterogeneous_overlapped``: and ``--overlap``); ``heterogeneous_off`` is the same without it.
+Phases are ``--hetero-inner-steps`` (400) long, so that the slow phase outlasts the fast peers'
+``patience`` as a real model's does. Metrics:
+``slow_rounds_share``, the share of a fast peer's rounds the slow peer took part in, and
+``utilization`` of that fast peer. Skip: ``--no-hetero``; only these rows: ``--only-hetero``.
+
     python -m benchmarks.training [--quick] [--out results/]
 """
 
@@ -241,6 +249,33 @@ def _processes_part(
                              f"compute waited (s) {done['waited']}")
 
 
+def _hetero_part(
+    result: SuiteResult, *, peers: int, outer: int, inner: int, timeout: float, slowdown: float = 3.0,
+) -> None:
+    layout = wan_layout()
+    runs = (("heterogeneous", True, False), ("heterogeneous_overlapped", True, True),
+            ("heterogeneous_off", False, False))
+    for name, early, overlap in runs:
+        row = result.config(name, part="heterogeneous", peers=peers, outer_steps=outer, inner_steps=inner,
+                            slowdown=slowdown, join_early=early,
+                            outer_mode="overlapped" if overlap else "blocking")
+        try:
+            done = _run_processes(peers, outer, inner, 0, timeout, layout=layout,
+                                  extra=["--join-early"] * early + ["--overlap"] * overlap,
+                                  victim_extra=["--slowdown", str(slowdown)])
+        except Exception as exc:  # a failed run is reported, not hidden
+            row.notes.append(f"run failed: {type(exc).__name__}: {exc}")
+            continue
+        slow = done.get("victim_peer")
+        rounds = done["rounds"]
+        joined = sum(1 for members in rounds if slow in members)
+        row.add("slow_rounds_share", joined / len(rounds) if rounds else 0.0)
+        row.add("utilization", done["compute_seconds"] / done["loop_seconds"])
+        row.add("loop_seconds", done["loop_seconds"])
+        row.notes.append(f"slow peer in {joined} of {len(rounds)} rounds; its phases' local steps "
+                         f"{done.get('victim_local_steps')}; fast peer waited (s) {done['waited']}")
+
+
 def _env() -> dict[str, str]:
     paths = (str(ROOT), os.environ.get("PYTHONPATH"))
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
@@ -249,9 +284,11 @@ def _env() -> dict[str, str]:
 def _run_processes(
     peers: int, outer: int, inner: int, kill_every: int, timeout: float,
     layout: dict[str, Any] | None = None, extra: list[str] | None = None,
+    victim_extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """Bootstrap node and peers as processes; under ``--wan`` the bootstrap node sits in peer 0's
-    namespace and training peer ``k`` (1-based; a replacement takes its victim's place) in k's."""
+    namespace and training peer ``k`` (1-based; a replacement takes its victim's place) in k's.
+    ``victim_extra``: more arguments for the first victim (the last peer), e.g. ``--slowdown``."""
     def placed(slot: int, argv: list[str]) -> list[str]:
         if layout is None:
             return argv
@@ -270,7 +307,7 @@ def _run_processes(
         assert boot.stdout is not None
         addr = json.loads(boot.stdout.readline())["addrs"][0]
 
-        def spawn(seed: int, steps: int, slot: int) -> subprocess.Popen[str]:
+        def spawn(seed: int, steps: int, slot: int, more: list[str] | None = None) -> subprocess.Popen[str]:
             logs = os.environ.get("P2PCOMPUTE_BENCH_LOGS")  # a folder: each peer's stderr (INFO) there
             err: Any = subprocess.DEVNULL
             if logs:
@@ -280,7 +317,8 @@ def _run_processes(
             p = subprocess.Popen(
                 placed(slot, [sys.executable, str(ROOT / "examples" / "train.py"), "--json",
                               "--bootstrap", addr, "--outer-steps", str(steps), "--inner-steps", str(inner),
-                              "--group-size", str(peers), "--data-seed", str(seed), *(extra or [])]),
+                              "--group-size", str(peers), "--data-seed", str(seed), *(extra or []),
+                              *(more or [])]),
                 stdout=subprocess.PIPE, stderr=err, text=True,
                 env={**_env(), "P2PCOMPUTE_LOG": "INFO"} if logs else _env(),
             )
@@ -290,7 +328,7 @@ def _run_processes(
         watched = spawn(1, outer, 1)
         for i in range(2, peers):
             spawn(i, outer, i)
-        victim = spawn(peers, outer, peers) if peers > 1 else None
+        victim = spawn(peers, outer, peers, victim_extra) if peers > 1 else None
 
         def follow(p: subprocess.Popen[str] | None) -> list[str]:
             out: list[str] = []
@@ -338,6 +376,10 @@ def _run_processes(
         done["participants"] = [len(o["participants"]) for o in outers]
         done["waited"] = [o.get("waited") for o in outers]
         done["round_seconds"] = [o.get("seconds") for o in outers]
+        done["rounds"] = [o["participants"] for o in outers]
+        first = [json.loads(x) for x in list(victim_lines)]
+        done["victim_peer"] = next((m["peer"] for m in first if m.get("event") == "start"), None)
+        done["victim_local_steps"] = [m.get("local_steps") for m in first if m.get("event") == "outer"]
         return done
     finally:
         for p in procs:
@@ -380,7 +422,7 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
         match=lambda a, b: a.params.get("part") == b.params.get("part") == "bytes"
         and a.params.get("task") == b.params.get("task")
     )
-    if options.get("processes", True):
+    if options.get("processes", True) and options.get("utilization", True):
         # a smoke run: two peers, three outer steps, the victim killed once (after step 1),
         # without the fault-free comparison run nor the blocking mode
         _processes_part(
@@ -392,6 +434,11 @@ def run(quick: bool = False, **options: Any) -> SuiteResult:
             # a smoke run takes the overlapped path only (it includes the blocking one's matchmaking
             # and rounds); each mode is a set of processes, about 20 s on two loaded cores
             modes=("overlapped",) if quick else ("blocking", "overlapped"),
+        )
+    if options.get("processes", True) and options.get("hetero", not quick):
+        _hetero_part(
+            result, peers=int(options.get("proc_peers", 3)), outer=int(options.get("outer_steps", 12)),
+            inner=int(options.get("hetero_inner_steps", 400)), timeout=float(options.get("timeout", 600)),
         )
     for base in (c for c in result.configs if c.baseline == "per_step" and c.samples):
         floor = base.params["loss_floor"]
@@ -431,13 +478,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--land-lag", type=float, default=0.25,
                         help="loss_gap rows: an overlapped round lands this share of an inner phase after "
                              "it starts (default 0.25)")
+    parser.add_argument("--no-hetero", action="store_true", help="skip the heterogeneous rows")
+    parser.add_argument("--hetero-inner-steps", type=int, default=None,
+                        help="inner steps per outer step of the heterogeneous rows (default 400: a fast "
+                             "phase of 1-2 s, so the slow one, 3x longer, outlasts the fast peers' patience)")
+    parser.add_argument("--only-hetero", action="store_true",
+                        help="only the heterogeneous rows (no bytes, gap or utilization rows)")
     parser.add_argument("--proc-inner-steps", type=int, default=None,
                         help="inner steps per outer step of the utilization runs (default 50)")
     args = parser.parse_args(argv)
     opts: dict[str, Any] = {"peers": args.peers, "repeats": args.repeats,
                             "tasks": tuple(t for t in args.tasks.split(",") if t),
                             "processes": not args.no_processes, "bytes": not args.no_bytes,
-                            "gap": not args.no_gap, "land_lag": args.land_lag}
+                            "gap": not args.no_gap, "land_lag": args.land_lag, "hetero": not args.no_hetero}
+    if args.only_hetero:
+        opts.update(bytes=False, gap=False, utilization=False, hetero=True)
+    if args.hetero_inner_steps:
+        opts["hetero_inner_steps"] = args.hetero_inner_steps
     if args.proc_inner_steps:
         opts["proc_inner_steps"] = args.proc_inner_steps
     if args.kill_every:

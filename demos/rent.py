@@ -160,7 +160,10 @@ async def _researcher(
                 victim = next(w for w in job.workers if w is not None and w != cheater)
                 procs[victim].send_signal(signal.SIGKILL)
                 killed = victim
-                print(f"-- SIGKILL {names[victim]} (an honest worker) as outer step {step} is handed out", flush=True)
+                print(
+                    f"-- SIGKILL {names[victim]} (an honest worker) as outer step {step} is handed out",
+                    flush=True,
+                )
             shards = [_sequences(args.inner_steps * BATCH, g) for _ in job.workers]
             used.extend(shards)
             return [{"tokens": s} for s in shards]

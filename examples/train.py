@@ -54,11 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON line per outer step")
     parser.add_argument("--overlap", action="store_true",
                         help="average each outer step in the background while the next inner phase runs")
+    parser.add_argument("--join-early", action="store_true",
+                        help="end the inner phase when another peer starts the round; a slower peer then "
+                             "averages what it did, weighted by its samples")
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="simulate a slower GPU: each inner step takes this many times as long (>= 1)")
     args = parser.parse_args(argv)
     if os.environ.get("P2PCOMPUTE_LOG"):  # e.g. INFO: the benchmark keeps each peer's log
         logging.basicConfig(level=os.environ["P2PCOMPUTE_LOG"].upper(), stream=sys.stderr,
                             format="%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s",
                             datefmt="%H:%M:%S")
+    if not args.slowdown >= 1.0:
+        parser.error("--slowdown must be at least 1")
     try:
         return train(args)
     except KeyboardInterrupt:
@@ -81,7 +88,7 @@ def train(args: argparse.Namespace) -> int:
     with swarm:
         opt = swarm.diloco(
             model, inner, inner_steps=args.inner_steps, compression=args.compression,
-            checkpoint=args.checkpoint, overlap=args.overlap,
+            checkpoint=args.checkpoint, overlap=args.overlap, join_early=args.join_early,
         )
         seed = args.data_seed
         if seed is None:
@@ -94,9 +101,12 @@ def train(args: argparse.Namespace) -> int:
         sync_seconds = eval_seconds = 0.0
         # an overlapped round in flight counts: its outer step lands during the next phase (or finish())
         while opt.outer_step + opt.pending < args.outer_steps:
+            t_compute = time.perf_counter()
             x, y = task.batch(args.batch, g)
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
+            if args.slowdown > 1.0:  # a slower device: the step's compute, stretched
+                time.sleep((args.slowdown - 1.0) * (time.perf_counter() - t_compute))
             t_step = time.perf_counter()
             report = opt.step(samples=args.batch)
             if opt.local_steps == 0:  # a phase boundary: the time the compute waited for averaging
@@ -131,6 +141,7 @@ def _report(args: argparse.Namespace, swarm: Swarm, opt: DiLoCo, model: torch.nn
         "bytes": report.bytes_sent, "per_step_bytes": report.per_step_bytes,
         "seconds": round(report.seconds, 3), "waited": round(report.waited, 3),
         "digest": opt.state_digest().hex()[:16], "error": report.error,
+        "local_steps": report.local_steps, "early": report.early,
     }
     if args.json:
         print(json.dumps(line), flush=True)

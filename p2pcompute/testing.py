@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from p2pcompute.collective.aggregate import Aggregator, ClipLedger, aggregate
+from p2pcompute.collective.aggregate import Aggregator, ClipLedger, aggregate, capped_weights
 from p2pcompute.collective.plan import split_parts
 from p2pcompute.errors import LocalProtocolError, TaskFailed
 from p2pcompute.tensors.codecs import check_codec, roundtrip
@@ -227,6 +227,14 @@ class _Round:
     aggregator: Aggregator = field(default_factory=Aggregator)
     clipped: tuple[str, ...] = ()
     blamed: set[str] = field(default_factory=set)
+    weight_cap: float | None = None
+
+    def weights(self, present: Sequence[str]) -> dict[str, float]:
+        """The weights of ``present`` as the round counts them (capped, as on the network)."""
+        ws = [self.contributions[p][0] for p in present]
+        if self.weight_cap is not None and ws:
+            ws = capped_weights(ws, self.weight_cap)
+        return dict(zip(present, ws, strict=True))
 
 
 class LocalGroup:
@@ -294,13 +302,14 @@ class LocalGroup:
         rnd.excluded = tuple(sorted(rnd.expected - set(present)))
         rnd.outcome_participants = tuple(present)
         if present and not rnd.aggregator.robust:
-            total = sum(rnd.contributions[p][0] for p in present)
+            weights = rnd.weights(present)
+            total = sum(weights.values())
             n_tensors = len(rnd.contributions[present[0]][1])
             for i in range(n_tensors):
                 acc = torch.zeros_like(rnd.contributions[present[0]][1][i], dtype=torch.float64)
                 for p in present:
-                    w, sent, _ = rnd.contributions[p]
-                    acc += sent[i].to(torch.float64) * (w / total)
+                    _, sent, _ = rnd.contributions[p]
+                    acc += sent[i].to(torch.float64) * (weights[p] / total)
                 # Every participant receives the same bytes: reduce once, round once, copy out.
                 result = roundtrip(rnd.compression, acc.to(rnd.contributions[present[0]][1][i].dtype))
                 for p in present:
@@ -321,7 +330,7 @@ class LocalGroup:
         rows = torch.stack(
             [torch.cat([t.reshape(-1).to(work) for t in rnd.contributions[p][1]]) for p in present]
         )
-        weights = [rnd.contributions[p][0] for p in present]
+        weights = list(rnd.weights(present).values())
         out = torch.empty(rows.shape[1], dtype=work)
         clipped: set[str] = set()
         for start, end in split_parts(rows.shape[1], [1.0] * len(present)):
@@ -352,6 +361,7 @@ class LocalGroup:
         compression: str,
         timeout: float | None,
         aggregator: str | Aggregator = "mean",
+        weight_cap: float | None = None,
     ) -> AveragingOutcome:
         check_codec(compression)
         agg = Aggregator.of(aggregator)
@@ -362,7 +372,8 @@ class LocalGroup:
         start = time.perf_counter()
         rnd = self._rounds.get(round_id)
         if rnd is None:
-            rnd = _Round(expected=set(self.members), compression=compression, aggregator=agg)
+            rnd = _Round(expected=set(self.members), compression=compression, aggregator=agg,
+                         weight_cap=weight_cap)
             self._rounds[round_id] = rnd
         rnd.expected.add(peer_id)
         sent = [roundtrip(compression, t) for t in tensors]
@@ -382,7 +393,7 @@ class LocalGroup:
             raise TaskFailed(f"{peer_id} was blamed: its contributions were clipped again and again")
         parts = rnd.outcome_participants
         nbytes = allreduce_bytes(tensors, compression, len(parts))
-        total = sum(rnd.contributions[p][0] for p in parts)
+        total = sum(rnd.weights(parts).values()) if parts else 0.0
         return AveragingOutcome(
             parts,
             bytes_sent=nbytes,
@@ -414,7 +425,8 @@ class LocalAverager:
         compression: str = "none",
         timeout: float | None = None,
         aggregator: str | Aggregator = "mean",
+        weight_cap: float | None = None,
     ) -> AveragingOutcome:
         return await self._group._average(
-            self._peer_id, tensors, weight, round_id, compression, timeout, aggregator
+            self._peer_id, tensors, weight, round_id, compression, timeout, aggregator, weight_cap
         )

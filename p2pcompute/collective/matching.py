@@ -327,6 +327,33 @@ class Matchmaker:
         )
         #: (run, peer) -> (state, trio time) of the last presence note: "join" or "leave"
         self.presence: collections.OrderedDict[tuple[str, str], tuple[str, float]] = collections.OrderedDict()
+        #: per run: called with (round key, peer) for every valid advert heard (see watch())
+        self._watchers: dict[str, list[Callable[[str, str], None]]] = {}
+
+    def watch(self, run: str, listener: Callable[[str, str], None]) -> Callable[[], None]:
+        """Call ``listener(round_key, peer)`` for every valid advert of ``run`` another peer makes.
+
+        Subscribes the run's topic now (not at our first round), so a peer learns that others
+        started a round while it is still computing; adverts carried in hellos count too. The
+        listener runs on the trio thread and must not block. Returns a function that stops it.
+
+        Example::
+
+            stop = mm.watch("run", lambda key, peer: print("round", key, "called by", peer))
+        """
+        self._subscribe(run)
+        self._watchers.setdefault(run, []).append(listener)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._watchers.get(run, []).remove(listener)
+
+        return stop
+
+    def _subscribe(self, run: str) -> None:
+        if run not in self._runs:
+            self.node.subscribe(f"collective/{run}", self.on_join)
+            self._runs.add(run)
 
     # -- inbound
     def answer_hello(self, peer: str, msg: dict[str, Any]) -> bytes:
@@ -495,6 +522,11 @@ class Matchmaker:
         match = self._matches.get((body["run"], body["round"]))
         if match is not None and body["layout"] == match.layout and match.core.add_candidate(cand, now):
             match.kick()
+        for listener in list(self._watchers.get(body["run"], ())):
+            try:
+                listener(body["round"], peer)
+            except Exception:  # a listener's bug must not stop matchmaking
+                log.exception("collective: advert listener failed")
 
     # -- forming a group
     async def form_group(
@@ -526,9 +558,7 @@ class Matchmaker:
         if key in self._matches:
             raise ConfigError(f"already matching for {run!r} round {round_key!r}")
         topic = f"collective/{run}"
-        if run not in self._runs:
-            self.node.subscribe(topic, self.on_join)
-            self._runs.add(run)
+        self._subscribe(run)
         now = trio.current_time()
         body = JOIN.build(
             run=run,

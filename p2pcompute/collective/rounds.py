@@ -35,7 +35,7 @@ import torch
 import trio
 import trio.lowlevel
 
-from p2pcompute.collective.aggregate import Aggregated, Aggregator, ClipLedger, aggregate
+from p2pcompute.collective.aggregate import Aggregated, Aggregator, ClipLedger, aggregate, capped_weights
 from p2pcompute.collective.buffers import Scratch, flat_dtype
 from p2pcompute.collective.buffers import offload as _offload
 from p2pcompute.collective.buffers import roundtrip_part as _roundtrip
@@ -735,6 +735,7 @@ class Rounds:
         min_size: int = 2,
         max_attempts: int = 3,
         aggregator: str | Aggregator = "mean",
+        weight_cap: float | None = None,
     ) -> RoundOutcome:
         """See :meth:`p2pcompute.collective.Collective.all_reduce`.
 
@@ -752,10 +753,14 @@ class Rounds:
             round_id += f"|{agg.kind}"
         if round_id in self._rounds:
             raise ConfigError(f"round {round_id!r} is already running")
+        weights = [c.weight for c in group.members]
+        if weight_cap is not None and sum(weights) > 0:  # none positive: the round core says so
+            # the same function of the same signed adverts on every member: one set of weights
+            weights = capped_weights(weights, weight_cap)
         rc = RoundCore(
             self.peer_id,
             members,
-            [c.weight for c in group.members],
+            weights,
             [c.bandwidth for c in group.members],
             total=sum(t.numel() for t in tensors),
             min_size=min_size,

@@ -308,6 +308,7 @@ class Collective:
         min_size: int = 2,
         max_attempts: int = 3,
         aggregator: str | Aggregator = "mean",
+        weight_cap: float | None = None,
     ) -> RoundOutcome:
         """Average ``tensors`` in place with ``group`` (weights and bandwidths from its adverts).
 
@@ -316,7 +317,9 @@ class Collective:
         ``aggregator``: ``"mean"`` (that average), ``"centered_clip"`` or ``"trimmed_mean"``
         (robust to a minority of Byzantine contributions; each reducer aggregates its part, see
         :mod:`p2pcompute.collective.aggregate`), or an :class:`Aggregator` with its settings.
-        Every member of a group must name the same kind.
+        Every member of a group must name the same kind. ``weight_cap``: each member's weight is
+        first capped at this multiple of the group's median weight (weights are the members' own
+        claims; every member should pass the same cap).
 
         Example::
 
@@ -325,7 +328,7 @@ class Collective:
         """
         return await self.rounds.all_reduce(
             group, run, round_key, tensors, codec=codec, min_size=min_size, max_attempts=max_attempts,
-            aggregator=aggregator,
+            aggregator=aggregator, weight_cap=weight_cap,
         )
 
     async def average(
@@ -343,6 +346,7 @@ class Collective:
         max_attempts: int = 3,
         aggregator: str | Aggregator = "mean",
         expected: int | Collection[str] | None = None,
+        weight_cap: float | None = None,
     ) -> RoundOutcome:
         """Form a group under ``run`` for ``round_key`` and average ``tensors`` in place with it.
 
@@ -364,7 +368,7 @@ class Collective:
             outcome = await self._average(
                 run, round_key, tensors, weight=weight, target=target, min_size=min_size,
                 matchmaking_timeout=matchmaking_timeout, patience=patience, codec=codec,
-                max_attempts=max_attempts, aggregator=aggregator, expected=expected,
+                max_attempts=max_attempts, aggregator=aggregator, expected=expected, weight_cap=weight_cap,
             )
             return outcome
         finally:
@@ -385,6 +389,7 @@ class Collective:
         max_attempts: int,
         aggregator: str | Aggregator,
         expected: int | Collection[str] | None = None,
+        weight_cap: float | None = None,
     ) -> RoundOutcome:
         group = await self.form_group(
             run,
@@ -401,7 +406,7 @@ class Collective:
             return RoundOutcome(RoundStatus.NO_GROUP, reason=group.reason)
         return await self.all_reduce(
             group, run, round_key, tensors, codec=codec, min_size=min_size, max_attempts=max_attempts,
-            aggregator=aggregator,
+            aggregator=aggregator, weight_cap=weight_cap,
         )
 
 

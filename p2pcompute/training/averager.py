@@ -63,6 +63,8 @@ class Averager(Protocol):
     ``round_id`` lets peers that are at the same point of training find each other
     (DiLoCo uses its outer step). An implementation must leave the tensors untouched
     and raise when the round fails, and must give every participant bit-identical results.
+    The library's averagers also take ``weight_cap`` (each member's weight capped at that multiple
+    of the group's median; DiLoCo passes it only when set).
 
     Example::
 

@@ -46,6 +46,16 @@ optimizer defaults to lr 0.8 and momentum 0.6 (0.9 overshoots on a one-round-sta
 part in the same rounds hold bit-identical anchors and momentum (:meth:`DiLoCo.state_digest`). The
 choice and its figures are in docs/design/training.md. :meth:`DiLoCo.flush` lands the last round.
 
+Peers of unequal speed (``join_early=True``): a round is called by the swarm's progress, not
+only by this peer's own count. When another peer starts averaging the round of this peer's
+current phase (the :class:`~p2pcompute.training.swarm.Swarm` hears its matchmaking advert and
+calls :meth:`DiLoCo.note_round`), the next inner step ends the phase, however many steps it
+did, and its partial pseudo-gradient joins the round weighted by its samples: the average is
+the sample-weighted mean of everyone's progress, and a peer 3x slower contributes a third as
+much to every round instead of missing them all (docs/design/training.md). Weights are the
+peers' own claims: ``weight_cap`` caps each at that multiple of its group's median before
+averaging (the swarm sets 4 with ``join_early``).
+
 Training scripts are synchronous: :meth:`DiLoCo.step` runs the averaging through a
 ``runner`` (the :class:`~p2pcompute.training.swarm.Swarm` facade supplies one that hops to
 its trio thread); trio code calls :meth:`DiLoCo.astep` directly.
@@ -58,6 +68,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -83,6 +94,7 @@ Overlap = Literal["eager", "delayed"]
 #: what ``overlap=True`` means (chosen by measurement: docs/design/training.md)
 DEFAULT_OVERLAP: Overlap = "delayed"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+_MAX_CALLED = 64  # rounds heard called ahead of our phase that we remember (join_early)
 
 
 class Runner(Protocol):
@@ -117,6 +129,9 @@ class StepReport:
     waited: float = 0.0
     #: True when the round ran in the background during the next inner phase
     overlapped: bool = False
+    #: True when the phase ended before ``inner_steps`` (the swarm called the round with
+    #: ``join_early``, or ``outer_sync()`` was called early): ``local_steps`` is the partial phase
+    early: bool = False
 
     @property
     def solo(self) -> bool:
@@ -134,6 +149,7 @@ class _Round:
     round_id: int
     local_steps: int
     started: float
+    early: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     outcome: AveragingOutcome | None = None
@@ -227,6 +243,8 @@ class DiLoCo(torch.optim.Optimizer):
         overlap: bool | Overlap = False,
         nursery: trio.Nursery | None = None,
         land_early: bool = True,
+        join_early: bool = False,
+        weight_cap: float | None = None,
     ) -> None:
         if inner_steps < 1:
             raise ConfigError("inner_steps must be at least 1")
@@ -259,6 +277,13 @@ class DiLoCo(torch.optim.Optimizer):
         #: overlap="delayed": apply a round at the first inner step after it lands, mid-phase,
         #: instead of at the next phase boundary (the delay is then the round's time, not a phase)
         self.land_early = land_early
+        #: end the inner phase at the next step once the swarm has called its round (note_round)
+        self.join_early = bool(join_early)
+        if self.join_early and mode != "diloco":
+            raise ConfigError("join_early is for mode='diloco'")
+        #: rounds other peers were heard calling, from our phase on (replaced, never mutated in
+        #: place by a reader: note_round runs on the trio thread, step() on the user's)
+        self._called: frozenset[int] = frozenset()
         self._pending: _Round | None = None
         #: overlapped mode: the parameters at the start of this inner phase (anchor's device and
         #: dtype); None means the anchor (the phase started from it, as in blocking mode)
@@ -285,6 +310,11 @@ class DiLoCo(torch.optim.Optimizer):
         self.aggregator = Aggregator.of(aggregator)
         # an averager that predates the option still works for the mean
         self._avg_options: dict[str, Any] = {"aggregator": self.aggregator} if self.aggregator.robust else {}
+        if weight_cap is not None:
+            if not (math.isfinite(weight_cap) and weight_cap >= 1):
+                raise ConfigError(f"weight_cap must be finite and >= 1, not {weight_cap!r}")
+            # passed only when set: an averager that predates the option still works without it
+            self._avg_options["weight_cap"] = float(weight_cap)
         self.timeout = timeout
         self.runner = runner
         self.checkpoint = checkpoint
@@ -372,7 +402,7 @@ class DiLoCo(torch.optim.Optimizer):
                 closure()
         if self.runner is None:
             raise LocalProtocolError("DiLoCo.step() needs a runner; in trio code await astep() instead")
-        if self.mode == "per_step" or self.local_steps + 1 >= self.inner_steps:
+        if self.mode == "per_step" or self.local_steps + 1 >= self.inner_steps or self._round_called():
             return self.runner(lambda: self.astep(samples))
         self._inner_step(samples)
         if self._landed():
@@ -400,7 +430,7 @@ class DiLoCo(torch.optim.Optimizer):
         if self.mode == "per_step":
             return await self._per_step(samples)
         self._inner_step(samples)
-        if self.local_steps < self.inner_steps:
+        if self.local_steps < self.inner_steps and not self._round_called():
             return await self.flush() if self._landed() else None
         if self.overlap is not None:
             return await self._overlapped_sync()
@@ -410,6 +440,37 @@ class DiLoCo(torch.optim.Optimizer):
         """A delayed round has landed mid-phase and is to be applied now (``land_early``)."""
         job = self._pending
         return job is not None and self.land_early and self.overlap == "delayed" and job.done.is_set()
+    @property
+    def phase(self) -> int:
+        """The index of the current inner phase: the round id its end averages under.
+
+        Equal to :attr:`outer_step` in blocking mode; one more while an overlapped round is in flight.
+        """
+        return self.outer_step + (1 if self._pending is not None else 0)
+
+    def note_round(self, round_id: int) -> None:
+        """Another peer started averaging round ``round_id`` (``join_early``: we end our phase too).
+
+        With ``join_early``, when ``round_id`` is this peer's :attr:`phase`, the next inner step
+        ends the phase and its partial progress joins the round, weighted by the samples it did.
+        Safe to call from any thread (the swarm calls it from its trio thread for every advert).
+
+        Example::
+
+            opt = DiLoCo(model, inner, averager, inner_steps=100, join_early=True, runner=run)
+            opt.note_round(opt.phase)   # the next step() averages, however many steps it did
+        """
+        phase = self.phase
+        if round_id < phase or round_id in self._called:
+            return
+        # a set, not the newest: one advert of a far-off round must not hide the next one
+        kept = [r for r in self._called if r >= phase]
+        if len(kept) < _MAX_CALLED:
+            self._called = frozenset((*kept, round_id))
+
+    def _round_called(self) -> bool:
+        # only the round of our own phase: a later one means we are behind (the re-sync's job)
+        return self.join_early and self.phase in self._called
 
     def _inner_step(self, samples: float) -> None:
         self.inner.step()
@@ -495,6 +556,7 @@ class DiLoCo(torch.optim.Optimizer):
         """
         await self.flush()
         start = time.perf_counter()
+        early = 0 < self.local_steps < self.inner_steps
         deltas = self.pseudo_gradient()
         bufs = self._buffer_values()
         weight = self._weight if self._weight > 0 else 1.0
@@ -522,7 +584,7 @@ class DiLoCo(torch.optim.Optimizer):
         report = StepReport(
             "diloco", self.outer_step, self.local_steps, outcome.participants, outcome.bytes_sent,
             per_step, time.perf_counter() - start, error, self._solo_reason(outcome, error),
-            waited=time.perf_counter() - start,
+            waited=time.perf_counter() - start, early=early,
         )
         self._log(report)
         self._account(report)
@@ -609,6 +671,7 @@ class DiLoCo(torch.optim.Optimizer):
         self._rebase(target)
         job = early or _Round(
             deltas + bufs, len(deltas), weight, self.outer_step, self.local_steps, trio.current_time(),
+            early=self.local_steps < self.inner_steps,
             own=[d.clone() for d in deltas] if self.overlap == "eager" else [],
         )
         self.local_steps = 0
@@ -673,7 +736,7 @@ class DiLoCo(torch.optim.Optimizer):
         report = StepReport(
             "diloco", self.outer_step, job.local_steps, outcome.participants, outcome.bytes_sent, per_step,
             job.finished - job.started, job.error, self._solo_reason(outcome, job.error),
-            waited=waited, overlapped=True,
+            waited=waited, overlapped=True, early=job.early,
         )
         self._log(report)
         self._account(report)

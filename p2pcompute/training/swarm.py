@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 OVERLAP_SWITCH_INTERVAL = 0.0005  # seconds; see Swarm.diloco
+#: join_early's default cap on a member's weight, as a multiple of its group's median weight
+JOIN_EARLY_WEIGHT_CAP = 4.0
 PARTNER_TTL = 600.0  # seconds a peer seen in our run (its state, or a round with us) counts as a partner
 
 
@@ -126,6 +128,7 @@ class CollectiveAverager:
         compression: str = "none",
         timeout: float | None = None,
         aggregator: str | Aggregator = "mean",
+        weight_cap: float | None = None,
     ) -> AveragingOutcome:
         check_codec(compression)
         if self.others is not None and self.others() == 0:
@@ -155,6 +158,7 @@ class CollectiveAverager:
             max_attempts=self.max_attempts,
             aggregator=aggregator,
             expected=expected,  # every known partner here: no need to wait out patience
+            weight_cap=weight_cap,
         )
         if self.forget is not None and result.excluded:
             self.forget(tuple(result.excluded))
@@ -303,6 +307,7 @@ class Swarm:
         self._obs: tuple[Any, Any] | None = None  # (Observer, its registry), made on first use
         self.progress: ProgressFn | None = None
         self._nursery: trio.Nursery | None = None  # background rounds of overlapped DiLoCo
+        self._unwatch: Callable[[], None] | None = None  # stops join_early's advert listener
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -571,7 +576,11 @@ class Swarm:
         optimizer (a :class:`~p2pcompute.training.ranks.ShardedAverager` wrapping it on rank 0 of
         an FSDP peer; ``model`` is then that rank's ``(name, local shard)`` pairs and ``join``
         must be False). Other ``options`` go to :class:`DiLoCo`
-        (``min_participants``, ``keep_checkpoints``, ``compression``, ``overlap``...).
+        (``min_participants``, ``keep_checkpoints``, ``compression``, ``overlap``, ``join_early``...).
+        With ``join_early=True`` a slower peer ends its phase when another peer of the run starts
+        the round (it hears the matchmaking advert) and averages its partial progress, weighted
+        by its samples, instead of missing the round; every weight is then capped at
+        ``weight_cap`` (default 4) times its group's median (a claim cannot buy the average).
         With ``overlap=True`` the averaging runs in the swarm's background while the next inner
         phase computes; call ``opt.finish()`` after the last step to land the last round.
 
@@ -582,6 +591,9 @@ class Swarm:
         """
         if averager is not None and join and self._network:
             raise ConfigError("joining (downloading state) is for unsharded models: pass join=False")
+        if options.get("join_early") and averager is None:
+            # weights are claims, and join_early makes them differ: no claim above 4x the median counts
+            options.setdefault("weight_cap", JOIN_EARLY_WEIGHT_CAP)
         opt = SwarmDiLoCo(
             self, model, inner_optimizer, averager or self.averager, inner_steps=inner_steps,
             runner=self.call, checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, nursery=self._nursery,
@@ -597,7 +609,9 @@ class Swarm:
         opt.tags = {"run": self.run_name, "model": opt.model_digest()}
         self._tags = dict(opt.tags)
         if isinstance(self.averager, CollectiveAverager):
-            self.averager.run = f"{self.run_name}/{opt.tags['model']}"
+            run = self.averager.run = f"{self.run_name}/{opt.tags['model']}"
+            if opt.join_early:
+                self.call(lambda: self._watch_rounds(opt, run))
         if checkpoint is not None and Path(checkpoint).exists():
             opt.load_state(load_checkpoint(checkpoint))
         if checkpoint_dir is not None:
@@ -608,6 +622,19 @@ class Swarm:
             self.call(lambda: self._join(opt, join_timeout, require_join))
         self.call(lambda: self._apublish(opt))
         return opt
+
+    async def _watch_rounds(self, opt: DiLoCo, run: str) -> None:
+        """``join_early``: every advert of a round of our run and model reaches ``opt.note_round``."""
+        await trio.lowlevel.checkpoint()
+
+        def heard(round_key: str, peer: str) -> None:
+            prefix, _, index = round_key.partition("-")
+            if prefix == "outer" and index.isdigit() and len(index) <= 18:
+                opt.note_round(int(index))
+
+        if self._unwatch is not None:
+            self._unwatch()  # one optimizer per swarm hears the rounds: the newest
+        self._unwatch = self.collective.matchmaker.watch(run, heard)
 
     async def _apublish(self, opt: DiLoCo) -> None:
         if self.server is not None:
