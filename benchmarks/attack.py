@@ -329,11 +329,21 @@ def _split(count: int, procs: int, k: int) -> list[int]:
     return list(range(k, count, procs))
 
 
-async def _worker_main(k: int, procs: int, honest: int, sybils: int, boot_addr: str, window: float) -> None:
+async def _worker_main(
+    k: int,
+    procs: int,
+    honest: int,
+    sybils: int,
+    boot_addr: str,
+    window: float,
+    node_opts: dict[str, Any] | None = None,
+) -> None:
     mine = _split(honest, procs, k)
     n_sybils = len(_split(sybils, procs, k))
     arrivals: dict[str, dict[str, float]] = {}
     sybil_ids: set[str] = set()
+    honest_ids: set[str] = set()
+    opts = {**OPTS, **(node_opts or {})}
 
     def seen(observer: str, origin: str) -> None:
         if origin in arrivals:
@@ -342,7 +352,7 @@ async def _worker_main(k: int, procs: int, honest: int, sybils: int, boot_addr: 
     async with contextlib.AsyncExitStack() as stack:
         boot: Node | None = None
         if not boot_addr:
-            boot = await stack.enter_async_context(open_node(role="bootstrap", **OPTS))
+            boot = await stack.enter_async_context(open_node(role="bootstrap", **opts))
             boot_addr = boot.addrs[0]
             say({"boot": boot_addr})
         t0 = time.monotonic()
@@ -353,7 +363,7 @@ async def _worker_main(k: int, procs: int, honest: int, sybils: int, boot_addr: 
         while todo or len(bad) < n_sybils:  # interleaved, as in one process
             if todo:
                 i = todo.pop(0)
-                good[i] = await _join(stack, bootstrap=[boot_addr], **OPTS)
+                good[i] = await _join(stack, bootstrap=[boot_addr], **opts)
             for _ in range(ratio):
                 if len(bad) < n_sybils:
                     s = Sybil(await _join(stack, bootstrap=[boot_addr], **OPTS))
@@ -384,6 +394,9 @@ async def _worker_main(k: int, procs: int, honest: int, sybils: int, boot_addr: 
                 if cmd[0] == "sybils":
                     sybil_ids = set(cmd[1:])
                     say({"noted": len(sybil_ids)})
+                elif cmd[0] == "honest":
+                    honest_ids = set(cmd[1:])
+                    say({"noted": len(honest_ids)})
                 elif cmd[0] == "serve":
                     await stack.enter_async_context(serve_tasks(good[0]))
                     say({"tasks": "provider"})
@@ -441,6 +454,12 @@ async def _worker_main(k: int, procs: int, honest: int, sybils: int, boot_addr: 
                     say({
                         "banned": sum(len(sybil_ids & n._stack.banned) for n in watched),
                         "pruned": sum(n.stats.get("droppers_pruned", 0) for n in watched),
+                        "verdicts_sybil": sum(
+                            n._stack.deliveries.verdicts(p) for n in watched for p in sybil_ids
+                        ),
+                        "verdicts_honest": sum(
+                            n._stack.deliveries.verdicts(p) for n in watched for p in honest_ids
+                        ),
                         "mesh_held": held,
                         "mesh_total": total,
                         "rss_mib": peak_rss_mib(),
@@ -457,8 +476,10 @@ def measure_procs(
     leases: int = 10,
     phases: tuple[str, ...] = ("quiet", "attack"),
     log: Callable[[str], None] = lambda line: None,
+    dropper_misses: int = 0,
 ) -> dict[str, Any]:
-    """Like :func:`measure`, with the nodes spread over ``procs`` worker processes.
+    """Like :func:`measure`, with the nodes spread over ``procs`` worker processes
+    (``dropper_misses``: the honest nodes' and the bootstrap's dropper rule).
 
     Example::
 
@@ -468,7 +489,7 @@ def measure_procs(
     me = "benchmarks.attack"
     out: dict[str, Any] = {"honest": honest, "sybils": sybils, "procs": procs}
     common = ["--honest", str(honest), "--sybils", str(sybils), "--procs", str(procs)]
-    common += ["--window", str(window)]
+    common += ["--window", str(window), "--dropper-misses", str(dropper_misses)]
     workers: list[Worker] = []
     with tempfile.TemporaryDirectory(prefix="p2pc-attack-") as tmp:
         logs = Path(tmp)
@@ -489,6 +510,8 @@ def measure_procs(
             ids = [pid for j in joined for pid in j["sybil_ids"]]
             for w in workers:
                 w.send("sybils " + " ".join(ids))
+                w.need("noted", 60)
+                w.send("honest " + " ".join(pid for _, pid in owner.values()))
                 w.need("noted", 60)
             owner[0][0].send("serve")
             owner[0][0].need("tasks", 60)
@@ -536,6 +559,8 @@ def measure_procs(
                     "lease_failures": lease["failures"],
                     "banned": sum(s["banned"] for s in stats),
                     "droppers_pruned": sum(s["pruned"] for s in stats),
+                    "verdicts_sybil": sum(s["verdicts_sybil"] for s in stats),
+                    "verdicts_honest": sum(s["verdicts_honest"] for s in stats),
                     "sybil_mesh_share": held / max(1, total),
                 }
                 out["rss_mib"] = max(s["rss_mib"] for s in stats)
@@ -545,7 +570,9 @@ def measure_procs(
             stop_all(workers)
 
 
-def run(quick: bool = False, honest: int = 8, procs: int = 1, **options: Any) -> SuiteResult:
+def run(
+    quick: bool = False, honest: int = 8, procs: int = 1, dropper_misses: int = 0, **options: Any
+) -> SuiteResult:
     """Run the suite and return its result (``procs`` > 1: over that many worker processes).
 
     Example::
@@ -557,14 +584,25 @@ def run(quick: bool = False, honest: int = 8, procs: int = 1, **options: Any) ->
     progress = functools.partial(print, flush=True)
     phases = ("quiet", "attack", "quiet-after")
     if procs > 1:
-        figures = measure_procs(honest, 4 * honest, procs, phases=phases, log=progress)
+        figures = measure_procs(
+            honest, 4 * honest, procs, phases=phases, log=progress, dropper_misses=dropper_misses
+        )
     else:
-        figures = trio.run(functools.partial(measure, honest, 4 * honest, phases=phases, log=progress))
+        opts = {"dropper_misses": dropper_misses}
+        figures = trio.run(
+            functools.partial(measure, honest, 4 * honest, phases=phases, log=progress, node_opts=opts)
+        )
     result = SuiteResult(
         "attack",
         primary_metric="lease_ms",
         higher_is_better=False,
-        options={"quick": quick, "honest": honest, "sybils": 4 * honest, "processes": procs},
+        options={
+            "quick": quick,
+            "honest": honest,
+            "sybils": 4 * honest,
+            "processes": procs,
+            "dropper_misses": dropper_misses,
+        },
     )
     for phase in phases:
         f = figures[phase]
@@ -580,6 +618,9 @@ def run(quick: bool = False, honest: int = 8, procs: int = 1, **options: Any) ->
         row.add("lease_failures", f["lease_failures"])
         row.add("banned", f["banned"])
         row.add("droppers_pruned", f["droppers_pruned"])
+        for key in ("verdicts_sybil", "verdicts_honest"):
+            if key in f:
+                row.add(key, f[key])
         row.add("sybil_mesh_share", f["sybil_mesh_share"])
         row.add("join_s", figures["join_s"])
         row.add("rss_mib", figures["rss_mib"])
@@ -602,6 +643,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--procs", type=int, default=1, help="worker processes to spread the nodes over (default 1: all here)"
     )
+    parser.add_argument(
+        "--dropper-misses",
+        type=int,
+        default=0,
+        help="honest nodes prune mesh peers that missed this many late adverts in a row (0: off)",
+    )
     parser.add_argument("--out", default="bench-results", help="JSON file or folder")
     # a worker of --procs (started by the parent, not by hand)
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -612,12 +659,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.procs < 1 or args.honest < 2:
         parser.error("--procs must be at least 1 and --honest at least 2")
     if args.worker is not None:
-        trio.run(_worker_main, args.worker, args.procs, args.honest, args.sybils, args.boot, args.window)
+        opts = {"dropper_misses": args.dropper_misses}
+        worker = functools.partial(_worker_main, node_opts=opts)
+        trio.run(worker, args.worker, args.procs, args.honest, args.sybils, args.boot, args.window)
         return 0
-    result = run(args.quick, honest=args.honest, procs=args.procs)
+    result = run(args.quick, honest=args.honest, procs=args.procs, dropper_misses=args.dropper_misses)
     metrics = [
         "advert_reach", "advert_p50_s", "advert_max_s", "lease_ms", "lease_failures", "banned",
-        "droppers_pruned", "sybil_mesh_share",
+        "droppers_pruned", "verdicts_sybil", "verdicts_honest", "sybil_mesh_share",
     ]
     print_table(result, [*metrics, "join_s", "rss_mib"])
     path = write_results(result, args.out)
