@@ -280,7 +280,8 @@ class DiLoCo(torch.optim.Optimizer):
         self.compression = check_codec(compression)
         self.aggregator = Aggregator.of(aggregator)
         # an averager that predates the option still works for the mean
-        self._avg_options: dict[str, Any] = {"aggregator": self.aggregator} if self.aggregator.robust else {}
+        passed = self.aggregator.keeps_rows  # robust, or the mean with its parts checked
+        self._avg_options: dict[str, Any] = {"aggregator": self.aggregator} if passed else {}
         self.timeout = timeout
         self.runner = runner
         self.checkpoint = checkpoint
