@@ -22,10 +22,20 @@ Figures per phase:
 * ``droppers_pruned``: mesh places the honest nodes took from peers that forwarded none of
   the last ``dropper_misses`` adverts (sum over nodes, cumulative);
 * ``sybil_mesh_share``: share of the honest nodes' advert-mesh places held by sybils at the
-  end of the phase.
+  end of the phase;
+* ``verdicts_sybil`` / ``verdicts_honest`` (``--procs``): dropper verdicts the honest nodes
+  and the bootstrap gave against sybils / honest peers so far (``--dropper-misses N`` turns
+  the rule on; 0, the default, leaves it off);
+* ``load_avg``: the machine's one-minute load average at the end of the phase (two cores
+  here: far above 2, the figures measure CPU starvation more than the protocol).
 
-Runnable as ``python -m benchmarks.attack [--quick] [--honest 8] [--out PATH]``;
-tests/test_attack_sybil.py runs :func:`measure` at a small scale.
+``--procs N`` spreads the honest nodes and the sybils over N worker processes (one trio loop
+and several hosts each, JSON lines to this process, which only orchestrates), so the swarm
+is not limited by one Python thread validating every advert for 80 hosts.
+
+Runnable as ``python -m benchmarks.attack [--quick] [--honest 8] [--procs N]
+[--dropper-misses N] [--out PATH]``; tests/test_attack_sybil.py runs :func:`measure` at a
+small scale.
 """
 
 from __future__ import annotations
@@ -296,6 +306,7 @@ async def measure(
                     "banned": _banned(swarm),
                     "droppers_pruned": _pruned(swarm),
                     "sybil_mesh_share": _sybils_in_meshes(swarm),
+                    "load_avg": os.getloadavg()[0],  # the box's run queue: is this CPU starvation?
                 }
                 log(f"{phase}: {out[phase]}")
                 nursery.cancel_scope.cancel()
@@ -561,6 +572,7 @@ def measure_procs(
                     "droppers_pruned": sum(s["pruned"] for s in stats),
                     "verdicts_sybil": sum(s["verdicts_sybil"] for s in stats),
                     "verdicts_honest": sum(s["verdicts_honest"] for s in stats),
+                    "load_avg": os.getloadavg()[0],  # the box's run queue: is this CPU starvation?
                     "sybil_mesh_share": held / max(1, total),
                 }
                 out["rss_mib"] = max(s["rss_mib"] for s in stats)
@@ -618,7 +630,7 @@ def run(
         row.add("lease_failures", f["lease_failures"])
         row.add("banned", f["banned"])
         row.add("droppers_pruned", f["droppers_pruned"])
-        for key in ("verdicts_sybil", "verdicts_honest"):
+        for key in ("verdicts_sybil", "verdicts_honest", "load_avg"):
             if key in f:
                 row.add(key, f[key])
         row.add("sybil_mesh_share", f["sybil_mesh_share"])
@@ -666,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.quick, honest=args.honest, procs=args.procs, dropper_misses=args.dropper_misses)
     metrics = [
         "advert_reach", "advert_p50_s", "advert_max_s", "lease_ms", "lease_failures", "banned",
-        "droppers_pruned", "verdicts_sybil", "verdicts_honest", "sybil_mesh_share",
+        "droppers_pruned", "verdicts_sybil", "verdicts_honest", "sybil_mesh_share", "load_avg",
     ]
     print_table(result, [*metrics, "join_s", "rss_mib"])
     path = write_results(result, args.out)
