@@ -87,7 +87,8 @@ async def test_sybils_that_drop_are_pruned_from_the_mesh_and_scored_down() -> No
             boot = await stack.enter_async_context(open_node(role="bootstrap", **opts))
             writer = await stack.enter_async_context(open_node(bootstrap=boot.addrs, **opts))
             victim = await stack.enter_async_context(
-                open_node(bootstrap=boot.addrs, **{**opts, "dropper_misses": 2})
+                # every relayed advert counts (dropper_late 0): here they arrive in time
+                open_node(bootstrap=boot.addrs, **{**opts, "dropper_misses": 2, "dropper_late": 0})
             )
             sybils = []
             for _ in range(3):

@@ -118,3 +118,62 @@ def test_the_penalty_is_one_verdict_at_most_and_decays() -> None:
         watch.decay(0.99)
     assert watch.penalty("sybil") == 0.0
     assert watch.verdicts("sybil") == 3  # the count stays
+
+
+# one message under the ``late`` rule: (forwarder, age in s, tenure of each mesh peer in s,
+# the honest mesh peers that had it before us and so forwarded it to us too)
+late_messages = st.lists(
+    st.tuples(
+        st.sampled_from(PEERS[:3]),
+        st.floats(0.0, 10.0),
+        st.fixed_dictionaries({p: st.floats(0.0, 10.0) for p in PEERS}),
+        st.sets(st.sampled_from(PEERS[:3])),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(msgs=late_messages, misses=st.integers(1, 4), late=st.floats(0.5, 5.0))
+def test_under_the_late_rule_only_late_messages_count_and_only_against_old_mesh_peers(
+    msgs: list[tuple[str, float, dict[str, float], set[str]]], misses: int, late: float
+) -> None:
+    """Honest peers a, b, c forward what they had before us (any message, in time or not);
+    d and e drop everything. The rule's premise: a message that reached us ``late`` had
+    reached an honest peer in our mesh since before it was written earlier than us. Then a
+    peer is counted only for late messages and only if it sat in our mesh since before the
+    message was written, exactly ``misses`` in a row make a verdict, and no honest peer is
+    ever found, whatever the race of in-time messages."""
+    mesh = set(PEERS)
+    watch = DeliveryWatch(misses=misses, late=late)
+    owed = dict.fromkeys(PEERS, 0)  # late messages each peer failed to forward, in a row
+    for forwarder, age, tenure, had in msgs:
+        if age >= late:  # the premise: honest old mesh peers had it before us
+            had = had | {p for p in PEERS[:3] if tenure[p] >= age}
+        watch.accepted(TOPIC, forwarder, "w", mesh, age=age, tenure=tenure)
+        for p in had:
+            watch.delivered(TOPIC, p, "w")
+        for p in PEERS:
+            if p == forwarder or p in had:
+                owed[p] = 0
+            elif age >= late and tenure[p] >= age:
+                owed[p] += 1
+        found = {peer for _, peer in watch.droppers({TOPIC: mesh})}
+        assert found == {p for p in PEERS if owed[p] >= misses}
+        assert not found & set(PEERS[:3])
+        for p in found:
+            owed[p] = 0
+
+
+def test_in_time_messages_never_count_and_droppers_are_found_on_late_ones() -> None:
+    watch = DeliveryWatch(misses=2, late=2.0)
+    for _ in range(10):  # in time: the sybil may simply have had it from us
+        watch.accepted(TOPIC, "a", "w", {"a", "sybil", "newcomer"}, age=0.5, tenure={"sybil": 60.0})
+    assert watch.droppers() == []
+    for _ in range(2):  # late: the sybil sat in our mesh all along and forwarded nothing
+        watch.accepted(
+            TOPIC, "a", "w", {"a", "sybil", "newcomer"}, age=3.0, tenure={"sybil": 60.0, "newcomer": 1.0}
+        )
+    assert watch.droppers() == [(TOPIC, "sybil")]  # the newcomer joined after the adverts left
+    with pytest.raises(ValueError, match="late"):
+        DeliveryWatch(late=-1.0)

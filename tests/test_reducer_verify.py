@@ -12,31 +12,55 @@ from __future__ import annotations
 import pytest
 import torch
 import trio
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from p2pcompute.collective import RoundOutcome, Timeouts
 from p2pcompute.collective.aggregate import Aggregator, aggregate
 from p2pcompute.collective.buffers import roundtrip_part
-from p2pcompute.collective.verify import check_part, part_digest, sample_positions
+from p2pcompute.collective.verify import (
+    check_part,
+    codec_error,
+    part_digest,
+    sample_positions,
+    trace_tensor,
+)
 from tests.test_allreduce_integration import GUARD, Peer, run_peers, swarm
 
 KINDS = ["centered_clip", "trimmed_mean"]
 CODECS = ["none", "fp16", "bf16", "int8"]
 
 
-def _honest(
+def _agg(kind: str) -> Aggregator:
+    return Aggregator(kind, echo=True)  # the mean keeps and echoes its rows only when asked
+
+
+def _honest_traced(
     kind: str, rows: torch.Tensor, weights: list[float], codec: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the part as members land it, the echo as members land it) from an honest reducer."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(part, echo, CenteredClip trace) as members land them from an honest reducer."""
     seen = rows.clone()
     for r in seen:  # each contribution went through the codec on its way to the reducer
         roundtrip_part(codec, r)
     part = torch.empty(rows.shape[1])
-    aggregate(seen, weights, part, Aggregator(kind))
+    done = aggregate(seen, weights, part, _agg(kind))
     roundtrip_part(codec, part)
-    echo = seen.clone()
-    roundtrip_part(codec, echo.view(-1))
+    echo = seen.clone()  # exact: sent as float32 bits, which no codec rounds
+    return part, echo, trace_tensor(done, rows.shape[0], _agg(kind).iterations)
+
+
+def _mine(
+    codec: str, own: torch.Tensor, pos: torch.Tensor, index: int
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """What a member passes as ``mine``: its index, its values there, their codec error bound."""
+    return index, own[pos], codec_error(codec, [own], pos)
+
+
+def _honest(
+    kind: str, rows: torch.Tensor, weights: list[float], codec: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the part as members land it, the echo as members land it) from an honest reducer."""
+    part, echo, _ = _honest_traced(kind, rows, weights, codec)
     return part, echo
 
 
@@ -57,18 +81,21 @@ def test_an_honest_part_passes_and_a_shifted_one_is_refuted(
     weights = [float(w) for w in torch.rand(n, generator=gen) + 0.5]
     part, echo = _honest(kind, rows, weights, codec)
     pos = sample_positions(part_digest(part), m)
-    mine = (n - 1, rows[n - 1][pos])
-    assert check_part(Aggregator(kind), part[pos], echo[:, pos], weights, codec=codec, mine=mine) is None
+    mine = _mine(codec, rows[n - 1], pos, n - 1)
+    err = codec_error(codec, [part], pos)
+    assert check_part(Aggregator(kind), part[pos], echo[:, pos], weights, part_error=err, mine=mine) is None
     # a lie on every position: pushed well outside every contribution
     lie = part + 10 * float(rows.abs().max())
     pos = sample_positions(part_digest(lie), m)
-    assert check_part(Aggregator(kind), lie[pos], echo[:, pos], weights, codec=codec) is not None
+    err = codec_error(codec, [lie], pos)
+    assert check_part(Aggregator(kind), lie[pos], echo[:, pos], weights, part_error=err) is not None
     # a reducer that misreports our input is caught by us
     forged = echo.clone()
     forged[n - 1] += 10 * float(rows.abs().max())
     pos = sample_positions(part_digest(part), m)
-    mine = (n - 1, rows[n - 1][pos])
-    refuted = check_part(Aggregator(kind), part[pos], forged[:, pos], weights, codec=codec, mine=mine)
+    mine = _mine(codec, rows[n - 1], pos, n - 1)
+    err = codec_error(codec, [part], pos)
+    refuted = check_part(Aggregator(kind), part[pos], forged[:, pos], weights, part_error=err, mine=mine)
     assert refuted is not None
 
 
@@ -137,3 +164,89 @@ async def test_a_lying_reducer_is_refuted_blamed_excluded_and_kept_out_of_the_ne
         assert liar_id not in r2.participants
         assert stats.get("blocked_blamed", 0) >= 1
         assert liar_id in p.coll.blocked_peers()
+
+
+def _rows(gen: torch.Generator, n: int, m: int, scale: float, tail: str) -> torch.Tensor:
+    """Contributions: Gaussian, heavy-tailed (a few huge coordinates), or with one x1000 outlier."""
+    rows = scale * torch.randn(n, m, generator=gen)
+    if tail == "spiky":
+        spikes = torch.rand(n, m, generator=gen) < 0.02
+        rows[spikes] *= 1000.0
+    elif tail == "outlier":
+        rows[0] = -1000.0 * rows[0]
+    return rows
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 7),
+    m=st.integers(1, 400),
+    kind=st.sampled_from(["mean", *KINDS]),
+    codec=st.sampled_from(CODECS),
+    seed=st.integers(0, 2**31),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    tail=st.sampled_from(["gauss", "spiky", "outlier"]),
+    mix=st.floats(0.05, 0.95),
+)
+def test_lies_inside_the_range_are_refuted_and_honest_parts_never(
+    n: int, m: int, kind: str, codec: str, seed: int, scale: float, tail: str, mix: float
+) -> None:
+    """Every aggregator, traced: honest parts pass (any codec, heavy tails, outliers); a part
+    moved towards one of the rows (so still inside the rows' range) is refuted wherever it
+    differs beyond the codec's rounding at a sampled position. Without the trace, the
+    CenteredClip check (the range) lets such a lie through: the case issue #14 left open."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = _rows(gen, n, m, scale, tail)
+    assume(codec != "fp16" or float(rows.abs().max()) < 6e4)  # fp16 itself overflows past 65504
+    weights = [float(w) for w in torch.rand(n, generator=gen) + 0.5]
+    agg = _agg(kind)
+    part, echo, trace = _honest_traced(kind, rows, weights, codec)
+    pos = sample_positions(part_digest(part), m)
+    mine = _mine(codec, rows[n - 1], pos, n - 1)
+    err = codec_error(codec, [part], pos)
+    honest = check_part(agg, part[pos], echo[:, pos], weights, part_error=err, mine=mine, trace=trace)
+    assert honest is None, honest
+    # the lie: a convex mix of the honest part and one row, inside the range of the rows
+    j = int(torch.randint(n, (1,), generator=gen))
+    lie = part + mix * (echo[j] - part)
+    lpos = sample_positions(part_digest(lie), m)
+    lerr = codec_error(codec, [lie], lpos)
+    refuted = check_part(agg, lie[lpos], echo[:, lpos], weights, part_error=lerr, trace=trace)
+    slack = 2 * lerr + 1e-4 * echo[:, lpos].abs().amax(dim=0).double()
+    if bool(((lie[lpos] - part[lpos]).abs().double() > slack).any()):  # beyond the codec's rounding
+        assert refuted is not None
+        if kind == "centered_clip":  # the range alone (no trace) lets it through
+            assert check_part(agg, lie[lpos], echo[:, lpos], weights, part_error=lerr) is None
+
+
+def test_a_reducer_that_understates_an_outliers_distance_is_refuted() -> None:
+    """A CenteredClip reducer that declares a far row close (so it is not clipped) and sends
+    the part that trace gives: the part agrees with the trace, but the declared distance is
+    below the row's distance over the sampled positions alone."""
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(5, 200, generator=gen)
+    rows[0] *= -1000.0  # a sign-flipped, scaled contribution
+    weights = [1.0] * 5
+    agg = Aggregator("centered_clip")
+    part = torch.empty(200)
+    done = aggregate(rows, weights, part, agg)
+    assert 0 in done.clipped
+    # the forged trace: row 0 as close as tau at every iteration (factor 1: not clipped)
+    forged = type(done)(done.tau, done.factors, tuple((done.tau, *it[1:]) for it in done.norms))
+    v = rows.median(dim=0).values.double()
+    for it in forged.norms:  # the part under the forged trace, everywhere
+        step = torch.zeros_like(v)
+        for i, declared in enumerate(it):
+            step += 0.2 * min(1.0, forged.tau / declared) * (rows[i].double() - v)
+        v = v + step
+    lie = v.float()
+    pos = sample_positions(part_digest(lie), 200)
+    why = check_part(agg, lie[pos], rows[:, pos], weights, trace=trace_tensor(forged, 5, agg.iterations))
+    assert "declared distance" in str(why)
+    # a forged tau, and a malformed trace, are refuted too
+    bad_tau = type(done)(done.tau * 2, done.factors, done.norms)
+    pos = sample_positions(part_digest(part), 200)
+    why = check_part(agg, part[pos], rows[:, pos], weights, trace=trace_tensor(bad_tau, 5, agg.iterations))
+    assert "tau" in str(why)
+    short = trace_tensor(done, 5, agg.iterations)[:-1]
+    assert "trace" in str(check_part(agg, part[pos], rows[:, pos], weights, trace=short))

@@ -59,7 +59,10 @@ class Aggregator:
     against its sender when its final clip factor is below ``count_below`` (it lay more than
     ``tau / count_below`` from the centre: with ``tau`` the median distance, honest rows rarely
     do); ``blame_after``: a sender counted so in this many consecutive rounds is blamed
-    (``None``: never).
+    (``None``: never). ``echo``: the reducer keeps every contribution of its part and sends a
+    sample of them with the part, so members check it (p2pcompute.collective.verify); ``None``
+    means on for the robust kinds (which keep the rows anyway) and off for the mean (about one
+    more copy of the tensors on each reducer).
 
     Example::
 
@@ -77,6 +80,7 @@ class Aggregator:
     weight_cap: float = 4.0
     count_below: float = 0.5
     blame_after: int | None = 3
+    echo: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in AGGREGATORS:
@@ -116,6 +120,17 @@ class Aggregator:
         """Whether the reducer needs every contribution of its part at once (not ``"mean"``)."""
         return self.kind != "mean"
 
+    @property
+    def keeps_rows(self) -> bool:
+        """Whether the reducer keeps a row per contribution and echoes a sample (robust, or ``echo``).
+
+        Example::
+
+            >>> Aggregator("mean").keeps_rows, Aggregator("mean", echo=True).keeps_rows
+            (False, True)
+        """
+        return self.robust if self.echo is None else (self.robust or self.echo)
+
 
 @dataclass(frozen=True)
 class Aggregated:
@@ -123,7 +138,10 @@ class Aggregated:
 
     ``factors[i]`` is ``min(1, tau / ||x_i - v||)`` at the last iteration (1.0 for every row of
     a mean or a trimmed mean); ``clipped`` lists the rows whose factor is below 1,
-    :meth:`counted` those below a threshold (``Aggregator.count_below``).
+    :meth:`counted` those below a threshold (``Aggregator.count_below``). ``norms[t][i]``
+    (CenteredClip) is ``||x_i - v||`` at iteration ``t``, over the whole part: with ``tau`` it
+    determines the result at any position from the rows there (what a reducer declares so that
+    members can recompute its part, p2pcompute.collective.verify).
 
     Example::
 
@@ -133,6 +151,7 @@ class Aggregated:
 
     tau: float
     factors: tuple[float, ...]
+    norms: tuple[tuple[float, ...], ...] = ()
 
     @property
     def clipped(self) -> tuple[int, ...]:
@@ -211,26 +230,30 @@ def _centered_clip(
     d = torch.empty_like(v)
     step = torch.empty_like(v)
     tau = spec.tau
+    norms: list[tuple[float, ...]] = []
     if tau is None:
         dists = []
         for i in range(n):
             torch.sub(rows[i], v, out=d)
             dists.append(float(torch.linalg.vector_norm(d)))
         tau = spec.tau_scale * sorted(dists)[(n - 1) // 2]
+        if not tau > 0:  # at least half the rows sit on the centre: it is the answer
+            zeros = (0.0,) * n
+            return Aggregated(0.0, (1.0,) * n, (tuple(dists),) + (zeros,) * (spec.iterations - 1))
     factors = [1.0] * n
-    if not tau > 0:  # at least half the rows sit on the centre: it is the answer
-        return Aggregated(0.0, tuple(factors))
     for _ in range(spec.iterations):
         step.zero_()
+        these = [0.0] * n
         for i in range(n):
+            torch.sub(rows[i], v, out=d)
+            norm = these[i] = float(torch.linalg.vector_norm(d))
             if alphas[i] == 0:
                 continue
-            torch.sub(rows[i], v, out=d)
-            norm = float(torch.linalg.vector_norm(d))
             factors[i] = min(1.0, tau / norm) if norm > 0 else 1.0
             step.add_(d, alpha=alphas[i] * factors[i])
+        norms.append(tuple(these))
         v.add_(step)
-    return Aggregated(tau, tuple(factors))
+    return Aggregated(tau, tuple(factors), tuple(norms))
 
 
 def _trimmed_mean(rows: torch.Tensor, out: torch.Tensor, spec: Aggregator) -> Aggregated:

@@ -57,7 +57,15 @@ from p2pcompute.collective.roundcore import (
     StopTransfers,
     Timeouts,
 )
-from p2pcompute.collective.verify import check_part, part_digest, sample_positions
+from p2pcompute.collective.verify import (
+    check_part,
+    codec_error,
+    echo_tensor,
+    part_digest,
+    read_echo,
+    sample_positions,
+    trace_tensor,
+)
 from p2pcompute.deadlines import give_up_after
 from p2pcompute.errors import (
     ConfigError,
@@ -187,6 +195,7 @@ class RoundDriver:
         # robust aggregators: every contributor's slice of our part, one row each
         self._rows_base: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
+        self.aggregated: Aggregated | None = None  # what our last aggregation did (its trace)
         self.clipped: tuple[str, ...] = ()  # senders we clipped in the last aggregation
         self._acc_lock = threading.Lock()
         self._decided = trio.Event()
@@ -369,8 +378,9 @@ class RoundDriver:
             self._acc_base = self.scratch.take("acc", end - start, self.dtype, self.device)
         acc = self.acc = self._acc_base[: end - start]
         self.rows = None
+        self.aggregated = None
         self.clipped = ()
-        if self.agg.robust:
+        if self.agg.keeps_rows:
             await self._stack_rows(att, start, end)
         elif att.me in plan.contributors:
             alpha = plan.weight_of(att.me) / plan.weight_total
@@ -577,10 +587,13 @@ class RoundDriver:
 
             def sample() -> None:
                 pos = sample_positions(part_digest(_joined(mine)), end - start)
-                echo.append(rows[:, pos].to(torch.float32))
+                echo.append(echo_tensor(rows[:, pos]))
 
             await _offload(self.acc, sample)
             shards = {**shards, "v": echo[0]}
+            if self.agg.kind == "centered_clip" and self.aggregated is not None:
+                # the trace: tau and every distance, so members can replay the clipping there
+                shards["w"] = trace_tensor(self.aggregated, len(att.plan.contributors), self.agg.iterations)
         for peer in att.others:
             assert self._transfers is not None
             self._transfers.start_soon(self._send, att, peer, "p", shards)
@@ -602,6 +615,7 @@ class RoundDriver:
                 acc.copy_(out)
 
         await _offload(rows, work)
+        self.aggregated = done[0]
         if self.faults.tamper_part is not None:  # the test seam: a reducer that lies about its part
             self.faults.tamper_part(acc)
         seen = {c for c in contributors if c != att.me}
@@ -627,12 +641,13 @@ class RoundDriver:
         start, end = att.plan.part_of(reducer)
         into = self._shards(start, end, None)
         echoed = self.rows is not None
+        extra = ({"v", "w"} if self.agg.kind == "centered_clip" else {"v"}) if echoed else set()
         try:
             got = await self.lane.receive(reducer, self._tag(att, "p"), into=into)
-            if set(got) != set(into) | ({"v"} if echoed else set()):
+            if set(got) != set(into) | extra:
                 raise IntegrityError("averaged part with the wrong shards", peer=reducer)
             if echoed:
-                await self._verify_part(att, reducer, start, end, list(into.values()), got["v"])
+                await self._verify_part(att, reducer, start, end, list(into.values()), got["v"], got.get("w"))
         except _TRANSFER_ERRORS as exc:
             self._failed(att, reducer, exc)
             return
@@ -640,7 +655,7 @@ class RoundDriver:
 
     async def _verify_part(
         self, att: AttemptCore, reducer: str, start: int, end: int, part: list[torch.Tensor],
-        echo: torch.Tensor,
+        echo: torch.Tensor, trace: torch.Tensor | None = None,
     ) -> None:
         """Check ``reducer``'s part against its echo (p2pcompute.collective.verify); raise
         :class:`IntegrityError` naming it when the part fails."""
@@ -651,12 +666,17 @@ class RoundDriver:
         def check() -> None:
             joined = _joined(part)
             pos = sample_positions(part_digest(joined), end - start)
+            rows = read_echo(echo, len(contributors), pos.numel())
+            if isinstance(rows, str):
+                why.append(rows)
+                return
             mine = None
             if att.me in contributors:
-                mine = (contributors.index(att.me), self.flat[start:end][pos])
+                own = self.flat[start:end]
+                mine = (contributors.index(att.me), own[pos], codec_error(self.codec, [own], pos))
             why.append(check_part(
-                self.agg, joined[pos], echo, [plan.weight_of(c) for c in contributors],
-                codec=self.codec, mine=mine,
+                self.agg, joined[pos], rows, [plan.weight_of(c) for c in contributors],
+                part_error=codec_error(self.codec, part, pos), mine=mine, trace=trace,
             ))
 
         await _offload(self.flat[start:end], check)
@@ -749,8 +769,8 @@ class Rounds:
         agg = Aggregator.of(aggregator)
         members = [c.peer_id for c in group.members]
         round_id = f"{run}|{round_key}|{group.digest}"
-        if agg.robust:  # members that aggregate differently never mix their transfers
-            round_id += f"|{agg.kind}"
+        if agg.keeps_rows:  # members that aggregate differently never mix their transfers
+            round_id += f"|{agg.kind}" if agg.robust else f"|{agg.kind}-echo"
         if round_id in self._rounds:
             raise ConfigError(f"round {round_id!r} is already running")
         weights = [c.weight for c in group.members]

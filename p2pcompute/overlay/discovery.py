@@ -60,6 +60,7 @@ from p2pcompute.overlay.topics import Subscription
 
 log = logging.getLogger(__name__)
 _ISSUED_MEMORY = 64  # adverts of ours remembered byte for byte (older ones: by sequence range)
+_BORN_MEMORY = 8192  # peers whose newest advert's issue time we keep (the dropper rule)
 _CLONE_MEMORY = 16  # addresses of other processes with our key kept for status pages
 
 
@@ -143,6 +144,7 @@ class Discovery:
         # what we issued, to tell our adverts from those of another process with our key
         self._first_seq = self._seq
         self._issued: OrderedDict[int, bytes] = OrderedDict()  # seq -> raw, the newest few
+        self._born: dict[str, float] = {}  # peer -> issue time of its newest accepted advert
         self._started = clock()
         self.clones: dict[str, float] = {}  # address of another process with our key -> last seen
         self._published_capacity: Capacity | None = None
@@ -360,10 +362,23 @@ class Discovery:
             self.blame(via)
             return False
         if outcome in ("new", "updated"):
+            self._born.pop(advert.peer_id, None)  # newest last: the oldest goes first past the cap
+            self._born[advert.peer_id] = advert.issued
+            if len(self._born) > _BORN_MEMORY:
+                self._born.pop(next(iter(self._born)))
             self._notify()
         elif outcome == "own":
             self.check_own(advert, via=via)
         return True
+
+    def advert_age(self, peer: str) -> float | None:
+        """Seconds since ``peer`` issued its newest advert we accepted (by its clock against
+        ours), or ``None``; the dropper rule counts only adverts that reached us late. Example::
+
+            discovery.advert_age(peer)     # 0.3
+        """
+        issued = self._born.get(peer)
+        return None if issued is None else self._clock() - issued
 
     def check_own(self, advert: Advert, *, via: str | None) -> bool:
         """Whether ``advert`` (checked, for our peer id) came from another process with our key.
@@ -477,6 +492,10 @@ class Discovery:
             self.blame(blame)
             return False
         if outcome in ("new", "updated"):
+            self._born.pop(advert.peer_id, None)  # newest last: the oldest goes first past the cap
+            self._born[advert.peer_id] = advert.issued
+            if len(self._born) > _BORN_MEMORY:
+                self._born.pop(next(iter(self._born)))
             self._notify()
         elif outcome == "own":
             self.check_own(advert, via=blame)

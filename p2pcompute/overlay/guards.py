@@ -326,8 +326,14 @@ def watch_deliveries(
     watch: DeliveryWatch,
     topics: Callable[[], set[str]],
     on_dropper: Callable[[str, str], None] = lambda _topic, _peer: None,
+    *,
+    age: Callable[[str], float | None] = lambda _origin: None,
 ) -> None:
     """Feed ``watch`` from ``pubsub`` and prune the droppers it finds at every GossipSub heartbeat.
+
+    ``age(origin)``: seconds since ``origin`` wrote its newest message we accepted (the
+    advert's issue time); with the mesh peers' tenure (how long each has been in our mesh,
+    seen at messages and heartbeats) it feeds :class:`DeliveryWatch`'s ``late`` rule.
 
     Every valid message on ``topics()`` that reaches us (first or again) is reported with
     its forwarder, origin and our mesh at that moment. Before each heartbeat's mesh upkeep,
@@ -346,6 +352,16 @@ def watch_deliveries(
 
     own = pubsub.host.get_id()
     original_push = pubsub.push_msg
+    joined: dict[str, dict[str, float]] = {}  # topic -> mesh peer -> when we first saw it there
+
+    def tenure(topic: str, mesh: set[str]) -> dict[str, float]:
+        now = _time.monotonic()
+        since = joined.setdefault(topic, {})
+        for gone in set(since) - mesh:
+            del since[gone]
+        for peer in mesh:
+            since.setdefault(peer, now)
+        return {peer: now - t for peer, t in since.items()}
 
     async def push_msg(msg_forwarder: Any, msg: Any) -> None:
         watched = topics()
@@ -367,7 +383,7 @@ def watch_deliveries(
                 watch.delivered(topic, forwarder, origin)
             else:
                 mesh = {str(p.to_base58()) for p in gossipsub.mesh.get(topic, ())}
-                watch.accepted(topic, forwarder, origin, mesh)
+                watch.accepted(topic, forwarder, origin, mesh, age=age(origin), tenure=tenure(topic, mesh))
 
     pubsub.push_msg = push_msg
     original_heartbeat = gossipsub.mesh_heartbeat
@@ -387,6 +403,8 @@ def watch_deliveries(
             on_dropper(topic, name)
         watch.decay(DROPPER_DECAY)
         to_graft, to_prune = original_heartbeat()
+        for topic in topics():
+            tenure(topic, {str(p.to_base58()) for p in gossipsub.mesh.get(topic, ())})
         for topic, peer in pruned:
             if topic not in to_prune[peer]:
                 to_prune[peer].append(topic)

@@ -113,6 +113,7 @@ class Libp2pStack:
         on_connections: Callable[[], None],
         on_malformed_rpc: Callable[[str, RemoteProtocolError], None],
         app_score: Callable[[str], float] = lambda _peer: 0.0,
+        advert_age: Callable[[str], float | None] = lambda _peer: None,
     ) -> None:
         from libp2p import new_host
         from libp2p.network.config import ConnectionConfig
@@ -129,7 +130,7 @@ class Libp2pStack:
         self._app_score_fn = app_score
         # mesh peers that forward nothing on the watched topics (GossipSub's P3, missing in 0.8.1)
         # off by default (dropper_misses 0): see NodeConfig and docs/design/threat-model.md
-        self.deliveries = DeliveryWatch(misses=config.dropper_misses or 8)
+        self.deliveries = DeliveryWatch(misses=config.dropper_misses or 8, late=config.dropper_late or None)
         self.watched_topics: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._rates = RateLimiter(rate=config.stream_rate, burst=config.stream_burst)
@@ -193,7 +194,12 @@ class Libp2pStack:
         )
         if config.dropper_misses:
             guards.watch_deliveries(
-                self.pubsub, self.gossipsub, self.deliveries, lambda: self.watched_topics, self._on_dropper
+                self.pubsub,
+                self.gossipsub,
+                self.deliveries,
+                lambda: self.watched_topics,
+                self._on_dropper,
+                age=advert_age,
             )
         network.register_notifee(_connection_watch(on_connections, self._on_connected, self._on_disconnected))
         self.relay = CircuitRelay(self.host, config)

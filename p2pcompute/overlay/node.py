@@ -120,6 +120,7 @@ class Node:
             on_connections=self._on_connections,
             on_malformed_rpc=lambda peer, exc: self._discovery.report_offence(peer, exc),
             app_score=lambda peer: -config.offence_weight * self.peers.offence_total(peer),
+            advert_age=lambda peer: self._discovery.advert_age(peer),
         )
         self.host: Any = self._stack.host  # for the tensor lane and tests; prefer the methods below
         self.pubsub: Any = self._stack.pubsub

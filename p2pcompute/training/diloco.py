@@ -309,7 +309,8 @@ class DiLoCo(torch.optim.Optimizer):
         self.compression = check_codec(compression)
         self.aggregator = Aggregator.of(aggregator)
         # an averager that predates the option still works for the mean
-        self._avg_options: dict[str, Any] = {"aggregator": self.aggregator} if self.aggregator.robust else {}
+        passed = self.aggregator.keeps_rows  # robust, or the mean with its parts checked
+        self._avg_options: dict[str, Any] = {"aggregator": self.aggregator} if passed else {}
         if weight_cap is not None:
             if not (math.isfinite(weight_cap) and weight_cap >= 1):
                 raise ConfigError(f"weight_cap must be finite and >= 1, not {weight_cap!r}")

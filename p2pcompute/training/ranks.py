@@ -93,7 +93,7 @@ class ShardedAverager:
             try:
                 outcome = await self.inner.average(
                     views, weight=weight, round_id=round_id, compression=compression, timeout=timeout,
-                    **({"aggregator": aggregator} if Aggregator.of(aggregator).robust else {}),
+                    **({"aggregator": aggregator} if Aggregator.of(aggregator).keeps_rows else {}),
                 )
                 message = "\n".join(outcome.participants).encode()
                 status[0] = 1
