@@ -178,6 +178,10 @@ class CollectiveAverager:
 class SwarmDiLoCo(DiLoCo):
     """DiLoCo bound to a :class:`Swarm`: publishes its state and re-syncs when left behind."""
 
+    #: whether joining and re-syncing work with an averager passed to :meth:`Swarm.diloco`
+    #: (a sharded peer's rank 0 hands the state to its other ranks; see training/ranks.py)
+    joins_with_averager = False
+
     def __init__(self, swarm: Swarm, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.swarm = swarm
@@ -197,7 +201,15 @@ class SwarmDiLoCo(DiLoCo):
             report = await step
         except TrainingAlone as exc:  # the step was applied: publish and re-sync, then tell the caller
             alone, report = exc, exc.report
-        if report is not None and self.mode == "diloco":
+        if report is not None:
+            await self._settle(report)
+        if alone is not None:
+            raise alone
+        return report
+
+    async def _settle(self, report: StepReport) -> None:
+        """After an outer step: note the partners, publish the state, re-sync after a solo round."""
+        if self.mode == "diloco":
             now = time.monotonic()
             for peer in report.participants:  # whoever averaged with us trains this run
                 if peer != self.averager.peer_id:
@@ -205,9 +217,6 @@ class SwarmDiLoCo(DiLoCo):
             await self.swarm._apublish(self)
             if report.participants == (self.averager.peer_id,) and self.swarm._network and self.elastic:
                 await self.swarm._resync(self)
-        if alone is not None:
-            raise alone
-        return report
 
 
 class Swarm:
@@ -507,6 +516,7 @@ class Swarm:
         require_join: bool = True,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         averager: Averager | None = None,
+        _cls: type[SwarmDiLoCo] = SwarmDiLoCo,
         **options: Any,
     ) -> SwarmDiLoCo:
         """A DiLoCo optimizer averaging through this swarm, with elastic join and resume.
@@ -522,9 +532,9 @@ class Swarm:
         peer no other trainer of the run is known to skips matchmaking (its report says so).
         ``checkpoint_dir`` writes safetensors checkpoints (:mod:`p2pcompute.training.checkpoint`)
         and resumes from the newest one. ``averager`` replaces the swarm's own averager for this
-        optimizer (a :class:`~p2pcompute.training.ranks.ShardedAverager` wrapping it on rank 0 of
-        an FSDP peer; ``model`` is then that rank's ``(name, local shard)`` pairs and ``join``
-        must be False). Other ``options`` go to :class:`DiLoCo`
+        optimizer (``join`` must then be False; an FSDP peer uses
+        :func:`p2pcompute.training.ranks.sharded_diloco` on every rank, which joins and re-syncs
+        through this method). Other ``options`` go to :class:`DiLoCo`
         (``min_participants``, ``keep_checkpoints``, ``compression``, ``overlap``...).
         With ``overlap=True`` the averaging runs in the swarm's background while the next inner
         phase computes; call ``opt.finish()`` after the last step to land the last round.
@@ -534,14 +544,15 @@ class Swarm:
             opt = swarm.diloco(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
                                inner_steps=50, checkpoint_dir="ckpt", compression="fp16")
         """
-        if averager is not None and join and self._network:
-            raise ConfigError("joining (downloading state) is for unsharded models: pass join=False")
-        opt = SwarmDiLoCo(
+        if averager is not None and join and self._network and not _cls.joins_with_averager:
+            raise ConfigError("joining (downloading state) with your own averager: pass join=False "
+                              "(a sharded peer joins through p2pcompute.training.ranks.sharded_diloco)")
+        opt = _cls(
             self, model, inner_optimizer, averager or self.averager, inner_steps=inner_steps,
             runner=self.call, checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, nursery=self._nursery,
             **options,
         )
-        opt.elastic = averager is None
+        opt.elastic = averager is None or _cls.joins_with_averager
         opt.catch_up = self._catch_up
         if opt.overlap is not None:
             # the background round runs on our trio thread while the training thread holds the GIL

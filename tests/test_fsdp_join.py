@@ -1,0 +1,110 @@
+"""A 2-rank FSDP peer (torchrun, gloo) joins a one-process peer's run mid-way and averages with it.
+
+The one-process peer trains here, through a real Swarm; the sharded peer is
+examples/torchrun_fsdp.py with other initial weights, so it holds the run's state only if its
+rank 0 downloaded it and gave each rank its rows. After the rounds they average together, the
+sharded peer's whole state (gathered on rank 0) must be bit-identical to the one-process peer's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from p2pcompute.testing import TeacherTask, make_model
+from p2pcompute.training.diloco import StepReport
+from p2pcompute.training.swarm import Swarm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+H = 5
+JOINT_ROUNDS = 3
+
+
+def test_fsdp_peer_joins_mid_run_and_averages_bit_identically(tmp_path: Path) -> None:
+    task = TeacherTask(seed=0)
+    model = make_model(seed=0)
+    g = torch.Generator().manual_seed(7)
+    with Swarm(run="toy-fsdp", patience=2.0, matchmaking_timeout=20.0, advert_interval=1.0) as a:
+        opt = a.diloco(model, torch.optim.AdamW(model.parameters(), lr=3e-3), inner_steps=H,
+                       outer_momentum=0.5, join=False)
+
+        def phase() -> StepReport:
+            while True:
+                x, y = task.batch(32, g)
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                report = opt.step(samples=32)
+                opt.zero_grad()
+                if report is not None:
+                    return report
+
+        phase()
+        phase()  # the run is at outer step 2 before the sharded peer starts
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "examples" / "torchrun_fsdp.py"), "--bootstrap", a.addrs[0],
+               "--inner-steps", str(H), "--outer-steps", str(JOINT_ROUNDS), "--seed", "1",
+               "--patience", "2", "--report", str(tmp_path)]
+        events: queue.Queue[dict[str, Any]] = queue.Queue()
+        err = (tmp_path / "stderr.txt").open("w")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+        def read() -> None:  # only rank 0 prints, one JSON line per write
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("{"):
+                    events.put(json.loads(line))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            # Train on alone, a phase at a time (as a peer with more work per phase would),
+            # until the sharded peer has joined: it waits for our next outer step to download.
+            deadline = time.monotonic() + 120
+            joined: dict[str, Any] | None = None
+            while joined is None:
+                assert time.monotonic() < deadline, "the sharded peer did not join"
+                assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+                phase()
+                try:
+                    joined = events.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+            assert joined["event"] == "joined"
+            assert joined["outer_step"] >= 3  # it took the run's state, not its own weights
+            target = joined["outer_step"] + JOINT_ROUNDS
+            reports = []
+            while opt.outer_step < target:
+                reports.append(phase())
+            assert proc.wait(timeout=120) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            err.close()
+        reader.join(10)
+        theirs = []
+        while not events.empty():
+            theirs.append(events.get())
+        (done,) = [e for e in theirs if e["event"] == "done"]
+        outer = [e for e in theirs if e["event"] == "outer"]
+        assert done["outer_step"] == opt.outer_step == target
+        assert len(reports[-1].participants) == 2, reports[-1]
+        assert len(outer[-1]["participants"]) == 2, outer
+        assert done["state_digest"] == opt.state_digest().hex()
+        # both ranks finished the same steps (each wrote its own file)
+        ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert [r["outer_step"] for r in ranks] == [target, target]
