@@ -105,6 +105,8 @@ def test_fsdp_peer_joins_mid_run_and_averages_bit_identically(tmp_path: Path) ->
         assert len(reports[-1].participants) == 2, reports[-1]
         assert len(outer[-1]["participants"]) == 2, outer
         assert done["state_digest"] == opt.state_digest().hex()
+        # the collective's round log names a round by the outer step it produced
+        assert a.collective.round_log.recent[-1]["round"] == f"outer-{target}"
         # both ranks finished the same steps (each wrote its own file)
         ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
         assert [r["outer_step"] for r in ranks] == [target, target]

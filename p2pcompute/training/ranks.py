@@ -93,7 +93,7 @@ def _gather_bytes(data: bytes, group: Any) -> list[memoryview] | None:
     dist.gather(buf, parts, group=group, group_dst=0)
     if parts is None:
         return None
-    return [memoryview(p[:n].cpu().numpy()) for p, n in zip(parts, lengths, strict=True)]
+    return [p[:n].cpu().numpy().data for p, n in zip(parts, lengths, strict=True)]
 
 
 def _scatter_bytes(parts: Sequence[bytes] | None, group: Any) -> bytes:
@@ -304,7 +304,8 @@ class ShardedAverager:
         )
 
         outcome = AveragingOutcome((self.peer_id,), total_weight=weight)
-        status = torch.zeros(2, dtype=torch.int64, device=device)  # ok, length of the message
+        # 1: averaged; 0: the round failed; 2: our own misconfiguration (every rank raises it)
+        status = torch.zeros(2, dtype=torch.int64, device=device)  # outcome, length of the message
         message = b""
         failure: P2PComputeError | None = None
         if self.inner is not None:
@@ -326,6 +327,7 @@ class ShardedAverager:
             except P2PComputeError as exc:
                 message = f"{type(exc).__name__}: {exc}".encode()[:MAX_REASON]
                 failure = exc
+                status[0] = 2 if isinstance(exc, ConfigError) else 0
             status[1] = len(message)
         await trio.to_thread.run_sync(lambda: dist.broadcast(status, group=self.group, group_src=0))
         text = torch.zeros(int(status[1].item()), dtype=torch.uint8, device=device)
@@ -333,10 +335,12 @@ class ShardedAverager:
             text.copy_(torch.frombuffer(bytearray(message), dtype=torch.uint8))
         await trio.to_thread.run_sync(lambda: dist.broadcast(text, group=self.group, group_src=0))
         words = bytes(text.cpu().tolist()).decode()
-        if not status[0]:
+        if status[0] != 1:
             self.last_reason = words
             if failure is not None:
                 raise failure
+            if status[0] == 2:  # not a failed round: DiLoCo re-raises it, so every rank stops alike
+                raise ConfigError(f"rank 0 of this peer: {words}")
             raise TaskFailed(f"the peer's averaging round failed on rank 0: {words}")
 
         out = torch.zeros(width, dtype=torch.float32, device=device)

@@ -67,10 +67,20 @@ class JoinFailed(P2PComputeError):
     """Peers of this run hold a newer state but it could not be downloaded (``require_join``)."""
 
 
+class DuplicateIdentity(ConfigError):
+    """Another process uses this peer's key file: the swarm keeps one of the two, the other never averages.
+
+    Raised by :meth:`Swarm.diloco` and at the next outer step of the process that notices (the
+    one hidden from the swarm). Give each process its own key file.
+    """
+
+
 class CollectiveAverager:
     """An :class:`~p2pcompute.training.averager.Averager` over :class:`p2pcompute.collective.Collective`.
 
-    Each round is matched under ``run`` with the key ``outer-<round_id>``; bytes are the
+    Each round is matched under ``run`` with the key ``outer-<n>``, ``n`` the outer step the round
+    produces (``round_id + 1``, the :attr:`StepReport.outer_step` the caller will see, so the
+    collective's log lines and round log name the same number); bytes are the
     lane's bytes sent during the round. ``partners`` (async, optional) counts the peers known
     to train the same run and model: with none, the round is solo at once, without
     matchmaking. A round that finds no group or fails leaves the tensors untouched and raises
@@ -97,7 +107,10 @@ class CollectiveAverager:
         others: Callable[[], int] | None = None,
         partners: Callable[[], Awaitable[int]] | None = None,
         forget: Callable[[Sequence[str]], None] | None = None,
+        identity: Callable[[], None] | None = None,
     ) -> None:
+        #: raises :class:`DuplicateIdentity` before a round when another process uses our key
+        self.identity = identity
         #: told the peers a round left out (dead or silent), so they stop counting as partners
         self.forget = forget
         self.collective = collective
@@ -127,6 +140,8 @@ class CollectiveAverager:
         aggregator: str | Aggregator = "mean",
     ) -> AveragingOutcome:
         check_codec(compression)
+        if self.identity is not None:
+            self.identity()
         if self.others is not None and self.others() == 0:
             # Nobody to average with: do not sit through matchmaking.
             await trio.lowlevel.checkpoint()
@@ -143,7 +158,7 @@ class CollectiveAverager:
         before = self.lane.statistics()
         result = await self.collective.average(
             self.run,
-            f"outer-{round_id}",
+            f"outer-{round_id + 1}",  # the outer step this round produces
             list(tensors),
             weight=weight,
             target=self.target,
@@ -233,7 +248,8 @@ class Swarm:
     Attributes: ``peer_id`` (this peer's id, fixed by its key), ``addrs`` (the multiaddrs it
     listens on, ending in ``/p2p/<peer_id>``: what others pass as ``bootstrap``; empty until
     started or without network), ``run_name``, ``averager`` (the swarm's averager),
-    ``running``; :meth:`peers` lists the other live peers of any run. ``progress``: a callback
+    ``running``; :meth:`peers` lists the other live peers of any run; :meth:`identity_clones`
+    says where another process with this key was seen (:class:`DuplicateIdentity`). ``progress``: a callback
     for the progress of a state download (:mod:`p2pcompute.progress`; it runs on the swarm's
     thread), e.g. ``swarm.progress = progress_renderer()``; by default INFO log lines.
 
@@ -386,7 +402,7 @@ class Swarm:
                     self.collective, self.lane, self.run_name, target=self.group_size,
                     min_size=self.min_group, matchmaking_timeout=self.matchmaking_timeout,
                     patience=self.patience, others=self._count_others, partners=self._count_partners,
-                    forget=self._forget_partners,
+                    forget=self._forget_partners, identity=self._check_identity,
                 )
             # overlapped DiLoCo's background rounds: cancelled first when the swarm closes
             self._nursery = await stack.enter_async_context(trio.open_nursery())
@@ -473,6 +489,30 @@ class Swarm:
         from p2pcompute.observe import metrics_text
 
         return metrics_text(self._observer()[1]).decode()
+
+    def identity_clones(self) -> list[str]:
+        """Addresses at which another process with this peer's key was seen, newest first ([]: none).
+
+        Two processes with one key file share a peer id and the swarm keeps only one of them;
+        the hidden one notices when the other's advert reaches it, and its next outer step (or
+        :meth:`diloco`) raises :class:`DuplicateIdentity`.
+
+        Example::
+
+            if swarm.identity_clones():
+                print("another process uses our key at", swarm.identity_clones()[0])
+        """
+        if not self._network or self.node is None:
+            return []
+        return list(self.node.identity_clones())
+
+    def _check_identity(self) -> None:
+        clones = self.identity_clones()
+        if clones:
+            raise DuplicateIdentity(
+                f"another process uses this peer's key (peer id {self.peer_id}) at {clones[0]}: the swarm "
+                f"keeps only one of them, so this one would never average; give each process its own key file"
+            )
 
     def _count_others(self) -> int:
         return sum(1 for r in self.node.peers.alive() if r.role == "peer" and r.peer_id != self.peer_id)
@@ -571,6 +611,7 @@ class Swarm:
                 log.info("resumed from %s at outer step %d", found.path, opt.outer_step)
         if join and self._network:
             self.call(lambda: self._join(opt, join_timeout, require_join))
+        self._check_identity()
         self.call(lambda: self._apublish(opt))
         return opt
 
