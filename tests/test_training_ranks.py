@@ -111,6 +111,54 @@ SCRIPT = textwrap.dedent(
         assert "not a failed round" in str(exc), exc
     else:
         raise AssertionError("a ConfigError on rank 0 must stop every rank")
+
+    # FSDP (fully_shard): sharded inner steps and DiLoCo on the shards equal DiLoCo on the whole
+    # model, whose gradient is the mean over the ranks' batches
+    import gc
+    from torch.distributed.fsdp import fully_shard
+    from p2pcompute.testing import TeacherTask, make_model
+    from p2pcompute.training.averager import SoloAverager
+    from p2pcompute.training.ranks import fsdp_shards
+    task = TeacherTask(seed=0)
+    model = make_model(seed=0)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    shards = fsdp_shards(model)
+    layout = ShardLayout.build(shards)
+    inner = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    fopt = ShardedDiLoCo([(n, t) for n, t, _ in shards], inner,
+                         ShardedAverager(SoloAverager() if rank == 0 else None, layout=layout),
+                         inner_steps=5, outer_momentum=0.5, layout=layout, runner=trio.run)
+    g = torch.Generator().manual_seed(1000 + rank)
+    while fopt.outer_step < 2:
+        x, y = task.batch(32, g)
+        torch.nn.functional.mse_loss(model(x), y).backward()  # reduce-scatter
+        fopt.step(samples=64)
+        fopt.zero_grad()
+    full = [p.full_tensor().detach() for p in model.parameters()]
+    if rank == 0:
+        x_eval, y_eval = task.eval_set()
+        plain, ref = make_model(seed=0), make_model(seed=0)
+        with torch.no_grad():
+            for p, f in zip(plain.parameters(), full):
+                p.copy_(f)
+        ropt = DiLoCo(ref, torch.optim.AdamW(ref.parameters(), lr=3e-3), SoloAverager(), inner_steps=5,
+                      outer_momentum=0.5, runner=trio.run)
+        gens = [torch.Generator().manual_seed(1000 + r) for r in range(2)]
+        for _ in range(10):
+            xs, ys = zip(*(task.batch(32, gg) for gg in gens))
+            torch.nn.functional.mse_loss(ref(torch.cat(xs)), torch.cat(ys)).backward()
+            ropt.step(samples=64)
+            ropt.zero_grad()
+        with torch.no_grad():
+            got = float(torch.nn.functional.mse_loss(plain(x_eval), y_eval))
+            want = float(torch.nn.functional.mse_loss(ref(x_eval), y_eval))
+        assert abs(got - want) <= 1e-4 * want, (got, want)
+        assert fopt.model_digest() == ropt.model_digest()
+    del model, inner, fopt, shards
+    gc.collect()
     # one file per rank: two ranks printing to one pipe can interleave ("okok 1")
     open(sys.argv[1] + f"/ok{rank}", "w").write(f"ok {rank}")
     dist.barrier()

@@ -39,7 +39,7 @@ shapes_st = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(shapes_st, st.integers(1, 4), st.integers(0, 2**31 - 1))
 def test_rows_round_trip_and_a_sharded_outer_step_is_the_whole_one(
     shapes: list[tuple[int, ...]], world: int, seed: int
