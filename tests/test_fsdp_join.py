@@ -3,11 +3,13 @@
 The one-process peer trains here, through a real Swarm; the sharded peer is
 examples/torchrun_fsdp.py with other initial weights, so it holds the run's state only if its
 rank 0 downloaded it and gave each rank its rows. After the rounds they average together, the
-sharded peer's whole state (gathered on rank 0) must be bit-identical to the one-process peer's.
+sharded peer's whole state (gathered on rank 0) must be bit-identical to the one-process peer's,
+and what it serves to joiners too.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -24,6 +26,7 @@ import torch
 
 from p2pcompute.testing import TeacherTask, make_model
 from p2pcompute.training.diloco import StepReport
+from p2pcompute.training.statesync import download_state
 from p2pcompute.training.swarm import Swarm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +90,18 @@ def test_fsdp_peer_joins_mid_run_and_averages_bit_identically(tmp_path: Path) ->
             assert joined["outer_step"] >= 3  # it took the run's state, not its own weights
             target = joined["outer_step"] + JOINT_ROUNDS
             reports = []
+            digests = {}
             while opt.outer_step < target:
                 reports.append(phase())
+                digests[opt.outer_step] = opt.state_digest()
+                if len(reports) == 2:
+                    # the sharded peer serves the whole state (gathered on its rank 0) to joiners:
+                    # download it from that peer alone, as a joiner would
+                    other = next(p for p in reports[-1].participants if p != a.peer_id)
+                    fetch = functools.partial(download_state, a.node, [other], timeout=30)
+                    served, _ = a.call(fetch, timeout=60)
+            assert served.step > joined["outer_step"]  # published after a round, not the state it took
+            assert served.digest() == digests[served.step]
             assert proc.wait(timeout=120) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
         finally:
             if proc.poll() is None:
