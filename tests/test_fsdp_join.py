@@ -23,10 +23,12 @@ from typing import Any
 
 import pytest
 import torch
+import trio
 
 from p2pcompute.testing import TeacherTask, make_model
 from p2pcompute.training.diloco import StepReport
-from p2pcompute.training.statesync import download_state
+from p2pcompute.training.state import TrainingState
+from p2pcompute.training.statesync import download_state, fetch_manifest
 from p2pcompute.training.swarm import Swarm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +37,18 @@ pytestmark = pytest.mark.slow
 
 H = 5
 JOINT_ROUNDS = 3
+
+
+async def published(swarm: Swarm, peer: str, step: int) -> TrainingState:
+    """The state ``peer`` serves once it has published outer ``step`` (remote progress: polled)."""
+    with trio.fail_after(30):
+        while True:
+            manifest = await fetch_manifest(swarm.node, peer, timeout=10)
+            if manifest is not None and manifest.step >= step:
+                break
+            await trio.sleep(0.05)
+    state, _ = await download_state(swarm.node, [peer], timeout=30)
+    return state
 
 
 def test_fsdp_peer_joins_mid_run_and_averages_bit_identically(tmp_path: Path) -> None:
@@ -74,34 +88,33 @@ def test_fsdp_peer_joins_mid_run_and_averages_bit_identically(tmp_path: Path) ->
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         try:
-            # Train on alone, a phase at a time (as a peer with more work per phase would),
-            # until the sharded peer has joined: it waits for our next outer step to download.
+            # The sharded peer looks at our state (outer step 2), then waits for our next outer
+            # step to download the state right after it. Take that step once it has looked, and
+            # no other until it has joined (else it would join a step behind us).
+            server = a.server
+            assert server is not None
             deadline = time.monotonic() + 120
-            joined: dict[str, Any] | None = None
-            while joined is None:
-                assert time.monotonic() < deadline, "the sharded peer did not join"
+            while server.served_manifests == 0:  # a remote process's progress: polled
+                assert time.monotonic() < deadline, "the sharded peer never asked for our state"
                 assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
-                phase()
-                try:
-                    joined = events.get(timeout=1.0)
-                except queue.Empty:
-                    continue
+                time.sleep(0.05)
+            phase()
+            joined = events.get(timeout=max(1.0, deadline - time.monotonic()))
             assert joined["event"] == "joined"
-            assert joined["outer_step"] >= 3  # it took the run's state, not its own weights
+            assert joined["outer_step"] == opt.outer_step == 3  # the run's state, not its own weights
             target = joined["outer_step"] + JOINT_ROUNDS
             reports = []
-            digests = {}
+            served: TrainingState | None = None
             while opt.outer_step < target:
                 reports.append(phase())
-                digests[opt.outer_step] = opt.state_digest()
                 if len(reports) == 2:
                     # the sharded peer serves the whole state (gathered on its rank 0) to joiners:
-                    # download it from that peer alone, as a joiner would
+                    # download it from that peer alone, as a joiner would (it waits for us in the
+                    # next round, so its snapshot holds still once it has published this step)
                     other = next(p for p in reports[-1].participants if p != a.peer_id)
-                    fetch = functools.partial(download_state, a.node, [other], timeout=30)
-                    served, _ = a.call(fetch, timeout=60)
-            assert served.step > joined["outer_step"]  # published after a round, not the state it took
-            assert served.digest() == digests[served.step]
+                    served = a.call(functools.partial(published, a, other, opt.outer_step), timeout=60)
+                    assert served.digest() == opt.state_digest()
+            assert served is not None
             assert proc.wait(timeout=120) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
         finally:
             if proc.poll() is None:
@@ -115,8 +128,8 @@ def test_fsdp_peer_joins_mid_run_and_averages_bit_identically(tmp_path: Path) ->
         (done,) = [e for e in theirs if e["event"] == "done"]
         outer = [e for e in theirs if e["event"] == "outer"]
         assert done["outer_step"] == opt.outer_step == target
-        assert len(reports[-1].participants) == 2, reports[-1]
-        assert len(outer[-1]["participants"]) == 2, outer
+        assert [len(r.participants) for r in reports] == [2] * JOINT_ROUNDS, reports
+        assert [len(e["participants"]) for e in outer] == [2] * JOINT_ROUNDS, outer
         assert done["state_digest"] == opt.state_digest().hex()
         # the collective's round log names a round by the outer step it produced
         assert a.collective.round_log.recent[-1]["round"] == f"outer-{target}"
