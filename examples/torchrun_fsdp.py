@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                              outer_momentum=args.outer_momentum)
         start = opt.outer_step
         if rank == 0:
-            emit({"event": "joined", "outer_step": start})
+            emit({"event": "start", "outer_step": start})  # after joining, when it joined
         while opt.outer_step < start + args.outer_steps:
             x, y = task.batch(args.batch, g)
             torch.nn.functional.mse_loss(model(x.to(device)), y.to(device)).backward()  # reduce-scatter

@@ -100,7 +100,7 @@ def test_fsdp_peer_joins_mid_run_and_averages_bit_identically(tmp_path: Path) ->
                 time.sleep(0.05)
             phase()
             joined = events.get(timeout=max(1.0, deadline - time.monotonic()))
-            assert joined["event"] == "joined"
+            assert joined["event"] == "start"
             assert joined["outer_step"] == opt.outer_step == 3  # the run's state, not its own weights
             target = joined["outer_step"] + JOINT_ROUNDS
             reports = []
