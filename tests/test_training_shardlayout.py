@@ -64,6 +64,15 @@ def test_rows_round_trip_and_a_sharded_outer_step_is_the_whole_one(
         layout.local_shape(r, 0) for r in range(world)
     ]
     assert layout.join_states(slices).digest() == state.digest()
+    # the same from each rank's raw bytes (what gather_state sends), dtypes of different sizes mixed
+    state.tensors.update({f"outer/p{i}": w.to(torch.bfloat16) for i, w in enumerate(whole)})
+    keys = sorted(state.tensors)
+    raw = [
+        torch.cat([s.tensors[k].reshape(-1).view(torch.uint8) for k in keys])
+        for s in layout.split_state(state)
+    ]
+    got = layout.assemble_raw(keys, [state.tensors[k].dtype for k in keys], raw)
+    assert TrainingState(4, got, {"mode": "diloco"}).digest() == state.digest()
 
     # Nesterov SGD (the outer optimizer) on each rank's rows equals it on the whole tensors, bit for bit
     grads = [torch.randn(s, generator=g) for s in shapes]

@@ -20,8 +20,9 @@ nothing is unsharded). Only rank 0 talks to the swarm. Every rank calls :func:`s
   after a round it averaged alone while others went on) and scatters each rank its rows; every
   rank loads its slice.
 
-Ranks exchange only our safe state format (:class:`~p2pcompute.training.state.TrainingState`
-bytes) and raw tensors over torch's collectives (gloo on CPU, NCCL on GPUs); nothing is pickled.
+Ranks exchange raw tensor bytes (and, for a state rank 0 hands out, our safe
+:class:`~p2pcompute.training.state.TrainingState` format) over torch's collectives (gloo on CPU,
+NCCL on GPUs); nothing is pickled.
 
 Imports torch (``torch.distributed``), trio, errors, and :mod:`.averager`, :mod:`.diloco`,
 :mod:`.state`, :mod:`.swarm`.
@@ -79,21 +80,31 @@ def _broadcast_status(code: int, message: str, group: Any) -> tuple[int, str]:
     return int(head[0].item()), _to_bytes(text).decode(errors="replace")
 
 
-def _gather_bytes(data: bytes, group: Any) -> list[memoryview] | None:
-    """Every rank's ``data`` on rank 0 (in rank order, views of the received buffers); None elsewhere."""
+def _signature(what: object) -> int:
+    """A signed 64-bit fingerprint of ``repr(what)``: the ranks compare it to agree on a layout."""
+    return int.from_bytes(hashlib.sha256(repr(what).encode()).digest()[:8], "big", signed=True)
+
+
+def _gather_raw(flat: torch.Tensor, signature: int, group: Any) -> list[torch.Tensor] | None:
+    """Every rank's bytes ``flat`` (uint8, any length) on rank 0, in rank order; None elsewhere.
+
+    ``signature`` says what the bytes hold (names and dtypes): it must be the same on every rank.
+    """
     dev = _device(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=dev), group=group)
-    lengths = [int(n.item()) for n in sizes]
+    heads = [torch.zeros(2, dtype=torch.int64, device=dev) for _ in range(world)]
+    mine = torch.tensor([flat.numel(), signature], dtype=torch.int64, device=dev)
+    dist.all_gather(heads, mine, group=group)
+    if any(int(h[1].item()) != signature for h in heads):
+        raise LocalProtocolError("the ranks of this peer hold different state tensors")
+    lengths = [int(h[0].item()) for h in heads]
     buf = torch.zeros(max(lengths), dtype=torch.uint8, device=dev)
-    if data:
-        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf[: flat.numel()] = flat
     parts = [torch.zeros_like(buf) for _ in range(world)] if rank == 0 else None
     dist.gather(buf, parts, group=group, group_dst=0)
     if parts is None:
         return None
-    return [p[:n].cpu().numpy().data for p, n in zip(parts, lengths, strict=True)]
+    return [p[:n].cpu() for p, n in zip(parts, lengths, strict=True)]
 
 
 def _scatter_bytes(parts: Sequence[bytes] | None, group: Any) -> bytes:
@@ -148,8 +159,7 @@ class ShardLayout:
                 raise ConfigError(
                     f"parameter {name!r}: a shard of shape {tuple(t.shape)} is not a block of rows of {full}"
                 )
-        h = hashlib.sha256(repr((names, shapes, [str(d) for d in dtypes])).encode())
-        sig = int.from_bytes(h.digest()[:8], "big", signed=True)
+        sig = _signature((names, shapes, [str(d) for d in dtypes]))
         dev = _device(group)
         world = dist.get_world_size(group)
         heads = [torch.zeros(2, dtype=torch.int64, device=dev) for _ in range(world)]
@@ -206,6 +216,33 @@ class ShardLayout:
                 n = self.local_numel(r, i)
                 flat[offset : offset + n].copy_(t.narrow(0, self._start(r, i), self.rows[r][i]).reshape(-1))
                 offset += n
+
+    def assemble_raw(
+        self, keys: Sequence[str], dtypes: Sequence[torch.dtype], parts: Sequence[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Whole ``param/`` and ``outer/`` tensors from each rank's raw bytes (its slices of ``keys``,
+        in order, back to back)."""
+        index = {n: i for i, n in enumerate(self.names)}
+        offsets = [0] * self.world
+        out: dict[str, torch.Tensor] = {}
+        for key, dtype in zip(keys, dtypes, strict=True):
+            kind, _, name = key.partition("/")
+            i = index.get(name)
+            if kind not in ("param", "outer") or i is None:
+                raise LocalProtocolError(f"a rank sent {key!r}, not a shared tensor of the layout")
+            size = torch.empty(0, dtype=dtype).element_size()
+            pieces = []
+            for r, raw in enumerate(parts):
+                n = self.local_numel(r, i) * size
+                # a copy: the offset in the rank's bytes need not be aligned for ``dtype``
+                piece = raw[offsets[r] : offsets[r] + n].clone().view(dtype)
+                pieces.append(piece.reshape(self.local_shape(r, i)))
+                offsets[r] += n
+            out[key] = torch.cat(pieces, dim=0)
+        for r, raw in enumerate(parts):
+            if offsets[r] != raw.numel():
+                raise LocalProtocolError(f"rank {r} sent {raw.numel()} bytes of state, not {offsets[r]}")
+        return out
 
     def split_state(self, state: TrainingState) -> list[TrainingState]:
         """Each rank's slice of a whole shared state (``param/`` and ``outer/`` tensors only)."""
@@ -414,11 +451,22 @@ class ShardedDiLoCo(DiLoCo):
         return self.layout.model_digest()
 
     def gather_state(self) -> None:
-        """Collective: rank 0 assembles the whole shared state from every rank's shards."""
-        mine = DiLoCo.export_state(self)
-        parts = _gather_bytes(mine.to_bytes(), self.group)
+        """Collective: rank 0 assembles the whole shared state from every rank's shards.
+
+        The ranks' raw bytes, not the hashed state format: this hop is between our own
+        processes, and two SHA-256 passes over the state doubled its time.
+        """
+        mine = DiLoCo.export_state(self).tensors
+        keys = sorted(mine)
+        dtypes = [mine[k].dtype for k in keys]
+        sig = _signature((keys, [str(d) for d in dtypes]))
+        flat = (
+            torch.cat([mine[k].reshape(-1).view(torch.uint8) for k in keys]) if keys
+            else torch.zeros(0, dtype=torch.uint8)
+        )
+        parts = _gather_raw(flat.to(_device(self.group)), sig, self.group)
         if parts is not None:
-            self._whole = self.layout.join_states([TrainingState.from_bytes(b) for b in parts]).tensors
+            self._whole = self.layout.assemble_raw(keys, dtypes, parts)
 
     def distribute(self) -> None:
         """Collective: a state rank 0 loaded (joined, re-synced) reaches every rank, which loads its rows."""
