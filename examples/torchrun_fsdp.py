@@ -6,11 +6,15 @@
 FSDP (``fully_shard``) splits every parameter over the local ranks and reduce-scatters the
 gradients of each inner step. Every rank runs its own DiLoCo over its local shards: its anchor
 shard and outer momentum live on that rank, and nothing is ever unsharded for the outer step.
-At an outer step each rank's pseudo-gradient shard reaches rank 0 (a gather over torch's own
-process group), rank 0 averages them with the other peers through the swarm, and scatters the
-result back (:class:`~p2pcompute.training.ranks.ShardedAverager`). Only rank 0 talks to the
-swarm. Peers of one run must use the same number of ranks (the shards must line up); joining a
-sharded run mid-way (downloading state) is not supported yet, so peers start together.
+``sharded_diloco`` (every rank calls it; rank 0 passes its Swarm) wires the rest: at an outer
+step rank 0 gathers the ranks' pseudo-gradient shards, averages the whole parameters with the
+other peers (one-process peers of the same model included), and scatters each rank its rows;
+after the step it gathers the shared state and serves it to joiners. Joining a running swarm
+works as for any peer: rank 0 downloads the state and every rank loads its rows.
+(docs/training.md, "Multi-GPU peers"; p2pcompute/training/ranks.py.)
+
+``--outer-steps`` counts from where the peer starts (0, or the step it joined at). Rank 0 prints
+JSON lines; with ``--report DIR`` every rank also writes ``DIR/rank<r>.json`` when it is done.
 """
 
 from __future__ import annotations
@@ -24,12 +28,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-import trio
 from torch.distributed.fsdp import fully_shard
 
 from p2pcompute.testing import TeacherTask, make_model
-from p2pcompute.training.diloco import DiLoCo
-from p2pcompute.training.ranks import ShardedAverager
+from p2pcompute.training.ranks import sharded_diloco
 from p2pcompute.training.swarm import Swarm
 
 
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="per rank")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--outer-momentum", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0, help="of the model's initial weights")
+    parser.add_argument("--patience", type=float, default=3.0, help="matchmaking patience (s)")
+    parser.add_argument("--report", help="directory for one JSON file per rank at the end")
     args = parser.parse_args(argv)
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -62,25 +67,26 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
 
     task = TeacherTask(seed=0)
-    model = make_model(seed=0).to(device)
+    model = make_model(seed=args.seed).to(device)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
     fully_shard(model)
     inner = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    shards = [(name, p.to_local()) for name, p in model.named_parameters()]  # views of this rank's shards
     g = torch.Generator().manual_seed(1000 + rank)
 
     swarm: Swarm | None = None
     try:
-        options: dict[str, object] = {"inner_steps": args.inner_steps, "outer_momentum": args.outer_momentum}
         if rank == 0:
-            swarm = Swarm(args.bootstrap, key=args.key, run=args.run, network=bool(args.bootstrap)).start()
-            opt = swarm.diloco(shards, inner, averager=ShardedAverager(swarm.averager), join=False,
-                               **options)  # type: ignore[arg-type]
-        else:
-            opt = DiLoCo(shards, inner, ShardedAverager(None), runner=trio.run, **options)  # type: ignore[arg-type]
-        while opt.outer_step < args.outer_steps:
+            swarm = Swarm(args.bootstrap, key=args.key, run=args.run, network=bool(args.bootstrap),
+                          patience=args.patience).start()
+        # every rank; rank 0 joins the run (downloads the state) and hands each rank its rows
+        opt = sharded_diloco(model, inner, swarm, inner_steps=args.inner_steps,
+                             outer_momentum=args.outer_momentum)
+        start = opt.outer_step
+        if rank == 0:
+            emit({"event": "start", "outer_step": start})  # after joining, when it joined
+        while opt.outer_step < start + args.outer_steps:
             x, y = task.batch(args.batch, g)
             torch.nn.functional.mse_loss(model(x.to(device)), y.to(device)).backward()  # reduce-scatter
             report = opt.step(samples=args.batch * world)  # every rank: inner step; outer step when due
@@ -97,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                     p.copy_(f)
                 loss = float(torch.nn.functional.mse_loss(plain(x_eval), y_eval))
             h = hashlib.sha256(b"".join(f.contiguous().numpy().tobytes() for f in full)).hexdigest()[:16]
-            emit({"event": "done", "outer_step": opt.outer_step, "loss": loss, "digest": h, "world": world})
+            emit({"event": "done", "outer_step": opt.outer_step, "loss": loss, "digest": h, "world": world,
+                  "state_digest": opt.state_digest().hex()})
+        if args.report:  # one file per rank: ranks sharing one stdout pipe could interleave
+            with open(os.path.join(args.report, f"rank{rank}.json"), "w") as f:
+                json.dump({"rank": rank, "outer_step": opt.outer_step}, f)
     finally:
         if swarm is not None:
             swarm.close()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from p2pcompute.training.diloco import TrainingAlone
-from p2pcompute.training.swarm import CollectiveAverager, JoinFailed, Swarm
+from p2pcompute.training.swarm import CollectiveAverager, DuplicateIdentity, JoinFailed, Swarm
 
 
 def tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -41,7 +42,14 @@ def test_a_lone_trainer_on_a_busy_swarm_skips_matchmaking_and_joins_fail_loudly(
             train(opt_other, m1, 6)  # alpha is at outer step 2 and serves its state
 
             m2, i2 = tiny()
-            opt = lone.diloco(m2, i2, inner_steps=3)  # beta: alpha's state is not an offer
+            with caplog.at_level(logging.INFO, logger="p2pcompute.training.swarm"):
+                opt = lone.diloco(m2, i2, inner_steps=3)  # beta: alpha's state is not an offer
+            # a normal join says what it found at INFO, and nothing louder
+            joins = [r for r in caplog.records if r.getMessage().startswith("join:")]
+            assert [r.levelno for r in joins] == [logging.INFO], caplog.text
+            assert "0 train run 'beta'" in joins[0].getMessage()
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+            caplog.clear()
             assert opt.outer_step == 0
             assert isinstance(lone.averager, CollectiveAverager)
             assert lone.averager.run == f"beta/{opt.model_digest()}"
@@ -73,3 +81,26 @@ def test_a_lone_trainer_on_a_busy_swarm_skips_matchmaking_and_joins_fail_loudly(
                 assert opt4.outer_step == 0
                 assert "does not fit" in caplog.text
     assert not [t for t in threading.enumerate() if t.name.startswith("p2pcompute-swarm")]
+
+
+@pytest.mark.slow  # three real nodes, ~6 s
+def test_two_trainers_with_one_key_file_get_a_clear_error(tmp_path: Path) -> None:
+    key = tmp_path / "peer.key"
+    with Swarm(network=True, advertise=True, role="bootstrap", advert_interval=1.0) as boot:
+        common = {"bootstrap": boot.addrs, "advert_interval": 1.0, "run": "dup"}
+        with Swarm(key=key, **common) as first:
+            m, i = tiny()
+            opt = first.diloco(m, i, inner_steps=2, join=False)
+            with Swarm(key=key, **common) as second:
+                assert second.peer_id == first.peer_id
+                # the newer process's adverts win every table; the hidden one notices (an event)
+                node = first.node
+                first.call(lambda: node.wait_until(lambda: bool(node.identity_clones()), timeout=30))
+                assert first.identity_clones() == second.addrs
+                with pytest.raises(DuplicateIdentity, match="another process uses this peer's key") as info:
+                    train(opt, m, 2)  # the outer step: refused before the round, not taken alone
+                assert second.addrs[0] in str(info.value)
+                assert opt.outer_step == 0
+                m2, i2 = tiny()
+                with pytest.raises(DuplicateIdentity):
+                    first.diloco(m2, i2, inner_steps=2, join=False)

@@ -16,5 +16,6 @@ from p2pcompute.training.state import TrainingState as TrainingState
 from p2pcompute.training.state import load_checkpoint as load_checkpoint
 from p2pcompute.training.state import save_checkpoint as save_checkpoint
 from p2pcompute.training.swarm import CollectiveAverager as CollectiveAverager
+from p2pcompute.training.swarm import DuplicateIdentity as DuplicateIdentity
 from p2pcompute.training.swarm import JoinFailed as JoinFailed
 from p2pcompute.training.swarm import Swarm as Swarm

@@ -941,12 +941,7 @@ class DiLoCo(torch.optim.Optimizer):
                     tensors[f"outer/{name}"] = buf.detach().to("cpu", copy=True)
             for (name, _), v in zip(self.named_buffers, self._shared_buffers(), strict=True):
                 tensors[f"buffer/{name}"] = v.detach().to("cpu", copy=True)
-        meta: dict[str, int | float | str | bool] = {"mode": self.mode, "inner_steps": self.inner_steps}
-        meta.update({f"tag/{k}": v for k, v in self.tags.items()})
-        if self._pending is not None:
-            # the round of this step is in flight: a joiner must not take part in it (it cannot
-            # apply its average) and needs the next state before its first round
-            meta["in_flight"] = True
+        meta = self._shared_meta()
         if local:
             meta["local_steps"] = self.local_steps
             meta["total_inner_steps"] = self.total_inner_steps
@@ -964,6 +959,16 @@ class DiLoCo(torch.optim.Optimizer):
                         elif isinstance(value, int | float | bool):
                             meta[f"inner/{i}/{key}"] = value
         return TrainingState(self.outer_step, tensors, meta)
+
+    def _shared_meta(self) -> dict[str, int | float | str | bool]:
+        """The scalar part of the shared state: mode, inner steps, tags, whether a round is in flight."""
+        meta: dict[str, int | float | str | bool] = {"mode": self.mode, "inner_steps": self.inner_steps}
+        meta.update({f"tag/{k}": v for k, v in self.tags.items()})
+        if self._pending is not None:
+            # the round of this step is in flight: a joiner must not take part in it (it cannot
+            # apply its average) and needs the next state before its first round
+            meta["in_flight"] = True
+        return meta
 
     def _shared_buffers(self) -> list[torch.Tensor]:
         # the buffers as of the last outer step (what every participant agrees on); before the

@@ -336,6 +336,8 @@ class StateServer:
         self.snapshot: Snapshot | None = None
         self._envelope = b""
         self.served_chunks = 0
+        #: manifest requests answered with a state (joiners and partners looking at our step)
+        self.served_manifests = 0
         node.set_stream_handler(PROTOCOL, self._handle, max_frame=MAX_MANIFEST)
 
     def publish(self, state: TrainingState) -> Manifest:
@@ -374,6 +376,7 @@ class StateServer:
                 await stream.send_frame(STATE_NONE.build())
                 return
             await stream.send_frame(self._envelope)
+            self.served_manifests += 1
         elif req["what"] == "chunk":
             index = req["index"]
             if index is None or req["digest"] is None:

@@ -69,10 +69,20 @@ class JoinFailed(P2PComputeError):
     """Peers of this run hold a newer state but it could not be downloaded (``require_join``)."""
 
 
+class DuplicateIdentity(ConfigError):
+    """Another process uses this peer's key file: the swarm keeps one of the two, the other never averages.
+
+    Raised by :meth:`Swarm.diloco` and at the next outer step of the process that notices (the
+    one hidden from the swarm). Give each process its own key file.
+    """
+
+
 class CollectiveAverager:
     """An :class:`~p2pcompute.training.averager.Averager` over :class:`p2pcompute.collective.Collective`.
 
-    Each round is matched under ``run`` with the key ``outer-<round_id>``; bytes are the
+    Each round is matched under ``run`` with the key ``outer-<n>``, ``n`` the outer step the round
+    produces (``round_id + 1``, the :attr:`StepReport.outer_step` the caller will see, so the
+    collective's log lines and round log name the same number); bytes are the
     lane's bytes sent during the round. ``partners`` (async, optional) names (or counts) the
     peers known to train the same run and model and ready for this round: with none, the round
     is solo at once, without matchmaking; otherwise matchmaking stops waiting once they are all
@@ -100,7 +110,10 @@ class CollectiveAverager:
         others: Callable[[], int] | None = None,
         partners: Callable[[], Awaitable[int | Collection[str]]] | None = None,
         forget: Callable[[Sequence[str]], None] | None = None,
+        identity: Callable[[], None] | None = None,
     ) -> None:
+        #: raises :class:`DuplicateIdentity` before a round when another process uses our key
+        self.identity = identity
         #: told the peers a round left out (dead or silent), so they stop counting as partners
         self.forget = forget
         self.collective = collective
@@ -131,6 +144,8 @@ class CollectiveAverager:
         weight_cap: float | None = None,
     ) -> AveragingOutcome:
         check_codec(compression)
+        if self.identity is not None:
+            self.identity()
         if self.others is not None and self.others() == 0:
             # Nobody to average with: do not sit through matchmaking.
             await trio.lowlevel.checkpoint()
@@ -147,7 +162,7 @@ class CollectiveAverager:
         before = self.lane.statistics()
         result = await self.collective.average(
             self.run,
-            f"outer-{round_id}",
+            f"outer-{round_id + 1}",  # the outer step this round produces
             list(tensors),
             weight=weight,
             target=self.target,
@@ -190,6 +205,10 @@ class CollectiveAverager:
 class SwarmDiLoCo(DiLoCo):
     """DiLoCo bound to a :class:`Swarm`: publishes its state and re-syncs when left behind."""
 
+    #: whether joining and re-syncing work with an averager passed to :meth:`Swarm.diloco`
+    #: (a sharded peer's rank 0 hands the state to its other ranks; see training/ranks.py)
+    joins_with_averager = False
+
     def __init__(self, swarm: Swarm, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.swarm = swarm
@@ -209,7 +228,15 @@ class SwarmDiLoCo(DiLoCo):
             report = await step
         except TrainingAlone as exc:  # the step was applied: publish and re-sync, then tell the caller
             alone, report = exc, exc.report
-        if report is not None and self.mode == "diloco":
+        if report is not None:
+            await self._settle(report)
+        if alone is not None:
+            raise alone
+        return report
+
+    async def _settle(self, report: StepReport) -> None:
+        """After an outer step: note the partners, publish the state, re-sync after a solo round."""
+        if self.mode == "diloco":
             now = time.monotonic()
             for peer in report.participants:  # whoever averaged with us trains this run
                 if peer != self.averager.peer_id:
@@ -217,9 +244,6 @@ class SwarmDiLoCo(DiLoCo):
             await self.swarm._apublish(self)
             if report.participants == (self.averager.peer_id,) and self.swarm._network and self.elastic:
                 await self.swarm._resync(self)
-        if alone is not None:
-            raise alone
-        return report
 
 
 class Swarm:
@@ -236,7 +260,8 @@ class Swarm:
     Attributes: ``peer_id`` (this peer's id, fixed by its key), ``addrs`` (the multiaddrs it
     listens on, ending in ``/p2p/<peer_id>``: what others pass as ``bootstrap``; empty until
     started or without network), ``run_name``, ``averager`` (the swarm's averager),
-    ``running``; :meth:`peers` lists the other live peers of any run. ``progress``: a callback
+    ``running``; :meth:`peers` lists the other live peers of any run; :meth:`identity_clones`
+    says where another process with this key was seen (:class:`DuplicateIdentity`). ``progress``: a callback
     for the progress of a state download (:mod:`p2pcompute.progress`; it runs on the swarm's
     thread), e.g. ``swarm.progress = progress_renderer()``; by default INFO log lines.
 
@@ -391,7 +416,7 @@ class Swarm:
                     self.collective, self.lane, self.run_name, target=self.group_size,
                     min_size=self.min_group, matchmaking_timeout=self.matchmaking_timeout,
                     patience=self.patience, others=self._count_others, partners=self._count_partners,
-                    forget=self._forget_partners,
+                    forget=self._forget_partners, identity=self._check_identity,
                 )
             # overlapped DiLoCo's background rounds: cancelled first when the swarm closes
             self._nursery = await stack.enter_async_context(trio.open_nursery())
@@ -494,6 +519,30 @@ class Swarm:
 
         return metrics_text(self._observer()[1]).decode()
 
+    def identity_clones(self) -> list[str]:
+        """Addresses at which another process with this peer's key was seen, newest first ([]: none).
+
+        Two processes with one key file share a peer id and the swarm keeps only one of them;
+        the hidden one notices when the other's advert reaches it, and its next outer step (or
+        :meth:`diloco`) raises :class:`DuplicateIdentity`.
+
+        Example::
+
+            if swarm.identity_clones():
+                print("another process uses our key at", swarm.identity_clones()[0])
+        """
+        if not self._network or self.node is None:
+            return []
+        return list(self.node.identity_clones())
+
+    def _check_identity(self) -> None:
+        clones = self.identity_clones()
+        if clones:
+            raise DuplicateIdentity(
+                f"another process uses this peer's key (peer id {self.peer_id}) at {clones[0]}: the swarm "
+                f"keeps only one of them, so this one would never average; give each process its own key file"
+            )
+
     def _count_others(self) -> int:
         return sum(1 for r in self.node.peers.alive() if r.role == "peer" and r.peer_id != self.peer_id)
 
@@ -558,6 +607,7 @@ class Swarm:
         require_join: bool = True,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         averager: Averager | None = None,
+        _cls: type[SwarmDiLoCo] = SwarmDiLoCo,
         **options: Any,
     ) -> SwarmDiLoCo:
         """A DiLoCo optimizer averaging through this swarm, with elastic join and resume.
@@ -573,9 +623,9 @@ class Swarm:
         peer no other trainer of the run is known to skips matchmaking (its report says so).
         ``checkpoint_dir`` writes safetensors checkpoints (:mod:`p2pcompute.training.checkpoint`)
         and resumes from the newest one. ``averager`` replaces the swarm's own averager for this
-        optimizer (a :class:`~p2pcompute.training.ranks.ShardedAverager` wrapping it on rank 0 of
-        an FSDP peer; ``model`` is then that rank's ``(name, local shard)`` pairs and ``join``
-        must be False). Other ``options`` go to :class:`DiLoCo`
+        optimizer (``join`` must then be False; an FSDP peer uses
+        :func:`p2pcompute.training.ranks.sharded_diloco` on every rank, which joins and re-syncs
+        through this method). Other ``options`` go to :class:`DiLoCo`
         (``min_participants``, ``keep_checkpoints``, ``compression``, ``overlap``, ``join_early``...).
         With ``join_early=True`` a slower peer ends its phase when another peer of the run starts
         the round (it hears the matchmaking advert) and averages its partial progress, weighted
@@ -589,17 +639,18 @@ class Swarm:
             opt = swarm.diloco(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
                                inner_steps=50, checkpoint_dir="ckpt", compression="fp16")
         """
-        if averager is not None and join and self._network:
-            raise ConfigError("joining (downloading state) is for unsharded models: pass join=False")
+        if averager is not None and join and self._network and not _cls.joins_with_averager:
+            raise ConfigError("joining (downloading state) with your own averager: pass join=False "
+                              "(a sharded peer joins through p2pcompute.training.ranks.sharded_diloco)")
         if options.get("join_early") and averager is None:
             # weights are claims, and join_early makes them differ: no claim above 4x the median counts
             options.setdefault("weight_cap", JOIN_EARLY_WEIGHT_CAP)
-        opt = SwarmDiLoCo(
+        opt = _cls(
             self, model, inner_optimizer, averager or self.averager, inner_steps=inner_steps,
             runner=self.call, checkpoint=checkpoint, checkpoint_dir=checkpoint_dir, nursery=self._nursery,
             **options,
         )
-        opt.elastic = averager is None
+        opt.elastic = averager is None or _cls.joins_with_averager
         opt.catch_up = self._catch_up
         if opt.overlap is not None:
             # the background round runs on our trio thread while the training thread holds the GIL
@@ -620,6 +671,7 @@ class Swarm:
                 log.info("resumed from %s at outer step %d", found.path, opt.outer_step)
         if join and self._network:
             self.call(lambda: self._join(opt, join_timeout, require_join))
+        self._check_identity()
         self.call(lambda: self._apublish(opt))
         return opt
 
@@ -630,7 +682,7 @@ class Swarm:
         def heard(round_key: str, peer: str) -> None:
             prefix, _, index = round_key.partition("-")
             if prefix == "outer" and index.isdigit() and len(index) <= 18:
-                opt.note_round(int(index))
+                opt.note_round(int(index) - 1)  # the key names the outer step the round produces
 
         if self._unwatch is not None:
             self._unwatch()  # one optimizer per swarm hears the rounds: the newest
