@@ -242,7 +242,7 @@ class DiLoCo(torch.optim.Optimizer):
         min_participants: int = 1,
         overlap: bool | Overlap = False,
         nursery: trio.Nursery | None = None,
-        land_early: bool = True,
+        land_early: bool = False,
         join_early: bool = False,
         weight_cap: float | None = None,
     ) -> None:
@@ -275,7 +275,10 @@ class DiLoCo(torch.optim.Optimizer):
         #: where overlapped rounds run (set by Swarm.diloco; pure trio code passes its own)
         self.nursery = nursery
         #: overlap="delayed": apply a round at the first inner step after it lands, mid-phase,
-        #: instead of at the next phase boundary (the delay is then the round's time, not a phase)
+        #: instead of at the next phase boundary (the delay is then the round's time, not a phase).
+        #: Off by default: a joiner's catch-up (fetch the state after the round in flight) can then
+        #: return a state that already holds the round it entered early, which it cannot yet tell
+        #: apart from one without it (tests/test_training_overlap.py's joiner test hangs with it on)
         self.land_early = land_early
         #: end the inner phase at the next step once the swarm has called its round (note_round)
         self.join_early = bool(join_early)
