@@ -37,7 +37,9 @@ class NodeConfig:
       (``gossip_scoring``, on: application score ``-offence_weight`` (10) per offence).
     * Peer table: ``max_peers`` (4096) entries; ``max_advert_ttl`` (900 s) caps the
       lifetime any advert gets (its own and others'); unverified entries are capped at ``table_per_ip`` (8)
-      per advertised IP and ``table_per_subnet`` (32) per /24 (IPv6 /48);
+      per advertised IP and ``table_per_subnet`` (32) per /24 (IPv6 /48); a relayed
+      (``/p2p-circuit``) address counts under its relay, at most ``table_per_relay`` (64),
+      not under the relay's IP;
       ``exempt_networks`` (loopback) are not counted by these caps nor by
       ``max_connections_per_ip``.
     * Droppers (sybils that sit in a GossipSub mesh and forward nothing): adverts (and task
@@ -104,6 +106,7 @@ class NodeConfig:
     max_advert_ttl: float = 900.0
     table_per_ip: int = 8
     table_per_subnet: int = 32
+    table_per_relay: int = 64
     exempt_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_streams_per_peer: int = 64
     max_streams_per_protocol: int = 512
@@ -175,6 +178,7 @@ class NodeConfig:
             "max_peers",
             "table_per_ip",
             "table_per_subnet",
+            "table_per_relay",
             "max_streams_per_peer",
             "max_streams_per_protocol",
             "stream_burst",

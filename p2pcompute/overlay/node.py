@@ -111,6 +111,7 @@ class Node:
             max_ttl=config.max_advert_ttl,
             max_per_ip=config.table_per_ip,
             max_per_subnet=config.table_per_subnet,
+            max_per_relay=config.table_per_relay,
             exempt=config.exempt_networks,
         )
         self._stack = Libp2pStack(
