@@ -73,6 +73,8 @@ class NodeConfig:
       most ``relay_reservations`` (64) reservations of ``relay_reservation_ttl`` (3600 s),
       ``relay_circuits`` (16) circuits per reserving peer, each circuit closed after
       ``relay_duration`` (3600 s) or ``relay_bytes`` (1 GiB) relayed.
+    * ``hole_punch`` (on): after a relayed dial, try to upgrade the connection to a direct one
+      with DCUtR (both NATs must keep the source port; it fails harmlessly otherwise).
 
     Example::
 
@@ -120,6 +122,7 @@ class NodeConfig:
     reach_interval: float = 300.0
     reach_timeout: float = 3.0
     relay: bool = False
+    hole_punch: bool = True
     relay_reservations: int = 64
     relay_circuits: int = 16
     relay_duration: int = 3600
