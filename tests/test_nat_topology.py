@@ -5,8 +5,9 @@ public peer, peers ``a`` and ``b`` behind two port-preserving NATs, ``c`` behind
 picks a new port per connection (symmetric-style), and a joiner ``j`` behind a's NAT. Every
 peer runs tests/nat_agent.py in its namespace; all start at once. Skipped, with the reason,
 only where namespaces or nft cannot be made (not root, no ``ip``/``nft``: CI's .ci/run installs
-nftables). About 40 s of wall time on two cores; each test stands alone (any one may run by
-itself with ``-k``).
+nftables). About a minute of wall time on two cores when everything passes, up to three
+while the relay stall of docs/design/nat.md ("Status") makes the xfailed tests wait out their
+timeouts; each test stands alone (any one may run by itself with ``-k``).
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def test_four_peers_average_across_three_nats(net: Net) -> None:
     failed: dict[str, str] = {}
     for name in four:  # every peer's outcome (so none is still busy when the next test starts)
         try:
-            done[name] = net.agents[name].expect("trained", timeout=90)
+            done[name] = net.agents[name].expect("trained", timeout=60)
         except AssertionError as exc:
             failed[name] = str(exc)[:300]
     assert not failed, failed
