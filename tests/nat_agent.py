@@ -11,7 +11,7 @@ interfaces) and then obeys one JSON command per stdin line, answering one JSON l
 * ``{"cmd": "sell", "kind": K}``: serve task kind ``K`` (doubles a tensor) until told to quit;
 * ``{"cmd": "buy", "kind": K}``: buy one run of ``K``; answers the provider and the result;
 * ``{"cmd": "train", "steps": S, "min_group": G}``: DiLoCo for S steps (5 inner steps a round),
-  once the others of the run are known (at most ``settle`` seconds, 60);
+  once the others of the run are known (at most ``settle`` seconds, 10);
 * ``{"cmd": "serve"}``: serve a training state (the trained one, else a fresh one at outer step
   0); answers its digest and outer step;
 * ``{"cmd": "punch", "peer": P}``: connect to P (through the relay when P is private), then try
@@ -152,7 +152,10 @@ def main() -> None:
                 model, inner = tiny()
                 opt = swarm.diloco(model, inner, inner_steps=5, join=False, min_participants=cmd["min_group"])
                 # round 1 starts once the adverts of every other trainer of this run have arrived
-                wanted, give_up = cmd["min_group"] - 1, time.monotonic() + cmd.get("settle", 60.0)
+                # (at most 10 s: the swarm counts a partner once it fetched its state manifest within
+                # 2 s, and a first fetch through a relay can take longer; then the count stays short for
+                # PARTNER_TTL and a 60 s wait here started the public peer's round a minute early)
+                wanted, give_up = cmd["min_group"] - 1, time.monotonic() + cmd.get("settle", 10.0)
                 while swarm.call(swarm.averager.partners) < wanted and time.monotonic() < give_up:
                     time.sleep(0.5)
                 for s in range(cmd["steps"]):

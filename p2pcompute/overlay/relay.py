@@ -75,7 +75,7 @@ class CircuitRelay:
         self.hole_punch = config.hole_punch
         self.observed_ips: Callable[[], list[str]] = list
         self.punched: set[str] = set()  # peers we hold a hole-punched direct connection to
-        self.dcutr: Any = _hole_puncher(host, self) if self.hole_punch else None
+        self.dcutr: Any = _hole_puncher(host, self, config.dial_timeout) if self.hole_punch else None
         self._punch_timeout = 4 * config.dial_timeout + 10.0
         self._nursery: trio.Nursery | None = None
 
@@ -223,7 +223,7 @@ def _relay_protocol(base: Any) -> Any:
     return Relay
 
 
-def _hole_puncher(host: Any, relay: CircuitRelay) -> Any:
+def _hole_puncher(host: Any, relay: CircuitRelay, dial_timeout: float) -> Any:
     """py-libp2p's ``DCUtRProtocol`` with our predicted addresses and without its polling loop.
 
     * 0.8.1 predicts our public address from the host's observed-address book; our hosts turn
@@ -262,7 +262,7 @@ def _hole_puncher(host: Any, relay: CircuitRelay) -> Any:
                 relay._punch_done(str(peer_id.to_base58()), True)
             return ok
 
-    return HolePuncher(host)
+    return HolePuncher(host, dial_timeout=max(1, round(dial_timeout)))  # its default: 10 s per dial
 
 
 def is_relayed_connection(conn: Any) -> bool:
