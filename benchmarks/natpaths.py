@@ -10,9 +10,11 @@ Rows (``path`` names what carried the bytes, :attr:`TransferReport.route`):
   bytes go on a libp2p stream over b's own (outbound, so direct) libp2p connection;
 * pub sends to a, behind NAT: a lane offers no direct address when private, so the bytes take a
   libp2p stream, over the connection a opened to pub (``relay/direct``);
-* ``relay/circuit``: b sends to a, both behind NAT: the only way in is the circuit relay on the
-  bootstrap node, whose CPU seconds per GB relayed are reported (every row reports it);
-* ``hole-punched``: not measured: DCUtR is not wired in (docs/design/nat.md says why).
+* ``relay/circuit``: b sends to a, both behind NAT, hole punching off: the only way in is the
+  circuit relay on the bootstrap node, whose CPU seconds per GB relayed are reported (every row
+  reports it);
+* ``relay/punched``: the same pair with hole punching on (the default): the sender waits until
+  DCUtR has made a direct connection, then the bytes take a libp2p stream over it.
 
 ``--rate-mbit R`` shapes every router's and public host's WAN link with ``tbf`` (this kernel has
 no ``netem``, so no delay is added; see docs/design/wan-emulation.md). Each row: MB/s of a
@@ -42,11 +44,12 @@ from p2pcompute.identity import Identity
 from p2pcompute.overlay import open_node
 from p2pcompute.tensors import open_lane
 role, key, boot, other = sys.argv[1:5]
-mib, direct = int(sys.argv[5]), sys.argv[6] == "1"
+mib, direct, punch = int(sys.argv[5]), sys.argv[6] == "1", sys.argv[7]
 async def main():
     ident = Identity.load_or_create(key)
     async with open_node(ident, listen=["/ip4/0.0.0.0/tcp/0"], bootstrap=[boot], advert_interval=1.0,
-                         advert_ttl=3.0, reach_interval=30.0) as node, open_lane(node, direct=direct) as lane:
+                         advert_ttl=3.0, reach_interval=30.0, hole_punch=punch != "off") as node, \
+            open_lane(node, direct=direct) as lane:
         await node.wait_until(lambda: other in node.peers and node.reachability != "unknown", timeout=120)
         def final():  # the other's advert no longer offers its LAN address
             rec = node.peers.get(other)
@@ -55,6 +58,9 @@ async def main():
         print(json.dumps({"event": "ready", "reach": node.reachability}), flush=True)
         big = {"x": torch.ones(mib << 18)}
         small = {"x": torch.ones(1024)}
+        if role == "send" and punch == "wait":  # a stream (dialed through the relay), then DCUtR
+            await node.exchange_peers(other, timeout=30)
+            await node.wait_until(lambda: node.link(other) == "punched", timeout=60)
         if role == "send":
             rtts, rates, routes = [], [], []
             for i in range(5):
@@ -91,12 +97,12 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def run_row(topo: Any, boot_addr: str, boot_pid: int, keys: dict[str, str], ids: dict[str, str], *,
-            sender: str, receiver: str, direct: bool, mib: int) -> dict[str, Any]:  # fmt: skip
+            sender: str, receiver: str, direct: bool, mib: int, punch: str) -> dict[str, Any]:  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def start(role: str, me: str, other: str, lane_direct: bool) -> subprocess.Popen[str]:
         argv = [*topo.boxes[me].exec(), sys.executable, "-c", WORKER, role, keys[me], boot_addr, ids[other],
-                str(mib), "1" if lane_direct else "0"]  # fmt: skip
+                str(mib), "1" if lane_direct else "0", punch]  # fmt: skip
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     recv = start("recv", receiver, sender, direct)
@@ -170,18 +176,23 @@ def main(argv: list[str] | None = None) -> int:
             assert boot.stdout is not None
             boot.stdout.readline()
             boot_addr = f"/ip4/{topo.boxes['boot'].ip}/tcp/4001/p2p/{ids['boot']}"
-            pairs = (("b", "pub", True), ("b", "pub", False), ("pub", "a", True), ("b", "a", True))
-            for sender, receiver, direct in pairs:
+            pairs = (
+                ("b", "pub", True, "on"),
+                ("b", "pub", False, "on"),
+                ("pub", "a", True, "on"),
+                ("b", "a", True, "off"),  # relay/circuit
+                ("b", "a", True, "wait"),  # relay/punched
+            )
+            for sender, receiver, direct, punch in pairs:
                 t = time.perf_counter()
                 row = run_row(topo, boot_addr, boot.pid, keys, ids, sender=sender, receiver=receiver,
-                              direct=direct, mib=args.mib)  # fmt: skip
+                              direct=direct, mib=args.mib, punch=punch)  # fmt: skip
                 row["rate_mbit"] = args.rate_mbit or None
                 row["wall_s"] = round(time.perf_counter() - t, 1)
                 rows.append(row)
         finally:
             boot.terminate()
             boot.wait()
-    rows.append({"path": "hole-punched", "mbps": None, "rtt_ms": None, "note": "DCUtR not wired in"})
     print(f"{'path':<14} {'from':>4} {'to':>4} {'MB/s':>8} {'RTT ms':>8} {'relay CPU s/GB':>15}")
     for r in rows:
         cells = [r.get("mbps"), r.get("rtt_ms"), r.get("relay_cpu_s_per_gb")]

@@ -12,7 +12,10 @@ Used by tests/test_nat_topology.py and ``python -m benchmarks.natpaths``. The la
                                                                      the "symmetric" NAT kind)
 
 Each router forwards only what its LAN opened (``ct state established,related``), so an inbound
-connection to a NATed host is impossible; public hosts have no route to 10.0.0.0/8 at all.
+connection to a NATed host is impossible; public hosts have no route to 10.0.0.0/8 at all. Like
+most home routers, a router drops unsolicited packets to its own WAN address silently instead of
+answering with a TCP reset: a reset would kill the other side's half of a hole punch (TCP
+simultaneous open) before the NATed host's own SYN has left.
 :func:`plan` is sans-IO (commands as argv tuples); :class:`NatTopology` runs them and always tears
 down what it made. Needs root (CAP_NET_ADMIN), ``ip`` and ``nft``: :func:`unavailable` says why not.
 """
@@ -64,6 +67,9 @@ def nft_rules(symmetric: bool) -> str:
         "  chain lanfwd { type filter hook forward priority filter; policy drop;\n"
         "    ct state established,related accept\n"
         '    iifname "lan" oifname "eth0" accept\n'
+        "  }\n"
+        "  chain wanin { type filter hook input priority filter; policy accept;\n"
+        '    iifname "eth0" ct state new drop\n'
         "  }\n"
         "}\n"
     )

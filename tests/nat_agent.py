@@ -5,10 +5,17 @@ interfaces) and then obeys one JSON command per stdin line, answering one JSON l
 
 * ``{"cmd": "status"}``: reachability, advertised addresses, peers and links;
 * ``{"cmd": "wait", "n": N}``: wait until N other peers are known;
+* ``{"cmd": "settle"}``: wait until reachability is settled (public, or private and advertising
+  only relayed addresses) and every advert we hold is usable (no LAN or loopback address), then
+  answer as ``status`` does;
 * ``{"cmd": "sell", "kind": K}``: serve task kind ``K`` (doubles a tensor) until told to quit;
 * ``{"cmd": "buy", "kind": K}``: buy one run of ``K``; answers the provider and the result;
 * ``{"cmd": "train", "steps": S, "min_group": G}``: DiLoCo for S steps (5 inner steps a round),
-  once the others of the run are known (at most ``settle`` seconds, 60);
+  once the others of the run are known (at most ``settle`` seconds, 10);
+* ``{"cmd": "serve"}``: serve a training state (the trained one, else a fresh one at outer step
+  0); answers its digest and outer step;
+* ``{"cmd": "punch", "peer": P}``: connect to P (through the relay when P is private), then try
+  a hole punch to it; answers whether it worked and the link it left (``punched``/``circuit``);
 * ``{"cmd": "join"}``: download the training state from the others;
 * ``{"cmd": "quit"}``.
 """
@@ -54,11 +61,22 @@ def main() -> None:
     ap.add_argument("--min-group", type=int, default=4)
     args = ap.parse_args()
     if os.environ.get("NAT_AGENT_LOG"):  # for debugging a topology by hand
-        logging.basicConfig(level=os.environ["NAT_AGENT_LOG"], stream=sys.stderr)
+        # NAT_AGENT_LOG=INFO: our loggers at that level, py-libp2p's at WARNING; into
+        # $NAT_AGENT_LOGDIR/<name>.log when that is set (stderr keeps only the last lines)
+        logdir = os.environ.get("NAT_AGENT_LOGDIR")
+        out = open(os.path.join(logdir, f"{args.name}.log"), "a") if logdir else sys.stderr  # noqa: SIM115
+        logging.basicConfig(level="WARNING", stream=out, format="%(asctime)s %(name)s %(message)s")
+        logging.getLogger("p2pcompute").setLevel(os.environ["NAT_AGENT_LOG"])
+        for name in os.environ.get("NAT_AGENT_LIBP2P_LOGGERS", "").split(","):  # e.g. ...circuit_v2.dcutr
+            if name:
+                logger = logging.getLogger(name)
+                logger.disabled, logger.propagate = False, False
+                logger.handlers = [logging.StreamHandler(out)]
+                logger.setLevel("DEBUG")
     swarm = Swarm(
         bootstrap=[args.bootstrap],
         patience=4.0,
-        matchmaking_timeout=60.0,
+        matchmaking_timeout=30.0,  # a failed round costs this long (docs/design/nat.md, Status)
         min_group=args.min_group,
         advert_interval=1.0,
         relay=args.relay,
@@ -84,8 +102,13 @@ def main() -> None:
             what = cmd["cmd"]
             if what == "quit":
                 break
-            if what == "status":
+            if what in ("status", "settle"):
                 node = swarm.node
+                if what == "settle":
+                    wait = node.wait_until(
+                        lambda: _settled(swarm) and _clean(swarm), timeout=cmd.get("timeout", 60.0)
+                    )
+                    swarm.call(lambda wait=wait: wait)
                 peers = {r.peer_id: list(r.addrs) for r in node.peers.alive()}
                 links = {p: node.link(p) for p in node.connected_peers()}
                 say(event="status", reach=node.reach_status(), addrs=node.addrs, peers=peers, links=links)
@@ -129,7 +152,10 @@ def main() -> None:
                 model, inner = tiny()
                 opt = swarm.diloco(model, inner, inner_steps=5, join=False, min_participants=cmd["min_group"])
                 # round 1 starts once the adverts of every other trainer of this run have arrived
-                wanted, give_up = cmd["min_group"] - 1, time.monotonic() + cmd.get("settle", 60.0)
+                # (at most 10 s: the swarm counts a partner once it fetched its state manifest within
+                # 2 s, and a first fetch through a relay can take longer; then the count stays short for
+                # PARTNER_TTL and a 60 s wait here started the public peer's round a minute early)
+                wanted, give_up = cmd["min_group"] - 1, time.monotonic() + cmd.get("settle", 10.0)
                 while swarm.call(swarm.averager.partners) < wanted and time.monotonic() < give_up:
                     time.sleep(0.5)
                 for s in range(cmd["steps"]):
@@ -144,6 +170,39 @@ def main() -> None:
                     outer_step=opt.outer_step,
                     routes=_routes(swarm),
                 )
+            elif what == "conns":  # debugging: each libp2p connection's streams and free yamux slots
+                net = swarm.node._stack.host.get_network()
+                rows = []
+                for pid, conns in list(net.connections.items()):
+                    for c in conns if isinstance(conns, list) else [conns]:
+                        m = c.muxed_conn
+                        sem = getattr(m, "stream_backlog_semaphore", None)
+                        rows.append(
+                            [
+                                str(pid)[-6:],
+                                len(getattr(m, "streams", {})),
+                                getattr(sem, "value", -1),
+                                [str(a) for a in c.get_transport_addresses()][:1],
+                            ]
+                        )
+                say(event="conns", rows=rows)
+            elif what == "punch":
+
+                async def punch(peer: str = cmd["peer"]) -> bool:
+                    node = swarm.node
+                    await node.exchange_peers(peer, timeout=20)  # a stream: dials through the relay
+                    if node.link(peer) == "punched":  # the dial's own punch already made it
+                        return True
+                    return await node._stack.relay.punch(peer)
+
+                ok = swarm.call(punch, timeout=60)
+                stats = swarm.node._stack.relay.stats
+                say(event="punched", ok=ok, link=swarm.node.link(cmd["peer"]), stats=stats)
+            elif what == "serve":
+                if opt is None:
+                    model, inner = tiny()
+                    opt = swarm.diloco(model, inner, inner_steps=5, join=False)
+                say(event="serving", digest=opt.state_digest(), outer_step=opt.outer_step)
             elif what == "join":
                 model, inner = tiny()
                 torch.nn.init.zeros_(model.weight)
@@ -157,6 +216,25 @@ def main() -> None:
             say(event="error", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-1500:])
     stop.set()
     swarm.close()
+
+
+def _settled(swarm: Swarm) -> bool:
+    """Public, or private and advertising only relayed addresses (its reservation is made)."""
+    node = swarm.node
+    if node.reachability == "private":
+        return bool(node.addrs) and all("/p2p-circuit" in a for a in node.addrs)
+    return node.reachability == "public"
+
+
+def _clean(swarm: Swarm) -> bool:
+    """Every advert we hold has addresses others can use: none on loopback or a NATed LAN (10/8).
+    A peer's first advert, sent before it knew it was private, does hold its LAN address; the
+    one it sends once it holds a relay slot replaces it."""
+    for rec in swarm.node.peers.alive():
+        hosts = [a.split("/p2p/")[0] for a in rec.addrs]
+        if not hosts or any(h.startswith(("/ip4/127.", "/ip4/10.")) for h in hosts):
+            return False
+    return True
 
 
 def _routes(swarm: Swarm) -> dict[str, int]:

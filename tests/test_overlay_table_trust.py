@@ -74,6 +74,8 @@ def test_address_groups() -> None:
     assert "2001:db8:1::/48" in nets
     assert "dns:a.example" in ips
     assert address_groups(["/ip4/127.0.0.1/tcp/1"], table()._exempt) == (set(), set())
+    relayed = "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWR/p2p-circuit/p2p/12D3KooWD"
+    assert address_groups([relayed]) == ({"relay:12D3KooWR"}, {"relay:12D3KooWR"})
 
 
 def test_a_flood_of_fresh_identities_does_not_evict_verified_or_introduced_peers() -> None:
@@ -126,6 +128,28 @@ def test_unverified_entries_are_capped_per_ip_and_subnet() -> None:
         for i in range(4)
     ]
     assert local == ["new"] * 4
+
+
+def test_relayed_adverts_count_under_their_relay_not_the_relays_ip() -> None:
+    """Issue #20: a NATed peer's advert holds only ``<relay addr>/p2p/<relay>/p2p-circuit``;
+    its IP is the relay's, so counting it there let one relay vouch for only ``max_per_ip``
+    NATed strangers, and crowded out the relay's own IP. Now each relay has its own cap."""
+    t = table(max_per_ip=2, max_per_subnet=5, max_per_relay=3)
+    relay_ip = "/ip4/203.0.113.9/tcp/4001"
+
+    def circuit(relay: int, who: int) -> str:
+        return f"{relay_ip}/p2p/{ident(900 + relay).peer_id}/p2p-circuit/p2p/{ident(who).peer_id}"
+
+    first = [t.offer(adv(ident(i), addr=circuit(0, i)), sender=ident(i).peer_id)[0] for i in range(5)]
+    assert first == ["new"] * 3 + ["dropped"] * 2  # the relay's own cap, above max_per_ip
+    second = [
+        t.offer(adv(ident(10 + i), addr=circuit(1, 10 + i)), sender=ident(10 + i).peer_id)[0]
+        for i in range(3)
+    ]
+    assert second == ["new"] * 3  # another relay on the same IP has a cap of its own
+    # the relay's IP and subnet were not filled by its NATed peers
+    direct = [t.offer(adv(ident(20 + i), addr=relay_ip), sender=ident(20 + i).peer_id)[0] for i in range(3)]
+    assert direct == ["new", "new", "dropped"]
 
 
 def test_an_offence_takes_verification_away() -> None:

@@ -37,7 +37,9 @@ class NodeConfig:
       (``gossip_scoring``, on: application score ``-offence_weight`` (10) per offence).
     * Peer table: ``max_peers`` (4096) entries; ``max_advert_ttl`` (900 s) caps the
       lifetime any advert gets (its own and others'); unverified entries are capped at ``table_per_ip`` (8)
-      per advertised IP and ``table_per_subnet`` (32) per /24 (IPv6 /48);
+      per advertised IP and ``table_per_subnet`` (32) per /24 (IPv6 /48); a relayed
+      (``/p2p-circuit``) address counts under its relay, at most ``table_per_relay`` (64),
+      not under the relay's IP;
       ``exempt_networks`` (loopback) are not counted by these caps nor by
       ``max_connections_per_ip``.
     * Droppers (sybils that sit in a GossipSub mesh and forward nothing): adverts (and task
@@ -75,6 +77,8 @@ class NodeConfig:
       most ``relay_reservations`` (64) reservations of ``relay_reservation_ttl`` (3600 s),
       ``relay_circuits`` (16) circuits per reserving peer, each circuit closed after
       ``relay_duration`` (3600 s) or ``relay_bytes`` (1 GiB) relayed.
+    * ``hole_punch`` (on): after a relayed dial, try to upgrade the connection to a direct one
+      with DCUtR (both NATs must keep the source port; it fails harmlessly otherwise).
 
     Example::
 
@@ -108,6 +112,7 @@ class NodeConfig:
     max_advert_ttl: float = 900.0
     table_per_ip: int = 8
     table_per_subnet: int = 32
+    table_per_relay: int = 64
     exempt_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_streams_per_peer: int = 64
     max_streams_per_protocol: int = 512
@@ -121,6 +126,7 @@ class NodeConfig:
     reach_interval: float = 300.0
     reach_timeout: float = 3.0
     relay: bool = False
+    hole_punch: bool = True
     relay_reservations: int = 64
     relay_circuits: int = 16
     relay_duration: int = 3600
@@ -183,6 +189,7 @@ class NodeConfig:
             "max_peers",
             "table_per_ip",
             "table_per_subnet",
+            "table_per_relay",
             "max_streams_per_peer",
             "max_streams_per_protocol",
             "stream_burst",

@@ -111,6 +111,7 @@ class Node:
             max_ttl=config.max_advert_ttl,
             max_per_ip=config.table_per_ip,
             max_per_subnet=config.table_per_subnet,
+            max_per_relay=config.table_per_relay,
             exempt=config.exempt_networks,
         )
         self._stack = Libp2pStack(
@@ -146,6 +147,7 @@ class Node:
         self._advert_topic = self._discovery.advert_topic
         manual = None if config.reachability == "auto" else config.reachability
         self.reach = Reachability(manual=manual)
+        self._stack.relay.observed_ips = lambda: sorted(set(self.reach.observed.values()))  # for DCUtR
 
     # -- addresses and connections ----------------------------------------------------------------
 
@@ -177,13 +179,13 @@ class Node:
         return self.reach.state
 
     def link(self, peer_id: str) -> str:
-        """How we are connected to ``peer_id``: ``"direct"``, ``"circuit"`` (through a relay) or
-        ``""`` (not connected). Example::
+        """How we are connected to ``peer_id``: ``"direct"``, ``"punched"`` (direct, made by hole
+        punching through NATs), ``"circuit"`` (through a relay) or ``""`` (not connected). Example::
 
             node.link(peer)      # 'circuit' for a peer behind NAT reached through a relay
         """
         if peer_id in self._stack.direct_peers():
-            return "direct"
+            return "punched" if peer_id in self._stack.relay.punched else "direct"
         return "circuit" if peer_id in self._stack.connected_peers() else ""
 
     def reach_status(self) -> dict[str, Any]:

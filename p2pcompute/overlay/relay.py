@@ -5,7 +5,11 @@ Every node accepts relayed connections (the relay protocol's "stop" side); a nod
 others ("hop"), within the limits of :class:`~p2pcompute.overlay.config.NodeConfig`. A node
 that finds itself private reserves a slot at relays it is connected to and advertises
 ``<relay addr>/p2p-circuit/p2p/<its id>``; others dial that address through
-:meth:`CircuitRelay.dial`. docs/design/nat.md lists the py-libp2p defects worked around here.
+:meth:`CircuitRelay.dial`. Every relayed dial then tries to hole-punch a direct connection with
+py-libp2p's DCUtR (:meth:`CircuitRelay.punch`): both peers dial each other's predicted public
+address (the IP a dial-back server saw, our listen port) at once, from the listen port. Behind
+port-preserving NATs that yields a direct TCP connection; behind a symmetric NAT it fails and the
+relayed connection stays. docs/design/nat.md lists the py-libp2p defects worked around here.
 
 Only the overlay imports this module (it imports py-libp2p).
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -59,18 +63,69 @@ class CircuitRelay:
         relay_config = RelayConfig(roles=roles, limits=self.limits)
         self.transport: Any = CircuitV2Transport(host, self.protocol, relay_config)
         self.reservations: dict[str, str] = {}
-        self.stats = {"reservations_made": 0, "reservations_failed": 0, "relayed_dials": 0}
+        self.stats = {
+            "reservations_made": 0,
+            "reservations_failed": 0,
+            "relayed_dials": 0,
+            "punched": 0,
+            "punch_failed": 0,
+        }
+        # Hole punching (DCUtR). ``observed_ips`` gives the public IPs dial-back servers saw us
+        # at (the node sets it; py-libp2p's own observed-address book is off in our hosts).
+        self.hole_punch = config.hole_punch
+        self.observed_ips: Callable[[], list[str]] = list
+        self.punched: set[str] = set()  # peers we hold a hole-punched direct connection to
+        self.dcutr: Any = _hole_puncher(host, self, config.dial_timeout) if self.hole_punch else None
+        self._punch_timeout = 4 * config.dial_timeout + 10.0
+        self._nursery: trio.Nursery | None = None
 
     @contextlib.asynccontextmanager
     async def run(self) -> AsyncIterator[None]:
-        """Serve the relay protocols for the block. Example::
+        """Serve the relay protocols (and DCUtR) for the block. Example::
 
         async with relay.run(): ...
         """
         from libp2p.tools.anyio_service import background_trio_service
 
-        async with background_trio_service(self.protocol):
-            yield
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(background_trio_service(self.protocol))
+            if self.dcutr is not None:
+                await stack.enter_async_context(background_trio_service(self.dcutr))
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            try:
+                yield
+            finally:
+                self._nursery.cancel_scope.cancel()
+                self._nursery = None
+
+    async def punch(self, peer: str) -> bool:
+        """Try to upgrade our relayed connection to ``peer`` to a direct one (DCUtR); True on
+        success (``peer`` is then in :attr:`punched`). Never raises for a failed punch.
+
+        Example::
+
+            if await relay.punch(peer): print("direct now")
+        """
+        if self.dcutr is None:
+            return False
+        ok = False
+        with trio.move_on_after(self._punch_timeout):
+            try:
+                ok = bool(await self.dcutr.initiate_hole_punch(to_peer_id(peer)))
+            except (trio.Cancelled, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # py-libp2p raises assorted types; a failed punch is not fatal
+                log.info("hole punch to %s failed: %s: %s", peer, type(exc).__name__, exc)
+        self._punch_done(peer, ok)
+        return ok
+
+    def _punch_done(self, peer: str, ok: bool) -> None:
+        if ok:
+            if peer not in self.punched:
+                self.stats["punched"] += 1
+            self.punched.add(peer)
+        else:
+            self.stats["punch_failed"] += 1
 
     def served(self) -> int:
         """How many reservations we hold for others (a relay's load)."""
@@ -131,6 +186,8 @@ class CircuitRelay:
             why = f"{type(exc).__name__}: {exc}"
             raise PeerUnreachable(f"relayed dial to {peer} failed: {why}", peer=peer) from None
         self.stats["relayed_dials"] += 1
+        if self._nursery is not None and self.dcutr is not None:
+            self._nursery.start_soon(self.punch, peer)  # meanwhile the relayed connection serves
 
 
 class _NoBook(dict):  # type: ignore[type-arg]
@@ -164,6 +221,48 @@ def _relay_protocol(base: Any) -> Any:
                     await dst_stream.close()
 
     return Relay
+
+
+def _hole_puncher(host: Any, relay: CircuitRelay, dial_timeout: float) -> Any:
+    """py-libp2p's ``DCUtRProtocol`` with our predicted addresses and without its polling loop.
+
+    * 0.8.1 predicts our public address from the host's observed-address book; our hosts turn
+      identify's address discovery off, so we give it ``<IP a dial-back server saw>/tcp/<our
+      listen port>`` (its own prediction rule: hole-punch dials leave from the listen port and a
+      port-preserving NAT keeps it).
+    * Its ``_auto_drive_loop`` wakes every 2 s to look for relayed connections; we start a punch
+      after each relayed dial instead (an idle node sleeps).
+    * Both sides record a punched peer (the responder learns it in ``_perform_hole_punch``).
+    """
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+    from multiaddr import Multiaddr
+
+    class HolePuncher(DCUtRProtocol):  # type: ignore[misc]
+        async def _auto_drive_loop(self) -> None:
+            await trio.sleep_forever()
+
+        async def _get_observed_addrs(self) -> list[bytes]:
+            ports: list[int] = []
+            for addr in host.get_addrs():
+                text = str(addr)
+                if "/tcp/" in text and "/p2p-circuit" not in text:
+                    port = int(text.split("/tcp/")[1].split("/")[0])
+                    if port not in ports:
+                        ports.append(port)
+            out = [
+                Multiaddr(f"/ip{6 if ':' in ip else 4}/{ip}/tcp/{port}").to_bytes()
+                for ip in relay.observed_ips()[:4]
+                for port in ports[:2]
+            ]
+            return out or list(await super()._get_observed_addrs())
+
+        async def _perform_hole_punch(self, peer_id: Any, *args: Any, **kwargs: Any) -> bool:
+            ok = bool(await super()._perform_hole_punch(peer_id, *args, **kwargs))
+            if ok:
+                relay._punch_done(str(peer_id.to_base58()), True)
+            return ok
+
+    return HolePuncher(host, dial_timeout=max(1, round(dial_timeout)))  # its default: 10 s per dial
 
 
 def is_relayed_connection(conn: Any) -> bool:

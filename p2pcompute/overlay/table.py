@@ -17,7 +17,9 @@ Open swarms let anyone mint identities, so the table does not trust a signature 
   queries, peer-exchange samples and the dialer take higher tiers first;
 * unverified entries are capped per IP address (``max_per_ip``) and per /24 (IPv6 /48)
   subnet (``max_per_subnet``) of the addresses they advertise (``exempt`` networks, by
-  default loopback, are not counted);
+  default loopback, are not counted). A relayed address (``.../p2p/<relay>/p2p-circuit``)
+  shows the relay's IP, not the peer's: it counts under its relay (``max_per_relay``)
+  instead, so one busy relay's NATed peers do not fill the relay's IP bucket;
 * when the table is full a new entry may only evict an unverified one, taken from the
   most crowded subnet (newest first); it never evicts a verified or introduced one.
 
@@ -45,6 +47,7 @@ VERIFIED, INTRODUCED, UNVERIFIED = 2, 1, 0
 # entries without a counted address (none, or only exempt ones) form one crowd for eviction;
 # the per-subnet cap does not apply to it (loopback test swarms run many nodes on one host)
 _BARE = "-"
+_RELAY = "relay:"  # the group key prefix of a relayed address (then the relay's peer id)
 DEFAULT_MAX_TTL = 900.0
 DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
 
@@ -82,14 +85,22 @@ def address_groups(
     """The IP addresses and subnets (/24 for IPv4, /48 for IPv6) that ``addrs`` advertise.
 
     Addresses inside an ``exempt`` network are left out; a DNS name counts as its own
-    "address" and "subnet". Example::
+    "address" and "subnet". A relayed address counts as ``relay:<relay id>`` in both sets,
+    not under the relay's IP (that IP says nothing about the peer behind it). Example::
 
         >>> address_groups(["/ip4/203.0.113.7/tcp/1", "/ip4/203.0.113.9/tcp/1"])[1]
         {'203.0.113.0/24'}
+        >>> address_groups(["/ip4/203.0.113.7/tcp/1/p2p/12D3KooWR/p2p-circuit/p2p/12D3KooWD"])[0]
+        {'relay:12D3KooWR'}
     """
     ips: set[str] = set()
     nets: set[str] = set()
     for addr in list(addrs)[:16]:
+        if "/p2p-circuit" in addr:
+            relay = _relay_of(addr)
+            ips.add(relay)
+            nets.add(relay)
+            continue
         parts = addr.split("/")
         if len(parts) < 3:
             continue
@@ -110,6 +121,13 @@ def address_groups(
         prefix = 24 if ip.version == 4 else 48
         nets.add(str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False)))
     return ips, nets
+
+
+def _relay_of(addr: str) -> str:
+    """``relay:<id>`` for ``.../p2p/<id>/p2p-circuit...`` (``relay:?`` when no relay id is named)."""
+    head = addr.split("/p2p-circuit")[0]
+    relay = head.rsplit("/p2p/", 1)[1] if "/p2p/" in head else "?"
+    return _RELAY + relay[:128]
 
 
 def offence_kind(exc: RemoteProtocolError) -> str:
@@ -144,6 +162,7 @@ class PeerTable:
         max_ttl: float = DEFAULT_MAX_TTL,
         max_per_ip: int = 8,
         max_per_subnet: int = 32,
+        max_per_relay: int = 64,
         exempt: Sequence[str] = DEFAULT_EXEMPT,
     ) -> None:
         self.clock = clock
@@ -154,6 +173,7 @@ class PeerTable:
         self.max_ttl = max_ttl
         self.max_per_ip = max_per_ip
         self.max_per_subnet = max_per_subnet
+        self.max_per_relay = max_per_relay
         self._exempt = tuple(ipaddress.ip_network(n, strict=False) for n in exempt)
         # peers whose identity a connection of ours checked (bounded, LRU); they stay
         # verified after disconnecting, until an offence is counted against them
@@ -330,9 +350,12 @@ class PeerTable:
 
     def _crowded(self, groups: tuple[set[str], set[str]]) -> bool:
         ips, nets = groups
-        return any(self._ip_count[i] >= self.max_per_ip for i in ips) or any(
-            self._net_count[n] >= self.max_per_subnet for n in nets
+        return any(self._ip_count[i] >= self._cap(i, self.max_per_ip) for i in ips) or any(
+            self._net_count[n] >= self._cap(n, self.max_per_subnet) for n in nets
         )
+
+    def _cap(self, key: str, cap: int) -> int:
+        return self.max_per_relay if key.startswith(_RELAY) else cap
 
     def _group(self, peer_id: str, groups: tuple[set[str], set[str]]) -> None:
         self._groups[peer_id] = groups

@@ -75,9 +75,10 @@ class TransferReport:
     """What one transfer moved: encoded payload ``bytes``, wall ``seconds``, ``path`` ("direct"/"relay"),
     the record ``cipher`` the two lanes agreed on and ``cipher_why``, the measured figures that
     chose it (the slowest of both sides' seal and open MB/s, and the runner-up). ``link`` says what
-    carried a "relay" transfer's overlay stream: ``"direct"`` (a peer-to-peer libp2p connection,
-    dialed or hole-punched) or ``"circuit"`` (through a circuit relay: a peer behind NAT);
-    ``""`` for a direct transfer. :attr:`route` joins the two (``relay/circuit``).
+    carried a "relay" transfer's overlay stream: ``"direct"`` (a peer-to-peer libp2p connection),
+    ``"punched"`` (a direct one made by hole punching through NATs) or ``"circuit"`` (through a
+    circuit relay: a peer behind NAT); ``""`` for a direct transfer. :attr:`route` joins the two
+    (``relay/circuit``, ``relay/punched``).
 
     Example::
 
@@ -95,7 +96,7 @@ class TransferReport:
 
     @property
     def route(self) -> str:
-        """``direct``, ``relay/direct`` or ``relay/circuit``: the whole way the bytes went."""
+        """``direct``, ``relay/direct``, ``relay/punched`` or ``relay/circuit``: how the bytes went."""
         return self.path if not self.link else f"{self.path}/{self.link}"
 
 
