@@ -490,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     opts: dict[str, Any] = {"peers": args.peers, "repeats": args.repeats,
                             "tasks": tuple(t for t in args.tasks.split(",") if t),
                             "processes": not args.no_processes, "bytes": not args.no_bytes,
-                            "gap": not args.no_gap, "land_lag": args.land_lag, "hetero": not args.no_hetero}
+                            "gap": not args.no_gap, "land_lag": args.land_lag}
+    if args.no_hetero:  # otherwise the suite decides (not in a --quick smoke run)
+        opts["hetero"] = False
     if args.only_hetero:
         opts.update(bytes=False, gap=False, utilization=False, hetero=True)
     if args.hetero_inner_steps:
