@@ -91,6 +91,7 @@ class _Lagged:
     def __init__(self, inner: Any, lag: int) -> None:
         self.inner, self.lag, self.steps = inner, lag, 0
         self._waiting: list[tuple[int, trio.Event]] = []
+        self._drained = False
 
     @property
     def peer_id(self) -> str:
@@ -99,7 +100,7 @@ class _Lagged:
     async def average(self, tensors: Any, **kwargs: Any) -> Any:
         due = self.steps + self.lag
         out = await self.inner.average(tensors, **kwargs)
-        if self.steps < due:
+        if self.steps < due and not self._drained:
             event = trio.Event()
             self._waiting.append((due, event))
             await event.wait()
@@ -112,7 +113,9 @@ class _Lagged:
             event.set()
 
     def drain(self) -> None:
-        """No more steps: what is in flight lands after its lag, as the compute waits for it."""
+        """No more steps: what is in flight lands after its lag, as the compute waits for it (a
+        round whose task starts after this, the last one, is not held back at all)."""
+        self._drained = True
         self.tick(self.lag)
 
 
