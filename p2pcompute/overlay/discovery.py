@@ -361,6 +361,11 @@ class Discovery:
             log.debug("rejected advert via %s: %s", via, exc)
             self.blame(via)
             return False
+        self._accepted(advert, outcome, via)
+        return True
+
+    def _accepted(self, advert: Advert, outcome: str, via: str | None) -> None:
+        """After a valid advert from gossip or peer exchange: note when it was born, tell listeners."""
         if outcome in ("new", "updated"):
             self._born.pop(advert.peer_id, None)  # newest last: the oldest goes first past the cap
             self._born[advert.peer_id] = advert.issued
@@ -369,7 +374,6 @@ class Discovery:
             self._notify()
         elif outcome == "own":
             self.check_own(advert, via=via)
-        return True
 
     def advert_age(self, peer: str) -> float | None:
         """Seconds since ``peer`` issued its newest advert we accepted (by its clock against
@@ -491,14 +495,7 @@ class Discovery:
             log.debug("rejected advert from peer exchange with %s: %s", blame, exc)
             self.blame(blame)
             return False
-        if outcome in ("new", "updated"):
-            self._born.pop(advert.peer_id, None)  # newest last: the oldest goes first past the cap
-            self._born[advert.peer_id] = advert.issued
-            if len(self._born) > _BORN_MEMORY:
-                self._born.pop(next(iter(self._born)))
-            self._notify()
-        elif outcome == "own":
-            self.check_own(advert, via=blame)
+        self._accepted(advert, outcome, blame)
         return True
 
     async def exchange_peers(self, peer_id: str, *, timeout: float | None = None) -> int:
